@@ -1,0 +1,944 @@
+//! The filesystem layout: how files, directories and symlinks become immutable blocks.
+//!
+//! Every inode, indirect and directory-page block is a [`BlockKind::Meta`] block: a fixed
+//! format tag followed by a postcard-encoded [`Meta`]. File chunks are
+//! [`BlockKind::Data`] blocks holding raw bytes. The key of every block is the SHA-1 of
+//! its bytes, so identical chunks, files and whole subtrees are stored once.
+//!
+//! * A file's inode holds tiny contents inline ([`INLINE_MAX`]); otherwise it points at a
+//!   tree of indirect blocks of any depth whose leaves are data block keys, `None` for
+//!   a block of zeros (a hole).
+//! * A directory's inode holds its entries (sorted by name) inline when they fit in one
+//!   page, otherwise an index of pages: (first name, page key, count). A lookup binary
+//!   searches the index and fetches exactly one page; a listing fetches pages in any
+//!   order (or in parallel) and can be paged.
+//!
+//! Decoding never panics on hostile bytes: every length is bounded and checked after
+//! decoding (see [`decode_meta`]). Nothing here does I/O.
+
+use crate::block::{verify, BlockKind, Verified, MAX_BLOCK_BYTES};
+use crate::id::Id;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// Size of a data block (a file chunk).
+///
+/// 256 KiB: every block costs a lookup, r puts, a store commit and a hash on each
+/// replica, so small blocks (the paper's 8 KiB) make a 256 MiB file 32,768 round trips
+/// per replica; at 256 KiB it is 1,024, and an 8-block read-ahead window (2 MiB) keeps
+/// several replicas busy in parallel. Going to 1 MiB would quarter the per-block
+/// overhead again but leaves each frame at the wire limit, makes the first byte of a
+/// cold read wait for a full megabyte, quadruples the granularity of a cache miss and of
+/// a changed region on republish (dedup), and spreads a file over 4x fewer nodes. The
+/// inode records the block size, so readers follow whatever a publisher chose.
+pub const BLOCK_SIZE: usize = 256 * 1024;
+
+/// Files up to this size live inside their inode: one fetch for small files.
+pub const INLINE_MAX: usize = 2048;
+
+/// Pointers per indirect block. 4,096 x 21 bytes is about 84 KiB per indirect block;
+/// depth 2 covers 4 TiB at 256 KiB blocks, depth 4 all of u64.
+pub const FANOUT: usize = 4096;
+
+/// Deepest indirect tree a decoder accepts (FANOUT^6 blocks is beyond any u64 size).
+pub const MAX_DEPTH: u8 = 6;
+
+/// Smallest block size a decoder accepts.
+pub const MIN_BLOCK_SIZE: u32 = 4096;
+
+/// Target encoded size of one directory page (and of entries kept inline in a
+/// directory inode). About 1,000 short names per page: a lookup fetches one page.
+pub const DIR_PAGE_BYTES: usize = 32 * 1024;
+
+/// Longest name in a directory (bytes), as in POSIX NAME_MAX.
+pub const MAX_NAME: usize = 255;
+
+/// Longest symlink target (bytes), as in POSIX PATH_MAX.
+pub const MAX_SYMLINK: usize = 4096;
+
+/// First bytes of every Meta block: a format tag and version, so that other bytes (a
+/// root block stored as content, a data block) are never mistaken for metadata.
+pub const META_TAG: &[u8; 5] = b"cfsM\x01";
+
+/// Errors decoding or building layout blocks.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("metadata block does not start with the cfs format tag")]
+    BadTag,
+    #[error("metadata block does not decode: {0}")]
+    Decode(String),
+    #[error("metadata block is invalid: {0}")]
+    Invalid(&'static str),
+    #[error("invalid name {0:?}: {1}")]
+    BadName(String, &'static str),
+    #[error("duplicate name {0:?} in a directory")]
+    DuplicateName(String),
+    #[error("directory too large for one index ({0} entries)")]
+    DirTooLarge(usize),
+}
+
+/// The type of a directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// A name in a directory and the inode it names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: ByteBuf,
+    /// Key of the entry's inode (a Meta block).
+    pub key: Id,
+    pub kind: EntryKind,
+}
+
+/// One page of a large directory, as listed in the directory's index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRef {
+    /// The smallest name on the page.
+    pub first: ByteBuf,
+    pub key: Id,
+    pub count: u32,
+}
+
+/// Where a directory's entries are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirContent {
+    Inline(Vec<DirEntry>),
+    Paged(Vec<PageRef>),
+}
+
+/// Where a file's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileData {
+    Inline(ByteBuf),
+    /// Depth 0: `root` is the single data block. Depth d > 0: `root` is an indirect
+    /// block whose pointers each cover FANOUT^(d-1) data blocks. `None` is a hole.
+    Tree {
+        block_size: u32,
+        depth: u8,
+        root: Option<Id>,
+        /// Bytes in non-hole blocks (for st_blocks).
+        stored: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InodeBody {
+    File { size: u64, data: FileData },
+    Dir { entries: u64, content: DirContent },
+    Symlink { target: ByteBuf },
+}
+
+/// Metadata of one file, directory or symlink.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    /// Permission bits (0o7777); the type is in `body`.
+    pub mode: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    /// Links within the published tree (for a directory, 2 + subdirectories).
+    pub nlink: u32,
+    pub body: InodeBody,
+}
+
+/// Every metadata block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Meta {
+    Inode(Inode),
+    Indirect(Vec<Option<Id>>),
+    DirPage(Vec<DirEntry>),
+}
+
+impl Inode {
+    pub fn kind(&self) -> EntryKind {
+        match self.body {
+            InodeBody::File { .. } => EntryKind::File,
+            InodeBody::Dir { .. } => EntryKind::Dir,
+            InodeBody::Symlink { .. } => EntryKind::Symlink,
+        }
+    }
+
+    /// st_size: bytes of a file, length of a symlink target, entry count of a directory.
+    pub fn size(&self) -> u64 {
+        match &self.body {
+            InodeBody::File { size, .. } => *size,
+            InodeBody::Dir { entries, .. } => *entries,
+            InodeBody::Symlink { target } => target.len() as u64,
+        }
+    }
+
+    /// Bytes actually stored (holes excluded), for st_blocks.
+    pub fn stored_bytes(&self) -> u64 {
+        match &self.body {
+            InodeBody::File {
+                data: FileData::Inline(b),
+                ..
+            } => b.len() as u64,
+            InodeBody::File {
+                data: FileData::Tree { stored, .. },
+                ..
+            } => *stored,
+            InodeBody::Dir { .. } => DIR_PAGE_BYTES as u64,
+            InodeBody::Symlink { target } => target.len() as u64,
+        }
+    }
+}
+
+/// Encode a Meta block: tag, then postcard.
+pub fn encode_meta(m: &Meta) -> Vec<u8> {
+    let mut out = META_TAG.to_vec();
+    out.extend(postcard::to_stdvec(m).expect("encoding to memory"));
+    out
+}
+
+/// Decode and validate a Meta block. Never panics; rejects trailing bytes, oversized
+/// blocks, unsorted or invalid names and out-of-range fields.
+pub fn decode_meta(bytes: &[u8]) -> Result<Meta, LayoutError> {
+    if bytes.len() > MAX_BLOCK_BYTES {
+        return Err(LayoutError::Invalid("block over the size limit"));
+    }
+    let body = bytes
+        .strip_prefix(META_TAG.as_slice())
+        .ok_or(LayoutError::BadTag)?;
+    let (m, rest): (Meta, &[u8]) =
+        postcard::take_from_bytes(body).map_err(|e| LayoutError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(LayoutError::Invalid("trailing bytes"));
+    }
+    validate(&m)?;
+    Ok(m)
+}
+
+/// Decode a Meta block that must be an inode.
+pub fn decode_inode(bytes: &[u8]) -> Result<Inode, LayoutError> {
+    match decode_meta(bytes)? {
+        Meta::Inode(i) => Ok(i),
+        _ => Err(LayoutError::Invalid("expected an inode block")),
+    }
+}
+
+fn validate(m: &Meta) -> Result<(), LayoutError> {
+    match m {
+        Meta::Inode(i) => validate_inode(i),
+        Meta::Indirect(ptrs) => {
+            if ptrs.is_empty() || ptrs.len() > FANOUT {
+                return Err(LayoutError::Invalid("indirect block pointer count"));
+            }
+            Ok(())
+        }
+        Meta::DirPage(entries) => {
+            if entries.is_empty() {
+                return Err(LayoutError::Invalid("empty directory page"));
+            }
+            validate_entries(entries)
+        }
+    }
+}
+
+fn validate_inode(i: &Inode) -> Result<(), LayoutError> {
+    if i.mode & !0o7777 != 0 {
+        return Err(LayoutError::Invalid("mode has bits beyond 0o7777"));
+    }
+    if i.mtime_nsec >= 1_000_000_000 {
+        return Err(LayoutError::Invalid("mtime nanoseconds out of range"));
+    }
+    match &i.body {
+        InodeBody::File { size, data } => match data {
+            FileData::Inline(b) => {
+                if b.len() > INLINE_MAX || b.len() as u64 != *size {
+                    return Err(LayoutError::Invalid("inline file size"));
+                }
+            }
+            FileData::Tree {
+                block_size,
+                depth,
+                stored,
+                ..
+            } => {
+                if *block_size < MIN_BLOCK_SIZE || *block_size as usize > MAX_BLOCK_BYTES {
+                    return Err(LayoutError::Invalid("block size out of range"));
+                }
+                if *depth > MAX_DEPTH || *stored > *size {
+                    return Err(LayoutError::Invalid("file tree depth or stored size"));
+                }
+                let blocks = size.div_ceil(*block_size as u64);
+                if blocks > capacity(*depth) {
+                    return Err(LayoutError::Invalid("file larger than its tree"));
+                }
+            }
+        },
+        InodeBody::Dir { entries, content } => match content {
+            DirContent::Inline(e) => {
+                if e.len() as u64 != *entries {
+                    return Err(LayoutError::Invalid("directory entry count"));
+                }
+                validate_entries(e)?;
+            }
+            DirContent::Paged(pages) => {
+                let mut total = 0u64;
+                for (n, p) in pages.iter().enumerate() {
+                    check_name(&p.first)?;
+                    if p.count == 0 {
+                        return Err(LayoutError::Invalid("empty page in directory index"));
+                    }
+                    if n > 0 && pages[n - 1].first.as_slice() >= p.first.as_slice() {
+                        return Err(LayoutError::Invalid("directory index not sorted"));
+                    }
+                    total += p.count as u64;
+                }
+                if total != *entries {
+                    return Err(LayoutError::Invalid("directory entry count"));
+                }
+            }
+        },
+        InodeBody::Symlink { target } => {
+            if target.is_empty() || target.len() > MAX_SYMLINK || target.contains(&0) {
+                return Err(LayoutError::Invalid("symlink target"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_entries(e: &[DirEntry]) -> Result<(), LayoutError> {
+    for (n, x) in e.iter().enumerate() {
+        check_name(&x.name)?;
+        if n > 0 && e[n - 1].name.as_slice() >= x.name.as_slice() {
+            return Err(LayoutError::Invalid("directory entries not sorted"));
+        }
+    }
+    Ok(())
+}
+
+/// A name is 1 to 255 bytes, without '/' or NUL, and not "." or "..".
+pub fn check_name(name: &[u8]) -> Result<(), LayoutError> {
+    let why = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > MAX_NAME {
+        Some("longer than 255 bytes")
+    } else if name.contains(&b'/') || name.contains(&0) {
+        Some("contains '/' or NUL")
+    } else if name == b"." || name == b".." {
+        Some("reserved")
+    } else {
+        None
+    };
+    match why {
+        Some(w) => Err(LayoutError::BadName(
+            String::from_utf8_lossy(name).into_owned(),
+            w,
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Number of data blocks a tree of `depth` can address (saturating).
+pub fn capacity(depth: u8) -> u64 {
+    (0..depth).fold(1u64, |c, _| c.saturating_mul(FANOUT as u64))
+}
+
+/// A block ready to store: kind, key and bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewBlock {
+    pub kind: BlockKind,
+    pub key: Id,
+    pub bytes: Vec<u8>,
+}
+
+impl NewBlock {
+    pub fn meta(m: &Meta) -> NewBlock {
+        let bytes = encode_meta(m);
+        NewBlock {
+            kind: BlockKind::Meta,
+            key: Id::hash(&bytes),
+            bytes,
+        }
+    }
+    pub fn data(bytes: Vec<u8>) -> NewBlock {
+        NewBlock {
+            kind: BlockKind::Data,
+            key: Id::hash(&bytes),
+            bytes,
+        }
+    }
+    /// As a verified block for the ring (we computed the key ourselves).
+    pub fn into_verified(self) -> Verified {
+        verify(self.kind, self.key, self.bytes, false).expect("own block verifies")
+    }
+}
+
+/// A chunk of a file as a data block, or `None` if it is all zeros (a hole).
+pub fn chunk_block(chunk: &[u8]) -> Option<NewBlock> {
+    if chunk.iter().all(|&b| b == 0) {
+        None
+    } else {
+        Some(NewBlock::data(chunk.to_vec()))
+    }
+}
+
+/// Build the indirect tree over a file's block pointers. Returns the file data
+/// descriptor and the indirect blocks to store (children before parents).
+pub fn build_file_tree(
+    size: u64,
+    block_size: u32,
+    ptrs: &[Option<Id>],
+) -> (FileData, Vec<NewBlock>) {
+    let stored_blocks = ptrs.iter().filter(|p| p.is_some()).count() as u64;
+    // Only the last block may be short; compute stored bytes exactly.
+    let bs = block_size as u64;
+    let mut stored = stored_blocks * bs;
+    if let Some(Some(_)) = ptrs.last() {
+        let last_len = size - (ptrs.len() as u64 - 1) * bs;
+        stored = stored - bs + last_len;
+    }
+    let mut blocks = Vec::new();
+    let mut level: Vec<Option<Id>> = ptrs.to_vec();
+    let mut depth = 0u8;
+    while level.len() > 1 {
+        let mut up = Vec::with_capacity(level.len().div_ceil(FANOUT));
+        for group in level.chunks(FANOUT) {
+            if group.iter().all(|p| p.is_none()) {
+                up.push(None);
+            } else {
+                let b = NewBlock::meta(&Meta::Indirect(group.to_vec()));
+                up.push(Some(b.key));
+                blocks.push(b);
+            }
+        }
+        level = up;
+        depth += 1;
+    }
+    let root = level.first().copied().flatten();
+    (
+        FileData::Tree {
+            block_size,
+            depth,
+            root,
+            stored,
+        },
+        blocks,
+    )
+}
+
+/// Build a whole file from bytes in memory (tests, small files). Returns the inode and
+/// every block to store (data, indirect; not the inode itself).
+pub fn build_file(
+    bytes: &[u8],
+    mode: u32,
+    mtime: (i64, u32),
+    nlink: u32,
+) -> (Inode, Vec<NewBlock>) {
+    build_file_with(bytes, BLOCK_SIZE, mode, mtime, nlink)
+}
+
+/// As [`build_file`] with a chosen block size.
+pub fn build_file_with(
+    bytes: &[u8],
+    block_size: usize,
+    mode: u32,
+    mtime: (i64, u32),
+    nlink: u32,
+) -> (Inode, Vec<NewBlock>) {
+    let size = bytes.len() as u64;
+    let mut blocks = Vec::new();
+    let data = if bytes.len() <= INLINE_MAX {
+        FileData::Inline(ByteBuf::from(bytes.to_vec()))
+    } else {
+        let mut ptrs = Vec::new();
+        for c in bytes.chunks(block_size) {
+            let b = chunk_block(c);
+            ptrs.push(b.as_ref().map(|b| b.key));
+            blocks.extend(b);
+        }
+        let (d, ind) = build_file_tree(size, block_size as u32, &ptrs);
+        blocks.extend(ind);
+        d
+    };
+    (
+        Inode {
+            mode: mode & 0o7777,
+            mtime_sec: mtime.0,
+            mtime_nsec: mtime.1,
+            nlink,
+            body: InodeBody::File { size, data },
+        },
+        blocks,
+    )
+}
+
+/// Inode of a symlink.
+pub fn build_symlink(target: &[u8], mode: u32, mtime: (i64, u32)) -> Result<Inode, LayoutError> {
+    if target.is_empty() || target.len() > MAX_SYMLINK || target.contains(&0) {
+        return Err(LayoutError::Invalid("symlink target"));
+    }
+    Ok(Inode {
+        mode: mode & 0o7777,
+        mtime_sec: mtime.0,
+        mtime_nsec: mtime.1,
+        nlink: 1,
+        body: InodeBody::Symlink {
+            target: ByteBuf::from(target.to_vec()),
+        },
+    })
+}
+
+/// Encoded size of one entry inside a page (close upper bound).
+fn entry_cost(e: &DirEntry) -> usize {
+    e.name.len() + 2 + 20 + 1
+}
+
+/// Build a directory: sorts entries, checks names, and splits them into pages when they
+/// do not fit inline. Returns the inode and the page blocks to store. `nlink` is
+/// computed (2 + subdirectories).
+pub fn build_dir(
+    mut entries: Vec<DirEntry>,
+    mode: u32,
+    mtime: (i64, u32),
+) -> Result<(Inode, Vec<NewBlock>), LayoutError> {
+    build_dir_with(&mut entries, DIR_PAGE_BYTES, mode, mtime)
+}
+
+fn build_dir_with(
+    entries: &mut Vec<DirEntry>,
+    page_bytes: usize,
+    mode: u32,
+    mtime: (i64, u32),
+) -> Result<(Inode, Vec<NewBlock>), LayoutError> {
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    for (n, e) in entries.iter().enumerate() {
+        check_name(&e.name)?;
+        if n > 0 && entries[n - 1].name == e.name {
+            return Err(LayoutError::DuplicateName(
+                String::from_utf8_lossy(&e.name).into_owned(),
+            ));
+        }
+    }
+    let subdirs = entries.iter().filter(|e| e.kind == EntryKind::Dir).count() as u32;
+    let total: usize = entries.iter().map(entry_cost).sum();
+    let mut blocks = Vec::new();
+    let n = entries.len() as u64;
+    let content = if total <= page_bytes {
+        DirContent::Inline(std::mem::take(entries))
+    } else {
+        let mut pages = Vec::new();
+        let mut cur: Vec<DirEntry> = Vec::new();
+        let mut cur_bytes = 0;
+        let mut flush = |cur: &mut Vec<DirEntry>, blocks: &mut Vec<NewBlock>| {
+            let page = std::mem::take(cur);
+            let first = page[0].name.clone();
+            let count = page.len() as u32;
+            let b = NewBlock::meta(&Meta::DirPage(page));
+            pages.push(PageRef {
+                first,
+                key: b.key,
+                count,
+            });
+            blocks.push(b);
+        };
+        for e in entries.drain(..) {
+            let c = entry_cost(&e);
+            if !cur.is_empty() && cur_bytes + c > page_bytes {
+                flush(&mut cur, &mut blocks);
+                cur_bytes = 0;
+            }
+            cur_bytes += c;
+            cur.push(e);
+        }
+        if !cur.is_empty() {
+            flush(&mut cur, &mut blocks);
+        }
+        DirContent::Paged(pages)
+    };
+    let inode = Inode {
+        mode: mode & 0o7777,
+        mtime_sec: mtime.0,
+        mtime_nsec: mtime.1,
+        nlink: 2 + subdirs,
+        body: InodeBody::Dir {
+            entries: n,
+            content,
+        },
+    };
+    if encode_meta(&Meta::Inode(inode.clone())).len() > MAX_BLOCK_BYTES {
+        return Err(LayoutError::DirTooLarge(n as usize));
+    }
+    Ok((inode, blocks))
+}
+
+/// Which page of a paged directory may hold `name` (binary search on first names).
+pub fn page_for<'a>(pages: &'a [PageRef], name: &[u8]) -> Option<&'a PageRef> {
+    let i = pages.partition_point(|p| p.first.as_slice() <= name);
+    i.checked_sub(1).map(|i| &pages[i])
+}
+
+/// Find `name` in a sorted slice of entries.
+pub fn find_entry<'a>(entries: &'a [DirEntry], name: &[u8]) -> Option<&'a DirEntry> {
+    entries
+        .binary_search_by(|e| e.name.as_slice().cmp(name))
+        .ok()
+        .map(|i| &entries[i])
+}
+
+/// The slot indexes to follow from the root of a depth-`depth` tree down to data block
+/// `index` (outermost first). Empty for depth 0.
+pub fn tree_path(index: u64, depth: u8) -> Vec<usize> {
+    let mut path = vec![0usize; depth as usize];
+    let mut i = index;
+    for slot in path.iter_mut().rev() {
+        *slot = (i % FANOUT as u64) as usize;
+        i /= FANOUT as u64;
+    }
+    path
+}
+
+/// One data block a byte range touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSpan {
+    /// Index of the block in the file.
+    pub index: u64,
+    /// Expected length of the block (block size, or less for the last one).
+    pub block_len: usize,
+    /// Range within the block to copy.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// The data blocks covering bytes [offset, offset+len) of a file of `size` bytes, with
+/// the part of each to copy. Clipped at end of file.
+pub fn spans(size: u64, block_size: u32, offset: u64, len: u64) -> Vec<BlockSpan> {
+    let bs = block_size as u64;
+    let end = offset.saturating_add(len).min(size);
+    if offset >= end || bs == 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let index = pos / bs;
+        let bstart = index * bs;
+        let block_len = (size - bstart).min(bs);
+        let start = pos - bstart;
+        let stop = (end - bstart).min(block_len);
+        out.push(BlockSpan {
+            index,
+            block_len: block_len as usize,
+            start: start as usize,
+            end: stop as usize,
+        });
+        pos = bstart + stop;
+    }
+    out
+}
+
+/// Number of data blocks of a file.
+pub fn block_count(size: u64, block_size: u32) -> u64 {
+    size.div_ceil(block_size as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        let mut x = seed as u32 | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Reassemble a file from its blocks without a ring (a local pointer walk).
+    fn read_back(inode: &Inode, blocks: &[NewBlock]) -> Vec<u8> {
+        let get = |k: Id| blocks.iter().find(|b| b.key == k).unwrap().bytes.clone();
+        let InodeBody::File { size, data } = &inode.body else {
+            panic!()
+        };
+        match data {
+            FileData::Inline(b) => b.to_vec(),
+            FileData::Tree {
+                block_size,
+                depth,
+                root,
+                ..
+            } => {
+                let mut out = Vec::new();
+                for s in spans(*size, *block_size, 0, *size) {
+                    let mut ptr = *root;
+                    for slot in tree_path(s.index, *depth) {
+                        ptr = match ptr {
+                            None => None,
+                            Some(k) => match decode_meta(&get(k)).unwrap() {
+                                Meta::Indirect(p) => p.get(slot).copied().flatten(),
+                                _ => panic!(),
+                            },
+                        };
+                    }
+                    match ptr {
+                        None => out.extend(std::iter::repeat_n(0, s.end - s.start)),
+                        Some(k) => {
+                            let b = get(k);
+                            assert_eq!(b.len(), s.block_len);
+                            out.extend(&b[s.start..s.end]);
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    fn roundtrip(bytes: &[u8], bs: usize) -> (Inode, Vec<NewBlock>) {
+        let (inode, blocks) = build_file_with(bytes, bs, 0o644, (1_700_000_000, 5), 1);
+        let enc = encode_meta(&Meta::Inode(inode.clone()));
+        assert_eq!(decode_meta(&enc).unwrap(), Meta::Inode(inode.clone()));
+        for b in &blocks {
+            if b.kind == BlockKind::Meta {
+                decode_meta(&b.bytes).unwrap();
+            }
+            assert!(b.bytes.len() <= MAX_BLOCK_BYTES);
+        }
+        assert_eq!(read_back(&inode, &blocks), bytes);
+        (inode, blocks)
+    }
+
+    #[test]
+    fn file_sizes_round_trip() {
+        for n in [
+            0,
+            1,
+            INLINE_MAX,
+            INLINE_MAX + 1,
+            BLOCK_SIZE - 1,
+            BLOCK_SIZE,
+            BLOCK_SIZE + 1,
+        ] {
+            let (inode, _) = roundtrip(&pattern(n, 3), BLOCK_SIZE);
+            assert_eq!(inode.size(), n as u64);
+        }
+        let (i, b) = roundtrip(&pattern(5 * 1024 * 1024 + 17, 9), BLOCK_SIZE);
+        assert_eq!(b.len(), 21 + 1); // 21 data blocks + 1 indirect
+        assert!(matches!(
+            i.body,
+            InodeBody::File {
+                data: FileData::Tree { depth: 1, .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn deep_trees_with_small_blocks() {
+        // 4 KiB blocks and > FANOUT blocks: depth 2.
+        let bytes = pattern(4096 * (FANOUT + 3) + 5, 1);
+        let (i, _) = roundtrip(&bytes, 4096);
+        assert!(matches!(
+            i.body,
+            InodeBody::File {
+                data: FileData::Tree { depth: 2, .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn zeros_become_holes() {
+        let zeros = vec![0u8; 3 * 1024 * 1024];
+        let (i, b) = roundtrip(&zeros, BLOCK_SIZE);
+        assert!(b.is_empty());
+        assert_eq!(i.stored_bytes(), 0);
+        let mut mixed = vec![0u8; 3 * BLOCK_SIZE + 10];
+        mixed[BLOCK_SIZE + 3] = 7;
+        let (i, b) = roundtrip(&mixed, BLOCK_SIZE);
+        assert_eq!(b.iter().filter(|b| b.kind == BlockKind::Data).count(), 1);
+        assert_eq!(i.stored_bytes(), BLOCK_SIZE as u64);
+    }
+
+    #[test]
+    fn identical_chunks_share_a_key() {
+        let mut bytes = pattern(BLOCK_SIZE, 4);
+        bytes.extend(bytes.clone());
+        let (_, b) = roundtrip(&bytes, BLOCK_SIZE);
+        assert_eq!(b[0].key, b[1].key);
+    }
+
+    fn entry(name: &str, kind: EntryKind) -> DirEntry {
+        DirEntry {
+            name: ByteBuf::from(name.as_bytes().to_vec()),
+            key: Id::hash(name.as_bytes()),
+            kind,
+        }
+    }
+
+    #[test]
+    fn small_dir_inline_sorted() {
+        let (i, b) = build_dir(
+            vec![entry("b", EntryKind::File), entry("a", EntryKind::Dir)],
+            0o755,
+            (0, 0),
+        )
+        .unwrap();
+        assert!(b.is_empty());
+        assert_eq!(i.nlink, 3);
+        let InodeBody::Dir {
+            content: DirContent::Inline(e),
+            ..
+        } = &i.body
+        else {
+            panic!()
+        };
+        assert_eq!(e[0].name.as_slice(), b"a");
+        assert!(find_entry(e, b"b").is_some());
+        assert!(find_entry(e, b"c").is_none());
+        let dup = build_dir(
+            vec![entry("x", EntryKind::File), entry("x", EntryKind::File)],
+            0o755,
+            (0, 0),
+        );
+        assert!(matches!(dup, Err(LayoutError::DuplicateName(_))));
+        assert!(build_dir(vec![entry("a/b", EntryKind::File)], 0o755, (0, 0)).is_err());
+        assert!(build_dir(
+            vec![entry(&"x".repeat(256), EntryKind::File)],
+            0o755,
+            (0, 0)
+        )
+        .is_err());
+        assert!(build_dir(
+            vec![entry(&"x".repeat(255), EntryKind::File)],
+            0o755,
+            (0, 0)
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn large_dir_paged_and_searchable() {
+        let names: Vec<String> = (0..2000)
+            .map(|i| format!("file-{i:05}-{}", "n".repeat(i % 40)))
+            .collect();
+        let entries = names.iter().map(|n| entry(n, EntryKind::File)).collect();
+        let (inode, pages) = build_dir(entries, 0o755, (0, 0)).unwrap();
+        assert!(pages.len() >= 2, "2,000 entries span several pages");
+        let enc = encode_meta(&Meta::Inode(inode.clone()));
+        assert_eq!(decode_meta(&enc).unwrap(), Meta::Inode(inode.clone()));
+        let InodeBody::Dir {
+            entries: n,
+            content: DirContent::Paged(index),
+        } = &inode.body
+        else {
+            panic!()
+        };
+        assert_eq!(*n, 2000);
+        let page =
+            |k: Id| match decode_meta(&pages.iter().find(|b| b.key == k).unwrap().bytes).unwrap() {
+                Meta::DirPage(e) => e,
+                _ => panic!(),
+            };
+        // Every name is found by fetching exactly the one page the index points at.
+        for name in &names {
+            let p = page_for(index, name.as_bytes()).unwrap();
+            let e = page(p.key);
+            assert_eq!(
+                find_entry(&e, name.as_bytes()).unwrap().key,
+                Id::hash(name.as_bytes())
+            );
+        }
+        assert!(page_for(index, b"a").is_none());
+        let p = page_for(index, b"zzz").unwrap();
+        assert!(find_entry(&page(p.key), b"zzz").is_none());
+        // Listing in index order gives all names sorted.
+        let all: Vec<_> = index.iter().flat_map(|p| page(p.key)).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(
+            all.iter()
+                .map(|e| String::from_utf8(e.name.to_vec()).unwrap())
+                .collect::<Vec<_>>(),
+            sorted
+        );
+    }
+
+    #[test]
+    fn spans_cover_ranges() {
+        let s = spans(10, 4096, 0, 100);
+        assert_eq!(
+            s,
+            vec![BlockSpan {
+                index: 0,
+                block_len: 10,
+                start: 0,
+                end: 10
+            }]
+        );
+        let s = spans(10000, 4096, 4000, 200);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].start, s[0].end, s[1].start, s[1].end),
+            (4000, 4096, 0, 104)
+        );
+        assert!(spans(10, 4096, 10, 5).is_empty());
+        assert!(spans(10, 4096, u64::MAX, u64::MAX).is_empty());
+        assert_eq!(tree_path(4097, 2), vec![1, 1]);
+        assert!(tree_path(3, 0).is_empty());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut x = 0x1234_5678u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Valid blocks to mutate.
+        let (inode, blocks) = build_file_with(&pattern(5 * 4096 + 1, 2), 4096, 0o644, (0, 0), 1);
+        let mut seeds: Vec<Vec<u8>> = blocks.iter().map(|b| b.bytes.clone()).collect();
+        seeds.push(encode_meta(&Meta::Inode(inode)));
+        let names: Vec<String> = (0..1500).map(|i| format!("n{i}")).collect();
+        let (d, pages) = build_dir(
+            names.iter().map(|n| entry(n, EntryKind::Dir)).collect(),
+            0o700,
+            (0, 0),
+        )
+        .unwrap();
+        seeds.push(encode_meta(&Meta::Inode(d)));
+        seeds.extend(pages.into_iter().map(|b| b.bytes));
+        for round in 0..20_000 {
+            let mut b = if round % 3 == 0 {
+                let n = (next() % 300) as usize;
+                let mut v: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+                if round % 2 == 0 {
+                    v.splice(0..0, META_TAG.iter().copied());
+                }
+                v
+            } else {
+                seeds[(next() as usize) % seeds.len()].clone()
+            };
+            if !b.is_empty() {
+                for _ in 0..(next() % 4 + 1) {
+                    let i = (next() as usize) % b.len();
+                    b[i] = next() as u8;
+                }
+                if next() % 5 == 0 {
+                    b.truncate((next() as usize) % b.len());
+                }
+            }
+            if let Ok(m) = decode_meta(&b) {
+                // Whatever decodes re-validates and re-encodes identically.
+                assert_eq!(decode_meta(&encode_meta(&m)).unwrap(), m);
+            }
+        }
+        assert_eq!(decode_meta(b"hello"), Err(LayoutError::BadTag));
+        // A huge declared length is an error, not an allocation.
+        let mut v = META_TAG.to_vec();
+        v.extend([2u8, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode_meta(&v).is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! The cfs client library: publishing a tree, reading it (`cfs get`), and the FUSE mount.
+
+pub mod fsread;
+pub mod mount;
+pub mod publish;
+pub mod ring;
+pub mod testing;
+
+pub use fsread::{get, parse_get_spec, FsError, Reader, ReaderOpts};
+
+pub use mount::{mount, spawn_mount, MountHandle, MountOpts};
+pub use publish::{fsid_of, keygen, load_key, publish, KeyError, PublishError, PublishOpts, Receipt};

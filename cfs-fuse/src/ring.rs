@@ -1,0 +1,45 @@
+//! What the filesystem layer needs from the ring. The `cfs` binary implements it over the
+//! network client; tests implement it in memory. Every block handed out is verified.
+
+use cfs_core::{BlockKind, Id, Verified};
+use std::future::Future;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// No replica returned a valid copy before the per-operation deadline.
+    #[error("block {kind:?} {key} could not be read from any replica before the deadline")]
+    Unavailable { kind: BlockKind, key: Id },
+    /// A put was refused or could not reach enough replicas.
+    #[error("storing block {key} failed: {msg}")]
+    Store { key: Id, msg: String },
+    #[error("ring unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// How many replicas acknowledged a put.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PutReceipt {
+    pub stored_on: usize,
+    pub wanted: usize,
+}
+
+pub trait BlockService: Send + Sync + 'static {
+    /// A verified block, trying every replica until the deadline.
+    fn get(
+        &self,
+        kind: BlockKind,
+        key: Id,
+    ) -> impl Future<Output = Result<Verified, RingError>> + Send;
+
+    /// Store on all r replicas (or as many live nodes as exist, said in the receipt).
+    fn put(&self, block: Verified) -> impl Future<Output = Result<PutReceipt, RingError>> + Send;
+
+    /// For each item: is it held by all r replicas right now (asked, not assumed).
+    fn has_everywhere(
+        &self,
+        items: Vec<(BlockKind, Id)>,
+    ) -> impl Future<Output = Result<Vec<bool>, RingError>> + Send;
+
+    /// The highest valid version of a root among its replicas, if any replica has it.
+    fn get_root(&self, fsid: Id) -> impl Future<Output = Result<Option<Verified>, RingError>> + Send;
+}

@@ -1,0 +1,125 @@
+//! An in-memory [`BlockService`] for tests: one "replica", verification like a node
+//! (content by hash, roots by signature and growing version), counters of puts.
+
+use crate::ring::{BlockService, PutReceipt, RingError};
+use cfs_core::block::verify;
+use cfs_core::{BlockKind, Id, Verified};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct MemRing {
+    blocks: Mutex<HashMap<(BlockKind, Id), Verified>>,
+    /// Puts received (all kinds).
+    pub puts: AtomicU64,
+    /// Gets received (all kinds).
+    pub gets: AtomicU64,
+    /// While set, every get fails as if no replica answered (to test EIO paths).
+    pub offline: AtomicBool,
+    /// While above zero, counts puts down; a put arriving at 1 fails, and every put
+    /// after it (to simulate a publish interrupted midway).
+    pub fail_puts_after: AtomicU64,
+}
+
+impl MemRing {
+    pub fn new() -> MemRing {
+        MemRing::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, kind: BlockKind, key: Id) -> bool {
+        self.blocks.lock().unwrap().contains_key(&(kind, key))
+    }
+
+    /// Remove a block (to simulate loss).
+    pub fn remove(&self, kind: BlockKind, key: Id) -> bool {
+        self.blocks.lock().unwrap().remove(&(kind, key)).is_some()
+    }
+
+    pub fn puts(&self) -> u64 {
+        self.puts.load(Ordering::SeqCst)
+    }
+}
+
+impl BlockService for MemRing {
+    async fn get(&self, kind: BlockKind, key: Id) -> Result<Verified, RingError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        if self.offline.load(Ordering::SeqCst) {
+            return Err(RingError::Unavailable { kind, key });
+        }
+        self.blocks
+            .lock()
+            .unwrap()
+            .get(&(kind, key))
+            .cloned()
+            .ok_or(RingError::Unavailable { kind, key })
+    }
+
+    async fn put(&self, block: Verified) -> Result<PutReceipt, RingError> {
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        let key = block.key();
+        let budget = self.fail_puts_after.load(Ordering::SeqCst);
+        if budget == 1 {
+            return Err(RingError::Store {
+                key,
+                msg: "simulated failure".into(),
+            });
+        }
+        if budget > 1 {
+            self.fail_puts_after.fetch_sub(1, Ordering::SeqCst);
+        }
+        // Re-verify as a node would: the caller's Verified is not trusted blindly.
+        let block =
+            verify(block.kind(), key, block.into_bytes(), true).map_err(|e| RingError::Store {
+                key,
+                msg: e.to_string(),
+            })?;
+        let mut m = self.blocks.lock().unwrap();
+        if block.kind() == BlockKind::Root {
+            if let Some(old) = m.get(&(BlockKind::Root, key)) {
+                if old.version() > block.version()
+                    || (old.version() == block.version() && old.bytes() != block.bytes())
+                {
+                    return Err(RingError::Store {
+                        key,
+                        msg: format!(
+                            "root version {} is not above {}",
+                            block.version(),
+                            old.version()
+                        ),
+                    });
+                }
+            }
+        }
+        m.insert((block.kind(), key), block);
+        Ok(PutReceipt {
+            stored_on: 1,
+            wanted: 1,
+        })
+    }
+
+    async fn has_everywhere(&self, items: Vec<(BlockKind, Id)>) -> Result<Vec<bool>, RingError> {
+        let m = self.blocks.lock().unwrap();
+        Ok(items.iter().map(|k| m.contains_key(k)).collect())
+    }
+
+    async fn get_root(&self, fsid: Id) -> Result<Option<Verified>, RingError> {
+        if self.offline.load(Ordering::SeqCst) {
+            return Err(RingError::Unreachable("offline".into()));
+        }
+        Ok(self
+            .blocks
+            .lock()
+            .unwrap()
+            .get(&(BlockKind::Root, fsid))
+            .cloned())
+    }
+}

@@ -1,0 +1,256 @@
+//! One in-process FUSE mount over an in-memory ring: bytes and attributes read back
+//! with std::fs, every write refused with EROFS, a republish seen live, an old version
+//! mounted by number, then unmounted. A guard clears the mount even if the test fails.
+
+mod common;
+
+use cfs_fuse::mount::{spawn_mount, MountOpts};
+use cfs_fuse::publish::{publish, PublishOpts};
+use cfs_fuse::testing::MemRing;
+use common::{sample_tree, walk, TempDir};
+use ed25519_dalek::SigningKey;
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Lazily unmounts on drop, so a failing assertion never leaves a mount behind.
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn getxattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+fn listxattr_len(p: &Path) -> isize {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    unsafe { libc::listxattr(c.as_ptr(), std::ptr::null_mut(), 0) }
+}
+
+fn erofs<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) {
+    match r {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}"),
+        Ok(v) => panic!("{what} succeeded: {v:?}"),
+    }
+}
+
+/// Type, mode, size, mtime and bytes of every entry are the same in both trees.
+fn compare_trees(src: &Path, mnt: &Path) {
+    for rel in walk(src) {
+        let (a, b) = (src.join(&rel), mnt.join(&rel));
+        let ma = fs::symlink_metadata(&a).unwrap();
+        let mb = fs::symlink_metadata(&b).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        let what = rel.display();
+        assert_eq!(ma.file_type(), mb.file_type(), "type of {what}");
+        assert_eq!(ma.mtime(), mb.mtime(), "mtime of {what}");
+        assert_eq!(ma.mtime_nsec(), mb.mtime_nsec(), "mtime ns of {what}");
+        if ma.file_type().is_symlink() {
+            assert_eq!(
+                fs::read_link(&a).unwrap(),
+                fs::read_link(&b).unwrap(),
+                "target of {what}"
+            );
+            continue;
+        }
+        assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "mode of {what}");
+        if ma.is_dir() {
+            let names = |p: &Path| {
+                let mut v: Vec<_> = fs::read_dir(p)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                v.sort();
+                v
+            };
+            assert_eq!(names(&a), names(&b), "listing of {what}");
+        } else {
+            assert_eq!(ma.len(), mb.len(), "size of {what}");
+            assert!(
+                fs::read(&a).unwrap() == fs::read(&b).unwrap(),
+                "bytes of {what}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fuse_mount_end_to_end() {
+    let src = TempDir::new("fsrc");
+    sample_tree(src.path(), 2000);
+    let ring = Arc::new(MemRing::new());
+    let key = SigningKey::from_bytes(&[9u8; 32]);
+    let popts = PublishOpts {
+        progress: false,
+        ..PublishOpts::default()
+    };
+    let r1 = publish(ring.clone(), src.path(), &key, &popts)
+        .await
+        .unwrap();
+
+    let mnt = TempDir::new("fmnt");
+    let _guard = MountGuard(mnt.0.clone());
+    let opts = MountOpts {
+        poll_interval: Duration::from_millis(200),
+        ..MountOpts::default()
+    };
+    let h = spawn_mount(ring.clone(), r1.fsid, mnt.path(), opts.clone())
+        .await
+        .unwrap();
+    assert_eq!(h.version(), 1);
+
+    let (s, m) = (src.0.clone(), mnt.0.clone());
+    let files = r1.files;
+    let held = tokio::task::spawn_blocking(move || {
+        compare_trees(&s, &m);
+        // Hard links share a number and count; holes take no space.
+        let (one, link) = (
+            fs::metadata(m.join("one")).unwrap(),
+            fs::metadata(m.join("one-link")).unwrap(),
+        );
+        assert_eq!(one.ino(), link.ino());
+        assert_eq!(one.nlink(), 2);
+        assert_eq!(fs::metadata(m.join("zeros")).unwrap().blocks(), 0);
+        assert!(fs::metadata(m.join("several")).unwrap().blocks() >= 5 * 1024 * 1024 / 512);
+        // Random-offset reads.
+        let f = fs::File::open(m.join("several")).unwrap();
+        let want = fs::read(s.join("several")).unwrap();
+        for off in [
+            0usize,
+            1,
+            common::BS - 3,
+            3 * common::BS + 11,
+            want.len() - 2,
+        ] {
+            let mut buf = [0u8; 7];
+            let n = f.read_at(&mut buf, off as u64).unwrap();
+            assert_eq!(&buf[..n], &want[off..(off + 7).min(want.len())]);
+        }
+        // Extended attributes: readable by name, not listed.
+        assert_eq!(getxattr(&m.join("one"), "user.cfs.version").unwrap(), b"1");
+        assert_eq!(getxattr(&m.join("one"), "user.cfs.key").unwrap().len(), 40);
+        assert_eq!(getxattr(&m.join("one"), "user.other"), Err(libc::ENODATA));
+        assert_eq!(listxattr_len(&m.join("one")), 0);
+        // statfs reports the published totals.
+        let c = CString::new(m.as_os_str().as_bytes()).unwrap();
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        assert_eq!(st.f_files as u64, files);
+        assert_ne!(st.f_flag & libc::ST_RDONLY, 0);
+        // Every kind of write is refused.
+        erofs(fs::File::create(m.join("new")), "create");
+        erofs(
+            fs::OpenOptions::new().write(true).open(m.join("one")),
+            "open for write",
+        );
+        erofs(fs::write(m.join("one"), b"y"), "write");
+        erofs(
+            fs::set_permissions(m.join("one"), fs::Permissions::from_mode(0o777)),
+            "chmod",
+        );
+        erofs(fs::rename(m.join("one"), m.join("two")), "rename");
+        erofs(fs::remove_file(m.join("one")), "unlink");
+        erofs(fs::create_dir(m.join("newdir")), "mkdir");
+        erofs(fs::remove_dir(m.join("emptydir")), "rmdir");
+        erofs(std::os::unix::fs::symlink("x", m.join("sl")), "symlink");
+        erofs(fs::hard_link(m.join("one"), m.join("hl")), "link");
+        // Hold a file open across the republish below; cache one file's pages.
+        assert_eq!(fs::read(m.join("name with spaces")).unwrap(), b"spaces\n");
+        fs::File::open(m.join("at")).unwrap()
+    })
+    .await
+    .unwrap();
+
+    // Republish: change a file, add one, remove one.
+    let old_at = fs::read(src.path().join("at")).unwrap();
+    fs::write(src.path().join("at"), common::pattern(common::BS, 99)).unwrap();
+    fs::write(src.path().join("name with spaces"), b"changed\n").unwrap();
+    fs::write(src.path().join("big").join("added"), b"added\n").unwrap();
+    fs::remove_file(src.path().join("under")).unwrap();
+    let r2 = publish(ring.clone(), src.path(), &key, &popts)
+        .await
+        .unwrap();
+    assert_eq!(r2.version, 2);
+
+    let (s, m, old_at2) = (src.0.clone(), mnt.0.clone(), old_at.clone());
+    tokio::task::spawn_blocking(move || {
+        let old_at = old_at2;
+        let t = Instant::now();
+        loop {
+            let ok = fs::read(m.join("name with spaces")).ok().as_deref()
+                == Some(b"changed\n".as_slice())
+                && fs::read(m.join("big/added")).is_ok()
+                && fs::symlink_metadata(m.join("under")).is_err();
+            if ok {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "new version not visible after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        compare_trees(&s, &m);
+        assert_eq!(getxattr(&m.join("one"), "user.cfs.version").unwrap(), b"2");
+        // The file opened before keeps reading the version it opened.
+        let mut held = held;
+        let mut got = Vec::new();
+        held.read_to_end(&mut got).unwrap();
+        assert!(got == old_at, "an open file keeps its version");
+    })
+    .await
+    .unwrap();
+
+    // Version 1 mounted by number, next to the live mount.
+    let old = TempDir::new("fold");
+    let _guard_old = MountGuard(old.0.clone());
+    let h1 = spawn_mount(
+        ring.clone(),
+        r1.fsid,
+        old.path(),
+        MountOpts {
+            version: Some(1),
+            ..opts
+        },
+    )
+    .await
+    .unwrap();
+    let o = old.0.clone();
+    tokio::task::spawn_blocking(move || {
+        assert!(fs::read(o.join("at")).unwrap() == old_at);
+        assert!(fs::metadata(o.join("under")).is_ok());
+        assert!(fs::metadata(o.join("big/added")).is_err());
+    })
+    .await
+    .unwrap();
+
+    tokio::task::spawn_blocking(move || {
+        h1.unmount().unwrap();
+        h.unmount().unwrap();
+    })
+    .await
+    .unwrap();
+    // Unmounted: the directory is plain and empty again.
+    assert_eq!(fs::read_dir(mnt.path()).unwrap().count(), 0);
+}

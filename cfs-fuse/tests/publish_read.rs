@@ -1,0 +1,328 @@
+//! Publish into an in-memory ring and read everything back through the reader.
+
+mod common;
+
+use cfs_core::fs::{EntryKind, InodeBody};
+use cfs_core::BlockKind;
+use cfs_fuse::fsread::{get, parse_get_spec, FsError, Reader, ReaderOpts};
+use cfs_fuse::publish::{fsid_of, keygen, load_key, publish, PublishOpts};
+use cfs_fuse::testing::MemRing;
+use common::{pattern, sample_tree, walk, TempDir};
+use ed25519_dalek::SigningKey;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn quiet() -> PublishOpts {
+    PublishOpts {
+        progress: false,
+        ..PublishOpts::default()
+    }
+}
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[42u8; 32])
+}
+
+/// Compare every entry under `src` with the published tree at `version`.
+async fn check_tree(
+    reader: &Reader<MemRing>,
+    fsid: cfs_core::Id,
+    version: Option<u64>,
+    src: &std::path::Path,
+) {
+    let root = reader.root(fsid, version).await.unwrap();
+    for rel in walk(src) {
+        let p = src.join(&rel);
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        // Resolve the parent, then look the last name up without following symlinks.
+        let parent = rel.parent().unwrap();
+        let (_, dir) = reader
+            .resolve(root.top, parent.as_os_str().as_bytes())
+            .await
+            .unwrap();
+        let e = reader
+            .lookup(&dir, rel.file_name().unwrap().as_bytes())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} missing", rel.display()));
+        let inode = reader.inode(e.key).await.unwrap();
+        let what = rel.display();
+        assert_eq!(inode.mode, md.mode() & 0o7777, "mode of {what}");
+        assert_eq!(inode.mtime_sec, md.mtime(), "mtime of {what}");
+        assert_eq!(
+            inode.mtime_nsec as i64,
+            md.mtime_nsec(),
+            "mtime ns of {what}"
+        );
+        if md.file_type().is_symlink() {
+            assert_eq!(e.kind, EntryKind::Symlink);
+            let InodeBody::Symlink { target } = &inode.body else {
+                panic!()
+            };
+            assert_eq!(
+                target.as_slice(),
+                std::fs::read_link(&p).unwrap().as_os_str().as_bytes()
+            );
+        } else if md.is_dir() {
+            assert_eq!(e.kind, EntryKind::Dir);
+            let names: Vec<Vec<u8>> = reader
+                .list(&inode)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name.to_vec())
+                .collect();
+            let mut want: Vec<Vec<u8>> = std::fs::read_dir(&p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+                .collect();
+            want.sort();
+            assert_eq!(names, want, "listing of {what}");
+        } else {
+            assert_eq!(e.kind, EntryKind::File);
+            assert_eq!(inode.size(), md.len(), "size of {what}");
+            let want = std::fs::read(&p).unwrap();
+            let got = reader.read(&inode, 0, u64::MAX).await.unwrap();
+            assert!(got == want, "content of {what}");
+            // A range across a block boundary.
+            if want.len() > common::BS + 10 {
+                let off = common::BS as u64 - 5;
+                let got = reader.read(&inode, off, 10).await.unwrap();
+                assert_eq!(got, &want[off as usize..off as usize + 10]);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_then_read_everything() {
+    let src = TempDir::new("pub");
+    sample_tree(src.path(), 2000);
+    let ring = Arc::new(MemRing::new());
+    let r = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    assert_eq!(r.version, 1);
+    assert_eq!(r.fsid, fsid_of(&key()));
+    assert_eq!(r.blocks_new, r.blocks_total);
+    assert_eq!(r.blocks_on_all, r.blocks_total);
+    assert_eq!(
+        ring.len() as u64,
+        r.blocks_total + 1,
+        "every block and the root"
+    );
+    let reader = Reader::new(ring.clone(), ReaderOpts::default());
+    check_tree(&reader, r.fsid, None, src.path()).await;
+
+    // The 2,000-entry directory is paged; hard links are one inode with nlink 2; the
+    // 3 MiB of zeros are holes.
+    let root = reader.root(r.fsid, None).await.unwrap();
+    let (bk, big) = reader.resolve(root.top, b"big").await.unwrap();
+    assert!(
+        matches!(&big.body, InodeBody::Dir { content: cfs_core::fs::DirContent::Paged(p), .. } if p.len() > 1)
+    );
+    assert_ne!(bk, root.top);
+    let (k1, one) = reader.resolve(root.top, b"one").await.unwrap();
+    let (k2, _) = reader.resolve(root.top, b"one-link").await.unwrap();
+    assert_eq!(k1, k2);
+    assert_eq!(one.nlink, 2);
+    let (_, zeros) = reader.resolve(root.top, b"zeros").await.unwrap();
+    assert_eq!(zeros.stored_bytes(), 0);
+    // Relative symlinks are followed by resolve; absolute ones are refused.
+    let (k3, _) = reader.resolve(root.top, b"rel-link").await.unwrap();
+    assert_eq!(k3, k1);
+    assert!(matches!(
+        reader.resolve(root.top, b"abs-link").await,
+        Err(FsError::Outside(_))
+    ));
+    assert!(matches!(
+        reader.resolve(root.top, b"nope").await,
+        Err(FsError::NotFound(_))
+    ));
+
+    // `cfs get`.
+    let spec = format!("{}:/several", r.fsid);
+    let (fsid, v, path) = parse_get_spec(&spec).unwrap();
+    let mut out = Vec::new();
+    let n = get(ring.clone(), fsid, v, &path, &mut out).await.unwrap();
+    assert_eq!(n, 5 * 1024 * 1024 + 7);
+    assert_eq!(out, std::fs::read(src.path().join("several")).unwrap());
+    assert!(get(ring.clone(), fsid, None, "/big", &mut Vec::new())
+        .await
+        .is_err());
+    assert!(matches!(
+        get(
+            ring.clone(),
+            cfs_core::Id::hash(b"nothing"),
+            None,
+            "/x",
+            &mut Vec::new()
+        )
+        .await,
+        Err(FsError::NoSuchFs(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_sends_only_changes_and_keeps_old_versions() {
+    let src = TempDir::new("repub");
+    sample_tree(src.path(), 50);
+    let ring = Arc::new(MemRing::new());
+    let r1 = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    let old_several = std::fs::read(src.path().join("several")).unwrap();
+
+    // Unchanged tree: nothing but the previous root is new.
+    let r2 = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    assert_eq!(r2.version, 2);
+    assert_eq!(
+        r2.blocks_new, 1,
+        "only the previous root, stored as a block"
+    );
+
+    // Change one byte in the middle of a 21-block file, and add a file deep down.
+    let mut changed = old_several.clone();
+    changed[3 * common::BS + 7] ^= 0xff;
+    std::fs::write(src.path().join("several"), &changed).unwrap();
+    let deep = src.path().join("d0/d1/d2/new-file");
+    std::fs::write(&deep, pattern(100, 9)).unwrap();
+    let puts_before = ring.puts();
+    let r3 = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    assert_eq!(r3.version, 3);
+    // 1 data block + 1 indirect + 1 inode for `several`; 1 inode for the new file; the
+    // directories d2, d1, d0 and the top; the previous root.
+    assert!(r3.blocks_new <= 9, "sent {} blocks", r3.blocks_new);
+    assert_eq!(
+        ring.puts() - puts_before,
+        r3.blocks_new + 1,
+        "blocks and the root"
+    );
+
+    let reader = Reader::new(ring.clone(), ReaderOpts::default());
+    check_tree(&reader, r3.fsid, None, src.path()).await;
+    // Version 1 is still readable through the chain of previous roots.
+    let mut out = Vec::new();
+    get(ring.clone(), r1.fsid, Some(1), "several", &mut out)
+        .await
+        .unwrap();
+    assert!(out == old_several);
+    assert!(get(
+        ring.clone(),
+        r1.fsid,
+        Some(1),
+        "d0/d1/d2/new-file",
+        &mut Vec::new()
+    )
+    .await
+    .is_err());
+    assert!(matches!(
+        reader.root(r1.fsid, Some(9)).await,
+        Err(FsError::NoVersion { .. })
+    ));
+    assert_eq!(reader.root(r1.fsid, Some(2)).await.unwrap().version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_publish_leaves_previous_version() {
+    let src = TempDir::new("intr");
+    sample_tree(src.path(), 10);
+    let ring = Arc::new(MemRing::new());
+    let r1 = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    std::fs::write(src.path().join("several"), pattern(3 * common::BS, 77)).unwrap();
+    ring.fail_puts_after.store(2, Ordering::SeqCst);
+    assert!(publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .is_err());
+    ring.fail_puts_after.store(0, Ordering::SeqCst);
+    let reader = Reader::new(ring.clone(), ReaderOpts::default());
+    assert_eq!(reader.root(r1.fsid, None).await.unwrap().version, 1);
+    // And the next publish completes as version 2.
+    let r2 = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    assert_eq!(r2.version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_blocks_fail_within_the_deadline() {
+    let src = TempDir::new("miss");
+    std::fs::write(src.path().join("f"), pattern(3 * common::BS, 5)).unwrap();
+    let ring = Arc::new(MemRing::new());
+    let r = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    let reader = Reader::new(
+        ring.clone(),
+        ReaderOpts {
+            deadline: Duration::from_millis(300),
+            ..ReaderOpts::default()
+        },
+    );
+    let root = reader.root(r.fsid, None).await.unwrap();
+    let (_, f) = reader.resolve(root.top, b"f").await.unwrap();
+    ring.offline.store(true, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    let e = reader.read(&f, 0, 10).await.unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    ring.offline.store(false, Ordering::SeqCst);
+    assert_eq!(
+        reader.read(&f, 0, 10).await.unwrap().len(),
+        10,
+        "reads work again"
+    );
+    // A hostile or corrupt Meta block is an error (EIO), not a panic.
+    assert!(reader.inode(cfs_core::Id::hash(b"nothing")).await.is_err());
+    // A block that hashes right but is not metadata is refused, not trusted.
+    let junk = b"cfsM\x01 not postcard at all".to_vec();
+    let k = cfs_core::Id::hash(&junk);
+    use cfs_fuse::ring::BlockService;
+    ring.put(cfs_core::block::verify(BlockKind::Meta, k, junk, false).unwrap())
+        .await
+        .unwrap();
+    let e = reader.inode(k).await.unwrap_err();
+    assert!(matches!(e, FsError::Corrupt { .. }), "{e}");
+    assert_eq!(e.errno(), libc::EIO);
+}
+
+#[test]
+fn keys_are_private_and_never_overwritten() {
+    let d = TempDir::new("key");
+    let p = d.path().join("site.key");
+    let fsid = keygen(&p).unwrap();
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(keygen(&p).is_err(), "refuses to overwrite");
+    assert_eq!(fsid_of(&load_key(&p).unwrap()), fsid);
+    let q = d.path().join("other.key");
+    assert_ne!(keygen(&q).unwrap(), fsid);
+    std::fs::write(d.path().join("bad.key"), "zz").unwrap();
+    assert!(load_key(&d.path().join("bad.key")).is_err());
+}
+
+#[test]
+fn get_specs_parse() {
+    let id = cfs_core::Id::hash(b"x");
+    assert_eq!(
+        parse_get_spec(&format!("{id}:/a/b")),
+        Some((id, None, "/a/b".into()))
+    );
+    assert_eq!(
+        parse_get_spec(&format!("{id}@7:/a")),
+        Some((id, Some(7), "/a".into()))
+    );
+    assert_eq!(parse_get_spec("nothex:/a"), None);
+    assert_eq!(parse_get_spec(&format!("{id}")), None);
+}

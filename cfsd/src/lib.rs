@@ -1,0 +1,10 @@
+//! The cfs node as a library: Chord and DHash over a [`transport::Transport`], so the
+//! daemon (TCP) and the simulator (in-process network) run the same code.
+
+pub mod cache;
+pub mod client;
+pub mod metrics;
+pub mod net;
+pub mod node;
+pub mod store;
+pub mod transport;

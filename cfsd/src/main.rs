@@ -1,0 +1,189 @@
+//! `cfsd`: one cfs node process.
+
+use anyhow::{bail, Context, Result};
+use cfsd::node::{Config, Node};
+use cfsd::store::RedbStore;
+use cfsd::transport::{serve, ServerLimits, TcpTransport};
+use clap::Parser;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A cfs storage node: a Chord ring member holding DHash blocks.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port and writes it to DIR/addr.
+    #[arg(long)]
+    listen: String,
+    /// Directory for the block store; it persists across restarts.
+    #[arg(long)]
+    data: PathBuf,
+    /// Any ring member to join through; without it, a new ring starts.
+    #[arg(long)]
+    join: Option<String>,
+    /// Replicas per block (r).
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// Ring positions (virtual nodes) this process takes.
+    #[arg(long, default_value_t = 1)]
+    vnodes: u16,
+    /// Path cache size in MiB.
+    #[arg(long, default_value_t = 64)]
+    cache_mb: usize,
+    /// Address peers should use, when it differs from --listen (0.0.0.0, port forwarding).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Serve Prometheus metrics over HTTP at this address.
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Storage a source address may use, in MiB.
+    #[arg(long, default_value_t = 65536)]
+    quota_mb: u64,
+    /// Successor list length.
+    #[arg(long, default_value_t = 16)]
+    successors: usize,
+    /// Stabilization interval in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    stabilize_ms: u64,
+    /// Replica maintenance interval in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    maintain_ms: u64,
+}
+
+fn resolve(s: &str) -> Result<SocketAddr> {
+    s.to_socket_addrs()
+        .with_context(|| format!("cannot resolve {s}: use HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{s} resolves to no address"))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.replicas == 0 || args.replicas > 16 {
+        bail!("--replicas must be between 1 and 16");
+    }
+    if args.vnodes == 0 || args.vnodes > cfs_core::id::MAX_VNODES {
+        bail!(
+            "--vnodes must be between 1 and {}",
+            cfs_core::id::MAX_VNODES
+        );
+    }
+    if args.successors < 2 * args.replicas {
+        bail!("--successors must be at least twice --replicas");
+    }
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating data directory {}", args.data.display()))?;
+    let store = RedbStore::open(&args.data.join("blocks.redb")).with_context(|| {
+        format!(
+            "opening the block store in {} (is another cfsd using it?)",
+            args.data.display()
+        )
+    })?;
+    let listen = resolve(&args.listen)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}: is the port in use?"))?;
+    let bound = listener.local_addr()?;
+    let addr = match &args.advertise {
+        Some(a) => resolve(a)?,
+        None if bound.ip().is_unspecified() => {
+            bail!("listening on {bound}: give --advertise HOST:PORT so peers can reach this node")
+        }
+        None => bound,
+    };
+    let mut cfg = Config::new(addr);
+    cfg.replicas = args.replicas;
+    cfg.vnodes = args.vnodes;
+    cfg.cache_bytes = args.cache_mb << 20;
+    cfg.quota_bytes = args.quota_mb << 20;
+    cfg.succ_list_len = args.successors;
+    cfg.stabilize_every = Duration::from_millis(args.stabilize_ms.max(10));
+    cfg.fix_fingers_every = cfg.stabilize_every;
+    cfg.maintain_every = Duration::from_millis(args.maintain_ms.max(100));
+    let node = Node::new(cfg, TcpTransport::new(Some(addr)), Arc::new(store));
+    let handler = Arc::new(node.clone());
+    tokio::spawn(serve(listener, handler, ServerLimits::default()));
+    // Written after binding so that scripts polling for it can connect at once.
+    let tmp = args.data.join("addr.tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))?;
+    std::fs::rename(&tmp, args.data.join("addr"))?;
+
+    let join = args.join.as_deref().map(resolve).transpose()?;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match node.join(join).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "joining the ring failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    node.start();
+    if let Some(m) = &args.metrics {
+        let m = resolve(m)?;
+        let l = tokio::net::TcpListener::bind(m)
+            .await
+            .with_context(|| format!("binding metrics address {m}"))?;
+        tokio::spawn(serve_metrics(l, node.clone()));
+    }
+    tracing::info!(%addr, ids = ?node.ids(), "cfsd running");
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        biased;
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// A minimal HTTP endpoint: any request gets the Prometheus text.
+async fn serve_metrics(l: tokio::net::TcpListener, node: Node<TcpTransport>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+            let st = node.status();
+            let body = node.metrics().prometheus(&[
+                ("blocks", st.blocks),
+                ("bytes", st.bytes),
+                ("cache_blocks", st.cache_blocks),
+                ("cache_bytes", st.cache_bytes),
+            ]);
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,560 @@
+//! Calls to peers with RTT measurement, iterative lookups with server selection, and the
+//! DHash operations (get, put, has, root) built on them. Used alike by nodes (joins,
+//! fingers, maintenance) and clients (`cfs`), so the routing logic exists once.
+
+use crate::transport::{CallError, Transport};
+use cfs_core::block::{verify, BlockKind, Verified};
+use cfs_core::wire::{Request, Response, Step, MAX_BATCH};
+use cfs_core::{Id, NodeRef};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A lookup gives up after this many hops: a sane ring needs O(log N).
+pub const MAX_HOPS: u32 = 64;
+/// Candidates a lookup step returns.
+pub const CLOSER_COUNT: usize = 8;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// One RPC.
+    pub rpc: Duration,
+    /// A whole get, across every replica and re-lookups: longer than failure detection.
+    pub op: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            rpc: Duration::from_secs(3),
+            op: Duration::from_secs(20),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("lookup of {key} failed: no live node answered ({last})")]
+    NoRoute { key: Id, last: String },
+    #[error("lookup of {0} exceeded {MAX_HOPS} hops")]
+    TooManyHops(Id),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DhashError {
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error("block {kind:?} {key} not readable from any replica within {deadline:?}; last error: {last}")]
+    Unavailable {
+        kind: BlockKind,
+        key: Id,
+        deadline: Duration,
+        last: String,
+    },
+    #[error("storing {key} refused: {why}")]
+    Refused { key: Id, why: String },
+    #[error("storing {key} reached no replica: {last}")]
+    NotStored { key: Id, last: String },
+}
+
+/// The result of a lookup.
+#[derive(Clone, Debug)]
+pub struct Lookup {
+    /// Every key in (from, succs[0]] has the same successors.
+    pub from: Id,
+    pub succs: Vec<NodeRef>,
+    /// Nodes asked, in order (each is one hop unless it is the caller itself).
+    pub path: Vec<NodeRef>,
+    pub hops: u32,
+    /// The wanted block, verified, if a node on the path had it.
+    pub found: Option<(NodeRef, Verified)>,
+}
+
+/// The first `r` successors that are distinct processes: one process never holds two
+/// replicas of a block.
+pub fn replica_set(succs: &[NodeRef], r: usize) -> Vec<NodeRef> {
+    let mut out: Vec<NodeRef> = Vec::with_capacity(r);
+    for n in succs {
+        if out.len() == r {
+            break;
+        }
+        if !out.iter().any(|o| o.addr == n.addr) {
+            out.push(*n);
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PutReceipt {
+    pub stored_on: usize,
+    pub wanted: usize,
+    /// Replicas that did not hold it before.
+    pub fresh: usize,
+}
+
+/// Peer calls with RTT bookkeeping. Cheap to clone.
+#[derive(Clone)]
+pub struct Net<T: Transport> {
+    pub transport: T,
+    pub timeouts: Timeouts,
+    /// Pick the next hop by id progress and RTT (true) or by id progress alone.
+    pub server_selection: bool,
+    /// Our own address, if we are a ring member: calls to it are not hops.
+    pub me: Option<SocketAddr>,
+    rtt: Arc<Mutex<BTreeMap<SocketAddr, f64>>>,
+}
+
+impl<T: Transport> Net<T> {
+    pub fn new(transport: T, timeouts: Timeouts, me: Option<SocketAddr>) -> Net<T> {
+        Net {
+            transport,
+            timeouts,
+            server_selection: true,
+            me,
+            rtt: Arc::default(),
+        }
+    }
+
+    pub async fn call(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
+        let t0 = Instant::now();
+        let r = self.transport.call(to, req, self.timeouts.rpc).await;
+        if !matches!(r, Err(ref e) if e.is_failure()) {
+            let us = t0.elapsed().as_secs_f64() * 1e6;
+            let mut m = self.rtt.lock().unwrap();
+            let e = m.entry(to).or_insert(us);
+            *e = 0.8 * *e + 0.2 * us;
+            if m.len() > 4096 {
+                // Bounded: forget an arbitrary (lowest-address) entry.
+                let k = *m.keys().next().unwrap();
+                m.remove(&k);
+            }
+        }
+        r
+    }
+
+    /// Smoothed RTT in microseconds, if measured.
+    pub fn rtt_us(&self, addr: SocketAddr) -> Option<f64> {
+        self.rtt.lock().unwrap().get(&addr).copied()
+    }
+
+    fn mean_rtt_us(&self) -> f64 {
+        let m = self.rtt.lock().unwrap();
+        if m.is_empty() {
+            1000.0
+        } else {
+            m.values().sum::<f64>() / m.len() as f64
+        }
+    }
+
+    /// Iterative lookup of `key`, starting from `start` (closest first). The caller asks
+    /// each hop; on a failed hop it falls back to the next candidate.
+    pub async fn lookup(
+        &self,
+        start: Vec<NodeRef>,
+        key: Id,
+        want: Option<BlockKind>,
+    ) -> Result<Lookup, LookupError> {
+        let mut path = Vec::new();
+        let mut hops = 0u32;
+        let mut failed: BTreeSet<(SocketAddr, u16)> = BTreeSet::new();
+        // Stack of candidate lists, newest on top; fall back to older lists on failures.
+        let mut stack: Vec<Vec<(NodeRef, f64)>> =
+            vec![start.into_iter().map(|n| (n, 0.0)).collect()];
+        let mut n_est = 1u32;
+        let mut last = String::from("no candidates");
+        let mut asked: BTreeSet<(SocketAddr, u16)> = BTreeSet::new();
+        loop {
+            if hops > MAX_HOPS {
+                return Err(LookupError::TooManyHops(key));
+            }
+            let Some(top) = stack.last_mut() else {
+                return Err(LookupError::NoRoute { key, last });
+            };
+            top.retain(|(n, _)| {
+                !failed.contains(&(n.addr, n.vnode)) && !asked.contains(&(n.addr, n.vnode))
+            });
+            if top.is_empty() {
+                stack.pop();
+                continue;
+            }
+            let i = self.pick(top, key, n_est);
+            let (node, _) = top.remove(i);
+            asked.insert((node.addr, node.vnode));
+            if Some(node.addr) != self.me {
+                hops += 1;
+            }
+            path.push(node);
+            let req = Request::FindStep {
+                vnode: node.vnode,
+                key,
+                want,
+            };
+            match self.call(node.addr, req).await {
+                Ok(Response::Step(Step::Done { from, succs })) if !succs.is_empty() => {
+                    return Ok(Lookup {
+                        from,
+                        succs,
+                        path,
+                        hops,
+                        found: None,
+                    })
+                }
+                Ok(Response::Step(Step::Found(bytes))) => {
+                    if let Some(kind) = want {
+                        if let Ok(v) = verify(kind, key, bytes, false) {
+                            return Ok(Lookup {
+                                from: key,
+                                succs: vec![],
+                                path,
+                                hops,
+                                found: Some((node, v)),
+                            });
+                        }
+                    }
+                    // Bad data: that node has failed this request.
+                    failed.insert((node.addr, node.vnode));
+                    path.pop();
+                    last = format!("{} returned a bad block", node.addr);
+                }
+                Ok(Response::Step(Step::Closer { nodes, n_est: n })) => {
+                    n_est = n_est.max(n);
+                    let next: Vec<(NodeRef, f64)> = nodes
+                        .into_iter()
+                        .take(CLOSER_COUNT * 2)
+                        .filter(|(n, _)| n.id.in_open(node.id, key) || n.id == key)
+                        .map(|(n, rtt)| (n, rtt as f64))
+                        .collect();
+                    if next.is_empty() {
+                        last = format!("{} offered no closer node", node.addr);
+                    } else {
+                        stack.push(next);
+                    }
+                }
+                Ok(other) => {
+                    failed.insert((node.addr, node.vnode));
+                    last = format!("{}: unexpected reply {other:?}", node.addr);
+                }
+                Err(e) => {
+                    failed.insert((node.addr, node.vnode));
+                    path.pop();
+                    last = format!("{}: {e}", node.addr);
+                }
+            }
+        }
+    }
+
+    /// Choose the next hop among candidates: by estimated total latency (our RTT to it plus
+    /// the hops it still needs times the mean RTT) or, without server selection, by
+    /// id progress alone.
+    fn pick(&self, cands: &[(NodeRef, f64)], key: Id, n_est: u32) -> usize {
+        let progress = |n: &NodeRef| n.id.distance_frac(key);
+        if !self.server_selection {
+            return (0..cands.len())
+                .min_by(|&a, &b| progress(&cands[a].0).total_cmp(&progress(&cands[b].0)))
+                .unwrap();
+        }
+        let mean = self.mean_rtt_us();
+        let cost = |(n, hint): &(NodeRef, f64)| {
+            let rtt = self
+                .rtt_us(n.addr)
+                .unwrap_or(if *hint > 0.0 { *hint * 2.0 } else { mean });
+            let remaining = (progress(n) * n_est as f64).max(1.0).log2() / 2.0;
+            rtt + remaining * mean
+        };
+        (0..cands.len())
+            .min_by(|&a, &b| cost(&cands[a]).total_cmp(&cost(&cands[b])))
+            .unwrap()
+    }
+
+    /// A verified block, from the replica with the lowest RTT, falling back to the others,
+    /// the rest of the successor list, and fresh lookups until the deadline.
+    pub async fn get(
+        &self,
+        start: &[NodeRef],
+        kind: BlockKind,
+        key: Id,
+        r: usize,
+        path_caching: bool,
+    ) -> Result<(Verified, Lookup), DhashError> {
+        let deadline = Instant::now() + self.timeouts.op;
+        let mut last = String::from("no replica answered");
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let want = (path_caching && kind.is_content()).then_some(kind);
+            match self.lookup(start.to_vec(), key, want).await {
+                Ok(l) => {
+                    if let Some((_, v)) = &l.found {
+                        return Ok((v.clone(), l));
+                    }
+                    let mut order = self.replicas(&l.succs, r).await;
+                    order.sort_by(|a, b| {
+                        let ra = self.rtt_us(a.addr).unwrap_or(f64::MAX);
+                        let rb = self.rtt_us(b.addr).unwrap_or(f64::MAX);
+                        ra.total_cmp(&rb)
+                    });
+                    for n in &l.succs {
+                        if !order.iter().any(|o| o.addr == n.addr) {
+                            order.push(*n);
+                        }
+                    }
+                    for n in order {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        match self.call(n.addr, Request::Get { kind, key }).await {
+                            Ok(Response::Block(Some(bytes))) => {
+                                match verify(kind, key, bytes, false) {
+                                    Ok(v) => {
+                                        if path_caching && kind.is_content() {
+                                            self.offer_to_path(&l.path, &v);
+                                        }
+                                        return Ok((v, l));
+                                    }
+                                    Err(e) => last = format!("{}: {e}", n.addr),
+                                }
+                            }
+                            Ok(Response::Block(None)) => last = format!("{}: not found", n.addr),
+                            Ok(other) => last = format!("{}: unexpected {other:?}", n.addr),
+                            Err(e) => last = format!("{}: {e}", n.addr),
+                        }
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(DhashError::Unavailable {
+                    kind,
+                    key,
+                    deadline: self.timeouts.op,
+                    last,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Offer a fetched block to the nodes of the lookup path, in the background.
+    fn offer_to_path(&self, path: &[NodeRef], v: &Verified) {
+        let mut addrs: Vec<SocketAddr> = path.iter().map(|n| n.addr).collect();
+        addrs.sort();
+        addrs.dedup();
+        for a in addrs {
+            if Some(a) == self.me {
+                continue;
+            }
+            let net = self.clone();
+            let req = Request::Cache {
+                kind: v.kind(),
+                key: v.key(),
+                bytes: v.bytes().to_vec(),
+            };
+            tokio::spawn(async move {
+                let _ = net.call(a, req).await;
+            });
+        }
+    }
+
+    /// The highest valid version of a root among its replicas and the rest of the
+    /// successor list.
+    pub async fn get_root(
+        &self,
+        start: &[NodeRef],
+        key: Id,
+        r: usize,
+    ) -> Result<Option<Verified>, DhashError> {
+        let l = self.lookup(start.to_vec(), key, None).await?;
+        let mut targets = self.replicas(&l.succs, r).await;
+        for n in &l.succs {
+            if !targets.iter().any(|o| o.addr == n.addr) {
+                targets.push(*n);
+            }
+        }
+        targets.truncate(2 * r);
+        let calls = targets.iter().map(|n| {
+            let net = self.clone();
+            let a = n.addr;
+            async move {
+                net.call(
+                    a,
+                    Request::Get {
+                        kind: BlockKind::Root,
+                        key,
+                    },
+                )
+                .await
+            }
+        });
+        let mut best: Option<Verified> = None;
+        let mut answered = 0;
+        for r in join_all(calls).await {
+            if let Ok(Response::Block(b)) = r {
+                answered += 1;
+                if let Some(bytes) = b {
+                    if let Ok(v) = verify(BlockKind::Root, key, bytes, false) {
+                        if best.as_ref().is_none_or(|b| v.version() > b.version()) {
+                            best = Some(v);
+                        }
+                    }
+                }
+            }
+        }
+        if answered == 0 && best.is_none() {
+            return Err(DhashError::Unavailable {
+                kind: BlockKind::Root,
+                key,
+                deadline: self.timeouts.rpc,
+                last: "no replica of the root answered".into(),
+            });
+        }
+        Ok(best)
+    }
+
+    /// The replica set of a lookup's successors; when the list holds fewer than r
+    /// distinct processes (a young ring, or many vnodes), extend it by asking the last
+    /// one for its successors.
+    pub async fn replicas(&self, succs: &[NodeRef], r: usize) -> Vec<NodeRef> {
+        let mut all = succs.to_vec();
+        let mut set = replica_set(&all, r);
+        let mut rounds = 0;
+        while set.len() < r && rounds < 4 {
+            rounds += 1;
+            let Some(last) = all.last().copied() else {
+                break;
+            };
+            let Ok(Response::Neighbors { succs: more, .. }) = self
+                .call(last.addr, Request::Neighbors { vnode: last.vnode })
+                .await
+            else {
+                break;
+            };
+            let before = all.len();
+            for n in more {
+                if !all.contains(&n) {
+                    all.push(n);
+                }
+            }
+            if all.len() == before {
+                break;
+            }
+            set = replica_set(&all, r);
+        }
+        set
+    }
+
+    /// Store on every replica in parallel; acknowledged only when each has it durably.
+    pub async fn put(
+        &self,
+        start: &[NodeRef],
+        block: &Verified,
+        r: usize,
+    ) -> Result<PutReceipt, DhashError> {
+        let l = self.lookup(start.to_vec(), block.key(), None).await?;
+        let set = self.replicas(&l.succs, r).await;
+        self.put_to(&set, block, r, false).await
+    }
+
+    pub async fn put_to(
+        &self,
+        targets: &[NodeRef],
+        block: &Verified,
+        r: usize,
+        transfer: bool,
+    ) -> Result<PutReceipt, DhashError> {
+        let calls = targets.iter().map(|n| {
+            let net = self.clone();
+            let a = n.addr;
+            let req = Request::Put {
+                kind: block.kind(),
+                key: block.key(),
+                bytes: block.bytes().to_vec(),
+                transfer,
+            };
+            async move { net.call(a, req).await }
+        });
+        let mut receipt = PutReceipt {
+            stored_on: 0,
+            wanted: r,
+            fresh: 0,
+        };
+        let mut last = String::from("no replicas");
+        for res in join_all(calls).await {
+            match res {
+                Ok(Response::Stored { fresh }) => {
+                    receipt.stored_on += 1;
+                    receipt.fresh += fresh as usize;
+                }
+                Err(CallError::Remote(e)) => {
+                    return Err(DhashError::Refused {
+                        key: block.key(),
+                        why: e.to_string(),
+                    })
+                }
+                Ok(other) => last = format!("unexpected {other:?}"),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if receipt.stored_on == 0 {
+            return Err(DhashError::NotStored {
+                key: block.key(),
+                last,
+            });
+        }
+        Ok(receipt)
+    }
+
+    /// Versions held by `node` for each item (None = absent), in batches.
+    pub async fn has(
+        &self,
+        node: SocketAddr,
+        items: &[(BlockKind, Id)],
+    ) -> Result<Vec<Option<u64>>, CallError> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(MAX_BATCH) {
+            match self
+                .call(
+                    node,
+                    Request::Has {
+                        items: chunk.to_vec(),
+                    },
+                )
+                .await?
+            {
+                Response::Have(v) if v.len() == chunk.len() => out.extend(v),
+                other => return Err(CallError::Protocol(format!("bad Has reply {other:?}"))),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Run futures concurrently on the current task and collect their outputs in order.
+pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = (0..futs.len()).map(|_| None).collect();
+    let mut futs: Vec<Option<_>> = futs.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futs.iter_mut().enumerate() {
+            if let Some(fut) = f {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(o) => {
+                        outs[i] = Some(o);
+                        *f = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outs.into_iter().map(|o| o.unwrap()).collect()
+}

@@ -1,0 +1,888 @@
+//! A cfs node: V Chord vnodes over one DHash block store. Generic over [`Transport`];
+//! reads time only through `tokio::time` and randomness only from a seeded RNG, so the
+//! simulator runs this same code.
+
+use crate::cache::ByteLru;
+use crate::metrics::Metrics;
+use crate::net::{Lookup, LookupError, Net, Timeouts, CLOSER_COUNT};
+use crate::store::{BlockStore, PutOutcome, StoreError};
+use crate::transport::{Handler, Transport};
+use cfs_core::block::{verify, BlockKind};
+use cfs_core::wire::{
+    ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, MAX_BATCH, MAX_REFS,
+};
+use cfs_core::{Id, NodeRef};
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The address peers reach this process at; node ids derive from it.
+    pub addr: SocketAddr,
+    pub replicas: usize,
+    pub vnodes: u16,
+    pub max_vnodes: u16,
+    pub succ_list_len: usize,
+    pub cache_bytes: usize,
+    pub stabilize_every: Duration,
+    pub fix_fingers_every: Duration,
+    pub maintain_every: Duration,
+    /// How often to look our own id up through a remembered peer, to merge split rings.
+    pub rejoin_every: Duration,
+    pub timeouts: Timeouts,
+    /// Bytes a source prefix (/24, /48; one address on loopback) may store.
+    pub quota_bytes: u64,
+    pub server_selection: bool,
+    pub path_caching: bool,
+}
+
+impl Config {
+    pub fn new(addr: SocketAddr) -> Config {
+        Config {
+            addr,
+            replicas: 3,
+            vnodes: 1,
+            max_vnodes: cfs_core::id::MAX_VNODES,
+            succ_list_len: 16,
+            cache_bytes: 64 << 20,
+            stabilize_every: Duration::from_millis(500),
+            fix_fingers_every: Duration::from_millis(500),
+            maintain_every: Duration::from_secs(5),
+            rejoin_every: Duration::from_secs(20),
+            timeouts: Timeouts::default(),
+            quota_bytes: 64 << 30,
+            server_selection: true,
+            path_caching: true,
+        }
+    }
+}
+
+/// One ring position.
+struct Vnode {
+    me: NodeRef,
+    pred: Option<NodeRef>,
+    /// Never empty: a ring of one has itself as successor.
+    succs: Vec<NodeRef>,
+    fingers: Vec<Option<NodeRef>>,
+    next_finger: u32,
+}
+
+impl Vnode {
+    fn new(me: NodeRef) -> Vnode {
+        Vnode {
+            me,
+            pred: None,
+            succs: vec![me],
+            fingers: vec![None; 160],
+            next_finger: 0,
+        }
+    }
+
+    /// The nodes we know that precede `key`, closest to it first.
+    fn closer(&self, key: Id) -> Vec<NodeRef> {
+        let mut v: Vec<NodeRef> = self
+            .fingers
+            .iter()
+            .flatten()
+            .chain(self.succs.iter())
+            .chain(self.pred.iter())
+            .filter(|n| n.id.in_open(self.me.id, key))
+            .copied()
+            .collect();
+        v.sort_by(|a, b| a.id.distance_frac(key).total_cmp(&b.id.distance_frac(key)));
+        v.dedup_by_key(|n| (n.addr, n.vnode));
+        v.truncate(CLOSER_COUNT);
+        v
+    }
+
+    /// Ring size estimate from the successor list's density.
+    fn n_est(&self) -> u32 {
+        let last = *self.succs.last().unwrap();
+        let frac = self.me.id.distance_frac(last.id);
+        if last == self.me || frac <= 0.0 {
+            return 1;
+        }
+        ((self.succs.len() as f64 / frac) as u64).clamp(1, u32::MAX as u64) as u32
+    }
+
+    /// Answer one lookup step.
+    fn step(&self, key: Id) -> Step {
+        if let Some(p) = self.pred {
+            if key.in_half_open(p.id, self.me.id) {
+                let mut succs = vec![self.me];
+                succs.extend(self.succs.iter().filter(|n| **n != self.me));
+                succs.truncate(MAX_REFS);
+                return Step::Done { from: p.id, succs };
+            }
+        }
+        let succ = self.succs[0];
+        if succ == self.me || key.in_half_open(self.me.id, succ.id) {
+            return Step::Done {
+                from: self.me.id,
+                succs: self.succs.iter().take(MAX_REFS).copied().collect(),
+            };
+        }
+        Step::Closer {
+            nodes: self.closer(key).into_iter().map(|n| (n, 0)).collect(),
+            n_est: self.n_est(),
+        }
+    }
+
+    /// Zave's successor list: the successor, then its list, cut where it reaches us.
+    fn adopt_succs(&mut self, first: NodeRef, list: &[NodeRef], s: usize) {
+        let mut out = vec![first];
+        for n in list {
+            if *n == self.me || out.len() >= s {
+                break;
+            }
+            if !out.contains(n) {
+                out.push(*n);
+            }
+        }
+        if first == self.me {
+            out = vec![self.me];
+        }
+        self.succs = out;
+    }
+}
+
+struct Inner<T: Transport> {
+    cfg: Config,
+    net: Net<T>,
+    store: Arc<dyn BlockStore>,
+    cache: Mutex<ByteLru>,
+    vnodes: Vec<Mutex<Vnode>>,
+    metrics: Metrics,
+    /// Peers we have heard of, for re-looking ourselves up after a partition heals.
+    seen: Mutex<BTreeSet<SocketAddr>>,
+    /// Keys this node recently routed lookups for: only those may enter the path cache.
+    routed: Mutex<lru::LruCache<Id, ()>>,
+    quota: Mutex<BTreeMap<Vec<u8>, u64>>,
+    rng: Mutex<rand::rngs::SmallRng>,
+}
+
+/// A node; clones share state.
+pub struct Node<T: Transport> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T: Transport> Clone for Node<T> {
+    fn clone(&self) -> Self {
+        Node {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+fn remote(kind: ErrorKind, msg: impl Into<String>) -> RemoteError {
+    RemoteError::new(kind, msg)
+}
+
+/// The quota bucket of a source address.
+fn quota_prefix(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) if v4.is_loopback() => v4.octets().to_vec(),
+        IpAddr::V4(v4) => v4.octets()[..3].to_vec(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => quota_prefix(IpAddr::V4(v4)),
+            None if v6.is_loopback() => v6.octets().to_vec(),
+            None => v6.octets()[..6].to_vec(),
+        },
+    }
+}
+
+impl<T: Transport> Node<T> {
+    pub fn new(cfg: Config, transport: T, store: Arc<dyn BlockStore>) -> Node<T> {
+        let mut net = Net::new(transport, cfg.timeouts, Some(cfg.addr));
+        net.server_selection = cfg.server_selection;
+        let vnodes = (0..cfg.vnodes)
+            .map(|v| Mutex::new(Vnode::new(NodeRef::new(cfg.addr, v))))
+            .collect();
+        let seed = cfs_core::id::node_id(cfg.addr, 0).prefix_u64();
+        Node {
+            inner: Arc::new(Inner {
+                cache: Mutex::new(ByteLru::new(cfg.cache_bytes)),
+                net,
+                store,
+                vnodes,
+                metrics: Metrics::default(),
+                seen: Mutex::default(),
+                routed: Mutex::new(lru::LruCache::new(
+                    std::num::NonZeroUsize::new(4096).unwrap(),
+                )),
+                quota: Mutex::default(),
+                rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)),
+                cfg,
+            }),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.cfg.addr
+    }
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+    pub fn net(&self) -> &Net<T> {
+        &self.inner.net
+    }
+    pub fn store(&self) -> &Arc<dyn BlockStore> {
+        &self.inner.store
+    }
+
+    /// Ring ids of this process's vnodes.
+    pub fn ids(&self) -> Vec<NodeRef> {
+        self.inner
+            .vnodes
+            .iter()
+            .map(|v| v.lock().unwrap().me)
+            .collect()
+    }
+
+    pub fn successors(&self, vnode: u16) -> Vec<NodeRef> {
+        self.inner.vnodes[vnode as usize]
+            .lock()
+            .unwrap()
+            .succs
+            .clone()
+    }
+
+    pub fn predecessor(&self, vnode: u16) -> Option<NodeRef> {
+        self.inner.vnodes[vnode as usize].lock().unwrap().pred
+    }
+
+    /// Join the ring through `bootstrap` (any member), or start a new ring if None.
+    /// Vnodes after the first join through the first.
+    pub async fn join(&self, bootstrap: Option<SocketAddr>) -> Result<(), LookupError> {
+        let first = match bootstrap {
+            Some(b) => NodeRef::new(b, 0),
+            None => self.ids()[0],
+        };
+        let start_at = if bootstrap.is_some() { 0 } else { 1 };
+        for v in start_at..self.inner.cfg.vnodes {
+            let me = self.ids()[v as usize];
+            let l = self.inner.net.lookup(vec![first], me.id, None).await?;
+            let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+            // A joiner copies the successor list of the member it joins behind.
+            let succs: Vec<NodeRef> = l.succs.iter().filter(|n| **n != me).copied().collect();
+            if let Some(s0) = succs.first().copied() {
+                vn.adopt_succs(s0, &succs[1..], self.inner.cfg.succ_list_len);
+            }
+            self.note_seen(l.succs.iter().map(|n| n.addr));
+        }
+        if let Some(b) = bootstrap {
+            self.note_seen([b]);
+        }
+        Ok(())
+    }
+
+    fn note_seen(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        let mut s = self.inner.seen.lock().unwrap();
+        for a in addrs {
+            if a != self.inner.cfg.addr {
+                s.insert(a);
+            }
+        }
+        while s.len() > 256 {
+            let i = self.inner.rng.lock().unwrap().random_range(0..s.len());
+            let k = *s.iter().nth(i).unwrap();
+            s.remove(&k);
+        }
+    }
+
+    /// Spawn the periodic maintenance tasks on the current tokio runtime.
+    pub fn start(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        for v in 0..self.inner.cfg.vnodes {
+            let n = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let jitter = n.jitter(n.inner.cfg.stabilize_every);
+                tokio::time::sleep(jitter).await;
+                loop {
+                    n.stabilize(v).await;
+                    n.check_predecessor(v).await;
+                    n.fix_finger(v).await;
+                    tokio::time::sleep(n.inner.cfg.stabilize_every).await;
+                }
+            }));
+        }
+        let n = self.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(
+                    n.inner.cfg.maintain_every + n.jitter(n.inner.cfg.maintain_every / 4),
+                )
+                .await;
+                n.maintain().await;
+            }
+        }));
+        let n = self.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(
+                    n.inner.cfg.rejoin_every + n.jitter(n.inner.cfg.rejoin_every / 4),
+                )
+                .await;
+                n.rejoin().await;
+            }
+        }));
+        tasks
+    }
+
+    fn jitter(&self, max: Duration) -> Duration {
+        let ms = max.as_millis().max(1) as u64;
+        Duration::from_millis(self.inner.rng.lock().unwrap().random_range(0..ms))
+    }
+
+    async fn alive(&self, n: NodeRef) -> bool {
+        if n.addr == self.inner.cfg.addr {
+            return true;
+        }
+        matches!(
+            self.inner.net.call(n.addr, Request::Ping).await,
+            Ok(Response::Pong { vnodes }) if n.vnode < vnodes
+        )
+    }
+
+    async fn neighbors(&self, n: NodeRef) -> Option<(Option<NodeRef>, Vec<NodeRef>)> {
+        if n.addr == self.inner.cfg.addr {
+            let vn = self.inner.vnodes.get(n.vnode as usize)?.lock().unwrap();
+            return Some((vn.pred, vn.succs.clone()));
+        }
+        match self
+            .inner
+            .net
+            .call(n.addr, Request::Neighbors { vnode: n.vnode })
+            .await
+        {
+            Ok(Response::Neighbors { pred, succs }) => Some((pred, succs)),
+            _ => None,
+        }
+    }
+
+    /// Zave's stabilize: drop a dead first successor, else adopt its list, and its
+    /// predecessor if that one lies between and is alive; then rectify the successor.
+    pub async fn stabilize(&self, v: u16) {
+        Metrics::inc(&self.inner.metrics.stabilize_rounds);
+        let s = self.inner.cfg.succ_list_len;
+        let (me, succ, pred) = {
+            let vn = self.inner.vnodes[v as usize].lock().unwrap();
+            (vn.me, vn.succs[0], vn.pred)
+        };
+        if succ == me {
+            // Ring of one: a predecessor that rectified us is our way out.
+            if let Some(p) = pred {
+                if p != me && self.alive(p).await {
+                    if let Some((_, list)) = self.neighbors(p).await {
+                        self.inner.vnodes[v as usize]
+                            .lock()
+                            .unwrap()
+                            .adopt_succs(p, &list, s);
+                    }
+                }
+            }
+        } else {
+            match self.neighbors(succ).await {
+                None => {
+                    let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+                    if vn.succs.first() == Some(&succ) {
+                        vn.succs.remove(0);
+                        if vn.succs.is_empty() {
+                            vn.succs.push(me);
+                        }
+                    }
+                    for f in vn.fingers.iter_mut() {
+                        if *f == Some(succ) {
+                            *f = None;
+                        }
+                    }
+                    return;
+                }
+                Some((p, list)) => {
+                    self.note_seen(list.iter().map(|n| n.addr));
+                    let mut adopted = false;
+                    if let Some(p) = p {
+                        if p != me
+                            && p.valid(self.inner.cfg.max_vnodes)
+                            && p.id.in_open(me.id, succ.id)
+                            && self.alive(p).await
+                        {
+                            if let Some((_, plist)) = self.neighbors(p).await {
+                                self.inner.vnodes[v as usize]
+                                    .lock()
+                                    .unwrap()
+                                    .adopt_succs(p, &plist, s);
+                                adopted = true;
+                            }
+                        }
+                    }
+                    if !adopted {
+                        self.inner.vnodes[v as usize]
+                            .lock()
+                            .unwrap()
+                            .adopt_succs(succ, &list, s);
+                    }
+                }
+            }
+        }
+        let succ = self.inner.vnodes[v as usize].lock().unwrap().succs[0];
+        if succ != me {
+            let req = Request::Rectify {
+                vnode: succ.vnode,
+                candidate: me,
+            };
+            if succ.addr == self.inner.cfg.addr {
+                self.rectify(succ.vnode, me).await;
+            } else {
+                let _ = self.inner.net.call(succ.addr, req).await;
+            }
+        }
+    }
+
+    /// Take `cand` as predecessor if it lies between the current one and us, or if the
+    /// current one is dead. The candidate must answer at its address first.
+    async fn rectify(&self, v: u16, cand: NodeRef) {
+        let (me, pred) = {
+            let vn = self.inner.vnodes[v as usize].lock().unwrap();
+            (vn.me, vn.pred)
+        };
+        if cand == me || Some(cand) == pred {
+            return;
+        }
+        let take = match pred {
+            None => true,
+            Some(p) if cand.id.in_open(p.id, me.id) => true,
+            Some(p) => !self.alive(p).await,
+        };
+        if take && self.alive(cand).await {
+            self.inner.vnodes[v as usize].lock().unwrap().pred = Some(cand);
+            self.note_seen([cand.addr]);
+        }
+    }
+
+    async fn check_predecessor(&self, v: u16) {
+        let pred = self.inner.vnodes[v as usize].lock().unwrap().pred;
+        if let Some(p) = pred {
+            if !self.alive(p).await {
+                let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+                if vn.pred == Some(p) {
+                    vn.pred = None;
+                }
+            }
+        }
+    }
+
+    /// Refresh one finger per round; the fingers it also covers are set at once, so a
+    /// full table takes about log N lookups.
+    async fn fix_finger(&self, v: u16) {
+        let (me, i) = {
+            let vn = self.inner.vnodes[v as usize].lock().unwrap();
+            (vn.me, vn.next_finger)
+        };
+        let start = me.id.add_pow2(i);
+        let Ok(l) = self.lookup_from(v, start, None).await else {
+            return;
+        };
+        let f = l.succs[0];
+        let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+        let mut j = i;
+        while j < 160 && (me.id.add_pow2(j) == f.id || me.id.add_pow2(j).in_open(me.id, f.id)) {
+            vn.fingers[j as usize] = (f != me).then_some(f);
+            j += 1;
+        }
+        if j == i {
+            vn.fingers[i as usize] = (f != me).then_some(f);
+            j += 1;
+        }
+        vn.next_finger = if j >= 160 { 0 } else { j };
+    }
+
+    /// A lookup that starts from vnode `v`'s own table: the first step costs no RPC.
+    pub async fn lookup_from(
+        &self,
+        v: u16,
+        key: Id,
+        want: Option<BlockKind>,
+    ) -> Result<Lookup, LookupError> {
+        let step = self.inner.vnodes[v as usize].lock().unwrap().step(key);
+        let me = self.ids()[v as usize];
+        Metrics::inc(&self.inner.metrics.lookups_done);
+        let r = match step {
+            Step::Done { from, succs } => Ok(Lookup {
+                from,
+                succs,
+                path: vec![me],
+                hops: 0,
+                found: None,
+            }),
+            Step::Closer { nodes, .. } => {
+                let start = nodes.into_iter().map(|(n, _)| n).collect();
+                let mut l = self.inner.net.lookup(start, key, want).await?;
+                l.path.insert(0, me);
+                Ok(l)
+            }
+            Step::Found(_) => unreachable!("local steps never carry blocks"),
+        };
+        if let Ok(l) = &r {
+            Metrics::add(&self.inner.metrics.lookup_hops, l.hops as u64);
+        }
+        r
+    }
+
+    /// Look our own id up through a remembered peer: if it knows a closer successor,
+    /// take it, so rings split by a partition merge after it heals.
+    async fn rejoin(&self) {
+        let peer = {
+            let s = self.inner.seen.lock().unwrap();
+            if s.is_empty() {
+                return;
+            }
+            let i = self.inner.rng.lock().unwrap().random_range(0..s.len());
+            *s.iter().nth(i).unwrap()
+        };
+        for v in 0..self.inner.cfg.vnodes {
+            let me = self.ids()[v as usize];
+            let Ok(l) = self
+                .inner
+                .net
+                .lookup(vec![NodeRef::new(peer, 0)], me.id, None)
+                .await
+            else {
+                return;
+            };
+            let cand = l.succs.iter().find(|n| **n != me).copied();
+            if let Some(c) = cand {
+                let succ = self.successors(v)[0];
+                if (succ == me || c.id.in_open(me.id, succ.id)) && self.alive(c).await {
+                    tracing::info!(vnode = v, new_succ = ?c, "found a closer successor through a remembered peer");
+                    let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+                    let rest = vn.succs.clone();
+                    vn.adopt_succs(c, &rest, self.inner.cfg.succ_list_len);
+                }
+            }
+        }
+    }
+
+    /// DHash maintenance: every block is pushed to the replicas of its key that lack it
+    /// (only by the first replica, or by any holder outside the replica set), and a
+    /// holder outside the set drops its copy once every replica says it holds it.
+    pub async fn maintain(&self) {
+        let Ok(list) = self.inner.store.list() else {
+            return;
+        };
+        let r = self.inner.cfg.replicas;
+        let me = self.inner.cfg.addr;
+        let mut i = 0;
+        while i < list.len() {
+            let key = list[i].1;
+            let Ok(l) = self.lookup_from(0, key, None).await else {
+                i += 1;
+                continue;
+            };
+            // All held keys in (from, succs[0]] share this replica set.
+            let mut group = Vec::new();
+            while i < list.len() && list[i].1.in_half_open(l.from, l.succs[0].id) {
+                group.push(list[i]);
+                i += 1;
+            }
+            if group.is_empty() {
+                // The answer did not cover the key (the ring is moving): skip it this round.
+                i += 1;
+                continue;
+            }
+            let set = self.inner.net.replicas(&l.succs, r).await;
+            let inside = set.iter().any(|n| n.addr == me);
+            let primary = set.first().is_some_and(|n| n.addr == me);
+            if inside && !primary {
+                continue;
+            }
+            let items: Vec<(BlockKind, Id)> = group.iter().map(|(k, id, _)| (*k, *id)).collect();
+            let mut confirmed = vec![0usize; group.len()];
+            for target in set.iter().filter(|n| n.addr != me) {
+                let Ok(have) = self.inner.net.has(target.addr, &items).await else {
+                    continue;
+                };
+                for (j, (kind, key, ver)) in group.iter().enumerate() {
+                    if have[j].is_some_and(|v| v >= *ver) {
+                        confirmed[j] += 1;
+                        continue;
+                    }
+                    let Ok(Some(bytes)) = self.inner.store.get(*kind, *key) else {
+                        continue;
+                    };
+                    let Ok(v) = verify(*kind, *key, bytes, false) else {
+                        continue;
+                    };
+                    if self.inner.net.put_to(&[*target], &v, r, true).await.is_ok() {
+                        Metrics::inc(&self.inner.metrics.repairs_sent);
+                        confirmed[j] += 1;
+                    }
+                }
+            }
+            if !inside && set.len() >= r {
+                for (j, (kind, key, _)) in group.iter().enumerate() {
+                    if confirmed[j] >= r {
+                        let _ = self.inner.store.remove(*kind, *key);
+                        Metrics::inc(&self.inner.metrics.handoffs_dropped);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn status(&self) -> StatusInfo {
+        let vnodes = self
+            .inner
+            .vnodes
+            .iter()
+            .map(|v| {
+                let v = v.lock().unwrap();
+                let mut fingers: Vec<NodeRef> = v.fingers.iter().flatten().copied().collect();
+                fingers.dedup();
+                VnodeStatus {
+                    me: v.me,
+                    pred: v.pred,
+                    succs: v.succs.clone(),
+                    fingers,
+                }
+            })
+            .collect();
+        let (blocks, bytes) = self.inner.store.usage();
+        let (cache_blocks, cache_bytes) = self.inner.cache.lock().unwrap().usage();
+        StatusInfo {
+            addr: self.inner.cfg.addr,
+            replicas: self.inner.cfg.replicas as u8,
+            vnodes,
+            blocks,
+            bytes,
+            cache_blocks,
+            cache_bytes,
+            counters: self.inner.metrics.snapshot(),
+        }
+    }
+
+    fn vnode(&self, v: u16) -> Result<&Mutex<Vnode>, RemoteError> {
+        self.inner
+            .vnodes
+            .get(v as usize)
+            .ok_or_else(|| remote(ErrorKind::BadRequest, format!("no vnode {v} here")))
+    }
+
+    fn refuse(&self, e: RemoteError) -> RemoteError {
+        Metrics::inc(&self.inner.metrics.refused_requests);
+        e
+    }
+
+    /// Is `ip` a ring member we know (its transfers are not charged to a quota)?
+    fn is_member(&self, ip: IpAddr) -> bool {
+        self.inner.vnodes.iter().any(|v| {
+            let v = v.lock().unwrap();
+            v.succs
+                .iter()
+                .chain(v.pred.iter())
+                .any(|n| n.addr.ip() == ip && !ip.is_loopback())
+        })
+    }
+
+    async fn put(
+        &self,
+        peer: SocketAddr,
+        from: Option<SocketAddr>,
+        kind: BlockKind,
+        key: Id,
+        bytes: Vec<u8>,
+        transfer: bool,
+    ) -> Result<Response, RemoteError> {
+        let m = &self.inner.metrics;
+        let len = bytes.len() as u64;
+        // Charged per source prefix; transfers between ring members are not. On loopback
+        // every process shares one address, so a transfer there is judged by its claim
+        // of a listen address that is a member we know.
+        let member = transfer
+            && (self.is_member(peer.ip())
+                || from.is_some_and(|f| {
+                    peer.ip().is_loopback()
+                        && self.inner.vnodes.iter().any(|v| {
+                            let v = v.lock().unwrap();
+                            v.succs.iter().chain(v.pred.iter()).any(|n| n.addr == f)
+                        })
+                }));
+        let prefix = quota_prefix(peer.ip());
+        if !member {
+            let used = self
+                .inner
+                .quota
+                .lock()
+                .unwrap()
+                .get(&prefix)
+                .copied()
+                .unwrap_or(0);
+            if used + len > self.inner.cfg.quota_bytes {
+                Metrics::inc(&m.refused_quota);
+                return Err(remote(
+                    ErrorKind::Quota,
+                    format!(
+                        "storage quota of {} bytes for your address is used up",
+                        self.inner.cfg.quota_bytes
+                    ),
+                ));
+            }
+        }
+        // Verify off the async workers: hashing a large block takes a while.
+        let v = match tokio::task::spawn_blocking(move || verify(kind, key, bytes, true)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                Metrics::inc(&m.refused_invalid);
+                tracing::debug!(%peer, %key, error = %e, "refused block");
+                return Err(remote(ErrorKind::Invalid, e.to_string()));
+            }
+            Err(e) => return Err(remote(ErrorKind::Storage, e.to_string())),
+        };
+        let store = self.inner.store.clone();
+        let outcome = tokio::task::spawn_blocking(move || store.put(&v))
+            .await
+            .map_err(|e| remote(ErrorKind::Storage, e.to_string()))?;
+        match outcome {
+            Ok(PutOutcome::Stored) => {
+                Metrics::inc(&m.puts_stored);
+                if !member {
+                    *self.inner.quota.lock().unwrap().entry(prefix).or_default() += len;
+                }
+                Ok(Response::Stored { fresh: true })
+            }
+            Ok(PutOutcome::Present) => {
+                Metrics::inc(&m.puts_present);
+                Ok(Response::Stored { fresh: false })
+            }
+            Err(e @ (StoreError::Stale { .. } | StoreError::Conflict(_))) => {
+                Metrics::inc(&m.refused_stale);
+                Err(remote(ErrorKind::Stale, e.to_string()))
+            }
+            Err(e) => Err(remote(ErrorKind::Storage, e.to_string())),
+        }
+    }
+
+    fn lookup_block(&self, kind: BlockKind, key: Id) -> Option<Vec<u8>> {
+        if let Ok(Some(b)) = self.inner.store.get(kind, key) {
+            return Some(b);
+        }
+        let hit = self.inner.cache.lock().unwrap().get(kind, key);
+        let m = &self.inner.metrics;
+        Metrics::inc(if hit.is_some() {
+            &m.cache_hits
+        } else {
+            &m.cache_misses
+        });
+        hit
+    }
+}
+
+impl<T: Transport> Handler for Node<T> {
+    async fn handle(
+        &self,
+        peer: SocketAddr,
+        from: Option<SocketAddr>,
+        req: Request,
+    ) -> Result<Response, RemoteError> {
+        let m = &self.inner.metrics;
+        match req {
+            Request::Ping => Ok(Response::Pong {
+                vnodes: self.inner.cfg.vnodes,
+            }),
+            Request::FindStep { vnode, key, want } => {
+                Metrics::inc(&m.lookups_served);
+                if let Some(kind) = want.filter(|k| k.is_content()) {
+                    if let Some(b) = self.lookup_block(kind, key) {
+                        return Ok(Response::Step(Step::Found(b)));
+                    }
+                }
+                let step = self.vnode(vnode)?.lock().unwrap().step(key);
+                self.inner.routed.lock().unwrap().put(key, ());
+                Ok(Response::Step(step))
+            }
+            Request::Neighbors { vnode } => {
+                let v = self.vnode(vnode)?.lock().unwrap();
+                Ok(Response::Neighbors {
+                    pred: v.pred,
+                    succs: v.succs.iter().take(MAX_REFS).copied().collect(),
+                })
+            }
+            Request::Rectify { vnode, candidate } => {
+                self.vnode(vnode)?;
+                if !candidate.valid(self.inner.cfg.max_vnodes) {
+                    return Err(self.refuse(remote(
+                        ErrorKind::BadRequest,
+                        "candidate has an invalid address or vnode",
+                    )));
+                }
+                self.rectify(vnode, candidate).await;
+                Ok(Response::Ok)
+            }
+            Request::Put {
+                kind,
+                key,
+                bytes,
+                transfer,
+            } => self.put(peer, from, kind, key, bytes, transfer).await,
+            Request::Get { kind, key } => {
+                Metrics::inc(&m.gets_served);
+                let b = self.lookup_block(kind, key);
+                if b.is_none() {
+                    Metrics::inc(&m.gets_missed);
+                }
+                Ok(Response::Block(b))
+            }
+            Request::Has { items } => {
+                if items.len() > MAX_BATCH {
+                    return Err(self.refuse(remote(
+                        ErrorKind::BadRequest,
+                        format!("at most {MAX_BATCH} items per Has"),
+                    )));
+                }
+                let store = self.inner.store.clone();
+                let have = tokio::task::spawn_blocking(move || {
+                    items
+                        .iter()
+                        .map(|(k, id)| store.version(*k, *id).ok().flatten())
+                        .collect()
+                })
+                .await
+                .map_err(|e| remote(ErrorKind::Storage, e.to_string()))?;
+                Ok(Response::Have(have))
+            }
+            Request::Cache { kind, key, bytes } => {
+                // Only content blocks for lookups this node just routed, verified first.
+                if !kind.is_content() || !self.inner.routed.lock().unwrap().contains(&key) {
+                    return Ok(Response::Ok);
+                }
+                match verify(kind, key, bytes, false) {
+                    Ok(v) => {
+                        Metrics::inc(&m.cache_inserts);
+                        self.inner
+                            .cache
+                            .lock()
+                            .unwrap()
+                            .insert(kind, key, v.into_bytes());
+                        Ok(Response::Ok)
+                    }
+                    Err(e) => {
+                        Metrics::inc(&m.refused_invalid);
+                        Err(remote(ErrorKind::Invalid, e.to_string()))
+                    }
+                }
+            }
+            Request::Status => Ok(Response::Status(Box::new(self.status()))),
+        }
+    }
+
+    fn refused_input(&self, peer: SocketAddr, why: &str) {
+        Metrics::inc(&self.inner.metrics.refused_input);
+        tracing::debug!(%peer, why, "closed connection");
+    }
+}

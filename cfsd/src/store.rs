@@ -1,0 +1,404 @@
+//! The permanent block store: a trait with a redb implementation (durable, group commit)
+//! and a memory implementation (tests, simulator). Only verified blocks go in.
+
+use cfs_core::{BlockKind, Id, Verified};
+use redb::ReadableDatabase;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("a root block of version {held} is held; version {offered} is not newer")]
+    Stale { held: u64, offered: u64 },
+    #[error("a different root block with the same version {0} is held")]
+    Conflict(u64),
+    #[error("block store I/O failed: {0}; check the disk under --data")]
+    Io(String),
+}
+
+/// What a put did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Newly stored (or a root replaced by a newer version).
+    Stored,
+    /// Already held identically.
+    Present,
+}
+
+/// Store key: kind byte then the 20-byte key, so kinds never alias.
+pub type StoreKey = (BlockKind, Id);
+
+pub trait BlockStore: Send + Sync + 'static {
+    /// Durably store a verified block. Roots only replace an older version.
+    fn put(&self, block: &Verified) -> Result<PutOutcome, StoreError>;
+    fn get(&self, kind: BlockKind, key: Id) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Held version (0 for content blocks), if held.
+    fn version(&self, kind: BlockKind, key: Id) -> Result<Option<u64>, StoreError>;
+    fn remove(&self, kind: BlockKind, key: Id) -> Result<(), StoreError>;
+    /// Every held block as (kind, key, version), in key order.
+    fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError>;
+    /// (blocks, bytes) held.
+    fn usage(&self) -> (u64, u64);
+}
+
+fn check_root_replace(
+    held: Option<(u64, &[u8])>,
+    block: &Verified,
+) -> Result<Option<PutOutcome>, StoreError> {
+    match held {
+        None => Ok(None),
+        Some((v, bytes)) if block.kind() == BlockKind::Root => {
+            if v == block.version() {
+                if bytes == block.bytes() {
+                    Ok(Some(PutOutcome::Present))
+                } else {
+                    Err(StoreError::Conflict(v))
+                }
+            } else if v > block.version() {
+                Err(StoreError::Stale {
+                    held: v,
+                    offered: block.version(),
+                })
+            } else {
+                Ok(None)
+            }
+        }
+        Some(_) => Ok(Some(PutOutcome::Present)),
+    }
+}
+
+/// In-memory store for tests and the simulator.
+#[derive(Default)]
+pub struct MemStore {
+    map: Mutex<BTreeMap<StoreKey, (u64, Vec<u8>)>>,
+}
+
+impl BlockStore for MemStore {
+    fn put(&self, block: &Verified) -> Result<PutOutcome, StoreError> {
+        let mut m = self.map.lock().unwrap();
+        let k = (block.kind(), block.key());
+        let held = m.get(&k).map(|(v, b)| (*v, b.as_slice()));
+        if let Some(o) = check_root_replace(held, block)? {
+            return Ok(o);
+        }
+        m.insert(k, (block.version(), block.bytes().to_vec()));
+        Ok(PutOutcome::Stored)
+    }
+    fn get(&self, kind: BlockKind, key: Id) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .map
+            .lock()
+            .unwrap()
+            .get(&(kind, key))
+            .map(|(_, b)| b.clone()))
+    }
+    fn version(&self, kind: BlockKind, key: Id) -> Result<Option<u64>, StoreError> {
+        Ok(self.map.lock().unwrap().get(&(kind, key)).map(|(v, _)| *v))
+    }
+    fn remove(&self, kind: BlockKind, key: Id) -> Result<(), StoreError> {
+        self.map.lock().unwrap().remove(&(kind, key));
+        Ok(())
+    }
+    fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
+        let m = self.map.lock().unwrap();
+        let mut v: Vec<_> = m
+            .iter()
+            .map(|((k, id), (ver, _))| (*k, *id, *ver))
+            .collect();
+        v.sort_by_key(|(k, id, _)| (*id, *k));
+        Ok(v)
+    }
+    fn usage(&self) -> (u64, u64) {
+        let m = self.map.lock().unwrap();
+        (
+            m.len() as u64,
+            m.values().map(|(_, b)| b.len() as u64).sum(),
+        )
+    }
+}
+
+const BLOCKS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("blocks");
+
+fn db_key(kind: BlockKind, key: Id) -> [u8; 21] {
+    let mut k = [0u8; 21];
+    k[0] = kind as u8;
+    k[1..].copy_from_slice(&key.0);
+    k
+}
+
+/// Value layout: version (8 bytes BE) then the block bytes.
+fn db_value(block: &Verified) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + block.bytes().len());
+    v.extend_from_slice(&block.version().to_be_bytes());
+    v.extend_from_slice(block.bytes());
+    v
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+type Pending = (Verified, mpsc::SyncSender<Result<PutOutcome, StoreError>>);
+
+/// Durable store in one redb file. Writes go through one writer thread that commits every
+/// put waiting at that moment in one transaction: one fsync per batch, not per block.
+pub struct RedbStore {
+    db: std::sync::Arc<redb::Database>,
+    writer: Mutex<Option<mpsc::Sender<Pending>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    usage: std::sync::Arc<Mutex<(u64, u64)>>,
+}
+
+impl Drop for RedbStore {
+    /// Stop the writer and wait for it, so the file is closed when the store is dropped.
+    fn drop(&mut self) {
+        self.writer.lock().unwrap().take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let db = redb::Database::create(path).map_err(io)?;
+        {
+            let tx = db.begin_write().map_err(io)?;
+            tx.open_table(BLOCKS).map_err(io)?;
+            tx.commit().map_err(io)?;
+        }
+        let db = std::sync::Arc::new(db);
+        let mut usage = (0u64, 0u64);
+        {
+            use redb::ReadableTable;
+            let tx = db.begin_read().map_err(io)?;
+            let t = tx.open_table(BLOCKS).map_err(io)?;
+            for item in t.iter().map_err(io)? {
+                let (_, v) = item.map_err(io)?;
+                usage.0 += 1;
+                usage.1 += v.value().len().saturating_sub(8) as u64;
+            }
+        }
+        let usage = std::sync::Arc::new(Mutex::new(usage));
+        let (tx, rx) = mpsc::channel::<Pending>();
+        let (db2, usage2) = (db.clone(), usage.clone());
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(&db2, rx, &usage2))
+            .map_err(io)?;
+        Ok(RedbStore {
+            db,
+            writer: Mutex::new(Some(tx)),
+            thread: Some(thread),
+            usage,
+        })
+    }
+}
+
+fn writer_loop(db: &redb::Database, rx: mpsc::Receiver<Pending>, usage: &Mutex<(u64, u64)>) {
+    use redb::ReadableTable;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+            if batch.len() >= 1024 {
+                break;
+            }
+        }
+        let mut results: Vec<Result<PutOutcome, StoreError>> = Vec::with_capacity(batch.len());
+        let mut added = (0u64, 0i64);
+        let commit = (|| -> Result<(), StoreError> {
+            let tx = db.begin_write().map_err(io)?;
+            {
+                let mut t = tx.open_table(BLOCKS).map_err(io)?;
+                for (block, _) in &batch {
+                    let k = db_key(block.kind(), block.key());
+                    let held = t.get(k.as_slice()).map_err(io)?.map(|g| g.value().to_vec());
+                    let held_ref = held
+                        .as_ref()
+                        .map(|h| (u64::from_be_bytes(h[..8].try_into().unwrap()), &h[8..]));
+                    match check_root_replace(held_ref, block) {
+                        Ok(Some(o)) => results.push(Ok(o)),
+                        Err(e) => results.push(Err(e)),
+                        Ok(None) => {
+                            t.insert(k.as_slice(), db_value(block).as_slice())
+                                .map_err(io)?;
+                            match &held {
+                                Some(h) => {
+                                    added.1 += block.bytes().len() as i64 - (h.len() as i64 - 8)
+                                }
+                                None => {
+                                    added.0 += 1;
+                                    added.1 += block.bytes().len() as i64;
+                                }
+                            }
+                            results.push(Ok(PutOutcome::Stored));
+                        }
+                    }
+                }
+            }
+            tx.commit().map_err(io)?;
+            Ok(())
+        })();
+        if let Err(e) = commit {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(StoreError::Io(e.to_string())));
+            }
+            continue;
+        }
+        {
+            let mut u = usage.lock().unwrap();
+            u.0 += added.0;
+            u.1 = (u.1 as i64 + added.1).max(0) as u64;
+        }
+        for ((_, reply), r) in batch.into_iter().zip(results) {
+            let _ = reply.send(r);
+        }
+    }
+}
+
+impl BlockStore for RedbStore {
+    fn put(&self, block: &Verified) -> Result<PutOutcome, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let stopped = || StoreError::Io("store writer stopped".into());
+        self.writer
+            .lock()
+            .unwrap()
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send((block.clone(), tx))
+            .map_err(|_| stopped())?;
+        rx.recv().map_err(|_| stopped())?
+    }
+
+    fn get(&self, kind: BlockKind, key: Id) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = tx.open_table(BLOCKS).map_err(io)?;
+        let v = t.get(db_key(kind, key).as_slice()).map_err(io)?;
+        Ok(v.map(|g| g.value()[8..].to_vec()))
+    }
+
+    fn version(&self, kind: BlockKind, key: Id) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = tx.open_table(BLOCKS).map_err(io)?;
+        let v = t.get(db_key(kind, key).as_slice()).map_err(io)?;
+        Ok(v.map(|g| u64::from_be_bytes(g.value()[..8].try_into().unwrap())))
+    }
+
+    fn remove(&self, kind: BlockKind, key: Id) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        let removed = {
+            let mut t = tx.open_table(BLOCKS).map_err(io)?;
+            let r = t.remove(db_key(kind, key).as_slice()).map_err(io)?;
+            r.map(|g| g.value().len().saturating_sub(8) as u64)
+        };
+        tx.commit().map_err(io)?;
+        if let Some(n) = removed {
+            let mut u = self.usage.lock().unwrap();
+            u.0 = u.0.saturating_sub(1);
+            u.1 = u.1.saturating_sub(n);
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
+        use redb::ReadableTable;
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = tx.open_table(BLOCKS).map_err(io)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            let k = k.value();
+            let v = v.value();
+            // Entries that do not parse are skipped, not trusted; scrub removes them.
+            if k.len() != 21 || v.len() < 8 {
+                continue;
+            }
+            let Some(kind) = BlockKind::from_u8(k[0]) else {
+                continue;
+            };
+            let id = Id(k[1..].try_into().unwrap());
+            out.push((kind, id, u64::from_be_bytes(v[..8].try_into().unwrap())));
+        }
+        out.sort_by_key(|(k, id, _)| (*id, *k));
+        Ok(out)
+    }
+
+    fn usage(&self) -> (u64, u64) {
+        *self.usage.lock().unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cfs_core::block::{verify, RootBlock, Totals};
+
+    fn content(b: &[u8]) -> Verified {
+        verify(BlockKind::Data, Id::hash(b), b.to_vec(), true).unwrap()
+    }
+
+    fn root(v: u64, top: &[u8]) -> Verified {
+        let sk = ed25519_dalek_key();
+        let r = RootBlock::sign(&sk, v, Id::hash(top), Totals::default(), None, 0);
+        verify(BlockKind::Root, r.key(), r.encode(), true).unwrap()
+    }
+
+    fn ed25519_dalek_key() -> cfs_core::block::SigningKey {
+        cfs_core::block::SigningKey::from_bytes(&[3; 32])
+    }
+
+    /// One suite, run against every implementation.
+    fn suite(s: &dyn BlockStore) {
+        let a = content(b"alpha");
+        assert_eq!(s.put(&a).unwrap(), PutOutcome::Stored);
+        assert_eq!(s.put(&a).unwrap(), PutOutcome::Present);
+        assert_eq!(s.get(BlockKind::Data, a.key()).unwrap().unwrap(), b"alpha");
+        // Kinds do not alias.
+        assert_eq!(s.get(BlockKind::Meta, a.key()).unwrap(), None);
+        let r2 = root(2, b"x");
+        assert_eq!(s.put(&r2).unwrap(), PutOutcome::Stored);
+        assert!(matches!(
+            s.put(&root(1, b"x")),
+            Err(StoreError::Stale { .. })
+        ));
+        assert!(matches!(
+            s.put(&root(2, b"y")),
+            Err(StoreError::Conflict(2))
+        ));
+        assert_eq!(s.put(&r2).unwrap(), PutOutcome::Present);
+        assert_eq!(s.put(&root(3, b"z")).unwrap(), PutOutcome::Stored);
+        assert_eq!(s.version(BlockKind::Root, r2.key()).unwrap(), Some(3));
+        assert_eq!(s.usage().0, 2);
+        assert_eq!(s.list().unwrap().len(), 2);
+        s.remove(BlockKind::Data, a.key()).unwrap();
+        assert_eq!(s.get(BlockKind::Data, a.key()).unwrap(), None);
+        assert_eq!(s.usage().0, 1);
+    }
+
+    #[test]
+    fn mem_store() {
+        suite(&MemStore::default());
+    }
+
+    #[test]
+    fn redb_store_and_reopen() {
+        let dir = std::env::temp_dir().join(format!("cfs-store-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("blocks.redb");
+        let _ = std::fs::remove_file(&path);
+        {
+            let s = RedbStore::open(&path).unwrap();
+            suite(&s);
+        }
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(s.usage().0, 1);
+        assert_eq!(
+            s.version(BlockKind::Root, root(1, b"").key()).unwrap(),
+            Some(3)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

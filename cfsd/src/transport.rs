@@ -1,0 +1,284 @@
+//! The seam between the protocol and the network. Chord and DHash code talk to peers only
+//! through [`Transport`] and read time only through `tokio::time`, so the daemon runs them
+//! over TCP and the simulator over an in-process network with virtual time.
+
+use cfs_core::wire::{
+    self, RemoteError, Request, RequestFrame, Response, ResponseFrame, PROTOCOL_VERSION,
+};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach peer: {0}")]
+    Unreachable(String),
+    #[error("peer refused: {0}")]
+    Remote(RemoteError),
+    #[error("peer broke the protocol: {0}")]
+    Protocol(String),
+}
+
+impl CallError {
+    /// Whether the peer should be considered failed (as opposed to answering "no").
+    pub fn is_failure(&self) -> bool {
+        !matches!(self, CallError::Remote(_))
+    }
+}
+
+pub trait Transport: Clone + Send + Sync + 'static {
+    /// One request/response exchange with the process at `to`, bounded by `timeout`.
+    fn call(
+        &self,
+        to: SocketAddr,
+        req: Request,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Response, CallError>> + Send;
+}
+
+/// The server side: what a process does with one request.
+pub trait Handler: Send + Sync + 'static {
+    /// `peer` is the connection's source address; `from` the listen address the caller
+    /// claims (unverified).
+    fn handle(
+        &self,
+        peer: SocketAddr,
+        from: Option<SocketAddr>,
+        req: Request,
+    ) -> impl Future<Output = Result<Response, RemoteError>> + Send;
+
+    /// A connection sent bytes that are not a valid frame (counted in metrics).
+    fn refused_input(&self, peer: SocketAddr, why: &str);
+}
+
+/// TCP transport: one request at a time per connection, idle connections pooled per peer.
+#[derive(Clone)]
+pub struct TcpTransport {
+    inner: Arc<TcpInner>,
+}
+
+struct TcpInner {
+    local: Option<SocketAddr>,
+    idle: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
+    next_id: AtomicU64,
+}
+
+const MAX_IDLE_PER_PEER: usize = 16;
+
+impl TcpTransport {
+    /// `local` is this process's advertised address if it is a ring member.
+    pub fn new(local: Option<SocketAddr>) -> TcpTransport {
+        TcpTransport {
+            inner: Arc::new(TcpInner {
+                local,
+                idle: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        stream: &mut TcpStream,
+        frame: &[u8],
+        id: u64,
+    ) -> Result<Response, CallError> {
+        stream
+            .write_all(frame)
+            .await
+            .map_err(|e| CallError::Unreachable(e.to_string()))?;
+        let body = read_frame(stream)
+            .await
+            .map_err(|e| CallError::Unreachable(e.to_string()))?
+            .ok_or_else(|| CallError::Unreachable("connection closed".into()))?;
+        let resp: ResponseFrame =
+            wire::decode(&body).map_err(|e| CallError::Protocol(e.to_string()))?;
+        if resp.id != id {
+            return Err(CallError::Protocol("response for another request".into()));
+        }
+        resp.resp.map_err(CallError::Remote)
+    }
+
+    async fn call_inner(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = wire::encode_frame(&RequestFrame {
+            protocol: PROTOCOL_VERSION,
+            id,
+            from: self.inner.local,
+            req,
+        })
+        .map_err(|e| CallError::Protocol(e.to_string()))?;
+        // A pooled connection may have been closed by the peer meanwhile: on failure,
+        // retry once on a fresh one. Every request is idempotent.
+        let pooled = self
+            .inner
+            .idle
+            .lock()
+            .unwrap()
+            .get_mut(&to)
+            .and_then(|v| v.pop());
+        if let Some(mut s) = pooled {
+            if let Ok(r) = self.exchange(&mut s, &frame, id).await {
+                self.put_back(to, s);
+                return Ok(r);
+            }
+        }
+        let mut s = TcpStream::connect(to)
+            .await
+            .map_err(|e| CallError::Unreachable(format!("{to}: {e}")))?;
+        let _ = s.set_nodelay(true);
+        let r = self.exchange(&mut s, &frame, id).await;
+        if r.is_ok() || matches!(r, Err(CallError::Remote(_))) {
+            self.put_back(to, s);
+        }
+        r
+    }
+
+    fn put_back(&self, to: SocketAddr, s: TcpStream) {
+        let mut idle = self.inner.idle.lock().unwrap();
+        let v = idle.entry(to).or_default();
+        if v.len() < MAX_IDLE_PER_PEER {
+            v.push(s);
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    async fn call(
+        &self,
+        to: SocketAddr,
+        req: Request,
+        timeout: Duration,
+    ) -> Result<Response, CallError> {
+        match tokio::time::timeout(timeout, self.call_inner(to, req)).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
+}
+
+/// Read one frame body; Ok(None) on a clean end of stream before a frame starts.
+pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut prefix = [0u8; 4];
+    match s.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = wire::frame_len(prefix)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+/// Limits on what one source address may hold open.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    pub max_conns_per_ip: usize,
+    pub max_conns: usize,
+    /// A connection idle this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_conns_per_ip: 512,
+            max_conns: 4096,
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Accept connections forever, each served on its own task. A bad frame closes only that
+/// connection.
+pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: ServerLimits) {
+    let conns: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        {
+            let mut c = conns.lock().unwrap();
+            let total: usize = c.values().sum();
+            let mine = c.entry(peer.ip()).or_default();
+            if *mine >= limits.max_conns_per_ip || total >= limits.max_conns {
+                handler.refused_input(peer, "too many connections");
+                continue;
+            }
+            *mine += 1;
+        }
+        let _ = stream.set_nodelay(true);
+        let (handler, conns) = (handler.clone(), conns.clone());
+        tokio::spawn(async move {
+            serve_conn(stream, peer, &*handler, limits).await;
+            let mut c = conns.lock().unwrap();
+            if let Some(n) = c.get_mut(&peer.ip()) {
+                *n -= 1;
+                if *n == 0 {
+                    c.remove(&peer.ip());
+                }
+            }
+        });
+    }
+}
+
+async fn serve_conn<H: Handler>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    handler: &H,
+    limits: ServerLimits,
+) {
+    loop {
+        let body = match tokio::time::timeout(limits.idle_timeout, read_frame(&mut stream)).await {
+            Err(_) | Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                handler.refused_input(peer, &e.to_string());
+                return;
+            }
+            Ok(Ok(Some(b))) => b,
+        };
+        let frame: RequestFrame = match wire::decode(&body) {
+            Ok(f) => f,
+            Err(e) => {
+                handler.refused_input(peer, &e.to_string());
+                return;
+            }
+        };
+        let resp = if frame.protocol != PROTOCOL_VERSION {
+            handler.refused_input(peer, "protocol version");
+            Err(RemoteError::new(
+                wire::ErrorKind::BadRequest,
+                format!(
+                    "protocol {} not supported; this node speaks {PROTOCOL_VERSION}",
+                    frame.protocol
+                ),
+            ))
+        } else {
+            handler.handle(peer, frame.from, frame.req).await
+        };
+        let out = match wire::encode_frame(&ResponseFrame { id: frame.id, resp }) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "response does not fit a frame");
+                return;
+            }
+        };
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}

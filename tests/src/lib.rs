@@ -1,0 +1,244 @@
+//! Test harness: a `Cluster` of real `cfsd` processes on loopback that kills its children
+//! by PID on drop, `eventually` to poll with a deadline instead of sleeping, and `cfs` to
+//! run the client command.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// Where cargo put the binaries of this workspace (built once per test process).
+pub fn bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bins", "-p", "cfsd", "-p", "cfs-fuse"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("running cargo build");
+        assert!(st.success(), "building cfsd and cfs failed");
+    });
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/test-binary or target/<profile>/bench -> target/<profile>/<name>
+    let mut dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap();
+    }
+    dir.join(name)
+}
+
+/// Poll `f` until it returns Some, or panic with `what` after `deadline`.
+pub fn eventually<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Run `cfs` with arguments; returns its output (stdout, stderr, status).
+pub fn cfs(args: &[&str]) -> Output {
+    Command::new(bin("cfs"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running cfs")
+}
+
+/// `cfs` that must succeed; returns stdout as a string.
+pub fn cfs_ok(args: &[&str]) -> String {
+    let out = cfs(args);
+    assert!(
+        out.status.success(),
+        "cfs {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub struct NodeProc {
+    pub child: Option<Child>,
+    pub data: PathBuf,
+    pub addr: SocketAddr,
+    args: Vec<String>,
+}
+
+impl NodeProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+    pub fn alive(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// A ring of `cfsd` processes, each with its own data directory under one temp dir.
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+    pub dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+fn spawn(data: &Path, listen: &str, join: Option<SocketAddr>, extra: &[String]) -> Child {
+    let mut cmd = Command::new(bin("cfsd"));
+    cmd.args(["--listen", listen, "--data"]).arg(data);
+    if let Some(j) = join {
+        cmd.args(["--join", &j.to_string()]);
+    }
+    cmd.args(extra);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    if std::env::var_os("CFS_TEST_LOGS").is_none() {
+        cmd.stderr(Stdio::null());
+    }
+    cmd.spawn().expect("starting cfsd")
+}
+
+fn read_addr(data: &Path) -> SocketAddr {
+    eventually(Duration::from_secs(20), "cfsd to write its address", || {
+        std::fs::read_to_string(data.join("addr"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+impl Cluster {
+    /// Start `n` nodes; each joins through the first. `extra` goes to every cfsd.
+    pub fn start(n: usize, extra: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("cfs-test-")
+            .tempdir()
+            .unwrap();
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for _ in 0..n {
+            c.add();
+        }
+        c
+    }
+
+    /// Start one more node joining through the first live one.
+    pub fn add(&mut self) -> usize {
+        let i = self.nodes.len();
+        let data = self.dir.path().join(format!("node{i}"));
+        let join = self.nodes.iter().find(|n| n.alive()).map(|n| n.addr);
+        let child = spawn(&data, "127.0.0.1:0", join, &self.extra);
+        let addr = read_addr(&data);
+        // Keep the same port on restart: the node id is bound to it.
+        let args = vec!["--listen".into(), addr.to_string()];
+        self.nodes.push(NodeProc {
+            child: Some(child),
+            data,
+            addr,
+            args,
+        });
+        i
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.nodes
+            .iter()
+            .filter(|n| n.alive())
+            .map(|n| n.addr)
+            .collect()
+    }
+
+    pub fn addr(&self, i: usize) -> String {
+        self.nodes[i].addr.to_string()
+    }
+
+    /// `kill -9` node i.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGKILL);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Start node i again on its data directory and address, joining a live node.
+    pub fn restart(&mut self, i: usize) {
+        assert!(!self.nodes[i].alive());
+        let join = self.nodes.iter().find(|n| n.alive()).map(|n| n.addr);
+        let _ = std::fs::remove_file(self.nodes[i].data.join("addr"));
+        let listen = self.nodes[i].args[1].clone();
+        let child = spawn(&self.nodes[i].data, &listen, join, &self.extra);
+        self.nodes[i].child = Some(child);
+        read_addr(&self.nodes[i].data);
+    }
+
+    /// Wait until the ring is formed: every live node's `cfs ring` walk lists exactly the
+    /// live nodes, and every vnode's predecessor and successor list match the id order.
+    pub fn wait_ring(&self, deadline: Duration) {
+        let mut want: Vec<String> = self.addrs().iter().map(|a| a.to_string()).collect();
+        want.sort();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        eventually(deadline, "every node to see the whole ring", || {
+            for a in self.addrs() {
+                let out = cfs(&["ring", "--node", &a.to_string()]);
+                if !out.status.success() {
+                    return None;
+                }
+                let mut got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(|l| l.split(' ').nth(1).unwrap_or("").to_string())
+                    .collect();
+                got.sort();
+                got.dedup();
+                if got != want {
+                    return None;
+                }
+            }
+            rt.block_on(self.neighbours_consistent())
+        });
+    }
+
+    async fn neighbours_consistent(&self) -> Option<()> {
+        let c = cfsd::client::Client::tcp(self.addrs()[0]);
+        let mut statuses = Vec::new();
+        for a in self.addrs() {
+            statuses.push(c.status(a).await.ok()?);
+        }
+        let mut ring: Vec<cfs_core::NodeRef> =
+            statuses.iter().flat_map(|s| s.vnodes.iter().map(|v| v.me)).collect();
+        ring.sort_by_key(|n| n.id);
+        let n = ring.len();
+        for s in &statuses {
+            for v in &s.vnodes {
+                let i = ring.iter().position(|x| *x == v.me)?;
+                if n > 1 && v.pred != Some(ring[(i + n - 1) % n]) {
+                    return None;
+                }
+                let k = v.succs.len().min(n - 1).max(1);
+                let want: Vec<_> = (1..=k).map(|d| ring[(i + d) % n]).collect();
+                if v.succs[..k] != want[..] || (n > 1 && v.succs.len() < (n - 1).min(16)) {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
