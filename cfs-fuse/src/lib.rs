@@ -2,6 +2,7 @@
 
 pub mod fsread;
 pub mod mount;
+pub mod netring;
 pub mod publish;
 pub mod ring;
 pub mod testing;

@@ -4,11 +4,18 @@
 use anyhow::{anyhow, bail, Context, Result};
 use cfs_core::block::{verify, BlockKind};
 use cfs_core::{Id, NodeRef};
+use cfs_fuse::netring::{default_state_dir, NetRing};
+use cfs_fuse::{MountOpts, PublishOpts};
 use cfsd::client::Client;
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod demo;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,6 +54,55 @@ enum Cmd {
     Block {
         #[command(subcommand)]
         cmd: BlockCmd,
+    },
+    /// Write a new signing key to KEYFILE (mode 0600) and print its FSID.
+    Keygen { keyfile: PathBuf },
+    /// Sign DIR and insert it as the next version; prints the FSID and the version.
+    Publish {
+        dir: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        node: NodeArg,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Mount FSID read-only at MOUNTPOINT; stays in the foreground until SIGINT/SIGTERM.
+    Mount {
+        fsid: String,
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        node: NodeArg,
+        /// Mount this old version instead of following the newest.
+        #[arg(long)]
+        version: Option<u64>,
+        /// Seconds between checks for a new version.
+        #[arg(long, default_value_t = 2.0)]
+        poll: f64,
+        /// Client block cache in MiB (shared with read-ahead).
+        #[arg(long, default_value_t = 256)]
+        cache_mb: usize,
+        /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf).
+        #[arg(long)]
+        allow_other: bool,
+    },
+    /// Write a file's bytes to stdout without mounting: FSID[@VERSION]:/PATH.
+    Get {
+        spec: String,
+        #[command(flatten)]
+        node: NodeArg,
+    },
+    /// The main job in one command: a local ring in this process, DIR published into it
+    /// and mounted at MOUNTPOINT, until Ctrl-C.
+    Demo {
+        /// Directory to publish (default: the sample tree in the repository).
+        dir: Option<PathBuf>,
+        /// Where to mount (default: a new temporary directory).
+        mountpoint: Option<PathBuf>,
+        /// Nodes in the ring.
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
     },
 }
 
@@ -195,6 +251,68 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Block { cmd } => block(cmd).await?,
+        Cmd::Keygen { keyfile } => {
+            let fsid = cfs_fuse::keygen(&keyfile)?;
+            println!("{fsid}");
+        }
+        Cmd::Publish {
+            dir,
+            key,
+            node,
+            quiet,
+        } => {
+            let sk = cfs_fuse::load_key(&key)?;
+            let ring = Arc::new(NetRing::new(client(&node).await?, default_state_dir()));
+            let opts = PublishOpts {
+                progress: !quiet && std::io::stderr().is_terminal(),
+                ..PublishOpts::default()
+            };
+            let receipt = cfs_fuse::publish(ring, &dir, &sk, &opts)
+                .await
+                .with_context(|| format!("publishing {}", dir.display()))?;
+            for (p, why) in &receipt.skipped {
+                eprintln!("cfs: skipped {}: {why}", p.display());
+            }
+            eprintln!("{receipt}");
+            println!("{} {}", receipt.fsid, receipt.version);
+        }
+        Cmd::Mount {
+            fsid,
+            mountpoint,
+            node,
+            version,
+            poll,
+            cache_mb,
+            allow_other,
+        } => {
+            let fsid = parse_key(&fsid)?;
+            let ring = Arc::new(NetRing::new(client(&node).await?, default_state_dir()));
+            let mut opts = MountOpts {
+                version,
+                allow_other,
+                poll_interval: Duration::from_secs_f64(poll.max(0.1)),
+                ..MountOpts::default()
+            };
+            opts.reader.cache_bytes = cache_mb << 20;
+            cfs_fuse::mount(ring, fsid, &mountpoint, opts)
+                .await
+                .with_context(|| format!("mounting {fsid} at {}", mountpoint.display()))?;
+        }
+        Cmd::Get { spec, node } => {
+            let (fsid, version, path) = cfs_fuse::parse_get_spec(&spec)
+                .ok_or_else(|| anyhow!("{spec:?} is not FSID[@VERSION]:/PATH"))?;
+            let ring = Arc::new(NetRing::new(client(&node).await?, default_state_dir()));
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            cfs_fuse::get(ring, fsid, version, &path, &mut out)
+                .await
+                .with_context(|| format!("reading {spec}"))?;
+            out.flush()?;
+        }
+        Cmd::Demo {
+            dir,
+            mountpoint,
+            nodes,
+        } => demo::run(dir, mountpoint, nodes).await?,
     }
     Ok(())
 }

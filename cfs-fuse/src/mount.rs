@@ -897,15 +897,21 @@ fn lazy_unmount(mp: &Path) -> bool {
         || ok(std::process::Command::new("umount").arg("-l").arg(mp))
 }
 
-/// A mount left by a killed process answers every stat with ENOTCONN: clear it.
+/// A mount left by a killed process answers requests with ENOTCONN: clear it. A stat
+/// alone can be answered from the kernel's attribute cache, so open the directory too.
 pub fn clear_dead_mount(mp: &Path) -> bool {
-    match std::fs::metadata(mp) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::warn!("clearing a dead mount at {}", mp.display());
-            lazy_unmount(mp)
-        }
-        _ => false,
+    let dead = |e: &std::io::Error| {
+        matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED))
+    };
+    let is_dead = match std::fs::metadata(mp) {
+        Err(e) => dead(&e),
+        Ok(_) => std::fs::read_dir(mp).err().is_some_and(|e| dead(&e)),
+    };
+    if is_dead {
+        tracing::warn!("clearing a dead mount at {}", mp.display());
+        return lazy_unmount(mp);
     }
+    false
 }
 
 /// Mount `fsid` at `mountpoint` and return at once; the mount lives until the handle

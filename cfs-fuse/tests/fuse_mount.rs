@@ -2,12 +2,11 @@
 //! with std::fs, every write refused with EROFS, a republish seen live, an old version
 //! mounted by number, then unmounted. A guard clears the mount even if the test fails.
 
-mod common;
 
 use cfs_fuse::mount::{spawn_mount, MountOpts};
 use cfs_fuse::publish::{publish, PublishOpts};
 use cfs_fuse::testing::MemRing;
-use common::{sample_tree, walk, TempDir};
+use cfs_tests::tree::{compare_trees, sample_tree, TempDir};
 use ed25519_dalek::SigningKey;
 use std::ffi::CString;
 use std::fs;
@@ -57,43 +56,6 @@ fn erofs<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) {
 }
 
 /// Type, mode, size, mtime and bytes of every entry are the same in both trees.
-fn compare_trees(src: &Path, mnt: &Path) {
-    for rel in walk(src) {
-        let (a, b) = (src.join(&rel), mnt.join(&rel));
-        let ma = fs::symlink_metadata(&a).unwrap();
-        let mb = fs::symlink_metadata(&b).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
-        let what = rel.display();
-        assert_eq!(ma.file_type(), mb.file_type(), "type of {what}");
-        assert_eq!(ma.mtime(), mb.mtime(), "mtime of {what}");
-        assert_eq!(ma.mtime_nsec(), mb.mtime_nsec(), "mtime ns of {what}");
-        if ma.file_type().is_symlink() {
-            assert_eq!(
-                fs::read_link(&a).unwrap(),
-                fs::read_link(&b).unwrap(),
-                "target of {what}"
-            );
-            continue;
-        }
-        assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "mode of {what}");
-        if ma.is_dir() {
-            let names = |p: &Path| {
-                let mut v: Vec<_> = fs::read_dir(p)
-                    .unwrap()
-                    .map(|e| e.unwrap().file_name())
-                    .collect();
-                v.sort();
-                v
-            };
-            assert_eq!(names(&a), names(&b), "listing of {what}");
-        } else {
-            assert_eq!(ma.len(), mb.len(), "size of {what}");
-            assert!(
-                fs::read(&a).unwrap() == fs::read(&b).unwrap(),
-                "bytes of {what}"
-            );
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fuse_mount_end_to_end() {
@@ -139,8 +101,8 @@ async fn fuse_mount_end_to_end() {
         for off in [
             0usize,
             1,
-            common::BS - 3,
-            3 * common::BS + 11,
+            cfs_tests::tree::BS - 3,
+            3 * cfs_tests::tree::BS + 11,
             want.len() - 2,
         ] {
             let mut buf = [0u8; 7];
@@ -184,7 +146,7 @@ async fn fuse_mount_end_to_end() {
 
     // Republish: change a file, add one, remove one.
     let old_at = fs::read(src.path().join("at")).unwrap();
-    fs::write(src.path().join("at"), common::pattern(common::BS, 99)).unwrap();
+    fs::write(src.path().join("at"), cfs_tests::tree::pattern(cfs_tests::tree::BS, 99)).unwrap();
     fs::write(src.path().join("name with spaces"), b"changed\n").unwrap();
     fs::write(src.path().join("big").join("added"), b"added\n").unwrap();
     fs::remove_file(src.path().join("under")).unwrap();

@@ -1,13 +1,12 @@
 //! Publish into an in-memory ring and read everything back through the reader.
 
-mod common;
 
 use cfs_core::fs::{EntryKind, InodeBody};
 use cfs_core::BlockKind;
 use cfs_fuse::fsread::{get, parse_get_spec, FsError, Reader, ReaderOpts};
 use cfs_fuse::publish::{fsid_of, keygen, load_key, publish, PublishOpts};
 use cfs_fuse::testing::MemRing;
-use common::{pattern, sample_tree, walk, TempDir};
+use cfs_tests::tree::{pattern, sample_tree, walk, TempDir};
 use ed25519_dalek::SigningKey;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -88,8 +87,8 @@ async fn check_tree(
             let got = reader.read(&inode, 0, u64::MAX).await.unwrap();
             assert!(got == want, "content of {what}");
             // A range across a block boundary.
-            if want.len() > common::BS + 10 {
-                let off = common::BS as u64 - 5;
+            if want.len() > cfs_tests::tree::BS + 10 {
+                let off = cfs_tests::tree::BS as u64 - 5;
                 let got = reader.read(&inode, off, 10).await.unwrap();
                 assert_eq!(got, &want[off as usize..off as usize + 10]);
             }
@@ -188,7 +187,7 @@ async fn republish_sends_only_changes_and_keeps_old_versions() {
 
     // Change one byte in the middle of a 21-block file, and add a file deep down.
     let mut changed = old_several.clone();
-    changed[3 * common::BS + 7] ^= 0xff;
+    changed[3 * cfs_tests::tree::BS + 7] ^= 0xff;
     std::fs::write(src.path().join("several"), &changed).unwrap();
     let deep = src.path().join("d0/d1/d2/new-file");
     std::fs::write(&deep, pattern(100, 9)).unwrap();
@@ -238,7 +237,7 @@ async fn interrupted_publish_leaves_previous_version() {
     let r1 = publish(ring.clone(), src.path(), &key(), &quiet())
         .await
         .unwrap();
-    std::fs::write(src.path().join("several"), pattern(3 * common::BS, 77)).unwrap();
+    std::fs::write(src.path().join("several"), pattern(3 * cfs_tests::tree::BS, 77)).unwrap();
     ring.fail_puts_after.store(2, Ordering::SeqCst);
     assert!(publish(ring.clone(), src.path(), &key(), &quiet())
         .await
@@ -256,7 +255,7 @@ async fn interrupted_publish_leaves_previous_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_blocks_fail_within_the_deadline() {
     let src = TempDir::new("miss");
-    std::fs::write(src.path().join("f"), pattern(3 * common::BS, 5)).unwrap();
+    std::fs::write(src.path().join("f"), pattern(3 * cfs_tests::tree::BS, 5)).unwrap();
     let ring = Arc::new(MemRing::new());
     let r = publish(ring.clone(), src.path(), &key(), &quiet())
         .await

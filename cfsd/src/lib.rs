@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod daemon;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use cfsd::node::{Config, Node};
 use cfsd::store::RedbStore;
-use cfsd::transport::{serve, ServerLimits, TcpTransport};
+use cfsd::transport::TcpTransport;
 use clap::Parser;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -117,27 +117,13 @@ async fn run(args: Args) -> Result<()> {
     cfg.stabilize_every = Duration::from_millis(args.stabilize_ms.max(10));
     cfg.fix_fingers_every = cfg.stabilize_every;
     cfg.maintain_every = Duration::from_millis(args.maintain_ms.max(100));
-    let node = Node::new(cfg, TcpTransport::new(Some(addr)), Arc::new(store));
-    let handler = Arc::new(node.clone());
-    tokio::spawn(serve(listener, handler, ServerLimits::default()));
-    // Written after binding so that scripts polling for it can connect at once.
+    // The address file is written before joining so scripts can find the node at once;
+    // it serves requests while it joins.
+    let join = args.join.as_deref().map(resolve).transpose()?;
     let tmp = args.data.join("addr.tmp");
     std::fs::write(&tmp, format!("{addr}\n"))?;
     std::fs::rename(&tmp, args.data.join("addr"))?;
-
-    let join = args.join.as_deref().map(resolve).transpose()?;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match node.join(join).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "joining the ring failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-    node.start();
+    let node = cfsd::daemon::start_node(cfg, listener, Arc::new(store), join).await;
     if let Some(m) = &args.metrics {
         let m = resolve(m)?;
         let l = tokio::net::TcpListener::bind(m)

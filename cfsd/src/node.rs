@@ -37,6 +37,9 @@ pub struct Config {
     pub quota_bytes: u64,
     pub server_selection: bool,
     pub path_caching: bool,
+    /// Run hashing and store calls on the async task instead of tokio's blocking pool:
+    /// the simulator needs this, since paused time may advance while a blocking task runs.
+    pub inline_blocking: bool,
 }
 
 impl Config {
@@ -56,6 +59,7 @@ impl Config {
             quota_bytes: 64 << 30,
             server_selection: true,
             path_caching: true,
+            inline_blocking: false,
         }
     }
 }
@@ -735,19 +739,19 @@ impl<T: Transport> Node<T> {
             }
         }
         // Verify off the async workers: hashing a large block takes a while.
-        let v = match tokio::task::spawn_blocking(move || verify(kind, key, bytes, true)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
+        let v = match self
+            .blocking(move || verify(kind, key, bytes, true))
+            .await?
+        {
+            Ok(v) => v,
+            Err(e) => {
                 Metrics::inc(&m.refused_invalid);
                 tracing::debug!(%peer, %key, error = %e, "refused block");
                 return Err(remote(ErrorKind::Invalid, e.to_string()));
             }
-            Err(e) => return Err(remote(ErrorKind::Storage, e.to_string())),
         };
         let store = self.inner.store.clone();
-        let outcome = tokio::task::spawn_blocking(move || store.put(&v))
-            .await
-            .map_err(|e| remote(ErrorKind::Storage, e.to_string()))?;
+        let outcome = self.blocking(move || store.put(&v)).await?;
         match outcome {
             Ok(PutOutcome::Stored) => {
                 Metrics::inc(&m.puts_stored);
@@ -766,6 +770,19 @@ impl<T: Transport> Node<T> {
             }
             Err(e) => Err(remote(ErrorKind::Storage, e.to_string())),
         }
+    }
+
+    /// Run CPU- or disk-bound work off the async workers (or inline, see `Config`).
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, RemoteError> {
+        if self.inner.cfg.inline_blocking {
+            return Ok(f());
+        }
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| remote(ErrorKind::Storage, e.to_string()))
     }
 
     fn lookup_block(&self, kind: BlockKind, key: Id) -> Option<Vec<u8>> {
@@ -846,14 +863,14 @@ impl<T: Transport> Handler for Node<T> {
                     )));
                 }
                 let store = self.inner.store.clone();
-                let have = tokio::task::spawn_blocking(move || {
-                    items
-                        .iter()
-                        .map(|(k, id)| store.version(*k, *id).ok().flatten())
-                        .collect()
-                })
-                .await
-                .map_err(|e| remote(ErrorKind::Storage, e.to_string()))?;
+                let have = self
+                    .blocking(move || {
+                        items
+                            .iter()
+                            .map(|(k, id)| store.version(*k, *id).ok().flatten())
+                            .collect()
+                    })
+                    .await?;
                 Ok(Response::Have(have))
             }
             Request::Cache { kind, key, bytes } => {

@@ -2,6 +2,8 @@
 //! by PID on drop, `eventually` to poll with a deadline instead of sleeping, and `cfs` to
 //! run the client command.
 
+pub mod tree;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -50,6 +52,7 @@ pub fn eventually<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Opti
 pub fn cfs(args: &[&str]) -> Output {
     Command::new(bin("cfs"))
         .args(args)
+        .env("CFS_STATE_DIR", state_dir())
         .stdin(Stdio::null())
         .output()
         .expect("running cfs")
@@ -64,6 +67,109 @@ pub fn cfs_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Where `cfs` run by tests remembers root versions (not the user's home).
+pub fn state_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("cfs-test-state-{}", std::process::id()))
+}
+
+/// Is a filesystem mounted exactly at `p`?
+pub fn is_mounted(p: &Path) -> bool {
+    let Ok(p) = p.canonicalize().or_else(|_| Ok::<_, ()>(p.to_path_buf())) else {
+        return false;
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap_or("")))
+}
+
+/// A `cfs mount` process; on drop it is stopped and its mount cleared, even if the test
+/// failed.
+pub struct Mount {
+    pub child: Option<Child>,
+    pub path: PathBuf,
+    args: Vec<String>,
+}
+
+impl Mount {
+    /// Run `cfs mount FSID PATH --node NODE EXTRA...` and wait until the mount is live.
+    pub fn start(fsid: &str, path: &Path, node: &str, extra: &[&str]) -> Mount {
+        std::fs::create_dir_all(path).ok();
+        let mut args: Vec<String> = vec![
+            "mount".into(),
+            fsid.into(),
+            path.display().to_string(),
+            "--node".into(),
+            node.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut m = Mount {
+            child: None,
+            path: path.to_path_buf(),
+            args,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(bin("cfs"));
+        cmd.args(&self.args)
+            .env("CFS_STATE_DIR", state_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if std::env::var_os("CFS_TEST_LOGS").is_none() {
+            cmd.stderr(Stdio::null());
+        }
+        let mut child = cmd.spawn().expect("starting cfs mount");
+        let path = self.path.clone();
+        eventually(Duration::from_secs(30), "the mount to be live", || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("cfs mount exited early with {st}");
+            }
+            (is_mounted(&path) && std::fs::read_dir(&path).is_ok()).then_some(())
+        });
+        self.child = Some(child);
+    }
+
+    /// `kill -9` the mount process, leaving a dead mount behind.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
+    /// Start `cfs mount` again at the same place with the same arguments.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if is_mounted(&self.path) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.path)
+                .status();
+        }
+    }
 }
 
 pub struct NodeProc {
@@ -187,7 +293,10 @@ impl Cluster {
     pub fn wait_ring(&self, deadline: Duration) {
         let mut want: Vec<String> = self.addrs().iter().map(|a| a.to_string()).collect();
         want.sort();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         eventually(deadline, "every node to see the whole ring", || {
             for a in self.addrs() {
                 let out = cfs(&["ring", "--node", &a.to_string()]);
@@ -214,8 +323,10 @@ impl Cluster {
         for a in self.addrs() {
             statuses.push(c.status(a).await.ok()?);
         }
-        let mut ring: Vec<cfs_core::NodeRef> =
-            statuses.iter().flat_map(|s| s.vnodes.iter().map(|v| v.me)).collect();
+        let mut ring: Vec<cfs_core::NodeRef> = statuses
+            .iter()
+            .flat_map(|s| s.vnodes.iter().map(|v| v.me))
+            .collect();
         ring.sort_by_key(|n| n.id);
         let n = ring.len();
         for s in &statuses {

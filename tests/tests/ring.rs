@@ -166,7 +166,6 @@ fn blocks_survive_kill_9_of_r_minus_1_nodes_and_restart() {
         }
     });
     // The ring restores r replicas on the live nodes.
-    let live = cluster.addrs();
     eventually(
         Duration::from_secs(60),
         "r replicas restored after the kill",
@@ -267,7 +266,6 @@ fn invalid_blocks_are_refused_and_nothing_is_stored() {
         // A root with a bad signature.
         let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
         let mut root = RootBlock::sign(&sk, 5, Id::hash(b"top"), Totals::default(), None, 0);
-        let good = root.clone();
         root.version = 6;
         let r = c
             .net

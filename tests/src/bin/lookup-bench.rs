@@ -31,7 +31,11 @@ fn main() {
             }
             Some(t)
         })?;
-        last = if total == last.0 { (total, last.1 + 1) } else { (total, 0) };
+        last = if total == last.0 {
+            (total, last.1 + 1)
+        } else {
+            (total, 0)
+        };
         (last.1 >= 4).then_some(())
     });
     let (mut hops, mut lat) = (Vec::new(), Vec::new());
@@ -53,6 +57,13 @@ fn main() {
     let mean_h = hops.iter().sum::<f64>() / hops.len() as f64;
     let mean_l = lat.iter().sum::<f64>() / lat.len() as f64;
     println!("lookup-bench: {n} nodes, {lookups} lookups from a client outside the ring");
-    println!("hops     mean {mean_h:.2}  p99 {:.0}   (1/2 log2 N + 1 = {:.2})", pct(&mut hops, 0.99), 0.5 * (n as f64).log2() + 1.0);
-    println!("latency  mean {mean_l:.3} ms  p99 {:.3} ms", pct(&mut lat, 0.99));
+    println!(
+        "hops     mean {mean_h:.2}  p99 {:.0}   (1/2 log2 N + 1 = {:.2})",
+        pct(&mut hops, 0.99),
+        0.5 * (n as f64).log2() + 1.0
+    );
+    println!(
+        "latency  mean {mean_l:.3} ms  p99 {:.3} ms",
+        pct(&mut lat, 0.99)
+    );
 }

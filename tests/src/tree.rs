@@ -1,9 +1,8 @@
-//! Shared by the cfs-fuse integration tests: temporary directories and a sample tree
-//! with every case the layout must survive.
-#![allow(dead_code)]
+//! Test trees: a sample tree with every case the layout must survive, a walk, and a
+//! comparison of two trees by type, mode, mtime, size, bytes and link targets.
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -134,4 +133,44 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
     }
     go(root, Path::new(""), &mut out);
     out
+}
+
+/// Assert that `mnt` shows the same tree as `src`: type, mode, mtime (ns), size, bytes,
+/// listings and link targets of every entry.
+pub fn compare_trees(src: &Path, mnt: &Path) {
+    for rel in walk(src) {
+        let (a, b) = (src.join(&rel), mnt.join(&rel));
+        let ma = fs::symlink_metadata(&a).unwrap();
+        let mb = fs::symlink_metadata(&b).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        let what = rel.display();
+        assert_eq!(ma.file_type(), mb.file_type(), "type of {what}");
+        assert_eq!(ma.mtime(), mb.mtime(), "mtime of {what}");
+        assert_eq!(ma.mtime_nsec(), mb.mtime_nsec(), "mtime ns of {what}");
+        if ma.file_type().is_symlink() {
+            assert_eq!(
+                fs::read_link(&a).unwrap(),
+                fs::read_link(&b).unwrap(),
+                "target of {what}"
+            );
+            continue;
+        }
+        assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "mode of {what}");
+        if ma.is_dir() {
+            let names = |p: &Path| {
+                let mut v: Vec<_> = fs::read_dir(p)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                v.sort();
+                v
+            };
+            assert_eq!(names(&a), names(&b), "listing of {what}");
+        } else {
+            assert_eq!(ma.len(), mb.len(), "size of {what}");
+            assert!(
+                fs::read(&a).unwrap() == fs::read(&b).unwrap(),
+                "bytes of {what}"
+            );
+        }
+    }
 }

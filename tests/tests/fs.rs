@@ -1,0 +1,369 @@
+//! Issue 3: publish and mount, on a multi-process ring with real FUSE mounts.
+
+use cfs_core::Id;
+use cfs_tests::tree::{compare_trees, pattern, sample_tree};
+use cfs_tests::{cfs, cfs_ok, eventually, Cluster, Mount};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn sh(dir: &Path, script: &str) -> std::process::Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn sh_ok(dir: &Path, script: &str) -> String {
+    let out = sh(dir, script);
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Publish `dir` with `key`; returns (fsid, version).
+fn publish(cluster: &Cluster, dir: &Path, key: &Path, node: usize) -> (String, u64) {
+    let out = cfs_ok(&[
+        "publish",
+        dir.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--node",
+        &cluster.addr(node),
+    ]);
+    let mut it = out.split_whitespace();
+    let fsid = it.next().unwrap().to_string();
+    let version = it.next().unwrap().parse().unwrap();
+    (fsid, version)
+}
+
+fn keygen(cluster: &Cluster) -> std::path::PathBuf {
+    let key = cluster.dir.path().join(format!("k{}.key", rand_suffix()));
+    cfs_ok(&["keygen", key.to_str().unwrap()]);
+    key
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn erofs<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+        other => panic!("{what}: expected EROFS, got {other:?}"),
+    }
+}
+
+#[test]
+fn published_tree_reads_back_identical_and_ordinary_tools_work() {
+    let cluster = Cluster::start(5, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let src = cluster.dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    sample_tree(&src, 2000);
+    // A git working tree, for `git status` through the mount.
+    let repo = src.join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    std::fs::write(repo.join("file.txt"), "tracked\n").unwrap();
+    sh_ok(
+        &repo,
+        "git init -q . && git add file.txt && git -c user.name=t -c user.email=t@t commit -qm init",
+    );
+    let key = keygen(&cluster);
+    let (fsid, version) = publish(&cluster, &src, &key, 1);
+    assert_eq!(version, 1);
+
+    let mnt = cluster.dir.path().join("mnt");
+    let _m = Mount::start(&fsid, &mnt, &cluster.addr(2), &[]);
+    let diff = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(&src)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "diff -r: {}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    compare_trees(&src, &mnt);
+
+    // tar, cp -a, find | xargs sha1sum.
+    let tar_src = sh_ok(&src, "tar cf - --sort=name . | tar tvf - | sort");
+    let tar_mnt = sh_ok(&mnt, "tar cf - --sort=name . | tar tvf - | sort");
+    assert_eq!(tar_src, tar_mnt);
+    let copy = cluster.dir.path().join("copy");
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(&mnt)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp -a: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    compare_trees(&src, &copy);
+    let sums = "find . -type f -print0 | sort -z | xargs -0 sha1sum";
+    assert_eq!(sh_ok(&src, sums), sh_ok(&mnt, sums));
+    // git status in the published working tree.
+    let st = sh_ok(
+        &mnt.join("repo"),
+        "git -c safe.directory='*' status --porcelain",
+    );
+    assert_eq!(st, "", "git status through the mount");
+    // mmap and random-offset preads.
+    let big = std::fs::read(src.join("several")).unwrap();
+    let f = std::fs::File::open(mnt.join("several")).unwrap();
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            big.len(),
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        let s = std::slice::from_raw_parts(p as *const u8, big.len());
+        assert!(s == &big[..], "mmap bytes differ");
+        libc::munmap(p, big.len());
+    }
+    let mut x: u64 = 12345;
+    for _ in 0..200 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (x >> 11) as usize % big.len();
+        let len = ((x >> 40) as usize % 300_000).min(big.len() - off);
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(buf == big[off..off + len], "pread at {off}+{len}");
+    }
+    // Every kind of write fails with EROFS.
+    erofs(std::fs::File::create(mnt.join("new")), "create");
+    erofs(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("one")),
+        "open for write",
+    );
+    erofs(
+        std::fs::set_permissions(mnt.join("one"), std::fs::Permissions::from_mode(0o777)),
+        "chmod",
+    );
+    erofs(std::fs::rename(mnt.join("one"), mnt.join("two")), "rename");
+    erofs(std::fs::remove_file(mnt.join("one")), "unlink");
+    erofs(std::fs::create_dir(mnt.join("dir")), "mkdir");
+    erofs(std::fs::remove_dir(mnt.join("emptydir")), "rmdir");
+    erofs(std::os::unix::fs::symlink("x", mnt.join("sym")), "symlink");
+    // xattrs name the block and the version; `cfs get` reads without mounting.
+    let got = cfs(&["get", &format!("{fsid}:/under"), "--node", &cluster.addr(0)]);
+    assert!(got.status.success());
+    assert!(got.stdout == std::fs::read(src.join("under")).unwrap());
+}
+
+#[test]
+fn republish_shows_in_live_mount_and_old_versions_stay_mountable() {
+    let cluster = Cluster::start(4, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let src = cluster.dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("a.txt"), "version one\n").unwrap();
+    std::fs::write(src.join("sub/gone.txt"), "to be removed\n").unwrap();
+    std::fs::write(src.join("big"), pattern(700_000, 7)).unwrap();
+    let key = keygen(&cluster);
+    let (fsid, v1) = publish(&cluster, &src, &key, 0);
+    let mnt = cluster.dir.path().join("mnt");
+    let _m = Mount::start(&fsid, &mnt, &cluster.addr(1), &["--poll", "1"]);
+    // Cache the pages of a.txt and big in the kernel.
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("a.txt")).unwrap(),
+        "version one\n"
+    );
+    assert!(std::fs::read(mnt.join("big")).unwrap() == pattern(700_000, 7));
+    let open_old = std::fs::File::open(mnt.join("a.txt")).unwrap();
+
+    std::fs::write(src.join("a.txt"), "version two, longer\n").unwrap();
+    std::fs::write(src.join("sub/new.txt"), "added\n").unwrap();
+    std::fs::remove_file(src.join("sub/gone.txt")).unwrap();
+    std::fs::write(src.join("big"), pattern(700_000, 8)).unwrap();
+    let (fsid2, v2) = publish(&cluster, &src, &key, 2);
+    assert_eq!((fsid2.as_str(), v2), (fsid.as_str(), v1 + 1));
+
+    let t0 = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the new version in the live mount",
+        || {
+            let a = std::fs::read_to_string(mnt.join("a.txt")).ok()?;
+            let new = mnt.join("sub/new.txt").exists();
+            let gone = !mnt.join("sub/gone.txt").exists();
+            (a == "version two, longer\n" && new && gone).then_some(())
+        },
+    );
+    assert!(std::fs::read(mnt.join("big")).unwrap() == pattern(700_000, 8));
+    eprintln!("republish visible after {:?}", t0.elapsed());
+    // A file already open keeps reading the version it opened.
+    let mut buf = vec![0u8; 64];
+    let n = open_old.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"version one\n");
+
+    // --version 1 still shows the old tree.
+    let old = cluster.dir.path().join("old");
+    let _o = Mount::start(
+        &fsid,
+        &old,
+        &cluster.addr(3),
+        &["--version", &v1.to_string()],
+    );
+    assert_eq!(
+        std::fs::read_to_string(old.join("a.txt")).unwrap(),
+        "version one\n"
+    );
+    assert!(old.join("sub/gone.txt").exists());
+    assert!(!old.join("sub/new.txt").exists());
+    let old_get = cfs_ok(&[
+        "get",
+        &format!("{fsid}@{v1}:/a.txt"),
+        "--node",
+        &cluster.addr(0),
+    ]);
+    assert_eq!(old_get, "version one\n");
+}
+
+#[test]
+fn mount_survives_its_node_dying_and_a_killed_mount_is_cleared() {
+    let mut cluster = Cluster::start(5, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let src = cluster.dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            src.join(format!("f{i}")),
+            pattern(50_000 + i * 1000, i as u32),
+        )
+        .unwrap();
+    }
+    let key = keygen(&cluster);
+    let (fsid, _) = publish(&cluster, &src, &key, 0);
+    let mnt = cluster.dir.path().join("mnt");
+    let mut m = Mount::start(&fsid, &mnt, &cluster.addr(0), &[]);
+    assert!(std::fs::read(mnt.join("f0")).unwrap() == pattern(50_000, 0));
+    // Kill the node the mount was started against; reads of files not read yet go on.
+    cluster.kill(0);
+    for i in 1..20 {
+        let got = std::fs::read(mnt.join(format!("f{i}"))).unwrap();
+        assert!(
+            got == pattern(50_000 + i * 1000, i as u32),
+            "f{i} after node death"
+        );
+    }
+    // kill -9 the mount itself, then mount again at the same place.
+    m.kill9();
+    assert!(
+        std::fs::read_dir(&mnt).is_err(),
+        "a killed mount should leave a dead mountpoint"
+    );
+    let mut m2 = Mount::start(&fsid, &mnt, &cluster.addr(1), &[]);
+    assert!(std::fs::read(mnt.join("f5")).unwrap() == pattern(55_000, 5));
+    let _ = m2.child.take().map(|mut c| {
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    });
+    // SIGTERM unmounts cleanly.
+    eventually(Duration::from_secs(10), "unmount on SIGTERM", || {
+        (!cfs_tests::is_mounted(&mnt)).then_some(())
+    });
+}
+
+#[test]
+fn missing_fsid_is_a_clear_error_and_corrupt_replicas_are_refused() {
+    let mut cluster = Cluster::start(4, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    // A FSID nobody published: an error, not a hang.
+    let nobody = Id::hash(b"nobody").to_hex();
+    let t0 = Instant::now();
+    let out = cfs(&["get", &format!("{nobody}:/x"), "--node", &cluster.addr(0)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&nobody[..8]) || err.to_lowercase().contains("no such"),
+        "{err}"
+    );
+    let mnt = cluster.dir.path().join("mnt-nobody");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = cfs(&[
+        "mount",
+        &nobody,
+        mnt.to_str().unwrap(),
+        "--node",
+        &cluster.addr(0),
+    ]);
+    assert!(!out.status.success());
+    assert!(t0.elapsed() < Duration::from_secs(60));
+
+    // A file of one data block whose replicas, all but one, hold garbage.
+    let src = cluster.dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let content = pattern(100_000, 99);
+    std::fs::write(src.join("file"), &content).unwrap();
+    let key = keygen(&cluster);
+    let (fsid, _) = publish(&cluster, &src, &key, 0);
+    let block = Id::hash(&content).to_hex();
+    let holders: Vec<String> = cfs_ok(&["block", "locate", &block, "--node", &cluster.addr(0)])
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(holders.len(), 3);
+    for h in &holders[..2] {
+        let i = cluster
+            .nodes
+            .iter()
+            .position(|n| n.addr.to_string() == *h)
+            .unwrap();
+        cluster.kill(i);
+        corrupt(
+            &cluster.nodes[i].data.join("blocks.redb"),
+            Id::hash(&content),
+        );
+        cluster.restart(i);
+    }
+    cluster.wait_ring(Duration::from_secs(30));
+    for n in 0..4 {
+        let out = cfs(&["get", &format!("{fsid}:/file"), "--node", &cluster.addr(n)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout == content, "corrupt bytes reached the reader");
+    }
+}
+
+/// Overwrite a data block's bytes in a stopped node's store.
+fn corrupt(db: &Path, key: Id) {
+    let t: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("blocks");
+    let db = redb::Database::create(db).unwrap();
+    let tx = db.begin_write().unwrap();
+    {
+        let mut table = tx.open_table(t).unwrap();
+        let mut k = vec![0u8];
+        k.extend_from_slice(&key.0);
+        let mut v = 0u64.to_be_bytes().to_vec();
+        v.extend_from_slice(&vec![0x5a; 100_000]);
+        table.insert(k.as_slice(), v.as_slice()).unwrap();
+    }
+    tx.commit().unwrap();
+}
