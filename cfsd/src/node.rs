@@ -87,19 +87,21 @@ impl Vnode {
 
     /// The nodes we know that precede `key`, closest to it first.
     fn closer(&self, key: Id) -> Vec<NodeRef> {
-        let mut v: Vec<NodeRef> = self
+        // Distances computed once per entry, not per comparison: this runs on every
+        // lookup step and the finger table repeats its entries (same order as before).
+        let mut v: Vec<(f64, NodeRef)> = self
             .fingers
             .iter()
             .flatten()
             .chain(self.succs.iter())
             .chain(self.pred.iter())
             .filter(|n| n.id.in_open(self.me.id, key))
-            .copied()
+            .map(|n| (n.id.distance_frac(key), *n))
             .collect();
-        v.sort_by(|a, b| a.id.distance_frac(key).total_cmp(&b.id.distance_frac(key)));
-        v.dedup_by_key(|n| (n.addr, n.vnode));
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v.dedup_by_key(|(_, n)| (n.addr, n.vnode));
         v.truncate(CLOSER_COUNT);
-        v
+        v.into_iter().map(|(_, n)| n).collect()
     }
 
     /// Ring size estimate from the successor list's density.

@@ -125,9 +125,16 @@ impl TcpTransport {
             .get_mut(&to)
             .and_then(|v| v.pop());
         if let Some(mut s) = pooled {
-            if let Ok(r) = self.exchange(&mut s, &frame, id).await {
-                self.put_back(to, s);
-                return Ok(r);
+            match self.exchange(&mut s, &frame, id).await {
+                Ok(r) => {
+                    self.put_back(to, s);
+                    return Ok(r);
+                }
+                Err(e @ CallError::Remote(_)) => {
+                    self.put_back(to, s);
+                    return Err(e);
+                }
+                Err(_) => {}
             }
         }
         let mut s = TcpStream::connect(to)

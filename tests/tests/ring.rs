@@ -366,3 +366,104 @@ fn virtual_nodes_give_each_process_several_positions() {
         }
     });
 }
+
+#[test]
+fn joiners_receive_their_keys_and_old_holders_hand_off() {
+    let mut cluster = Cluster::start(3, &["--maintain-ms", "1000"]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let rt = rt();
+    let c = client(&rt, cluster.nodes[0].addr);
+    let keys: Vec<Id> = rt.block_on(async {
+        let mut keys = Vec::new();
+        for i in 0..80 {
+            let b = block_bytes(i);
+            let v = verify(BlockKind::Data, Id::hash(&b), b, true).unwrap();
+            c.put(&v).await.unwrap();
+            keys.push(v.key());
+        }
+        keys
+    });
+    cluster.add();
+    cluster.add();
+    cluster.add();
+    cluster.wait_ring(Duration::from_secs(30));
+    let addrs = cluster.addrs();
+    // Every block ends up on exactly its r successors in the grown ring, and nowhere else.
+    eventually(
+        Duration::from_secs(60),
+        "blocks moved to the new nodes",
+        || {
+            rt.block_on(async {
+                let mut total = 0;
+                for a in &addrs {
+                    total += c.status(*a).await.ok()?.blocks;
+                }
+                if total != (keys.len() * R) as u64 {
+                    return None;
+                }
+                for k in &keys {
+                    let (holders, _) = c.locate(BlockKind::Data, *k).await.ok()?;
+                    let mut got: Vec<SocketAddr> = holders.iter().map(|n| n.addr).collect();
+                    got.sort();
+                    if got != expected_replicas(&addrs, *k) {
+                        return None;
+                    }
+                }
+                Some(())
+            })
+        },
+    );
+}
+
+#[test]
+fn quota_refuses_with_a_clear_error_and_metrics_are_served() {
+    let metrics_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let maddr = format!("127.0.0.1:{metrics_port}");
+    let cluster = Cluster::start(
+        1,
+        &[
+            "--quota-mb",
+            "1",
+            "--replicas",
+            "1",
+            "--successors",
+            "4",
+            "--metrics",
+            &maddr,
+        ],
+    );
+    cluster.wait_ring(Duration::from_secs(30));
+    let dir = cluster.dir.path();
+    let mut stored = 0;
+    let mut refused = None;
+    for i in 0..4 {
+        let f = dir.join(format!("chunk{i}"));
+        std::fs::write(&f, vec![i as u8; 400 * 1024]).unwrap();
+        let out = cfs(&[
+            "block",
+            "put",
+            f.to_str().unwrap(),
+            "--node",
+            &cluster.addr(0),
+        ]);
+        if out.status.success() {
+            stored += 1;
+        } else {
+            refused = Some(String::from_utf8_lossy(&out.stderr).to_string());
+            break;
+        }
+    }
+    assert_eq!(stored, 2, "1 MiB quota holds two 400 KiB blocks");
+    let err = refused.expect("the third block must be refused");
+    assert!(err.contains("quota"), "{err}");
+    // Prometheus text over HTTP.
+    let mut s = std::net::TcpStream::connect(&maddr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains("cfs_refused_quota 1"), "{body}");
+    assert!(body.contains("cfs_blocks 2"), "{body}");
+}
