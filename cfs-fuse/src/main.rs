@@ -86,6 +86,9 @@ enum Cmd {
         /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf).
         #[arg(long)]
         allow_other: bool,
+        /// Seconds a block read may take across all replicas before it fails with EIO.
+        #[arg(long, default_value_t = 20.0)]
+        timeout: f64,
     },
     /// Write a file's bytes to stdout without mounting: FSID[@VERSION]:/PATH.
     Get {
@@ -284,9 +287,14 @@ async fn run(cli: Cli) -> Result<()> {
             poll,
             cache_mb,
             allow_other,
+            timeout,
         } => {
             let fsid = parse_key(&fsid)?;
-            let ring = Arc::new(NetRing::new(client(&node).await?, default_state_dir()));
+            let deadline = Duration::from_secs_f64(timeout.max(0.5));
+            let mut c = client(&node).await?;
+            c.net.timeouts.op = deadline;
+            c.net.timeouts.rpc = c.net.timeouts.rpc.min(deadline / 2);
+            let ring = Arc::new(NetRing::new(c, default_state_dir()));
             let mut opts = MountOpts {
                 version,
                 allow_other,
@@ -294,6 +302,9 @@ async fn run(cli: Cli) -> Result<()> {
                 ..MountOpts::default()
             };
             opts.reader.cache_bytes = cache_mb << 20;
+            // The reader's own limit sits just above the ring's, so the ring's error (which
+            // names the block) is the one reported.
+            opts.reader.deadline = deadline + Duration::from_secs(1);
             cfs_fuse::mount(ring, fsid, &mountpoint, opts)
                 .await
                 .with_context(|| format!("mounting {fsid} at {}", mountpoint.display()))?;

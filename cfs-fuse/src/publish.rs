@@ -69,8 +69,8 @@ pub struct PublishOpts {
 impl Default for PublishOpts {
     fn default() -> Self {
         PublishOpts {
-            parallelism: 16,
-            batch: 64,
+            parallelism: 32,
+            batch: 256,
             progress: true,
             block_size: BLOCK_SIZE,
         }

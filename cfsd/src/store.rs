@@ -119,6 +119,9 @@ impl BlockStore for MemStore {
     }
 }
 
+/// Bytes of redb's page cache.
+pub const REDB_CACHE_BYTES: usize = 32 << 20;
+
 const BLOCKS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("blocks");
 
 fn db_key(kind: BlockKind, key: Id) -> [u8; 21] {
@@ -163,7 +166,11 @@ impl Drop for RedbStore {
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db = redb::Database::create(path).map_err(io)?;
+        // redb's own page cache is bounded so node memory does not grow with the store.
+        let db = redb::Builder::new()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(path)
+            .map_err(io)?;
         {
             let tx = db.begin_write().map_err(io)?;
             tx.open_table(BLOCKS).map_err(io)?;

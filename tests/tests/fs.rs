@@ -367,3 +367,38 @@ fn corrupt(db: &Path, key: Id) {
     }
     tx.commit().unwrap();
 }
+
+#[test]
+fn reads_fail_with_eio_when_the_ring_is_gone_and_work_again_when_it_returns() {
+    let mut cluster = Cluster::start(3, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let src = cluster.dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a"), pattern(300_000, 1)).unwrap();
+    std::fs::write(src.join("b"), pattern(300_000, 2)).unwrap();
+    let key = keygen(&cluster);
+    let (fsid, _) = publish(&cluster, &src, &key, 0);
+    let mnt = cluster.dir.path().join("mnt");
+    let _m = Mount::start(&fsid, &mnt, &cluster.addr(0), &["--timeout", "3"]);
+    // Look b up while the ring is there, so only its data blocks are missing later.
+    assert_eq!(std::fs::metadata(mnt.join("b")).unwrap().len(), 300_000);
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    let t0 = Instant::now();
+    let err = std::fs::read(mnt.join("b")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "EIO took {:?}",
+        t0.elapsed()
+    );
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    eventually(Duration::from_secs(60), "reads to work again", || {
+        std::fs::read(mnt.join("b"))
+            .ok()
+            .filter(|b| *b == pattern(300_000, 2))
+    });
+}
