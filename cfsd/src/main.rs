@@ -50,6 +50,9 @@ struct Args {
     /// Replica maintenance interval in milliseconds.
     #[arg(long, default_value_t = 5000)]
     maintain_ms: u64,
+    /// Interval of the scrub that re-verifies stored blocks, in milliseconds (0: off).
+    #[arg(long, default_value_t = 60000)]
+    scrub_ms: u64,
 }
 
 fn resolve(s: &str) -> Result<SocketAddr> {
@@ -117,6 +120,7 @@ async fn run(args: Args) -> Result<()> {
     cfg.stabilize_every = Duration::from_millis(args.stabilize_ms.max(10));
     cfg.fix_fingers_every = cfg.stabilize_every;
     cfg.maintain_every = Duration::from_millis(args.maintain_ms.max(100));
+    cfg.scrub_every = (args.scrub_ms > 0).then(|| Duration::from_millis(args.scrub_ms.max(100)));
     // The address file is written before joining so scripts can find the node at once;
     // it serves requests while it joins.
     let join = args.join.as_deref().map(resolve).transpose()?;

@@ -36,6 +36,8 @@ counters! {
     repairs_sent: "blocks pushed to replicas by maintenance",
     handoffs_dropped: "blocks dropped after their replicas confirmed holding them",
     stabilize_rounds: "stabilize rounds",
+    scrubbed: "blocks re-verified by the scrub",
+    scrub_corrupt: "blocks the scrub found corrupt and dropped",
 }
 
 impl Metrics {

@@ -32,6 +32,10 @@ pub struct Config {
     pub maintain_every: Duration,
     /// How often to look our own id up through a remembered peer, to merge split rings.
     pub rejoin_every: Duration,
+    /// How often to re-verify stored blocks (None: never), and how many bytes a round
+    /// checks, so a scrub never hogs the disk.
+    pub scrub_every: Option<Duration>,
+    pub scrub_bytes: u64,
     pub timeouts: Timeouts,
     /// Bytes a source prefix (/24, /48; one address on loopback) may store.
     pub quota_bytes: u64,
@@ -55,6 +59,8 @@ impl Config {
             fix_fingers_every: Duration::from_millis(500),
             maintain_every: Duration::from_secs(5),
             rejoin_every: Duration::from_secs(20),
+            scrub_every: Some(Duration::from_secs(60)),
+            scrub_bytes: 64 << 20,
             timeouts: Timeouts::default(),
             quota_bytes: 64 << 30,
             server_selection: true,
@@ -167,6 +173,7 @@ struct Inner<T: Transport> {
     /// Keys this node recently routed lookups for: only those may enter the path cache.
     routed: Mutex<lru::LruCache<Id, ()>>,
     quota: Mutex<BTreeMap<Vec<u8>, u64>>,
+    scrub_cursor: Mutex<Id>,
     rng: Mutex<rand::rngs::SmallRng>,
 }
 
@@ -220,6 +227,7 @@ impl<T: Transport> Node<T> {
                     std::num::NonZeroUsize::new(4096).unwrap(),
                 )),
                 quota: Mutex::default(),
+                scrub_cursor: Mutex::new(Id::ZERO),
                 rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)),
                 cfg,
             }),
@@ -338,7 +346,55 @@ impl<T: Transport> Node<T> {
                 n.rejoin().await;
             }
         }));
+        if let Some(every) = self.inner.cfg.scrub_every {
+            let n = self.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every + n.jitter(every / 4)).await;
+                    n.scrub().await;
+                }
+            }));
+        }
         tasks
+    }
+
+    /// Re-verify stored blocks (with collision detection), resuming where the last round
+    /// stopped. A block that no longer matches its key (bit rot, a tampered file) is
+    /// dropped; maintenance then restores it from the other replicas.
+    pub async fn scrub(&self) {
+        let Ok(list) = self.inner.store.list() else {
+            return;
+        };
+        let start = *self.inner.scrub_cursor.lock().unwrap();
+        let first = list.iter().position(|(_, k, _)| *k > start).unwrap_or(0);
+        let mut checked = 0u64;
+        let mut last = start;
+        for (kind, key, _) in list.iter().cycle().skip(first).take(list.len()) {
+            if checked >= self.inner.cfg.scrub_bytes {
+                break;
+            }
+            last = *key;
+            let store = self.inner.store.clone();
+            let (kind, key) = (*kind, *key);
+            let bad = self
+                .blocking(move || match store.get(kind, key) {
+                    Ok(Some(b)) => {
+                        let n = b.len() as u64;
+                        (n, verify(kind, key, b, true).is_err())
+                    }
+                    _ => (0, false),
+                })
+                .await;
+            let Ok((n, bad)) = bad else { continue };
+            checked += n.max(1);
+            Metrics::inc(&self.inner.metrics.scrubbed);
+            if bad {
+                tracing::warn!(?kind, %key, "scrub found a corrupt block; dropping it for repair");
+                Metrics::inc(&self.inner.metrics.scrub_corrupt);
+                let _ = self.inner.store.remove(kind, key);
+            }
+        }
+        *self.inner.scrub_cursor.lock().unwrap() = last;
     }
 
     fn jitter(&self, max: Duration) -> Duration {
@@ -575,9 +631,9 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    /// DHash maintenance: every block is pushed to the replicas of its key that lack it
-    /// (only by the first replica, or by any holder outside the replica set), and a
-    /// holder outside the set drops its copy once every replica says it holds it.
+    /// DHash maintenance: every holder pushes each block to the replicas of its key that
+    /// lack it (asked in batches, so nothing they hold is resent), and a holder outside
+    /// the set drops its copy once every replica says it holds it.
     pub async fn maintain(&self) {
         let Ok(list) = self.inner.store.list() else {
             return;
@@ -603,11 +659,9 @@ impl<T: Transport> Node<T> {
                 continue;
             }
             let set = self.inner.net.replicas(&l.succs, r).await;
+            // Every holder pushes, not only the first replica: the first may be the one
+            // that lost the block (a scrub dropped it, a disk was replaced).
             let inside = set.iter().any(|n| n.addr == me);
-            let primary = set.first().is_some_and(|n| n.addr == me);
-            if inside && !primary {
-                continue;
-            }
             let items: Vec<(BlockKind, Id)> = group.iter().map(|(k, id, _)| (*k, *id)).collect();
             let mut confirmed = vec![0usize; group.len()];
             for target in set.iter().filter(|n| n.addr != me) {

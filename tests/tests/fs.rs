@@ -290,7 +290,7 @@ fn mount_survives_its_node_dying_and_a_killed_mount_is_cleared() {
 
 #[test]
 fn missing_fsid_is_a_clear_error_and_corrupt_replicas_are_refused() {
-    let mut cluster = Cluster::start(4, &[]);
+    let mut cluster = Cluster::start(4, &["--maintain-ms", "1000", "--scrub-ms", "1000"]);
     cluster.wait_ring(Duration::from_secs(30));
     // A FSID nobody published: an error, not a hang.
     let nobody = Id::hash(b"nobody").to_hex();
@@ -350,6 +350,27 @@ fn missing_fsid_is_a_clear_error_and_corrupt_replicas_are_refused() {
         );
         assert!(out.stdout == content, "corrupt bytes reached the reader");
     }
+    // The scrub drops the corrupt copies and maintenance restores good ones from the
+    // replica that kept it: every holder serves the right bytes again.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    eventually(Duration::from_secs(60), "corrupt replicas repaired", || {
+        rt.block_on(async {
+            let c = cfsd::client::Client::tcp(cluster.nodes[0].addr);
+            let mut good = 0;
+            for h in &holders {
+                let req = cfs_core::wire::Request::Get {
+                    kind: cfs_core::BlockKind::Data,
+                    key: Id::hash(&content),
+                };
+                if let Ok(cfs_core::wire::Response::Block(Some(b))) =
+                    c.net.call(h.parse().unwrap(), req).await
+                {
+                    good += (b == content) as usize;
+                }
+            }
+            (good == holders.len()).then_some(())
+        })
+    });
 }
 
 /// Overwrite a data block's bytes in a stopped node's store.
