@@ -122,7 +122,11 @@ impl BlockStore for MemStore {
 /// Bytes of redb's page cache.
 pub const REDB_CACHE_BYTES: usize = 32 << 20;
 
+/// Block bytes by store key (kind byte, then the 20-byte key).
 const BLOCKS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("blocks");
+/// Per block: version and length (8 + 8 bytes, big-endian), so listing, `Has` and usage
+/// never read block bytes.
+const INDEX: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("index");
 
 fn db_key(kind: BlockKind, key: Id) -> [u8; 21] {
     let mut k = [0u8; 21];
@@ -131,12 +135,22 @@ fn db_key(kind: BlockKind, key: Id) -> [u8; 21] {
     k
 }
 
-/// Value layout: version (8 bytes BE) then the block bytes.
-fn db_value(block: &Verified) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + block.bytes().len());
-    v.extend_from_slice(&block.version().to_be_bytes());
-    v.extend_from_slice(block.bytes());
+fn index_value(version: u64, len: usize) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&version.to_be_bytes());
+    v[8..].copy_from_slice(&(len as u64).to_be_bytes());
     v
+}
+
+/// (version, length) from an index value; None if the entry is malformed.
+fn parse_index(v: &[u8]) -> Option<(u64, u64)> {
+    if v.len() != 16 {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(v[..8].try_into().ok()?),
+        u64::from_be_bytes(v[8..].try_into().ok()?),
+    ))
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -174,6 +188,7 @@ impl RedbStore {
         {
             let tx = db.begin_write().map_err(io)?;
             tx.open_table(BLOCKS).map_err(io)?;
+            tx.open_table(INDEX).map_err(io)?;
             tx.commit().map_err(io)?;
         }
         let db = std::sync::Arc::new(db);
@@ -181,11 +196,13 @@ impl RedbStore {
         {
             use redb::ReadableTable;
             let tx = db.begin_read().map_err(io)?;
-            let t = tx.open_table(BLOCKS).map_err(io)?;
+            let t = tx.open_table(INDEX).map_err(io)?;
             for item in t.iter().map_err(io)? {
                 let (_, v) = item.map_err(io)?;
-                usage.0 += 1;
-                usage.1 += v.value().len().saturating_sub(8) as u64;
+                if let Some((_, len)) = parse_index(v.value()) {
+                    usage.0 += 1;
+                    usage.1 += len;
+                }
             }
         }
         let usage = std::sync::Arc::new(Mutex::new(usage));
@@ -219,22 +236,40 @@ fn writer_loop(db: &redb::Database, rx: mpsc::Receiver<Pending>, usage: &Mutex<(
         let commit = (|| -> Result<(), StoreError> {
             let tx = db.begin_write().map_err(io)?;
             {
-                let mut t = tx.open_table(BLOCKS).map_err(io)?;
+                let mut blocks = tx.open_table(BLOCKS).map_err(io)?;
+                let mut index = tx.open_table(INDEX).map_err(io)?;
                 for (block, _) in &batch {
                     let k = db_key(block.kind(), block.key());
-                    let held = t.get(k.as_slice()).map_err(io)?.map(|g| g.value().to_vec());
-                    let held_ref = held
-                        .as_ref()
-                        .map(|h| (u64::from_be_bytes(h[..8].try_into().unwrap()), &h[8..]));
+                    let held = index
+                        .get(k.as_slice())
+                        .map_err(io)?
+                        .and_then(|g| parse_index(g.value()));
+                    // Only a root of the same version needs its bytes compared.
+                    let held_bytes = match held {
+                        Some((v, _)) if block.kind() == BlockKind::Root && v == block.version() => {
+                            blocks
+                                .get(k.as_slice())
+                                .map_err(io)?
+                                .map(|g| g.value().to_vec())
+                                .unwrap_or_default()
+                        }
+                        _ => Vec::new(),
+                    };
+                    let held_ref = held.map(|(v, _)| (v, held_bytes.as_slice()));
                     match check_root_replace(held_ref, block) {
                         Ok(Some(o)) => results.push(Ok(o)),
                         Err(e) => results.push(Err(e)),
                         Ok(None) => {
-                            t.insert(k.as_slice(), db_value(block).as_slice())
+                            blocks.insert(k.as_slice(), block.bytes()).map_err(io)?;
+                            index
+                                .insert(
+                                    k.as_slice(),
+                                    index_value(block.version(), block.bytes().len()).as_slice(),
+                                )
                                 .map_err(io)?;
-                            match &held {
-                                Some(h) => {
-                                    added.1 += block.bytes().len() as i64 - (h.len() as i64 - 8)
+                            match held {
+                                Some((_, len)) => {
+                                    added.1 += block.bytes().len() as i64 - len as i64
                                 }
                                 None => {
                                     added.0 += 1;
@@ -284,22 +319,25 @@ impl BlockStore for RedbStore {
         let tx = self.db.begin_read().map_err(io)?;
         let t = tx.open_table(BLOCKS).map_err(io)?;
         let v = t.get(db_key(kind, key).as_slice()).map_err(io)?;
-        Ok(v.map(|g| g.value()[8..].to_vec()))
+        Ok(v.map(|g| g.value().to_vec()))
     }
 
     fn version(&self, kind: BlockKind, key: Id) -> Result<Option<u64>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
-        let t = tx.open_table(BLOCKS).map_err(io)?;
+        let t = tx.open_table(INDEX).map_err(io)?;
         let v = t.get(db_key(kind, key).as_slice()).map_err(io)?;
-        Ok(v.map(|g| u64::from_be_bytes(g.value()[..8].try_into().unwrap())))
+        Ok(v.and_then(|g| parse_index(g.value())).map(|(v, _)| v))
     }
 
     fn remove(&self, kind: BlockKind, key: Id) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(io)?;
         let removed = {
-            let mut t = tx.open_table(BLOCKS).map_err(io)?;
-            let r = t.remove(db_key(kind, key).as_slice()).map_err(io)?;
-            r.map(|g| g.value().len().saturating_sub(8) as u64)
+            let k = db_key(kind, key);
+            let mut blocks = tx.open_table(BLOCKS).map_err(io)?;
+            let mut index = tx.open_table(INDEX).map_err(io)?;
+            blocks.remove(k.as_slice()).map_err(io)?;
+            let r = index.remove(k.as_slice()).map_err(io)?;
+            r.and_then(|g| parse_index(g.value())).map(|(_, len)| len)
         };
         tx.commit().map_err(io)?;
         if let Some(n) = removed {
@@ -313,21 +351,21 @@ impl BlockStore for RedbStore {
     fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
         use redb::ReadableTable;
         let tx = self.db.begin_read().map_err(io)?;
-        let t = tx.open_table(BLOCKS).map_err(io)?;
+        let t = tx.open_table(INDEX).map_err(io)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(io)? {
             let (k, v) = item.map_err(io)?;
             let k = k.value();
-            let v = v.value();
-            // Entries that do not parse are skipped, not trusted; scrub removes them.
-            if k.len() != 21 || v.len() < 8 {
+            // Entries that do not parse are skipped, not trusted.
+            if k.len() != 21 {
                 continue;
             }
-            let Some(kind) = BlockKind::from_u8(k[0]) else {
+            let (Some(kind), Some((version, _))) =
+                (BlockKind::from_u8(k[0]), parse_index(v.value()))
+            else {
                 continue;
             };
-            let id = Id(k[1..].try_into().unwrap());
-            out.push((kind, id, u64::from_be_bytes(v[..8].try_into().unwrap())));
+            out.push((kind, Id(k[1..].try_into().unwrap()), version));
         }
         out.sort_by_key(|(k, id, _)| (*id, *k));
         Ok(out)

@@ -382,9 +382,7 @@ fn corrupt(db: &Path, key: Id) {
         let mut table = tx.open_table(t).unwrap();
         let mut k = vec![0u8];
         k.extend_from_slice(&key.0);
-        let mut v = 0u64.to_be_bytes().to_vec();
-        v.extend_from_slice(&vec![0x5a; 100_000]);
-        table.insert(k.as_slice(), v.as_slice()).unwrap();
+        table.insert(k.as_slice(), vec![0x5a; 100_000].as_slice()).unwrap();
     }
     tx.commit().unwrap();
 }
