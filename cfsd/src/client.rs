@@ -15,7 +15,24 @@ pub struct Client<T: Transport = TcpTransport> {
     /// Ring members known to answer: the given node first, others learned from lookups.
     known: Arc<Mutex<Vec<NodeRef>>>,
     pub replicas: usize,
+    /// Successor ranges learned from recent lookups, so reads of keys in a known range go
+    /// straight to its replicas (one RPC instead of a lookup and a get). Only reads use
+    /// it: a stale entry costs a failed attempt and a fresh lookup, never a wrong answer,
+    /// since every block is verified.
+    ranges: Arc<Mutex<Vec<Range>>>,
 }
+
+#[derive(Clone)]
+struct Range {
+    from: Id,
+    to: Id,
+    succs: Vec<NodeRef>,
+    at: tokio::time::Instant,
+}
+
+/// How long a learned successor range is trusted for reads, and how many are kept.
+const RANGE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+const MAX_RANGES: usize = 1024;
 
 impl Client<TcpTransport> {
     pub fn tcp(node: SocketAddr) -> Client<TcpTransport> {
@@ -31,6 +48,7 @@ impl<T: Transport> Client<T> {
             net: Net::new(transport, timeouts, None),
             known: Arc::new(Mutex::new(vec![NodeRef::new(node, 0)])),
             replicas: 3,
+            ranges: Arc::default(),
         }
     }
 
@@ -67,12 +85,64 @@ impl<T: Transport> Client<T> {
     }
 
     pub async fn get(&self, kind: BlockKind, key: Id) -> Result<Verified, DhashError> {
+        if let Some(succs) = self.known_range(key) {
+            let mut order = crate::net::replica_set(&succs, self.replicas);
+            order.sort_by(|a, b| {
+                let ra = self.net.rtt_us(a.addr).unwrap_or(f64::MAX);
+                let rb = self.net.rtt_us(b.addr).unwrap_or(f64::MAX);
+                ra.total_cmp(&rb)
+            });
+            for n in order {
+                if let Ok(Response::Block(Some(bytes))) =
+                    self.net.call(n.addr, Request::Get { kind, key }).await
+                {
+                    if let Ok(v) = cfs_core::block::verify(kind, key, bytes, false) {
+                        return Ok(v);
+                    }
+                }
+            }
+            self.forget_range(key);
+        }
         let (v, l) = self
             .net
             .get(&self.start(), kind, key, self.replicas, true)
             .await?;
         self.learn(l.succs.iter().copied());
+        if l.found.is_none() && !l.succs.is_empty() {
+            self.remember_range(l.from, &l.succs);
+        }
         Ok(v)
+    }
+
+    fn known_range(&self, key: Id) -> Option<Vec<NodeRef>> {
+        let now = tokio::time::Instant::now();
+        let mut r = self.ranges.lock().unwrap();
+        r.retain(|x| now.duration_since(x.at) < RANGE_TTL);
+        r.iter()
+            .find(|x| key.in_half_open(x.from, x.to))
+            .map(|x| x.succs.clone())
+    }
+
+    fn forget_range(&self, key: Id) {
+        self.ranges
+            .lock()
+            .unwrap()
+            .retain(|x| !key.in_half_open(x.from, x.to));
+    }
+
+    fn remember_range(&self, from: Id, succs: &[NodeRef]) {
+        let mut r = self.ranges.lock().unwrap();
+        let to = succs[0].id;
+        r.retain(|x| !(x.from == from && x.to == to));
+        if r.len() >= MAX_RANGES {
+            r.remove(0);
+        }
+        r.push(Range {
+            from,
+            to,
+            succs: succs.to_vec(),
+            at: tokio::time::Instant::now(),
+        });
     }
 
     pub async fn put(&self, block: &Verified) -> Result<PutReceipt, DhashError> {

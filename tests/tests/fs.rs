@@ -382,7 +382,9 @@ fn corrupt(db: &Path, key: Id) {
         let mut table = tx.open_table(t).unwrap();
         let mut k = vec![0u8];
         k.extend_from_slice(&key.0);
-        table.insert(k.as_slice(), vec![0x5a; 100_000].as_slice()).unwrap();
+        table
+            .insert(k.as_slice(), vec![0x5a; 100_000].as_slice())
+            .unwrap();
     }
     tx.commit().unwrap();
 }
@@ -420,4 +422,61 @@ fn reads_fail_with_eio_when_the_ring_is_gone_and_work_again_when_it_returns() {
             .ok()
             .filter(|b| *b == pattern(300_000, 2))
     });
+}
+
+#[test]
+fn demo_runs_a_ring_publishes_mounts_and_cleans_up_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), "hello from the demo\n").unwrap();
+    let mnt = dir.path().join("mnt");
+    let mut child = Command::new(cfs_tests::bin("cfs"))
+        .args([
+            "demo",
+            src.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+            "--nodes",
+            "3",
+        ])
+        .env("CFS_STATE_DIR", cfs_tests::state_dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let guard = scopeguard(pid, mnt.clone());
+    eventually(Duration::from_secs(60), "the demo mount", || {
+        std::fs::read_to_string(mnt.join("hello.txt"))
+            .ok()
+            .filter(|s| s == "hello from the demo\n")
+    });
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "demo exited with {st}");
+    assert!(!cfs_tests::is_mounted(&mnt), "demo left its mount behind");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.contains("Mounted read-only at"), "{out}");
+    // The process is reaped and unmounted: nothing for the guard to do.
+    std::mem::forget(guard);
+}
+
+/// Kills the demo and clears its mount if the test fails midway.
+fn scopeguard(pid: i32, mnt: std::path::PathBuf) -> impl Drop {
+    struct G(i32, std::path::PathBuf);
+    impl Drop for G {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+            if cfs_tests::is_mounted(&self.1) {
+                let _ = Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(&self.1)
+                    .status();
+            }
+        }
+    }
+    G(pid, mnt)
 }
