@@ -60,6 +60,12 @@ pub enum Request {
         bytes: Vec<u8>,
         transfer: bool,
     },
+    /// Store several blocks in one request and one commit (small files at publish).
+    /// Each block gets its own answer.
+    PutMany {
+        blocks: Vec<WireBlock>,
+        transfer: bool,
+    },
     /// Fetch a block from the permanent store or the cache.
     Get {
         kind: BlockKind,
@@ -77,6 +83,15 @@ pub enum Request {
         bytes: Vec<u8>,
     },
     Status,
+}
+
+/// A block as carried in a batch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireBlock {
+    pub kind: BlockKind,
+    pub key: Id,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
 }
 
 /// Where a lookup step went.
@@ -108,6 +123,8 @@ pub enum Response {
     Stored {
         fresh: bool,
     },
+    /// One answer per block of a PutMany: whether it was new to this node.
+    StoredMany(Vec<Result<bool, RemoteError>>),
     Block(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// One entry per item asked: None if absent, else the held version (0 for content).
     Have(Vec<Option<u64>>),

@@ -89,6 +89,25 @@ impl BlockService for NetRing {
         })
     }
 
+    async fn put_many(&self, blocks: Vec<Verified>) -> Result<Vec<PutReceipt>, RingError> {
+        let Some(first) = blocks.first() else {
+            return Ok(Vec::new());
+        };
+        let (kind, key) = (first.kind(), first.key());
+        let rs = self
+            .client
+            .put_many(&blocks)
+            .await
+            .map_err(|e| ring_err(kind, key, e))?;
+        Ok(rs
+            .into_iter()
+            .map(|r| PutReceipt {
+                stored_on: r.stored_on,
+                wanted: r.wanted,
+            })
+            .collect())
+    }
+
     async fn has_everywhere(&self, items: Vec<(BlockKind, Id)>) -> Result<Vec<bool>, RingError> {
         let with_versions: Vec<(BlockKind, Id, u64)> =
             items.iter().map(|(k, id)| (*k, *id, 0)).collect();

@@ -3,7 +3,7 @@
 //! leaves the previous version intact. Also the publisher's key file.
 
 use crate::ring::{BlockService, PutReceipt, RingError};
-use cfs_core::block::{root_key, verify, RootBlock, Totals};
+use cfs_core::block::{root_key, verify, RootBlock, Totals, Verified};
 use cfs_core::fs::{
     build_dir, build_file_tree, build_symlink, chunk_block, DirEntry, EntryKind, FileData, Inode,
     InodeBody, LayoutError, Meta, NewBlock, BLOCK_SIZE, INLINE_MAX,
@@ -211,6 +211,12 @@ fn scan(path: &Path, md: &std::fs::Metadata, s: &mut Scan) -> Result<Option<Node
     Ok(None)
 }
 
+/// Blocks up to this size are sent in batches (`put_many`).
+const SMALL_BLOCK: usize = 64 * 1024;
+/// Most blocks and bytes in one batch.
+const SMALL_BATCH: usize = 256;
+const SMALL_BATCH_BYTES: usize = 768 * 1024;
+
 /// Sends blocks: dedups within the publish, asks the ring in batches which it lacks,
 /// and keeps at most `parallelism` puts in flight.
 struct Uploader<R: BlockService> {
@@ -221,7 +227,7 @@ struct Uploader<R: BlockService> {
     pending_bytes: usize,
     seen: HashSet<(BlockKind, Id)>,
     all: Vec<(BlockKind, Id)>,
-    tasks: JoinSet<Result<PutReceipt, RingError>>,
+    tasks: JoinSet<Result<Vec<PutReceipt>, RingError>>,
     new: u64,
     replicas: usize,
     pb: ProgressBar,
@@ -251,11 +257,26 @@ impl<R: BlockService> Uploader<R> {
             .ring
             .has_everywhere(batch.iter().map(|b| (b.kind, b.key)).collect())
             .await?;
+        // Small blocks (inodes, directory pages, small files) travel in batches: one
+        // request and one commit per replica instead of one per block.
+        let mut small: Vec<Verified> = Vec::new();
+        let mut small_bytes = 0;
         for (b, h) in batch
             .into_iter()
             .zip(have.into_iter().chain(std::iter::repeat(false)))
         {
             if h {
+                continue;
+            }
+            self.new += 1;
+            let v = b.into_verified();
+            if v.bytes().len() <= SMALL_BLOCK {
+                small_bytes += v.bytes().len();
+                small.push(v);
+                if small.len() >= SMALL_BATCH || small_bytes >= SMALL_BATCH_BYTES {
+                    self.spawn_many(std::mem::take(&mut small)).await?;
+                    small_bytes = 0;
+                }
                 continue;
             }
             let permit = self
@@ -265,9 +286,8 @@ impl<R: BlockService> Uploader<R> {
                 .await
                 .expect("semaphore open");
             let ring = self.ring.clone();
-            self.new += 1;
             self.tasks.spawn(async move {
-                let r = ring.put(b.into_verified()).await;
+                let r = ring.put(v).await.map(|r| vec![r]);
                 drop(permit);
                 r
             });
@@ -275,17 +295,41 @@ impl<R: BlockService> Uploader<R> {
                 self.reap(r)?;
             }
         }
+        if !small.is_empty() {
+            self.spawn_many(small).await?;
+        }
         self.pb
             .set_message(format!("{} blocks, {} new", self.all.len(), self.new));
         Ok(())
     }
 
+    async fn spawn_many(&mut self, blocks: Vec<Verified>) -> Result<(), PublishError> {
+        let permit = self
+            .sem
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        let ring = self.ring.clone();
+        self.tasks.spawn(async move {
+            let r = ring.put_many(blocks).await;
+            drop(permit);
+            r
+        });
+        while let Some(r) = self.tasks.try_join_next() {
+            self.reap(r)?;
+        }
+        Ok(())
+    }
+
     fn reap(
         &mut self,
-        r: Result<Result<PutReceipt, RingError>, tokio::task::JoinError>,
+        r: Result<Result<Vec<PutReceipt>, RingError>, tokio::task::JoinError>,
     ) -> Result<(), PublishError> {
-        let rc = r.map_err(|e| RingError::Unreachable(format!("put task failed: {e}")))??;
-        self.replicas = self.replicas.max(rc.wanted);
+        let rcs = r.map_err(|e| RingError::Unreachable(format!("put task failed: {e}")))??;
+        for rc in rcs {
+            self.replicas = self.replicas.max(rc.wanted);
+        }
         Ok(())
     }
 

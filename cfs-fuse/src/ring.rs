@@ -34,6 +34,21 @@ pub trait BlockService: Send + Sync + 'static {
     /// Store on all r replicas (or as many live nodes as exist, said in the receipt).
     fn put(&self, block: Verified) -> impl Future<Output = Result<PutReceipt, RingError>> + Send;
 
+    /// Store many (small) blocks, batched per replica where the ring allows; one receipt
+    /// per block, in order.
+    fn put_many(
+        &self,
+        blocks: Vec<Verified>,
+    ) -> impl Future<Output = Result<Vec<PutReceipt>, RingError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(blocks.len());
+            for b in blocks {
+                out.push(self.put(b).await?);
+            }
+            Ok(out)
+        }
+    }
+
     /// For each item: is it held by all r replicas right now (asked, not assumed).
     fn has_everywhere(
         &self,
@@ -41,5 +56,8 @@ pub trait BlockService: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<bool>, RingError>> + Send;
 
     /// The highest valid version of a root among its replicas, if any replica has it.
-    fn get_root(&self, fsid: Id) -> impl Future<Output = Result<Option<Verified>, RingError>> + Send;
+    fn get_root(
+        &self,
+        fsid: Id,
+    ) -> impl Future<Output = Result<Option<Verified>, RingError>> + Send;
 }

@@ -4,7 +4,7 @@
 use crate::net::{DhashError, Lookup, LookupError, Net, PutReceipt, Timeouts};
 use crate::transport::{CallError, TcpTransport, Transport};
 use cfs_core::block::{BlockKind, Verified};
-use cfs_core::wire::{Request, Response, StatusInfo};
+use cfs_core::wire::{Request, Response, StatusInfo, WireBlock};
 use cfs_core::{Id, NodeRef};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -153,28 +153,38 @@ impl<T: Transport> Client<T> {
         self.net.get_root(&self.start(), fsid, self.replicas).await
     }
 
-    /// For each item: do all r replicas hold it now (roots: at least that version)?
-    /// Lookups are shared by items that fall in the same successor range.
-    pub async fn has_everywhere(
-        &self,
-        items: &[(BlockKind, Id, u64)],
-    ) -> Result<Vec<bool>, DhashError> {
-        let mut order: Vec<usize> = (0..items.len()).collect();
-        order.sort_by_key(|&i| items[i].1);
-        let mut out = vec![false; items.len()];
+    /// Group keys by the successor range they fall in: one lookup per range, not per
+    /// key. Returns (replica set, indexes into `keys`) per group.
+    async fn by_range(&self, keys: &[Id]) -> Result<Vec<(Vec<NodeRef>, Vec<usize>)>, DhashError> {
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by_key(|&i| keys[i]);
+        let mut groups = Vec::new();
         let mut i = 0;
         while i < order.len() {
-            let l = self.lookup(items[order[i]].1).await?;
+            let l = self.lookup(keys[order[i]]).await?;
             let mut group = Vec::new();
-            while i < order.len() && items[order[i]].1.in_half_open(l.from, l.succs[0].id) {
+            while i < order.len() && keys[order[i]].in_half_open(l.from, l.succs[0].id) {
                 group.push(order[i]);
                 i += 1;
             }
             if group.is_empty() {
+                // The answer did not cover the key (the ring is moving): it goes alone.
                 group.push(order[i]);
                 i += 1;
             }
-            let set = self.net.replicas(&l.succs, self.replicas).await;
+            groups.push((self.net.replicas(&l.succs, self.replicas).await, group));
+        }
+        Ok(groups)
+    }
+
+    /// For each item: do all r replicas hold it now (roots: at least that version)?
+    pub async fn has_everywhere(
+        &self,
+        items: &[(BlockKind, Id, u64)],
+    ) -> Result<Vec<bool>, DhashError> {
+        let keys: Vec<Id> = items.iter().map(|x| x.1).collect();
+        let mut out = vec![false; items.len()];
+        for (set, group) in self.by_range(&keys).await? {
             let asks: Vec<(BlockKind, Id)> =
                 group.iter().map(|&g| (items[g].0, items[g].1)).collect();
             let mut count = vec![0usize; group.len()];
@@ -184,18 +194,88 @@ impl<T: Transport> Client<T> {
                 let a = n.addr;
                 async move { net.has(a, &asks).await }
             });
-            for res in crate::net::join_all(calls).await {
-                if let Ok(have) = res {
-                    for (j, h) in have.iter().enumerate() {
-                        if h.is_some_and(|v| v >= items[group[j]].2) {
-                            count[j] += 1;
-                        }
+            for have in crate::net::join_all(calls).await.into_iter().flatten() {
+                for (j, h) in have.iter().enumerate() {
+                    if h.is_some_and(|v| v >= items[group[j]].2) {
+                        count[j] += 1;
                     }
                 }
             }
             for (j, &g) in group.iter().enumerate() {
                 out[g] = set.len() >= self.replicas && count[j] >= self.replicas;
             }
+        }
+        Ok(out)
+    }
+
+    /// Store many blocks: one PutMany per replica and range (split to fit a frame), all
+    /// replicas in parallel. One receipt per block, in order; a refusal of any block is an
+    /// error for the whole call.
+    pub async fn put_many(&self, blocks: &[Verified]) -> Result<Vec<PutReceipt>, DhashError> {
+        let keys: Vec<Id> = blocks.iter().map(|b| b.key()).collect();
+        let mut out = vec![
+            PutReceipt {
+                stored_on: 0,
+                wanted: self.replicas,
+                fresh: 0
+            };
+            blocks.len()
+        ];
+        for (set, group) in self.by_range(&keys).await? {
+            for chunk in crate::net::chunk_by_bytes(&group, |g| blocks[g].bytes().len()) {
+                let wire: Vec<WireBlock> = chunk
+                    .iter()
+                    .map(|&g| WireBlock {
+                        kind: blocks[g].kind(),
+                        key: blocks[g].key(),
+                        bytes: blocks[g].bytes().to_vec(),
+                    })
+                    .collect();
+                let calls = set.iter().map(|n| {
+                    let net = self.net.clone();
+                    let req = Request::PutMany {
+                        blocks: wire.clone(),
+                        transfer: false,
+                    };
+                    let a = n.addr;
+                    async move { net.call(a, req).await }
+                });
+                for res in crate::net::join_all(calls).await {
+                    match res {
+                        Ok(Response::StoredMany(answers)) if answers.len() == chunk.len() => {
+                            for (&g, a) in chunk.iter().zip(answers) {
+                                match a {
+                                    Ok(fresh) => {
+                                        out[g].stored_on += 1;
+                                        out[g].fresh += fresh as usize;
+                                    }
+                                    Err(e) => {
+                                        return Err(DhashError::Refused {
+                                            key: blocks[g].key(),
+                                            why: e.to_string(),
+                                        })
+                                    }
+                                }
+                            }
+                        }
+                        Err(CallError::Remote(e)) => {
+                            return Err(DhashError::Refused {
+                                key: blocks[chunk[0]].key(),
+                                why: e.to_string(),
+                            })
+                        }
+                        // A replica that did not answer leaves its blocks short of r:
+                        // the receipt says so.
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if let Some(i) = out.iter().position(|r| r.stored_on == 0) {
+            return Err(DhashError::NotStored {
+                key: blocks[i].key(),
+                last: "no replica answered".into(),
+            });
         }
         Ok(out)
     }

@@ -4,7 +4,7 @@
 
 use crate::transport::{CallError, Transport};
 use cfs_core::block::{verify, BlockKind, Verified};
-use cfs_core::wire::{Request, Response, Step, MAX_BATCH};
+use cfs_core::wire::{Request, Response, Step, MAX_BATCH, MAX_FRAME_BYTES};
 use cfs_core::{Id, NodeRef};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -105,6 +105,9 @@ pub struct Net<T: Transport> {
     /// Our own address, if we are a ring member: calls to it are not hops.
     pub me: Option<SocketAddr>,
     rtt: Arc<Mutex<BTreeMap<SocketAddr, f64>>>,
+    /// The latest ring-size estimate a lookup step reported: the first hop of the next
+    /// lookup needs it to weigh progress against RTT.
+    n_est: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl<T: Transport> Net<T> {
@@ -115,6 +118,7 @@ impl<T: Transport> Net<T> {
             server_selection: true,
             me,
             rtt: Arc::default(),
+            n_est: Arc::new(std::sync::atomic::AtomicU32::new(1)),
         }
     }
 
@@ -133,6 +137,12 @@ impl<T: Transport> Net<T> {
             }
         }
         r
+    }
+
+    /// Record a ring-size estimate (a node knows one from its successor list).
+    pub fn note_ring_size(&self, n: u32) {
+        self.n_est
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Smoothed RTT in microseconds, if measured.
@@ -163,11 +173,14 @@ impl<T: Transport> Net<T> {
         // Stack of candidate lists, newest on top; fall back to older lists on failures.
         let mut stack: Vec<Vec<(NodeRef, f64)>> =
             vec![start.into_iter().map(|n| (n, 0.0)).collect()];
-        let mut n_est = 1u32;
+        let mut n_est = self.n_est.load(std::sync::atomic::Ordering::Relaxed);
         let mut last = String::from("no candidates");
         let mut asked: BTreeSet<(SocketAddr, u16)> = BTreeSet::new();
+        // Hops count answered RPCs to other nodes; attempts also count the ones that
+        // failed, which cost a timeout each, so both are capped.
+        let mut attempts = 0u32;
         loop {
-            if hops > MAX_HOPS {
+            if hops > MAX_HOPS || attempts > 3 * MAX_HOPS {
                 return Err(LookupError::TooManyHops(key));
             }
             let Some(top) = stack.last_mut() else {
@@ -183,16 +196,18 @@ impl<T: Transport> Net<T> {
             let i = self.pick(top, key, n_est);
             let (node, _) = top.remove(i);
             asked.insert((node.addr, node.vnode));
-            if Some(node.addr) != self.me {
-                hops += 1;
-            }
             path.push(node);
             let req = Request::FindStep {
                 vnode: node.vnode,
                 key,
                 want,
             };
-            match self.call(node.addr, req).await {
+            attempts += 1;
+            let reply = self.call(node.addr, req).await;
+            if reply.is_ok() && Some(node.addr) != self.me {
+                hops += 1;
+            }
+            match reply {
                 Ok(Response::Step(Step::Done { from, succs })) if !succs.is_empty() => {
                     return Ok(Lookup {
                         from,
@@ -220,7 +235,9 @@ impl<T: Transport> Net<T> {
                     last = format!("{} returned a bad block", node.addr);
                 }
                 Ok(Response::Step(Step::Closer { nodes, n_est: n })) => {
-                    n_est = n_est.max(n);
+                    n_est = n.max(1);
+                    self.n_est
+                        .store(n_est, std::sync::atomic::Ordering::Relaxed);
                     let next: Vec<(NodeRef, f64)> = nodes
                         .into_iter()
                         .take(CLOSER_COUNT * 2)
@@ -557,4 +574,25 @@ pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>)
     })
     .await;
     outs.into_iter().map(|o| o.unwrap()).collect()
+}
+
+/// Split indexes into runs that fit one frame (and one batch).
+pub fn chunk_by_bytes(items: &[usize], size: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let budget = MAX_FRAME_BYTES - 64 * 1024;
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut cur = Vec::new();
+    let mut bytes = 0;
+    for &i in items {
+        let n = size(i) + 64;
+        if !cur.is_empty() && (bytes + n > budget || cur.len() >= MAX_BATCH) {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        bytes += n;
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }

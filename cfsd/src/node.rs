@@ -9,7 +9,8 @@ use crate::store::{BlockStore, PutOutcome, StoreError};
 use crate::transport::{Handler, Transport};
 use cfs_core::block::{verify, BlockKind};
 use cfs_core::wire::{
-    ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, MAX_BATCH, MAX_REFS,
+    ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, WireBlock, MAX_BATCH,
+    MAX_REFS,
 };
 use cfs_core::{Id, NodeRef};
 use rand::{Rng, SeedableRng};
@@ -190,6 +191,9 @@ impl<T: Transport> Clone for Node<T> {
     }
 }
 
+/// How many recently routed keys a node remembers for the path cache.
+const ROUTED_KEYS: usize = 4096;
+
 fn remote(kind: ErrorKind, msg: impl Into<String>) -> RemoteError {
     RemoteError::new(kind, msg)
 }
@@ -223,9 +227,9 @@ impl<T: Transport> Node<T> {
                 vnodes,
                 metrics: Metrics::default(),
                 seen: Mutex::default(),
-                routed: Mutex::new(lru::LruCache::new(
-                    std::num::NonZeroUsize::new(4096).unwrap(),
-                )),
+                // Unbounded with a manual cap: a bounded LruCache allocates its whole
+                // table up front, which adds up over thousands of simulated nodes.
+                routed: Mutex::new(lru::LruCache::unbounded()),
                 quota: Mutex::default(),
                 scrub_cursor: Mutex::new(Id::ZERO),
                 rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)),
@@ -583,7 +587,8 @@ impl<T: Transport> Node<T> {
                 hops: 0,
                 found: None,
             }),
-            Step::Closer { nodes, .. } => {
+            Step::Closer { nodes, n_est } => {
+                self.inner.net.note_ring_size(n_est);
                 let start = nodes.into_iter().map(|(n, _)| n).collect();
                 let mut l = self.inner.net.lookup(start, key, want).await?;
                 l.path.insert(0, me);
@@ -668,20 +673,52 @@ impl<T: Transport> Node<T> {
                 let Ok(have) = self.inner.net.has(target.addr, &items).await else {
                     continue;
                 };
-                for (j, (kind, key, ver)) in group.iter().enumerate() {
+                let mut missing = Vec::new();
+                for (j, (_, _, ver)) in group.iter().enumerate() {
                     if have[j].is_some_and(|v| v >= *ver) {
                         confirmed[j] += 1;
-                        continue;
+                    } else {
+                        missing.push(j);
                     }
-                    let Ok(Some(bytes)) = self.inner.store.get(*kind, *key) else {
-                        continue;
+                }
+                // Push what the replica lacks, batched: one request and commit per run.
+                let blocks: Vec<Option<Vec<u8>>> = missing
+                    .iter()
+                    .map(|&j| self.inner.store.get(group[j].0, group[j].1).ok().flatten())
+                    .collect();
+                let sizes: Vec<usize> = blocks
+                    .iter()
+                    .map(|b| b.as_ref().map_or(0, |b| b.len()))
+                    .collect();
+                let idx: Vec<usize> = (0..missing.len()).collect();
+                for run in crate::net::chunk_by_bytes(&idx, |i| sizes[i]) {
+                    let wire: Vec<WireBlock> = run
+                        .iter()
+                        .filter_map(|&i| {
+                            let (kind, key, _) = group[missing[i]];
+                            blocks[i]
+                                .clone()
+                                .map(|bytes| WireBlock { kind, key, bytes })
+                        })
+                        .collect();
+                    let sent: Vec<usize> = run
+                        .iter()
+                        .filter(|&&i| blocks[i].is_some())
+                        .map(|&i| missing[i])
+                        .collect();
+                    let req = Request::PutMany {
+                        blocks: wire,
+                        transfer: true,
                     };
-                    let Ok(v) = verify(*kind, *key, bytes, false) else {
-                        continue;
-                    };
-                    if self.inner.net.put_to(&[*target], &v, r, true).await.is_ok() {
-                        Metrics::inc(&self.inner.metrics.repairs_sent);
-                        confirmed[j] += 1;
+                    if let Ok(Response::StoredMany(answers)) =
+                        self.inner.net.call(target.addr, req).await
+                    {
+                        for (j, a) in sent.iter().zip(answers) {
+                            if a.is_ok() {
+                                Metrics::inc(&self.inner.metrics.repairs_sent);
+                                confirmed[*j] += 1;
+                            }
+                        }
                     }
                 }
             }
@@ -750,17 +787,16 @@ impl<T: Transport> Node<T> {
         })
     }
 
-    async fn put(
+    /// Store a batch of blocks from `peer`: quota, verification with collision
+    /// detection, one store commit. One answer per block (true: new to this node).
+    async fn put_many(
         &self,
         peer: SocketAddr,
         from: Option<SocketAddr>,
-        kind: BlockKind,
-        key: Id,
-        bytes: Vec<u8>,
+        blocks: Vec<WireBlock>,
         transfer: bool,
-    ) -> Result<Response, RemoteError> {
+    ) -> Vec<Result<bool, RemoteError>> {
         let m = &self.inner.metrics;
-        let len = bytes.len() as u64;
         // Charged per source prefix; transfers between ring members are not. On loopback
         // every process shares one address, so a transfer there is judged by its claim
         // of a listen address that is a member we know.
@@ -774,7 +810,10 @@ impl<T: Transport> Node<T> {
                         })
                 }));
         let prefix = quota_prefix(peer.ip());
-        if !member {
+        let quota = self.inner.cfg.quota_bytes;
+        let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
+        let mut todo = Vec::with_capacity(blocks.len());
+        {
             let used = self
                 .inner
                 .quota
@@ -783,49 +822,85 @@ impl<T: Transport> Node<T> {
                 .get(&prefix)
                 .copied()
                 .unwrap_or(0);
-            if used + len > self.inner.cfg.quota_bytes {
-                Metrics::inc(&m.refused_quota);
-                return Err(remote(
-                    ErrorKind::Quota,
-                    format!(
-                        "storage quota of {} bytes for your address is used up",
-                        self.inner.cfg.quota_bytes
-                    ),
-                ));
+            let mut pending = 0u64;
+            for (i, b) in blocks.into_iter().enumerate() {
+                let len = b.bytes.len() as u64;
+                if !member && used + pending + len > quota {
+                    Metrics::inc(&m.refused_quota);
+                    answers[i] = Some(Err(remote(
+                        ErrorKind::Quota,
+                        format!("storage quota of {quota} bytes for your address is used up"),
+                    )));
+                    continue;
+                }
+                pending += len;
+                todo.push((i, b));
             }
         }
-        // Verify off the async workers: hashing a large block takes a while.
-        let v = match self
-            .blocking(move || verify(kind, key, bytes, true))
-            .await?
-        {
-            Ok(v) => v,
+        // Verify and store off the async workers: hashing and fsync take a while.
+        let store = self.inner.store.clone();
+        let done = self
+            .blocking(move || {
+                let mut ok = Vec::new();
+                let mut out = Vec::new();
+                for (i, b) in todo {
+                    let len = b.bytes.len() as u64;
+                    match verify(b.kind, b.key, b.bytes, true) {
+                        Ok(v) => ok.push((i, len, v)),
+                        Err(e) => out.push((i, 0, Err(e.to_string()))),
+                    }
+                }
+                let vs: Vec<_> = ok.iter().map(|(_, _, v)| v.clone()).collect();
+                for ((i, len, _), r) in ok.iter().zip(store.put_many(&vs)) {
+                    out.push((*i, *len, Ok(r)));
+                }
+                out
+            })
+            .await;
+        let done = match done {
+            Ok(d) => d,
             Err(e) => {
-                Metrics::inc(&m.refused_invalid);
-                tracing::debug!(%peer, %key, error = %e, "refused block");
-                return Err(remote(ErrorKind::Invalid, e.to_string()));
+                return answers
+                    .into_iter()
+                    .map(|a| a.unwrap_or_else(|| Err(e.clone())))
+                    .collect()
             }
         };
-        let store = self.inner.store.clone();
-        let outcome = self.blocking(move || store.put(&v)).await?;
-        match outcome {
-            Ok(PutOutcome::Stored) => {
-                Metrics::inc(&m.puts_stored);
-                if !member {
-                    *self.inner.quota.lock().unwrap().entry(prefix).or_default() += len;
+        for (i, len, r) in done {
+            answers[i] = Some(match r {
+                Err(why) => {
+                    Metrics::inc(&m.refused_invalid);
+                    tracing::debug!(%peer, error = %why, "refused block");
+                    Err(remote(ErrorKind::Invalid, why))
                 }
-                Ok(Response::Stored { fresh: true })
-            }
-            Ok(PutOutcome::Present) => {
-                Metrics::inc(&m.puts_present);
-                Ok(Response::Stored { fresh: false })
-            }
-            Err(e @ (StoreError::Stale { .. } | StoreError::Conflict(_))) => {
-                Metrics::inc(&m.refused_stale);
-                Err(remote(ErrorKind::Stale, e.to_string()))
-            }
-            Err(e) => Err(remote(ErrorKind::Storage, e.to_string())),
+                Ok(Ok(PutOutcome::Stored)) => {
+                    Metrics::inc(&m.puts_stored);
+                    if !member {
+                        *self
+                            .inner
+                            .quota
+                            .lock()
+                            .unwrap()
+                            .entry(prefix.clone())
+                            .or_default() += len;
+                    }
+                    Ok(true)
+                }
+                Ok(Ok(PutOutcome::Present)) => {
+                    Metrics::inc(&m.puts_present);
+                    Ok(false)
+                }
+                Ok(Err(e @ (StoreError::Stale { .. } | StoreError::Conflict(_)))) => {
+                    Metrics::inc(&m.refused_stale);
+                    Err(remote(ErrorKind::Stale, e.to_string()))
+                }
+                Ok(Err(e)) => Err(remote(ErrorKind::Storage, e.to_string())),
+            });
         }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(remote(ErrorKind::Storage, "block not processed"))))
+            .collect()
     }
 
     /// Run CPU- or disk-bound work off the async workers (or inline, see `Config`).
@@ -876,7 +951,13 @@ impl<T: Transport> Handler for Node<T> {
                     }
                 }
                 let step = self.vnode(vnode)?.lock().unwrap().step(key);
-                self.inner.routed.lock().unwrap().put(key, ());
+                {
+                    let mut routed = self.inner.routed.lock().unwrap();
+                    routed.put(key, ());
+                    if routed.len() > ROUTED_KEYS {
+                        routed.pop_lru();
+                    }
+                }
                 Ok(Response::Step(step))
             }
             Request::Neighbors { vnode } => {
@@ -902,7 +983,24 @@ impl<T: Transport> Handler for Node<T> {
                 key,
                 bytes,
                 transfer,
-            } => self.put(peer, from, kind, key, bytes, transfer).await,
+            } => {
+                let b = WireBlock { kind, key, bytes };
+                let mut r = self.put_many(peer, from, vec![b], transfer).await;
+                r.pop()
+                    .expect("one answer per block")
+                    .map(|fresh| Response::Stored { fresh })
+            }
+            Request::PutMany { blocks, transfer } => {
+                if blocks.len() > MAX_BATCH {
+                    return Err(self.refuse(remote(
+                        ErrorKind::BadRequest,
+                        format!("at most {MAX_BATCH} blocks per PutMany"),
+                    )));
+                }
+                Ok(Response::StoredMany(
+                    self.put_many(peer, from, blocks, transfer).await,
+                ))
+            }
             Request::Get { kind, key } => {
                 Metrics::inc(&m.gets_served);
                 let b = self.lookup_block(kind, key);

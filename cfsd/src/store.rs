@@ -33,6 +33,10 @@ pub type StoreKey = (BlockKind, Id);
 pub trait BlockStore: Send + Sync + 'static {
     /// Durably store a verified block. Roots only replace an older version.
     fn put(&self, block: &Verified) -> Result<PutOutcome, StoreError>;
+    /// Store several blocks, durably, with one answer each (one commit where possible).
+    fn put_many(&self, blocks: &[Verified]) -> Vec<Result<PutOutcome, StoreError>> {
+        blocks.iter().map(|b| self.put(b)).collect()
+    }
     fn get(&self, kind: BlockKind, key: Id) -> Result<Option<Vec<u8>>, StoreError>;
     /// Held version (0 for content blocks), if held.
     fn version(&self, kind: BlockKind, key: Id) -> Result<Option<u64>, StoreError>;
@@ -313,6 +317,27 @@ impl BlockStore for RedbStore {
             .send((block.clone(), tx))
             .map_err(|_| stopped())?;
         rx.recv().map_err(|_| stopped())?
+    }
+
+    /// All blocks go to the writer before waiting, so they share one commit.
+    fn put_many(&self, blocks: &[Verified]) -> Vec<Result<PutOutcome, StoreError>> {
+        let stopped = || StoreError::Io("store writer stopped".into());
+        let mut waits = Vec::with_capacity(blocks.len());
+        {
+            let w = self.writer.lock().unwrap();
+            for b in blocks {
+                let (tx, rx) = mpsc::sync_channel(1);
+                let sent = w.as_ref().is_some_and(|w| w.send((b.clone(), tx)).is_ok());
+                waits.push(sent.then_some(rx));
+            }
+        }
+        waits
+            .into_iter()
+            .map(|rx| match rx {
+                Some(rx) => rx.recv().map_err(|_| stopped())?,
+                None => Err(stopped()),
+            })
+            .collect()
     }
 
     fn get(&self, kind: BlockKind, key: Id) -> Result<Option<Vec<u8>>, StoreError> {
