@@ -145,7 +145,7 @@ async fn run_in(scratch: &Path, dir: &Path, mountpoint: &Path, n: usize) -> Resu
     );
     println!();
     println!("Ctrl-C unmounts, stops the ring and deletes its temporary storage.");
-    wait_for_signal().await;
+    cfsd::daemon::wait_for_signal().await;
     eprintln!("cfs demo: unmounting and stopping");
     tokio::task::spawn_blocking(move || handle.unmount()).await??;
     Ok(())
@@ -162,15 +162,5 @@ async fn settle(client: &Client, addrs: &[std::net::SocketAddr]) {
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        biased;
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -414,6 +414,47 @@ impl<R: BlockService> Reader<R> {
         });
     }
 
+    /// Whether the local file `copy` holds exactly the bytes of `file`: every block is
+    /// hashed against its key in the inode's tree and holes must be zeros. A local copy
+    /// (the mount's file cache) is trusted only after this. Reads `copy` with blocking
+    /// calls: run it where blocking is fine (a fuser thread's `block_on`).
+    pub async fn verify_copy(&self, file: &Inode, copy: &std::fs::File) -> Result<bool, FsError> {
+        use std::os::unix::fs::FileExt;
+        let InodeBody::File { size, data } = &file.body else {
+            return Ok(false);
+        };
+        if copy.metadata()?.len() != *size {
+            return Ok(false);
+        }
+        let (block_size, depth, root) = match data {
+            FileData::Inline(b) => {
+                let mut buf = vec![0u8; b.len()];
+                copy.read_exact_at(&mut buf, 0)?;
+                return Ok(buf[..] == b[..]);
+            }
+            FileData::Tree {
+                block_size,
+                depth,
+                root,
+                ..
+            } => (*block_size as u64, *depth, *root),
+        };
+        let mut buf = vec![0u8; block_size as usize];
+        for i in 0..fs::block_count(*size, block_size as u32) {
+            let start = i * block_size;
+            let b = &mut buf[..(*size - start).min(block_size) as usize];
+            copy.read_exact_at(b, start)?;
+            let ok = match self.block_ptr(depth, root, i).await? {
+                None => b.iter().all(|&x| x == 0),
+                Some(k) => Id::hash(b) == k,
+            };
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Stream a whole file to `out`, a window of blocks in flight at a time.
     pub async fn copy_to<W: Write>(&self, file: &Inode, out: &mut W) -> Result<u64, FsError> {
         let size = file.size();

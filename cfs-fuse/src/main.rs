@@ -89,6 +89,16 @@ enum Cmd {
         /// Seconds a block read may take across all replicas before it fails with EIO.
         #[arg(long, default_value_t = 20.0)]
         timeout: f64,
+        /// Directory of fully read, verified files served by FUSE passthrough
+        /// (default: $CFS_STATE_DIR/files, $XDG_CACHE_HOME/cfs/files or ~/.cache/cfs/files).
+        #[arg(long)]
+        file_cache: Option<PathBuf>,
+        /// Byte budget of the file cache in MiB; least recently used files are evicted.
+        #[arg(long, default_value_t = 4096)]
+        file_cache_mb: u64,
+        /// Read every file through cfs, without the on-disk file cache.
+        #[arg(long, conflicts_with = "file_cache")]
+        no_file_cache: bool,
     },
     /// Write a file's bytes to stdout without mounting: FSID[@VERSION]:/PATH.
     Get {
@@ -159,13 +169,7 @@ fn node_json(n: &NodeRef) -> serde_json::Value {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cfsd::daemon::init_logging();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -288,6 +292,9 @@ async fn run(cli: Cli) -> Result<()> {
             cache_mb,
             allow_other,
             timeout,
+            file_cache,
+            file_cache_mb,
+            no_file_cache,
         } => {
             let fsid = parse_key(&fsid)?;
             let deadline = Duration::from_secs_f64(timeout.max(0.5));
@@ -302,6 +309,11 @@ async fn run(cli: Cli) -> Result<()> {
                 ..MountOpts::default()
             };
             opts.reader.cache_bytes = cache_mb << 20;
+            if !no_file_cache {
+                opts.file_cache = file_cache
+                    .or_else(cfs_fuse::mount::FileCacheOpts::default_dir)
+                    .map(|d| cfs_fuse::mount::FileCacheOpts::new(d, file_cache_mb << 20));
+            }
             // The reader's own limit sits just above the ring's, so the ring's error (which
             // names the block) is the one reported.
             opts.reader.deadline = deadline + Duration::from_secs(1);

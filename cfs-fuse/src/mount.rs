@@ -19,10 +19,10 @@ use cfs_core::block::RootBlock;
 use cfs_core::fs::{DirEntry, EntryKind, Inode, InodeBody};
 use cfs_core::Id;
 use fuser::{
-    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, MountOption, Notifier, OpenFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier, OpenFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -51,6 +51,9 @@ pub struct MountOpts {
     /// Kernel cache time for names and directory attributes, which a new version
     /// invalidates explicitly; the TTL only bounds staleness if a notification is lost.
     pub ttl_mutable: Duration,
+    /// Keep fully read files on local disk and serve them by FUSE passthrough; None
+    /// (the default) keeps every read on the normal path.
+    pub file_cache: Option<FileCacheOpts>,
 }
 
 impl Default for MountOpts {
@@ -66,6 +69,7 @@ impl Default for MountOpts {
             allow_other: false,
             ttl_immutable: Duration::from_secs(3600),
             ttl_mutable: Duration::from_secs(30),
+            file_cache: None,
         }
     }
 }
@@ -154,8 +158,28 @@ impl State {
 }
 
 enum Open {
-    File(Arc<Inode>),
+    File(OpenFile),
     Dir(Arc<Vec<(u64, FileType, Vec<u8>)>>),
+}
+
+struct OpenFile {
+    inode: Arc<Inode>,
+    ino: u64,
+    /// The cache file this handle's reads are written into.
+    fill: Option<Arc<Fill>>,
+    /// Set when the kernel reads a cache file directly; kept alive while open.
+    backing: Option<Arc<BackingId>>,
+}
+
+/// How a file number is open. The kernel refuses to mix modes on one inode: a normal
+/// open while a passthrough one is live fails, and so does a passthrough open while a
+/// normal one is live or one with another backing file. Our counts drop after the
+/// kernel's (release comes after the close), so they never claim less than it holds.
+#[derive(Default)]
+struct InoModes {
+    normal: usize,
+    passthrough: usize,
+    backing: Option<Arc<BackingId>>,
 }
 
 struct Shared<R> {
@@ -169,6 +193,11 @@ struct Shared<R> {
     state: RwLock<State>,
     open: Mutex<HashMap<u64, Open>>,
     next_fh: AtomicU64,
+    files: Option<FileCache>,
+    /// The kernel granted passthrough and backing files can be registered.
+    passthrough: AtomicBool,
+    stack_depth: u32,
+    modes: Mutex<HashMap<u64, InoModes>>,
 }
 
 struct CfsFs<R> {
@@ -318,12 +347,161 @@ impl<R: BlockService> Shared<R> {
         self.open.lock().unwrap().insert(fh, o);
         FileHandle(fh)
     }
+
+    /// A verified cache file of `key`, if one exists and passthrough is possible. A file
+    /// not yet checked in this process is re-hashed against the inode first.
+    fn cache_file(&self, key: Id, inode: &Inode) -> Option<std::fs::File> {
+        let fc = self.files.as_ref()?;
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        fc.wait_finishing(key);
+        let (f, verified) = fc.lookup(key, inode.size())?;
+        if !verified {
+            match self.rt.block_on(self.reader.verify_copy(inode, &f)) {
+                Ok(true) => fc.mark_verified(key),
+                Ok(false) => {
+                    tracing::warn!(key = %key, "cache file does not match its blocks; discarded");
+                    fc.forget(key, true);
+                    return None;
+                }
+                Err(e) => {
+                    // Cannot check it now (e.g. the ring is down): do not serve it.
+                    tracing::debug!(key = %key, "cache file not checked: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(f)
+    }
+
+    /// Open a file: by passthrough from the file cache when possible, else on the
+    /// normal path (feeding the file cache).
+    fn open_file(&self, ino: u64, key: Id, inode: Arc<Inode>, reply: ReplyOpen) {
+        let busy_normal = self
+            .modes
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .is_some_and(|m| m.normal > 0);
+        let file = if busy_normal {
+            None
+        } else {
+            self.cache_file(key, &inode)
+        };
+        let mut modes = self.modes.lock().unwrap();
+        let m = modes.entry(ino).or_default();
+        if m.normal == 0 {
+            let backing = match (&m.backing, file) {
+                // One backing file per inode while any passthrough open lives.
+                (Some(b), _) => Some(b.clone()),
+                (None, Some(f)) => match reply.open_backing(&f) {
+                    Ok(b) => Some(Arc::new(b)),
+                    Err(e) => {
+                        if self.passthrough.swap(false, Ordering::SeqCst) {
+                            tracing::warn!(
+                                "FUSE passthrough unavailable ({e}); reading through cfs"
+                            );
+                        }
+                        None
+                    }
+                },
+                (None, None) => None,
+            };
+            if let Some(b) = backing {
+                m.passthrough += 1;
+                m.backing = Some(b.clone());
+                drop(modes);
+                let fh = self.add_open(Open::File(OpenFile {
+                    inode,
+                    ino,
+                    fill: None,
+                    backing: Some(b.clone()),
+                }));
+                // The kernel refuses cache flags on a passthrough open (it reads the
+                // backing file's own page cache).
+                return reply.opened_passthrough(fh, FopenFlags::empty(), &b);
+            }
+        }
+        m.normal += 1;
+        drop(modes);
+        let fill = self
+            .files
+            .as_ref()
+            .and_then(|fc| fc.fill(key, inode.size()));
+        let fh = self.add_open(Open::File(OpenFile {
+            inode,
+            ino,
+            fill,
+            backing: None,
+        }));
+        // The number changes with the content, so cached pages stay valid.
+        reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
+    fn release_file(&self, f: OpenFile) {
+        let mut modes = self.modes.lock().unwrap();
+        if let Some(m) = modes.get_mut(&f.ino) {
+            if f.backing.is_some() {
+                m.passthrough = m.passthrough.saturating_sub(1);
+                if m.passthrough == 0 {
+                    m.backing = None;
+                }
+            } else {
+                m.normal = m.normal.saturating_sub(1);
+            }
+            if m.normal == 0 && m.passthrough == 0 {
+                modes.remove(&f.ino);
+            }
+        }
+        drop(modes);
+        if let (Some(fc), Some(fill)) = (&self.files, &f.fill) {
+            fc.release_fill(fill);
+        }
+    }
+
+    /// Write a read's verified bytes into its fill, off the reply path; skipped when
+    /// too many bytes are already waiting for the disk.
+    fn write_behind(self: &Arc<Self>, fill: Arc<Fill>, offset: u64, data: Vec<u8>) {
+        let Some(fc) = self.files.as_ref() else {
+            return;
+        };
+        let permit = u32::try_from(data.len().max(1))
+            .ok()
+            .and_then(|n| fc.write_budget.clone().try_acquire_many_owned(n).ok());
+        let s = self.clone();
+        match permit {
+            None => {
+                if let Some(fc) = &s.files {
+                    fc.write(&fill, offset, None);
+                }
+            }
+            Some(permit) => {
+                self.rt.spawn_blocking(move || {
+                    if let Some(fc) = &s.files {
+                        fc.write(&fill, offset, Some(&data));
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
 }
 
 impl<R: BlockService> Filesystem for CfsFs<R> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Large kernel read-ahead feeds our own prefetch window.
         let _ = config.set_max_readahead(1 << 20);
+        if self.s.files.is_some() {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(self.s.stack_depth).is_ok();
+            self.s.passthrough.store(ok, Ordering::SeqCst);
+            if !ok {
+                tracing::info!(
+                    "the kernel does not offer FUSE passthrough; cached files are read through cfs"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -341,8 +519,8 @@ impl<R: BlockService> Filesystem for CfsFs<R> {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         // An open file answers from the inode it opened.
         if let Some(fh) = fh {
-            if let Some(Open::File(i)) = self.s.open.lock().unwrap().get(&fh.0) {
-                let i = i.clone();
+            if let Some(Open::File(f)) = self.s.open.lock().unwrap().get(&fh.0) {
+                let i = f.inode.clone();
                 return reply.attr(&self.s.ttl(false), &self.s.attr(ino.0, &i));
             }
         }
@@ -367,12 +545,8 @@ impl<R: BlockService> Filesystem for CfsFs<R> {
             return reply.error(Errno::EROFS);
         }
         match self.s.inode_of(ino.0) {
-            Ok((_, _, i)) => match i.kind() {
-                EntryKind::File => {
-                    let fh = self.s.add_open(Open::File(i));
-                    // The number changes with the content, so cached pages stay valid.
-                    reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE)
-                }
+            Ok((key, _, i)) => match i.kind() {
+                EntryKind::File => self.s.open_file(ino.0, key, i, reply),
                 EntryKind::Dir => reply.error(Errno::EISDIR),
                 EntryKind::Symlink => reply.error(Errno::ELOOP),
             },
@@ -391,15 +565,22 @@ impl<R: BlockService> Filesystem for CfsFs<R> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let inode = match self.s.open.lock().unwrap().get(&fh.0) {
-            Some(Open::File(i)) => i.clone(),
+        let (inode, fill) = match self.s.open.lock().unwrap().get(&fh.0) {
+            Some(Open::File(f)) => (f.inode.clone(), f.fill.clone()),
             _ => return reply.error(Errno::EBADF),
         };
         let reader = self.s.reader.clone();
+        let s = self.s.clone();
         // Reply from a task: reads of many files and offsets proceed in parallel.
         self.s.rt.spawn(async move {
             match reader.read(&inode, offset, size as u64).await {
-                Ok(b) => reply.data(&b),
+                Ok(b) => {
+                    let fill = fill.filter(|f| FileCache::begin_write(f));
+                    reply.data(&b);
+                    if let Some(fill) = fill {
+                        s.write_behind(fill, offset, b);
+                    }
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -415,7 +596,10 @@ impl<R: BlockService> Filesystem for CfsFs<R> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.s.open.lock().unwrap().remove(&fh.0);
+        let o = self.s.open.lock().unwrap().remove(&fh.0);
+        if let Some(Open::File(f)) = o {
+            self.s.release_file(f);
+        }
         reply.ok();
     }
 
@@ -901,7 +1085,10 @@ fn lazy_unmount(mp: &Path) -> bool {
 /// alone can be answered from the kernel's attribute cache, so open the directory too.
 pub fn clear_dead_mount(mp: &Path) -> bool {
     let dead = |e: &std::io::Error| {
-        matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED))
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+        )
     };
     let is_dead = match std::fs::metadata(mp) {
         Err(e) => dead(&e),
@@ -927,6 +1114,28 @@ pub async fn spawn_mount<R: BlockService>(
     let root = reader.root(fsid, opts.version).await?;
     // Fetch the top inode now: a missing tree fails here, not in the first `ls`.
     reader.inode(root.top).await?;
+    let files = match &opts.file_cache {
+        None => None,
+        Some(o) => {
+            let o = o.clone();
+            match tokio::task::spawn_blocking(move || {
+                FileCache::open(o.clone()).map_err(|e| (o, e))
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            {
+                Ok(c) => Some(c),
+                Err((o, e)) => {
+                    // A mount without the cache still works: say so and go on.
+                    tracing::warn!(
+                        "file cache {} unusable, reading without it: {e}",
+                        o.dir.display()
+                    );
+                    None
+                }
+            }
+        }
+    };
     let mut nodes = HashMap::new();
     nodes.insert(
         ROOT_INO,
@@ -953,6 +1162,13 @@ pub async fn spawn_mount<R: BlockService>(
         }),
         open: Mutex::new(HashMap::new()),
         next_fh: AtomicU64::new(1),
+        stack_depth: opts
+            .file_cache
+            .as_ref()
+            .map_or(1, |o| stack_depth_for(&o.dir)),
+        files,
+        passthrough: AtomicBool::new(false),
+        modes: Mutex::new(HashMap::new()),
     });
 
     let mut cfg = Config::default();
@@ -1047,4 +1263,487 @@ pub async fn mount<R: BlockService>(
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The on-disk file cache served by FUSE passthrough.
+//
+// Blocks are immutable and verified, so a file whose bytes all came through the verified
+// read path can be written once to a local file named by its inode key and handed to the
+// kernel (`BackingId`), which then reads it directly at its own speed. The bytes of each
+// normal read are written behind the reply into a sparse temporary file; when every byte
+// is covered the file is synced and renamed to its final name, so a crash never leaves a
+// partial file under that name. A file found on disk at start is not trusted until it
+// has been re-hashed block by block against the inode (`Reader::verify_copy`).
+
+/// Options of the on-disk file cache.
+#[derive(Clone, Debug)]
+pub struct FileCacheOpts {
+    /// One file per inode key; may be shared by several mounts (names are content keys).
+    pub dir: PathBuf,
+    /// Bytes of cached files kept; least recently used whole files are evicted first.
+    pub budget_bytes: u64,
+    /// Smaller files are not cached: the kernel's page cache and the block cache serve
+    /// them well, and a cache file per tiny file would cost more than it saves.
+    pub min_file_bytes: u64,
+}
+
+impl FileCacheOpts {
+    /// `$CFS_STATE_DIR/files`, else `$XDG_CACHE_HOME/cfs/files`, else `~/.cache/cfs/files`.
+    pub fn default_dir() -> Option<PathBuf> {
+        if let Some(d) = std::env::var_os("CFS_STATE_DIR") {
+            return Some(PathBuf::from(d).join("files"));
+        }
+        if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+            return Some(PathBuf::from(d).join("cfs/files"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/cfs/files"))
+    }
+
+    pub fn new(dir: PathBuf, budget_bytes: u64) -> FileCacheOpts {
+        FileCacheOpts {
+            dir,
+            budget_bytes,
+            min_file_bytes: cfs_core::fs::BLOCK_SIZE as u64,
+        }
+    }
+}
+
+/// Bytes written behind replies at most; beyond it a range is skipped (that fill then
+/// completes only if the range is read again), so a slow disk never holds read memory.
+const WRITE_BEHIND_BYTES: usize = 64 << 20;
+
+/// How long an open waits for a fill that has all its bytes to reach its final name.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
+
+struct CacheEntry {
+    size: u64,
+    /// Checked against the inode in this process (written here, or re-hashed).
+    verified: bool,
+}
+
+struct CacheIndex {
+    files: lru::LruCache<Id, CacheEntry>,
+    /// Bytes of `files` plus the sizes reserved by fills in progress.
+    bytes: u64,
+    fills: HashMap<Id, Arc<Fill>>,
+    next_tmp: u64,
+}
+
+struct FileCache {
+    opts: FileCacheOpts,
+    index: Mutex<CacheIndex>,
+    finished: std::sync::Condvar,
+    write_budget: Arc<tokio::sync::Semaphore>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum FillPhase {
+    Filling,
+    Finishing,
+    Done,
+    Abandoned,
+}
+
+struct FillState {
+    /// Disjoint covered ranges, start -> end.
+    covered: BTreeMap<u64, u64>,
+    covered_bytes: u64,
+    /// Writes announced (before their reply) and not yet done.
+    pending: usize,
+    /// Open handles feeding this fill.
+    opens: usize,
+    phase: FillPhase,
+}
+
+impl FillState {
+    fn cover(&mut self, mut s: u64, mut e: u64) {
+        if let Some((&ps, &pe)) = self.covered.range(..=s).next_back() {
+            if pe >= s {
+                s = ps;
+                e = e.max(pe);
+                self.covered.remove(&ps);
+                self.covered_bytes -= pe - ps;
+            }
+        }
+        while let Some((&ns, &ne)) = self.covered.range(s..).next() {
+            if ns > e {
+                break;
+            }
+            e = e.max(ne);
+            self.covered.remove(&ns);
+            self.covered_bytes -= ne - ns;
+        }
+        self.covered.insert(s, e);
+        self.covered_bytes += e - s;
+    }
+}
+
+/// A cache file being written from verified reads.
+struct Fill {
+    key: Id,
+    size: u64,
+    tmp: PathBuf,
+    file: std::fs::File,
+    st: Mutex<FillState>,
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        if self
+            .st
+            .get_mut()
+            .map(|s| s.phase != FillPhase::Done)
+            .unwrap_or(true)
+        {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+enum AfterWrite {
+    Nothing,
+    Finish,
+    Abandon,
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // Signal 0 checks existence only; EPERM still means the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+impl FileCache {
+    /// Open (creating) the cache directory and index what it holds, oldest first.
+    /// Temporary files of dead processes are removed.
+    fn open(opts: FileCacheOpts) -> std::io::Result<FileCache> {
+        std::fs::create_dir_all(&opts.dir)?;
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(&opts.dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if let Some(rest) = name.strip_prefix(".tmp.") {
+                let pid = rest.split('.').next().and_then(|p| p.parse::<i32>().ok());
+                if pid.is_some_and(|p| !pid_alive(p)) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                continue;
+            }
+            let Ok(key) = name.parse::<Id>() else {
+                continue;
+            };
+            if name.len() != 40 {
+                continue;
+            }
+            let Ok(md) = e.metadata() else { continue };
+            if !md.is_file() {
+                continue;
+            }
+            found.push((md.modified().unwrap_or(UNIX_EPOCH), key, md.len()));
+        }
+        found.sort();
+        let mut ix = CacheIndex {
+            files: lru::LruCache::unbounded(),
+            bytes: 0,
+            fills: HashMap::new(),
+            next_tmp: 0,
+        };
+        for (_, key, size) in found {
+            ix.files.put(
+                key,
+                CacheEntry {
+                    size,
+                    verified: false,
+                },
+            );
+            ix.bytes += size;
+        }
+        let fc = FileCache {
+            opts,
+            index: Mutex::new(ix),
+            finished: std::sync::Condvar::new(),
+            write_budget: Arc::new(tokio::sync::Semaphore::new(WRITE_BEHIND_BYTES)),
+        };
+        {
+            let mut ix = fc.index.lock().unwrap();
+            fc.evict_for(&mut ix, 0);
+        }
+        Ok(fc)
+    }
+
+    fn path(&self, key: Id) -> PathBuf {
+        self.opts.dir.join(key.to_hex())
+    }
+
+    /// Evict least recently used files until `extra` more bytes fit; false if they
+    /// cannot (the rest is reserved by fills in progress).
+    fn evict_for(&self, ix: &mut CacheIndex, extra: u64) -> bool {
+        while ix.bytes + extra > self.opts.budget_bytes {
+            match ix.files.pop_lru() {
+                Some((k, e)) => {
+                    ix.bytes -= e.size;
+                    // An open backing file stays readable after the unlink.
+                    let _ = std::fs::remove_file(self.path(k));
+                    tracing::debug!(key = %k, "evicted from the file cache");
+                }
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// The cache file of `key` if it is indexed and has the inode's size, with whether
+    /// it was verified in this process.
+    fn lookup(&self, key: Id, size: u64) -> Option<(std::fs::File, bool)> {
+        let verified = self.index.lock().unwrap().files.get(&key)?.verified;
+        let f = match std::fs::File::open(self.path(key)) {
+            Ok(f) => f,
+            Err(_) => {
+                // Removed behind our back (another mount's eviction): forget it.
+                self.forget(key, false);
+                return None;
+            }
+        };
+        if f.metadata().map(|m| m.len()).ok() != Some(size) {
+            tracing::warn!(key = %key, "cache file has the wrong size; discarded");
+            self.forget(key, true);
+            return None;
+        }
+        Some((f, verified))
+    }
+
+    fn mark_verified(&self, key: Id) {
+        if let Some(e) = self.index.lock().unwrap().files.get_mut(&key) {
+            e.verified = true;
+        }
+        // Persist the recency for the next process's LRU order.
+        if let Ok(f) = std::fs::File::options().write(true).open(self.path(key)) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+
+    fn forget(&self, key: Id, delete: bool) {
+        let mut ix = self.index.lock().unwrap();
+        if let Some(e) = ix.files.pop(&key) {
+            ix.bytes -= e.size;
+        }
+        if delete {
+            let _ = std::fs::remove_file(self.path(key));
+        }
+    }
+
+    /// If a fill of `key` has all its bytes and is being synced and renamed, wait
+    /// (bounded) for it, so an open right after a full read finds the file.
+    fn wait_finishing(&self, key: Id) {
+        let until = std::time::Instant::now() + FINISH_WAIT;
+        let mut ix = self.index.lock().unwrap();
+        loop {
+            let finishing = ix
+                .fills
+                .get(&key)
+                .is_some_and(|f| f.st.lock().unwrap().phase == FillPhase::Finishing);
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if !finishing || left.is_zero() {
+                return;
+            }
+            ix = self.finished.wait_timeout(ix, left).unwrap().0;
+        }
+    }
+
+    /// The fill a normal open of `key` feeds: joins one in progress or starts one
+    /// (reserving `size` bytes of the budget). None if the file is not to be cached.
+    fn fill(&self, key: Id, size: u64) -> Option<Arc<Fill>> {
+        if size < self.opts.min_file_bytes.max(1) || size > self.opts.budget_bytes {
+            return None;
+        }
+        let mut ix = self.index.lock().unwrap();
+        if ix.files.contains(&key) {
+            return None;
+        }
+        if let Some(f) = ix.fills.get(&key) {
+            let mut st = f.st.lock().unwrap();
+            if st.phase != FillPhase::Filling {
+                return None;
+            }
+            st.opens += 1;
+            return Some(f.clone());
+        }
+        if !self.evict_for(&mut ix, size) {
+            return None;
+        }
+        ix.next_tmp += 1;
+        let tmp = self.opts.dir.join(format!(
+            ".tmp.{}.{}.{}",
+            std::process::id(),
+            ix.next_tmp,
+            key.to_hex()
+        ));
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .and_then(|f| f.set_len(size).map(|_| f));
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("file cache: creating {}: {e}", tmp.display());
+                let _ = std::fs::remove_file(&tmp);
+                return None;
+            }
+        };
+        let fill = Arc::new(Fill {
+            key,
+            size,
+            tmp,
+            file,
+            st: Mutex::new(FillState {
+                covered: BTreeMap::new(),
+                covered_bytes: 0,
+                pending: 0,
+                opens: 1,
+                phase: FillPhase::Filling,
+            }),
+        });
+        ix.bytes += size;
+        ix.fills.insert(key, fill.clone());
+        Some(fill)
+    }
+
+    /// An open handle feeding `fill` was released.
+    fn release_fill(&self, fill: &Arc<Fill>) {
+        let abandon = {
+            let mut st = fill.st.lock().unwrap();
+            st.opens = st.opens.saturating_sub(1);
+            st.opens == 0 && st.pending == 0 && st.phase == FillPhase::Filling
+        };
+        if abandon {
+            // Not read in full while open: partial files are not kept.
+            self.abandon(fill);
+        }
+    }
+
+    /// Announce a write before its read is answered, so a release that follows the
+    /// reply does not abandon a fill whose last bytes are still on their way.
+    fn begin_write(fill: &Fill) -> bool {
+        let mut st = fill.st.lock().unwrap();
+        if st.phase != FillPhase::Filling {
+            return false;
+        }
+        st.pending += 1;
+        true
+    }
+
+    /// Write verified bytes at `offset` (blocking), or record that they were skipped.
+    fn write(&self, fill: &Arc<Fill>, offset: u64, data: Option<&[u8]>) {
+        use std::os::unix::fs::FileExt;
+        let res = match data {
+            // The file was created sparse: zeros need no write.
+            Some(d) if d.iter().any(|&b| b != 0) => fill.file.write_all_at(d, offset).map(|_| true),
+            Some(_) => Ok(true),
+            None => Ok(false),
+        };
+        let next = {
+            let mut st = fill.st.lock().unwrap();
+            st.pending = st.pending.saturating_sub(1);
+            if st.phase != FillPhase::Filling {
+                AfterWrite::Nothing
+            } else {
+                match res {
+                    Err(e) => {
+                        tracing::warn!("file cache: writing {}: {e}", fill.tmp.display());
+                        AfterWrite::Abandon
+                    }
+                    Ok(wrote) => {
+                        if let (true, Some(d)) = (wrote, data) {
+                            let end = (offset + d.len() as u64).min(fill.size);
+                            if offset < end {
+                                st.cover(offset, end);
+                            }
+                        }
+                        if st.covered_bytes == fill.size {
+                            st.phase = FillPhase::Finishing;
+                            AfterWrite::Finish
+                        } else if st.opens == 0 && st.pending == 0 {
+                            AfterWrite::Abandon
+                        } else {
+                            AfterWrite::Nothing
+                        }
+                    }
+                }
+            }
+        };
+        match next {
+            AfterWrite::Nothing => {}
+            AfterWrite::Abandon => self.abandon(fill),
+            AfterWrite::Finish => self.finish(fill),
+        }
+    }
+
+    /// Every byte is written: sync, then rename to the final name.
+    fn finish(&self, fill: &Arc<Fill>) {
+        let done = fill
+            .file
+            .sync_data()
+            .and_then(|_| std::fs::rename(&fill.tmp, self.path(fill.key)));
+        if let Err(e) = done {
+            tracing::warn!("file cache: finishing {}: {e}", fill.tmp.display());
+            return self.abandon(fill);
+        }
+        let mut ix = self.index.lock().unwrap();
+        fill.st.lock().unwrap().phase = FillPhase::Done;
+        if ix
+            .fills
+            .get(&fill.key)
+            .is_some_and(|f| Arc::ptr_eq(f, fill))
+        {
+            ix.fills.remove(&fill.key);
+        }
+        // Bytes were reserved when the fill started.
+        ix.files.put(
+            fill.key,
+            CacheEntry {
+                size: fill.size,
+                verified: true,
+            },
+        );
+        drop(ix);
+        self.finished.notify_all();
+        tracing::debug!(key = %fill.key, bytes = fill.size, "file cached for passthrough");
+    }
+
+    fn abandon(&self, fill: &Arc<Fill>) {
+        let mut ix = self.index.lock().unwrap();
+        fill.st.lock().unwrap().phase = FillPhase::Abandoned;
+        if ix
+            .fills
+            .get(&fill.key)
+            .is_some_and(|f| Arc::ptr_eq(f, fill))
+        {
+            ix.fills.remove(&fill.key);
+            ix.bytes -= fill.size;
+        }
+        drop(ix);
+        let _ = std::fs::remove_file(&fill.tmp);
+        self.finished.notify_all();
+    }
+}
+
+/// Stack depth to ask the kernel for: backing files on overlayfs (containers) are
+/// themselves stacked and need 2; 1 still lets an overlay be stacked on this mount.
+fn stack_depth_for(dir: &Path) -> u32 {
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 1;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0
+        && st.f_type as i64 == OVERLAYFS_SUPER_MAGIC
+    {
+        2
+    } else {
+        1
+    }
 }

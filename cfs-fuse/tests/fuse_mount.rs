@@ -2,7 +2,6 @@
 //! with std::fs, every write refused with EROFS, a republish seen live, an old version
 //! mounted by number, then unmounted. A guard clears the mount even if the test fails.
 
-
 use cfs_fuse::mount::{spawn_mount, MountOpts};
 use cfs_fuse::publish::{publish, PublishOpts};
 use cfs_fuse::testing::MemRing;
@@ -146,7 +145,11 @@ async fn fuse_mount_end_to_end() {
 
     // Republish: change a file, add one, remove one.
     let old_at = fs::read(src.path().join("at")).unwrap();
-    fs::write(src.path().join("at"), cfs_tests::tree::pattern(cfs_tests::tree::BS, 99)).unwrap();
+    fs::write(
+        src.path().join("at"),
+        cfs_tests::tree::pattern(cfs_tests::tree::BS, 99),
+    )
+    .unwrap();
     fs::write(src.path().join("name with spaces"), b"changed\n").unwrap();
     fs::write(src.path().join("big").join("added"), b"added\n").unwrap();
     fs::remove_file(src.path().join("under")).unwrap();
@@ -215,4 +218,164 @@ async fn fuse_mount_end_to_end() {
     .unwrap();
     // Unmounted: the directory is plain and empty again.
     assert_eq!(fs::read_dir(mnt.path()).unwrap().count(), 0);
+}
+
+/// Wait (bounded) until `p` exists with `len` bytes.
+fn wait_for_file(p: &Path, len: u64) {
+    let t = Instant::now();
+    while fs::metadata(p).map(|m| m.len()).ok() != Some(len) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{} not written within 10 s",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A file read once is written to the file cache and later opens are served by FUSE
+/// passthrough: with the ring offline, a fresh mount (empty block cache) still reads
+/// it, while a file never read gives EIO. A corrupted cache file is detected (hashed
+/// against the inode on first use), not served, and rebuilt by the next full read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fuse_mount_file_cache_passthrough() {
+    let src = TempDir::new("pcsrc");
+    let bs = cfs_tests::tree::BS;
+    // Several blocks and a hole in the middle; a second file that is never read.
+    let mut big = cfs_tests::tree::pattern(5 * bs + 123, 7);
+    big[2 * bs..3 * bs].fill(0);
+    fs::write(src.path().join("big"), &big).unwrap();
+    fs::write(
+        src.path().join("other"),
+        cfs_tests::tree::pattern(2 * bs, 8),
+    )
+    .unwrap();
+    let ring = Arc::new(MemRing::new());
+    let key = SigningKey::from_bytes(&[5u8; 32]);
+    let popts = PublishOpts {
+        progress: false,
+        ..PublishOpts::default()
+    };
+    let r = publish(ring.clone(), src.path(), &key, &popts)
+        .await
+        .unwrap();
+
+    let cache = TempDir::new("pccache");
+    let mnt = TempDir::new("pcmnt");
+    let _guard = MountGuard(mnt.0.clone());
+    let opts = MountOpts {
+        version: Some(1),
+        file_cache: Some(cfs_fuse::mount::FileCacheOpts::new(
+            cache.0.clone(),
+            64 << 20,
+        )),
+        ..MountOpts::default()
+    };
+    let mount = |opts: MountOpts| {
+        let (ring, mp) = (ring.clone(), mnt.0.clone());
+        async move { spawn_mount(ring, r.fsid, &mp, opts).await.unwrap() }
+    };
+
+    // 1. A full read through cfs writes the cache file; reading again gives the same.
+    let h = mount(opts.clone()).await;
+    let (m, c, want) = (mnt.0.clone(), cache.0.clone(), big.clone());
+    let cached = tokio::task::spawn_blocking(move || {
+        assert!(fs::read(m.join("big")).unwrap() == want);
+        let hex = String::from_utf8(getxattr(&m.join("big"), "user.cfs.key").unwrap()).unwrap();
+        let cached = c.join(hex);
+        wait_for_file(&cached, want.len() as u64);
+        assert!(
+            fs::read(&cached).unwrap() == want,
+            "cache file holds the file's bytes"
+        );
+        assert!(fs::read(m.join("big")).unwrap() == want);
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(&c).unwrap().count(), 1);
+        h.unmount().unwrap();
+        cached
+    })
+    .await
+    .unwrap();
+
+    // Passthrough needs CAP_SYS_ADMIN (the kernel's rule for backing files).
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: skipping the passthrough checks");
+        return;
+    }
+
+    // 2. A new mount (empty block cache): open both files, then take the ring away.
+    let h = mount(opts.clone()).await;
+    let (m, want, ring2) = (mnt.0.clone(), big.clone(), ring.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut f = fs::File::open(m.join("big")).unwrap();
+        let mut o = fs::File::open(m.join("other")).unwrap();
+        ring2
+            .offline
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let t = Instant::now();
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        assert!(
+            got == want,
+            "the cached file reads back identical with the ring offline"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2));
+        let e = o.read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EIO),
+            "an uncached file needs the ring"
+        );
+        ring2
+            .offline
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        drop((f, o));
+        h.unmount().unwrap();
+    })
+    .await
+    .unwrap();
+
+    // 3. Corrupt the cache file (same size): a new mount must not serve it.
+    let mut bad = fs::read(&cached).unwrap();
+    bad[bs + 5] ^= 0xff;
+    fs::write(&cached, &bad).unwrap();
+    let h = mount(opts.clone()).await;
+    let (m, want) = (mnt.0.clone(), big.clone());
+    tokio::task::spawn_blocking(move || {
+        assert!(
+            fs::read(m.join("big")).unwrap() == want,
+            "corrupt cache file not served"
+        );
+        // Rebuilt from the verified read.
+        wait_for_file(&cached, want.len() as u64);
+        let t = Instant::now();
+        while fs::read(&cached).unwrap() != want {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "cache file not rebuilt"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A truncated cache file is not served either.
+        fs::File::options()
+            .write(true)
+            .open(&cached)
+            .unwrap()
+            .set_len(want.len() as u64 - 1)
+            .unwrap();
+        h.unmount().unwrap();
+    })
+    .await
+    .unwrap();
+    let h = mount(opts).await;
+    let (m, want) = (mnt.0.clone(), big.clone());
+    tokio::task::spawn_blocking(move || {
+        assert!(
+            fs::read(m.join("big")).unwrap() == want,
+            "truncated cache file not served"
+        );
+        h.unmount().unwrap();
+    })
+    .await
+    .unwrap();
 }

@@ -327,9 +327,6 @@ impl Transport for SimTransport {
         req: Request,
         timeout: Duration,
     ) -> Result<Response, CallError> {
-        match tokio::time::timeout(timeout, self.exchange(to, req)).await {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout(timeout)),
-        }
+        cfsd::transport::bounded(timeout, self.exchange(to, req)).await
     }
 }

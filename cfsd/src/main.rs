@@ -63,13 +63,7 @@ fn resolve(s: &str) -> Result<SocketAddr> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cfsd::daemon::init_logging();
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,19 +130,9 @@ async fn run(args: Args) -> Result<()> {
         tokio::spawn(serve_metrics(l, node.clone()));
     }
     tracing::info!(%addr, ids = ?node.ids(), "cfsd running");
-    wait_for_signal().await;
+    cfsd::daemon::wait_for_signal().await;
     tracing::info!("shutting down");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        biased;
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// A minimal HTTP endpoint: any request gets the Prometheus text.

@@ -975,7 +975,10 @@ impl<T: Transport> Handler for Node<T> {
                         "candidate has an invalid address or vnode",
                     )));
                 }
-                self.rectify(vnode, candidate).await;
+                // In the background: deciding may need to ping a dead predecessor, which
+                // takes a timeout the caller should not wait for.
+                let n = self.clone();
+                tokio::spawn(async move { n.rectify(vnode, candidate).await });
                 Ok(Response::Ok)
             }
             Request::Put {

@@ -157,6 +157,16 @@ impl TcpTransport {
     }
 }
 
+/// Bound one exchange by `timeout`: every transport's calls end this way.
+pub async fn bounded(
+    timeout: Duration,
+    exchange: impl Future<Output = Result<Response, CallError>>,
+) -> Result<Response, CallError> {
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(Err(CallError::Timeout(timeout)))
+}
+
 impl Transport for TcpTransport {
     async fn call(
         &self,
@@ -164,10 +174,7 @@ impl Transport for TcpTransport {
         req: Request,
         timeout: Duration,
     ) -> Result<Response, CallError> {
-        match tokio::time::timeout(timeout, self.call_inner(to, req)).await {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout(timeout)),
-        }
+        bounded(timeout, self.call_inner(to, req)).await
     }
 }
 

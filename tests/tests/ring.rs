@@ -41,6 +41,24 @@ fn expected_replicas(addrs: &[SocketAddr], key: Id) -> Vec<SocketAddr> {
     v
 }
 
+/// Put blocks 0..n (see `block_bytes`) through `c`, each on r replicas; their keys.
+fn put_blocks(rt: &tokio::runtime::Runtime, c: &Client, n: usize) -> Vec<Id> {
+    rt.block_on(async {
+        let mut keys = Vec::new();
+        for i in 0..n {
+            let b = block_bytes(i);
+            let v = verify(BlockKind::Data, Id::hash(&b), b, true).unwrap();
+            assert_eq!(
+                c.put(&v).await.unwrap().stored_on,
+                R,
+                "block {i} not on r replicas"
+            );
+            keys.push(v.key());
+        }
+        keys
+    })
+}
+
 fn block_bytes(i: usize) -> Vec<u8> {
     format!("block number {i} ").repeat(1 + i % 50).into_bytes()
 }
@@ -140,16 +158,7 @@ fn blocks_survive_kill_9_of_r_minus_1_nodes_and_restart() {
     cluster.wait_ring(Duration::from_secs(30));
     let rt = rt();
     let c = client(&rt, cluster.nodes[0].addr);
-    let keys: Vec<Id> = rt.block_on(async {
-        let mut keys = Vec::new();
-        for i in 0..60 {
-            let b = block_bytes(i);
-            let v = verify(BlockKind::Data, Id::hash(&b), b, true).unwrap();
-            c.put(&v).await.unwrap();
-            keys.push(v.key());
-        }
-        keys
-    });
+    let keys = put_blocks(&rt, &c, 60);
     // Kill r-1 = 2 nodes at once (not the one the client talks to).
     let victims = [2usize, 4];
     let killed: Vec<SocketAddr> = victims.iter().map(|&i| cluster.nodes[i].addr).collect();
@@ -373,16 +382,7 @@ fn joiners_receive_their_keys_and_old_holders_hand_off() {
     cluster.wait_ring(Duration::from_secs(30));
     let rt = rt();
     let c = client(&rt, cluster.nodes[0].addr);
-    let keys: Vec<Id> = rt.block_on(async {
-        let mut keys = Vec::new();
-        for i in 0..80 {
-            let b = block_bytes(i);
-            let v = verify(BlockKind::Data, Id::hash(&b), b, true).unwrap();
-            c.put(&v).await.unwrap();
-            keys.push(v.key());
-        }
-        keys
-    });
+    let keys = put_blocks(&rt, &c, 80);
     cluster.add();
     cluster.add();
     cluster.add();
