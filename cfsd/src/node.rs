@@ -916,8 +916,11 @@ impl<T: Transport> Node<T> {
             .map_err(|e| remote(ErrorKind::Storage, e.to_string()))
     }
 
-    fn lookup_block(&self, kind: BlockKind, key: Id) -> Option<Vec<u8>> {
-        if let Ok(Some(b)) = self.inner.store.get(kind, key) {
+    /// A block from the permanent store (read off the async workers: it may hit the
+    /// disk) or else the path cache.
+    async fn lookup_block(&self, kind: BlockKind, key: Id) -> Option<Vec<u8>> {
+        let store = self.inner.store.clone();
+        if let Ok(Ok(Some(b))) = self.blocking(move || store.get(kind, key)).await {
             return Some(b);
         }
         let hit = self.inner.cache.lock().unwrap().get(kind, key);
@@ -946,7 +949,7 @@ impl<T: Transport> Handler for Node<T> {
             Request::FindStep { vnode, key, want } => {
                 Metrics::inc(&m.lookups_served);
                 if let Some(kind) = want.filter(|k| k.is_content()) {
-                    if let Some(b) = self.lookup_block(kind, key) {
+                    if let Some(b) = self.lookup_block(kind, key).await {
                         return Ok(Response::Step(Step::Found(b)));
                     }
                 }
@@ -1006,7 +1009,7 @@ impl<T: Transport> Handler for Node<T> {
             }
             Request::Get { kind, key } => {
                 Metrics::inc(&m.gets_served);
-                let b = self.lookup_block(kind, key);
+                let b = self.lookup_block(kind, key).await;
                 if b.is_none() {
                     Metrics::inc(&m.gets_missed);
                 }

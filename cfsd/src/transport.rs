@@ -188,8 +188,12 @@ pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     }
     let len = wire::frame_len(prefix)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await?;
+    // Read into spare capacity: no zeroing of a buffer that is about to be overwritten.
+    let mut body = Vec::with_capacity(len);
+    (&mut *s).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(Some(body))
 }
 
