@@ -102,8 +102,8 @@ impl Default for ReaderOpts {
     fn default() -> Self {
         ReaderOpts {
             cache_bytes: 256 << 20,
-            readahead_blocks: 8,
-            prefetch_parallel: 16,
+            readahead_blocks: 16,
+            prefetch_parallel: 32,
             deadline: Duration::from_secs(30),
         }
     }

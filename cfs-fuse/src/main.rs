@@ -170,6 +170,7 @@ fn node_json(n: &NodeRef) -> serde_json::Value {
 
 fn main() {
     cfsd::daemon::init_logging();
+    cfsd::daemon::tune_allocator();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -64,6 +64,7 @@ fn resolve(s: &str) -> Result<SocketAddr> {
 
 fn main() -> Result<()> {
     cfsd::daemon::init_logging();
+    cfsd::daemon::tune_allocator();
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -121,7 +122,14 @@ async fn run(args: Args) -> Result<()> {
     let tmp = args.data.join("addr.tmp");
     std::fs::write(&tmp, format!("{addr}\n"))?;
     std::fs::rename(&tmp, args.data.join("addr"))?;
-    let node = cfsd::daemon::start_node(cfg, listener, Arc::new(store), join).await;
+    let node = cfsd::daemon::start_node(
+        cfg,
+        listener,
+        Arc::new(store),
+        join,
+        Some(args.data.join("peers")),
+    )
+    .await;
     if let Some(m) = &args.metrics {
         let m = resolve(m)?;
         let l = tokio::net::TcpListener::bind(m)

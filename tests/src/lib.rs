@@ -279,8 +279,14 @@ impl Cluster {
 
     /// Start node i again on its data directory and address, joining a live node.
     pub fn restart(&mut self, i: usize) {
-        assert!(!self.nodes[i].alive());
         let join = self.nodes.iter().find(|n| n.alive()).map(|n| n.addr);
+        self.restart_with(i, join);
+    }
+
+    /// Start node i again as `cfsd` was first run by hand: with `join`, or without it
+    /// (the node then rejoins through the peers it remembers).
+    pub fn restart_with(&mut self, i: usize, join: Option<SocketAddr>) {
+        assert!(!self.nodes[i].alive());
         let _ = std::fs::remove_file(self.nodes[i].data.join("addr"));
         let listen = self.nodes[i].args[1].clone();
         let child = spawn(&self.nodes[i].data, &listen, join, &self.extra);

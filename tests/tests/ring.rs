@@ -467,3 +467,36 @@ fn quota_refuses_with_a_clear_error_and_metrics_are_served() {
     assert!(body.contains("cfs_refused_quota 1"), "{body}");
     assert!(body.contains("cfs_blocks 2"), "{body}");
 }
+
+#[test]
+fn a_ring_restarted_without_join_reassembles_from_remembered_peers() {
+    let mut cluster = Cluster::start(4, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let rt = rt();
+    let c = client(&rt, cluster.nodes[0].addr);
+    let keys = put_blocks(&rt, &c, 20);
+    // Each node writes the peers it knows to its data directory.
+    eventually(Duration::from_secs(30), "peers files", || {
+        cluster
+            .nodes
+            .iter()
+            .all(|n| {
+                std::fs::read_to_string(n.data.join("peers")).is_ok_and(|t| t.lines().count() >= 3)
+            })
+            .then_some(())
+    });
+    for i in 0..4 {
+        cluster.kill(i);
+    }
+    for i in 0..4 {
+        cluster.restart_with(i, None);
+    }
+    cluster.wait_ring(Duration::from_secs(60));
+    let c = client(&rt, cluster.nodes[3].addr);
+    rt.block_on(async {
+        for (i, k) in keys.iter().enumerate() {
+            let v = c.get(BlockKind::Data, *k).await.unwrap();
+            assert_eq!(v.bytes(), block_bytes(i));
+        }
+    });
+}
