@@ -1081,6 +1081,25 @@ fn lazy_unmount(mp: &Path) -> bool {
         || ok(std::process::Command::new("umount").arg("-l").arg(mp))
 }
 
+/// Kernel read-ahead for the mount, in KiB. The default (128) keeps one or two FUSE reads
+/// in flight; a deeper window lets the kernel ask for the next blocks while the reader
+/// fetches from the ring (cold 256 MiB read: 0.70 s at 128 KiB, 0.61 s at 4 MiB).
+const READ_AHEAD_KB: u32 = 4096;
+
+/// Best effort: needs root (or the sysfs file's owner); the mount works without it.
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = md.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+        tracing::debug!(error = %e, path, "could not raise the mount's read-ahead");
+    }
+}
+
 /// A mount left by a killed process answers requests with ENOTCONN: clear it. A stat
 /// alone can be answered from the kernel's attribute cache, so open the directory too.
 pub fn clear_dead_mount(mp: &Path) -> bool {
@@ -1211,6 +1230,7 @@ pub async fn spawn_mount<R: BlockService>(
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
+    raise_readahead(mountpoint);
 
     let stop = Arc::new(AtomicBool::new(false));
     let poller = if opts.version.is_none() {
