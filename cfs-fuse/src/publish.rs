@@ -279,21 +279,7 @@ impl<R: BlockService> Uploader<R> {
                 }
                 continue;
             }
-            let permit = self
-                .sem
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore open");
-            let ring = self.ring.clone();
-            self.tasks.spawn(async move {
-                let r = ring.put(v).await.map(|r| vec![r]);
-                drop(permit);
-                r
-            });
-            while let Some(r) = self.tasks.try_join_next() {
-                self.reap(r)?;
-            }
+            self.spawn_many(vec![v]).await?;
         }
         if !small.is_empty() {
             self.spawn_many(small).await?;
@@ -303,6 +289,7 @@ impl<R: BlockService> Uploader<R> {
         Ok(())
     }
 
+    /// Put `blocks` in a task of its own, at most `parallelism` tasks in flight.
     async fn spawn_many(&mut self, blocks: Vec<Verified>) -> Result<(), PublishError> {
         let permit = self
             .sem

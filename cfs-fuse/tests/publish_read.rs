@@ -1,6 +1,5 @@
 //! Publish into an in-memory ring and read everything back through the reader.
 
-
 use cfs_core::fs::{EntryKind, InodeBody};
 use cfs_core::BlockKind;
 use cfs_fuse::fsread::{get, parse_get_spec, FsError, Reader, ReaderOpts};
@@ -237,7 +236,11 @@ async fn interrupted_publish_leaves_previous_version() {
     let r1 = publish(ring.clone(), src.path(), &key(), &quiet())
         .await
         .unwrap();
-    std::fs::write(src.path().join("several"), pattern(3 * cfs_tests::tree::BS, 77)).unwrap();
+    std::fs::write(
+        src.path().join("several"),
+        pattern(3 * cfs_tests::tree::BS, 77),
+    )
+    .unwrap();
     ring.fail_puts_after.store(2, Ordering::SeqCst);
     assert!(publish(ring.clone(), src.path(), &key(), &quiet())
         .await
