@@ -122,8 +122,7 @@ pub fn verify(
             0
         }
         BlockKind::Root => {
-            let root: RootBlock =
-                postcard::from_bytes(&bytes).map_err(|e| VerifyError::RootDecode(e.to_string()))?;
+            let root: RootBlock = decode_root(&bytes)?;
             if root_key(&root.public_key) != key {
                 return Err(VerifyError::RootKeyMismatch(key));
             }
@@ -137,6 +136,20 @@ pub fn verify(
         bytes,
         version,
     })
+}
+
+/// Roots decode canonically: bytes after the encoding are refused, so one signed root
+/// has exactly one byte string and a peer cannot forge a "different" copy of a version.
+fn decode_root(bytes: &[u8]) -> Result<RootBlock, VerifyError> {
+    let (root, rest) = postcard::take_from_bytes::<RootBlock>(bytes)
+        .map_err(|e| VerifyError::RootDecode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(VerifyError::RootDecode(format!(
+            "{} bytes after the root",
+            rest.len()
+        )));
+    }
+    Ok(root)
 }
 
 const ROOT_KEY_TAG: &[u8] = b"cfs-root-key-v1";
@@ -270,6 +283,13 @@ mod tests {
             verify(BlockKind::Root, r.key(), bad.encode(), true),
             Err(VerifyError::BadSignature)
         );
+        // Appended bytes are refused: a signed root has one encoding.
+        let mut longer = r.encode();
+        longer.push(0);
+        assert!(matches!(
+            verify(BlockKind::Root, r.key(), longer, true),
+            Err(VerifyError::RootDecode(_))
+        ));
         // A content key cannot name a root and a root key cannot name content.
         assert!(verify(BlockKind::Root, Id::hash(&r.encode()), r.encode(), true).is_err());
         assert!(verify(BlockKind::Data, r.key(), r.encode(), true).is_err());

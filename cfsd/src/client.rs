@@ -64,11 +64,26 @@ impl<T: Transport> Client<T> {
     fn learn(&self, nodes: impl IntoIterator<Item = NodeRef>) {
         let mut k = self.known.lock().unwrap();
         for n in nodes {
-            if k.len() >= MAX_KNOWN {
-                break;
+            if k.iter().any(|x| x.addr == n.addr) {
+                continue;
             }
-            if !k.iter().any(|x| x.addr == n.addr) {
+            if k.len() < MAX_KNOWN {
                 k.push(NodeRef::new(n.addr, 0));
+                continue;
+            }
+            // Full: a member that failed (its RTT carries the failure penalty) makes room,
+            // so a long-lived mount keeps finding the ring as nodes come and go.
+            let worst = (0..k.len()).max_by(|&a, &b| {
+                let ra = self.net.rtt_us(k[a].addr).unwrap_or(0.0);
+                let rb = self.net.rtt_us(k[b].addr).unwrap_or(0.0);
+                ra.total_cmp(&rb)
+            });
+            if let Some(w) = worst {
+                let failed = self.net.rtt_us(k[w].addr).unwrap_or(0.0)
+                    >= self.net.timeouts.rpc.as_secs_f64() * 1e6;
+                if failed {
+                    k[w] = NodeRef::new(n.addr, 0);
+                }
             }
         }
     }

@@ -40,6 +40,8 @@ pub enum LookupError {
     NoRoute { key: Id, last: String },
     #[error("lookup of {0} exceeded {MAX_HOPS} hops")]
     TooManyHops(Id),
+    #[error("lookup of {0} did not finish within {1:?}")]
+    Deadline(Id, Duration),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,18 +75,37 @@ pub struct Lookup {
 }
 
 /// The first `r` successors that are distinct processes: one process never holds two
-/// replicas of a block.
+/// replicas of a block. Off loopback, distinct hosts: node ids there do not include the
+/// port, so several ports of one IP are one principal.
 pub fn replica_set(succs: &[NodeRef], r: usize) -> Vec<NodeRef> {
     let mut out: Vec<NodeRef> = Vec::with_capacity(r);
     for n in succs {
         if out.len() == r {
             break;
         }
-        if !out.iter().any(|o| o.addr == n.addr) {
+        if !out.iter().any(|o| same_host(o.addr, n.addr)) {
             out.push(*n);
         }
     }
     out
+}
+
+/// One process on loopback (where rings of many processes share an IP), one IP elsewhere.
+pub fn same_host(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.ip().is_loopback() {
+        a == b
+    } else {
+        a.ip() == b.ip()
+    }
+}
+
+/// A `Done` answer must cover the key, name valid nodes, and come from the node whose
+/// range it describes (or its predecessor); anything else is a lie or a confused node.
+fn valid_done(asked: NodeRef, key: Id, from: Id, succs: &[NodeRef]) -> bool {
+    !succs.is_empty()
+        && key.in_half_open(from, succs[0].id)
+        && (asked.id == from || asked == succs[0])
+        && succs.iter().all(|n| n.valid(cfs_core::id::MAX_VNODES))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,7 +146,13 @@ impl<T: Transport> Net<T> {
     pub async fn call(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
         let t0 = Instant::now();
         let r = self.transport.call(to, req, self.timeouts.rpc).await;
-        if !matches!(r, Err(ref e) if e.is_failure()) {
+        if matches!(r, Err(ref e) if e.is_failure()) {
+            // A failed peer looks slow, so lookups and reads try it last.
+            let penalty = self.timeouts.rpc.as_secs_f64() * 1e6;
+            let mut m = self.rtt.lock().unwrap();
+            let e = m.entry(to).or_insert(penalty);
+            *e = e.max(penalty);
+        } else {
             let us = t0.elapsed().as_secs_f64() * 1e6;
             let mut m = self.rtt.lock().unwrap();
             let e = m.entry(to).or_insert(us);
@@ -162,6 +189,17 @@ impl<T: Transport> Net<T> {
     /// Iterative lookup of `key`, starting from `start` (closest first). The caller asks
     /// each hop; on a failed hop it falls back to the next candidate.
     pub async fn lookup(
+        &self,
+        start: Vec<NodeRef>,
+        key: Id,
+        want: Option<BlockKind>,
+    ) -> Result<Lookup, LookupError> {
+        tokio::time::timeout(self.timeouts.op, self.lookup_inner(start, key, want))
+            .await
+            .unwrap_or(Err(LookupError::Deadline(key, self.timeouts.op)))
+    }
+
+    async fn lookup_inner(
         &self,
         start: Vec<NodeRef>,
         key: Id,
@@ -208,7 +246,9 @@ impl<T: Transport> Net<T> {
                 hops += 1;
             }
             match reply {
-                Ok(Response::Step(Step::Done { from, succs })) if !succs.is_empty() => {
+                Ok(Response::Step(Step::Done { from, succs }))
+                    if valid_done(node, key, from, &succs) =>
+                {
                     return Ok(Lookup {
                         from,
                         succs,

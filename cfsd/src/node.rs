@@ -175,6 +175,9 @@ struct Inner<T: Transport> {
     routed: Mutex<lru::LruCache<Id, ()>>,
     quota: Mutex<BTreeMap<Vec<u8>, u64>>,
     scrub_cursor: Mutex<Id>,
+    /// Until it has joined, a node answers no ring requests: its lone successor list
+    /// would claim the whole ring.
+    joined: std::sync::atomic::AtomicBool,
     rng: Mutex<rand::rngs::SmallRng>,
 }
 
@@ -232,6 +235,7 @@ impl<T: Transport> Node<T> {
                 routed: Mutex::new(lru::LruCache::unbounded()),
                 quota: Mutex::default(),
                 scrub_cursor: Mutex::new(Id::ZERO),
+                joined: std::sync::atomic::AtomicBool::new(false),
                 rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)),
                 cfg,
             }),
@@ -283,6 +287,10 @@ impl<T: Transport> Node<T> {
             None => self.ids()[0],
         };
         let start_at = if bootstrap.is_some() { 0 } else { 1 };
+        if bootstrap.is_none() {
+            // A new ring: this node is all of it, and its other vnodes join through it.
+            self.mark_joined();
+        }
         for v in start_at..self.inner.cfg.vnodes {
             let me = self.ids()[v as usize];
             let l = self.inner.net.lookup(vec![first], me.id, None).await?;
@@ -297,7 +305,25 @@ impl<T: Transport> Node<T> {
         if let Some(b) = bootstrap {
             self.note_seen([b]);
         }
+        self.mark_joined();
         Ok(())
+    }
+
+    fn mark_joined(&self) {
+        self.inner
+            .joined
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn check_joined(&self) -> Result<(), RemoteError> {
+        if self.inner.joined.load(std::sync::atomic::Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(remote(
+                ErrorKind::Busy,
+                "not part of the ring yet (joining)",
+            ))
+        }
     }
 
     /// Peers this node has heard of, successors first: what a restart can rejoin through.
@@ -387,7 +413,7 @@ impl<T: Transport> Node<T> {
         let first = list.iter().position(|(_, k, _)| *k > start).unwrap_or(0);
         let mut checked = 0u64;
         let mut last = start;
-        for (kind, key, _) in list.iter().cycle().skip(first).take(list.len()) {
+        for (kind, key, ver) in list.iter().cycle().skip(first).take(list.len()) {
             if checked >= self.inner.cfg.scrub_bytes {
                 break;
             }
@@ -409,7 +435,7 @@ impl<T: Transport> Node<T> {
             if bad {
                 tracing::warn!(?kind, %key, "scrub found a corrupt block; dropping it for repair");
                 Metrics::inc(&self.inner.metrics.scrub_corrupt);
-                let _ = self.inner.store.remove(kind, key);
+                let _ = self.inner.store.remove_if(kind, key, *ver);
             }
         }
         *self.inner.scrub_cursor.lock().unwrap() = last;
@@ -737,14 +763,39 @@ impl<T: Transport> Node<T> {
                 }
             }
             if !inside && set.len() >= r {
-                for (j, (kind, key, _)) in group.iter().enumerate() {
-                    if confirmed[j] >= r {
-                        let _ = self.inner.store.remove(*kind, *key);
+                for (j, (kind, key, ver)) in group.iter().enumerate() {
+                    if confirmed[j] >= r && self.held_by_all(&set, *kind, *key, *ver).await {
+                        let store = self.inner.store.clone();
+                        let (kind, key, ver) = (*kind, *key, *ver);
+                        let _ = self.blocking(move || store.remove_if(kind, key, ver)).await;
                         Metrics::inc(&self.inner.metrics.handoffs_dropped);
                     }
                 }
             }
         }
+    }
+
+    /// Before a holder outside the replica set drops its copy, every replica must hand the
+    /// block over and it must verify (at least the version we hold, for roots): never on a
+    /// peer's word alone that it has it.
+    async fn held_by_all(&self, set: &[NodeRef], kind: BlockKind, key: Id, version: u64) -> bool {
+        for n in set {
+            let ok = match self
+                .inner
+                .net
+                .call(n.addr, Request::Get { kind, key })
+                .await
+            {
+                Ok(Response::Block(Some(bytes))) => {
+                    verify(kind, key, bytes, false).is_ok_and(|v| v.version() >= version)
+                }
+                _ => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
     }
 
     pub fn status(&self) -> StatusInfo {
@@ -806,40 +857,25 @@ impl<T: Transport> Node<T> {
     async fn put_many(
         &self,
         peer: SocketAddr,
-        from: Option<SocketAddr>,
         blocks: Vec<WireBlock>,
         transfer: bool,
     ) -> Vec<Result<bool, RemoteError>> {
         let m = &self.inner.metrics;
-        // Charged per source prefix; transfers between ring members are not. On loopback
-        // every process shares one address, so a transfer there is judged by its claim
-        // of a listen address that is a member we know.
-        let member = transfer
-            && (self.is_member(peer.ip())
-                || from.is_some_and(|f| {
-                    peer.ip().is_loopback()
-                        && self.inner.vnodes.iter().any(|v| {
-                            let v = v.lock().unwrap();
-                            v.succs.iter().chain(v.pred.iter()).any(|n| n.addr == f)
-                        })
-                }));
+        // Charged per source prefix. Transfers are exempt only from a ring member's own
+        // address off loopback (on loopback every process is 127.0.0.1, so everything is
+        // charged to that one bucket; its quota is sized for a local ring). The charge is
+        // reserved before the work, so parallel requests cannot all pass one check.
+        let member = transfer && !peer.ip().is_loopback() && self.is_member(peer.ip());
         let prefix = quota_prefix(peer.ip());
         let quota = self.inner.cfg.quota_bytes;
         let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
         let mut todo = Vec::with_capacity(blocks.len());
         {
-            let used = self
-                .inner
-                .quota
-                .lock()
-                .unwrap()
-                .get(&prefix)
-                .copied()
-                .unwrap_or(0);
-            let mut pending = 0u64;
+            let mut q = self.inner.quota.lock().unwrap();
+            let used = q.entry(prefix.clone()).or_default();
             for (i, b) in blocks.into_iter().enumerate() {
                 let len = b.bytes.len() as u64;
-                if !member && used + pending + len > quota {
+                if !member && *used + len > quota {
                     Metrics::inc(&m.refused_quota);
                     answers[i] = Some(Err(remote(
                         ErrorKind::Quota,
@@ -847,7 +883,9 @@ impl<T: Transport> Node<T> {
                     )));
                     continue;
                 }
-                pending += len;
+                if !member {
+                    *used += len;
+                }
                 todo.push((i, b));
             }
         }
@@ -861,7 +899,7 @@ impl<T: Transport> Node<T> {
                     let len = b.bytes.len() as u64;
                     match verify(b.kind, b.key, b.bytes, true) {
                         Ok(v) => ok.push((i, len, v)),
-                        Err(e) => out.push((i, 0, Err(e.to_string()))),
+                        Err(e) => out.push((i, len, Err(e.to_string()))),
                     }
                 }
                 let vs: Vec<_> = ok.iter().map(|(_, _, v)| v.clone()).collect();
@@ -880,7 +918,11 @@ impl<T: Transport> Node<T> {
                     .collect()
             }
         };
+        let mut refund = 0u64;
         for (i, len, r) in done {
+            if !member && !matches!(r, Ok(Ok(PutOutcome::Stored))) {
+                refund += len;
+            }
             answers[i] = Some(match r {
                 Err(why) => {
                     Metrics::inc(&m.refused_invalid);
@@ -889,15 +931,6 @@ impl<T: Transport> Node<T> {
                 }
                 Ok(Ok(PutOutcome::Stored)) => {
                     Metrics::inc(&m.puts_stored);
-                    if !member {
-                        *self
-                            .inner
-                            .quota
-                            .lock()
-                            .unwrap()
-                            .entry(prefix.clone())
-                            .or_default() += len;
-                    }
                     Ok(true)
                 }
                 Ok(Ok(PutOutcome::Present)) => {
@@ -910,6 +943,12 @@ impl<T: Transport> Node<T> {
                 }
                 Ok(Err(e)) => Err(remote(ErrorKind::Storage, e.to_string())),
             });
+        }
+        if refund > 0 {
+            // Only bytes newly stored stay charged.
+            let mut q = self.inner.quota.lock().unwrap();
+            let used = q.entry(prefix).or_default();
+            *used = used.saturating_sub(refund);
         }
         answers
             .into_iter()
@@ -952,7 +991,7 @@ impl<T: Transport> Handler for Node<T> {
     async fn handle(
         &self,
         peer: SocketAddr,
-        from: Option<SocketAddr>,
+        _from: Option<SocketAddr>,
         req: Request,
     ) -> Result<Response, RemoteError> {
         let m = &self.inner.metrics;
@@ -961,6 +1000,7 @@ impl<T: Transport> Handler for Node<T> {
                 vnodes: self.inner.cfg.vnodes,
             }),
             Request::FindStep { vnode, key, want } => {
+                self.check_joined()?;
                 Metrics::inc(&m.lookups_served);
                 if let Some(kind) = want.filter(|k| k.is_content()) {
                     if let Some(b) = self.lookup_block(kind, key).await {
@@ -978,6 +1018,7 @@ impl<T: Transport> Handler for Node<T> {
                 Ok(Response::Step(step))
             }
             Request::Neighbors { vnode } => {
+                self.check_joined()?;
                 let v = self.vnode(vnode)?.lock().unwrap();
                 Ok(Response::Neighbors {
                     pred: v.pred,
@@ -985,6 +1026,7 @@ impl<T: Transport> Handler for Node<T> {
                 })
             }
             Request::Rectify { vnode, candidate } => {
+                self.check_joined()?;
                 self.vnode(vnode)?;
                 if !candidate.valid(self.inner.cfg.max_vnodes) {
                     return Err(self.refuse(remote(
@@ -1005,7 +1047,7 @@ impl<T: Transport> Handler for Node<T> {
                 transfer,
             } => {
                 let b = WireBlock { kind, key, bytes };
-                let mut r = self.put_many(peer, from, vec![b], transfer).await;
+                let mut r = self.put_many(peer, vec![b], transfer).await;
                 r.pop()
                     .expect("one answer per block")
                     .map(|fresh| Response::Stored { fresh })
@@ -1018,7 +1060,7 @@ impl<T: Transport> Handler for Node<T> {
                     )));
                 }
                 Ok(Response::StoredMany(
-                    self.put_many(peer, from, blocks, transfer).await,
+                    self.put_many(peer, blocks, transfer).await,
                 ))
             }
             Request::Get { kind, key } => {

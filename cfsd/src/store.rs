@@ -41,6 +41,14 @@ pub trait BlockStore: Send + Sync + 'static {
     /// Held version (0 for content blocks), if held.
     fn version(&self, kind: BlockKind, key: Id) -> Result<Option<u64>, StoreError>;
     fn remove(&self, kind: BlockKind, key: Id) -> Result<(), StoreError>;
+    /// Remove only if the held version is still `version`: a newer root stored meanwhile
+    /// (an acknowledged put) is kept.
+    fn remove_if(&self, kind: BlockKind, key: Id, version: u64) -> Result<(), StoreError> {
+        match self.version(kind, key)? {
+            Some(v) if v == version => self.remove(kind, key),
+            _ => Ok(()),
+        }
+    }
     /// Every held block as (kind, key, version), in key order.
     fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError>;
     /// (blocks, bytes) held.
@@ -183,6 +191,41 @@ impl Drop for RedbStore {
 }
 
 impl RedbStore {
+    /// Remove a block if `keep_going(held version)` says so, in one write transaction.
+    fn remove_where(
+        &self,
+        kind: BlockKind,
+        key: Id,
+        keep_going: impl Fn(u64) -> bool,
+    ) -> Result<(), StoreError> {
+        use redb::ReadableTable;
+        let tx = self.db.begin_write().map_err(io)?;
+        let removed = {
+            let k = db_key(kind, key);
+            let mut blocks = tx.open_table(BLOCKS).map_err(io)?;
+            let mut index = tx.open_table(INDEX).map_err(io)?;
+            let held = index
+                .get(k.as_slice())
+                .map_err(io)?
+                .and_then(|g| parse_index(g.value()));
+            match held {
+                Some((v, len)) if keep_going(v) => {
+                    blocks.remove(k.as_slice()).map_err(io)?;
+                    index.remove(k.as_slice()).map_err(io)?;
+                    Some(len)
+                }
+                _ => None,
+            }
+        };
+        tx.commit().map_err(io)?;
+        if let Some(n) = removed {
+            let mut u = self.usage.lock().unwrap();
+            u.0 = u.0.saturating_sub(1);
+            u.1 = u.1.saturating_sub(n);
+        }
+        Ok(())
+    }
+
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         // redb's own page cache is bounded so node memory does not grow with the store.
         let db = redb::Builder::new()
@@ -355,22 +398,12 @@ impl BlockStore for RedbStore {
     }
 
     fn remove(&self, kind: BlockKind, key: Id) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(io)?;
-        let removed = {
-            let k = db_key(kind, key);
-            let mut blocks = tx.open_table(BLOCKS).map_err(io)?;
-            let mut index = tx.open_table(INDEX).map_err(io)?;
-            blocks.remove(k.as_slice()).map_err(io)?;
-            let r = index.remove(k.as_slice()).map_err(io)?;
-            r.and_then(|g| parse_index(g.value())).map(|(_, len)| len)
-        };
-        tx.commit().map_err(io)?;
-        if let Some(n) = removed {
-            let mut u = self.usage.lock().unwrap();
-            u.0 = u.0.saturating_sub(1);
-            u.1 = u.1.saturating_sub(n);
-        }
-        Ok(())
+        self.remove_where(kind, key, |_| true)
+    }
+
+    /// Checked and removed in one write transaction, so it cannot interleave with a put.
+    fn remove_if(&self, kind: BlockKind, key: Id, version: u64) -> Result<(), StoreError> {
+        self.remove_where(kind, key, |v| v == version)
     }
 
     fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
