@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod demo;
+mod helper;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -171,6 +172,14 @@ fn node_json(n: &NodeRef) -> serde_json::Value {
 fn main() {
     cfsd::daemon::init_logging();
     cfsd::daemon::tune_allocator();
+    let args: Vec<String> = std::env::args().collect();
+    if helper::is_helper_call(&args) {
+        if let Err(e) = helper::run(&args) {
+            eprintln!("cfs: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

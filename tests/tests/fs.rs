@@ -468,7 +468,9 @@ fn scopeguard(pid: i32, mnt: std::path::PathBuf) -> impl Drop {
     struct G(i32, std::path::PathBuf);
     impl Drop for G {
         fn drop(&mut self) {
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
+            if self.0 > 0 {
+                unsafe { libc::kill(self.0, libc::SIGKILL) };
+            }
             if cfs_tests::is_mounted(&self.1) {
                 let _ = Command::new("fusermount3")
                     .arg("-u")
@@ -479,4 +481,42 @@ fn scopeguard(pid: i32, mnt: std::path::PathBuf) -> impl Drop {
         }
     }
     G(pid, mnt)
+}
+
+#[test]
+fn mount_helper_form_returns_once_live_for_fstab() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let src = cluster.dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), "via fstab\n").unwrap();
+    let key = keygen(&cluster);
+    let (fsid, _) = publish(&cluster, &src, &key, 0);
+    let mnt = cluster.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // What mount.fuse3 runs for `mount -t fuse.cfs FSID DIR -o ...` (an fstab line).
+    let opts = format!(
+        "node={},_netdev,nofail,x-systemd.automount",
+        cluster.addr(1)
+    );
+    let out = cfs(&[&fsid, mnt.to_str().unwrap(), "-o", &opts]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let guard = scopeguard(0, mnt.clone());
+    // It returned only once the mount was live.
+    assert!(cfs_tests::is_mounted(&mnt));
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("f")).unwrap(),
+        "via fstab\n"
+    );
+    let st = Command::new("umount").arg(&mnt).status().unwrap();
+    assert!(st.success());
+    drop(guard);
+    // A wrong option is a clear error, not a hang.
+    let out = cfs(&[&fsid, mnt.to_str().unwrap(), "-o", "bogus=1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown mount option"));
 }
