@@ -102,11 +102,7 @@ impl<T: Transport> Client<T> {
     pub async fn get(&self, kind: BlockKind, key: Id) -> Result<Verified, DhashError> {
         if let Some(succs) = self.known_range(key) {
             let mut order = crate::net::replica_set(&succs, self.replicas);
-            order.sort_by(|a, b| {
-                let ra = self.net.rtt_us(a.addr).unwrap_or(f64::MAX);
-                let rb = self.net.rtt_us(b.addr).unwrap_or(f64::MAX);
-                ra.total_cmp(&rb)
-            });
+            self.net.nearest_first(&mut order);
             for n in order {
                 if let Ok(Response::Block(Some(bytes))) =
                     self.net.call(n.addr, Request::Get { kind, key }).await

@@ -90,6 +90,16 @@ pub fn replica_set(succs: &[NodeRef], r: usize) -> Vec<NodeRef> {
     out
 }
 
+/// After the replicas, the rest of the successor list (one entry per process): after
+/// joins the true holders can sit beyond the first r.
+fn append_others(order: &mut Vec<NodeRef>, succs: &[NodeRef]) {
+    for n in succs {
+        if !order.iter().any(|o| o.addr == n.addr) {
+            order.push(*n);
+        }
+    }
+}
+
 /// One process on loopback (where rings of many processes share an IP), one IP elsewhere.
 pub fn same_host(a: SocketAddr, b: SocketAddr) -> bool {
     if a.ip().is_loopback() {
@@ -175,6 +185,15 @@ impl<T: Transport> Net<T> {
     /// Smoothed RTT in microseconds, if measured.
     pub fn rtt_us(&self, addr: SocketAddr) -> Option<f64> {
         self.rtt.lock().unwrap().get(&addr).copied()
+    }
+
+    /// Order nodes by measured RTT, unmeasured last: the replica to ask first.
+    pub fn nearest_first(&self, nodes: &mut [NodeRef]) {
+        nodes.sort_by(|a, b| {
+            let ra = self.rtt_us(a.addr).unwrap_or(f64::MAX);
+            let rb = self.rtt_us(b.addr).unwrap_or(f64::MAX);
+            ra.total_cmp(&rb)
+        });
     }
 
     fn mean_rtt_us(&self) -> f64 {
@@ -347,16 +366,8 @@ impl<T: Transport> Net<T> {
                         return Ok((v.clone(), l));
                     }
                     let mut order = self.replicas(&l.succs, r).await;
-                    order.sort_by(|a, b| {
-                        let ra = self.rtt_us(a.addr).unwrap_or(f64::MAX);
-                        let rb = self.rtt_us(b.addr).unwrap_or(f64::MAX);
-                        ra.total_cmp(&rb)
-                    });
-                    for n in &l.succs {
-                        if !order.iter().any(|o| o.addr == n.addr) {
-                            order.push(*n);
-                        }
-                    }
+                    self.nearest_first(&mut order);
+                    append_others(&mut order, &l.succs);
                     for n in order {
                         if Instant::now() >= deadline {
                             break;
@@ -425,11 +436,7 @@ impl<T: Transport> Net<T> {
     ) -> Result<Option<Verified>, DhashError> {
         let l = self.lookup(start.to_vec(), key, None).await?;
         let mut targets = self.replicas(&l.succs, r).await;
-        for n in &l.succs {
-            if !targets.iter().any(|o| o.addr == n.addr) {
-                targets.push(*n);
-            }
-        }
+        append_others(&mut targets, &l.succs);
         targets.truncate(2 * r);
         let calls = targets.iter().map(|n| {
             let net = self.clone();

@@ -7,7 +7,7 @@ use crate::metrics::Metrics;
 use crate::net::{Lookup, LookupError, Net, Timeouts, CLOSER_COUNT};
 use crate::store::{BlockStore, PutOutcome, StoreError};
 use crate::transport::{Handler, Transport};
-use cfs_core::block::{verify, BlockKind};
+use cfs_core::block::{verify, BlockKind, Verified};
 use cfs_core::wire::{
     ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, WireBlock, MAX_BATCH,
     MAX_REFS,
@@ -902,9 +902,11 @@ impl<T: Transport> Node<T> {
                         Err(e) => out.push((i, len, Err(e.to_string()))),
                     }
                 }
-                let vs: Vec<_> = ok.iter().map(|(_, _, v)| v.clone()).collect();
-                for ((i, len, _), r) in ok.iter().zip(store.put_many(&vs)) {
-                    out.push((*i, *len, Ok(r)));
+                // The verified blocks move into the store: no copy of their bytes.
+                let (slots, vs): (Vec<(usize, u64)>, Vec<Verified>) =
+                    ok.into_iter().map(|(i, len, v)| ((i, len), v)).unzip();
+                for ((i, len), r) in slots.into_iter().zip(store.put_many(vs)) {
+                    out.push((i, len, Ok(r)));
                 }
                 out
             })

@@ -34,7 +34,7 @@ pub trait BlockStore: Send + Sync + 'static {
     /// Durably store a verified block. Roots only replace an older version.
     fn put(&self, block: &Verified) -> Result<PutOutcome, StoreError>;
     /// Store several blocks, durably, with one answer each (one commit where possible).
-    fn put_many(&self, blocks: &[Verified]) -> Vec<Result<PutOutcome, StoreError>> {
+    fn put_many(&self, blocks: Vec<Verified>) -> Vec<Result<PutOutcome, StoreError>> {
         blocks.iter().map(|b| self.put(b)).collect()
     }
     fn get(&self, kind: BlockKind, key: Id) -> Result<Option<Vec<u8>>, StoreError>;
@@ -363,14 +363,14 @@ impl BlockStore for RedbStore {
     }
 
     /// All blocks go to the writer before waiting, so they share one commit.
-    fn put_many(&self, blocks: &[Verified]) -> Vec<Result<PutOutcome, StoreError>> {
+    fn put_many(&self, blocks: Vec<Verified>) -> Vec<Result<PutOutcome, StoreError>> {
         let stopped = || StoreError::Io("store writer stopped".into());
         let mut waits = Vec::with_capacity(blocks.len());
         {
             let w = self.writer.lock().unwrap();
             for b in blocks {
                 let (tx, rx) = mpsc::sync_channel(1);
-                let sent = w.as_ref().is_some_and(|w| w.send((b.clone(), tx)).is_ok());
+                let sent = w.as_ref().is_some_and(|w| w.send((b, tx)).is_ok());
                 waits.push(sent.then_some(rx));
             }
         }
