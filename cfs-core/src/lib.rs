@@ -4,6 +4,7 @@
 pub mod block;
 pub mod fs;
 pub mod id;
+pub mod ring;
 pub mod wire;
 
 pub use block::{BlockKind, RootBlock, Verified, VerifyError};

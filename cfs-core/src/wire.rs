@@ -6,7 +6,8 @@ use crate::id::{Id, NodeRef};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::net::SocketAddr;
 
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: `Step::Done` names its range's start as an address-bound node, not a bare id.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Hard limit on one frame: a largest block plus room for the envelope.
 pub const MAX_FRAME_BYTES: usize = MAX_BLOCK_BYTES + 64 * 1024;
 /// Most items in one batched request (Has), so that replies stay under the frame limit.
@@ -97,14 +98,14 @@ pub struct WireBlock {
 /// Where a lookup step went.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Step {
-    /// Every key in (from, succs[0]] has these successors (replicas first).
-    Done { from: Id, succs: Vec<NodeRef> },
-    /// Closer nodes, closest to the key first, with this node's measured RTT to each in
-    /// microseconds (0 if unknown), and its estimate of the ring's size.
-    Closer {
-        nodes: Vec<(NodeRef, u32)>,
-        n_est: u32,
-    },
+    /// Every key in (from.id, succs[0].id] has these successors (replicas first). `from`
+    /// is the node before the range (the answerer's predecessor, or the answerer itself):
+    /// a node, not a bare id, so the range's start is bound to an address that can be
+    /// checked, never an arbitrary point such as `key - 1`.
+    Done { from: NodeRef, succs: Vec<NodeRef> },
+    /// Closer nodes, closest to the key first, and this node's estimate of the ring's
+    /// size: a hint that a caller with an estimate of its own ignores.
+    Closer { nodes: Vec<NodeRef>, n_est: u32 },
     /// The wanted block (unverified: the caller checks it).
     Found(#[serde(with = "serde_bytes")] Vec<u8>),
 }

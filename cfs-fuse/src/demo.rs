@@ -96,8 +96,15 @@ async fn run_in(scratch: &Path, dir: &Path, mountpoint: &Path, n: usize) -> Resu
         std::fs::create_dir_all(&data)?;
         let store = RedbStore::open(&data.join("blocks.redb"))?;
         let cfg = Config::new(addr);
-        cfsd::daemon::start_node(cfg, listener, Arc::new(store), addrs.first().copied(), None)
-            .await;
+        cfsd::daemon::start_node(
+            cfg,
+            listener,
+            Arc::new(store),
+            addrs.first().copied(),
+            None,
+            Default::default(),
+        )
+        .await;
         addrs.push(addr);
     }
     let first = addrs[0];

@@ -234,7 +234,7 @@ async fn run(cli: Cli) -> Result<()> {
                     "{}",
                     serde_json::json!({
                         "addr": s.addr.to_string(),
-                        "id": s.vnodes[0].me.id.to_hex(),
+                        "id": s.vnodes.first().map(|v| v.me.id.to_hex()),
                         "replicas": s.replicas,
                         "vnodes": vnodes,
                         "blocks": s.blocks,

@@ -4,7 +4,9 @@
 use crate::net::{DhashError, Lookup, LookupError, Net, PutReceipt, Timeouts};
 use crate::transport::{CallError, TcpTransport, Transport};
 use cfs_core::block::{BlockKind, Verified};
-use cfs_core::wire::{Request, Response, StatusInfo, WireBlock};
+use cfs_core::id::MAX_VNODES;
+use cfs_core::ring::clean_succ_list;
+use cfs_core::wire::{Request, Response, StatusInfo, WireBlock, MAX_REFS};
 use cfs_core::{Id, NodeRef};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -323,20 +325,49 @@ impl<T: Transport> Client<T> {
         Ok((ask(set).await, ask(others).await))
     }
 
+    /// One node's status, checked as strictly as a node checks what it receives: a
+    /// reply that names no vnode, too many, or invalid nodes is a protocol error.
     pub async fn status(&self, addr: SocketAddr) -> Result<StatusInfo, CallError> {
-        match self.net.call(addr, Request::Status).await? {
-            Response::Status(s) => Ok(*s),
-            other => Err(CallError::Protocol(format!("unexpected {other:?}"))),
+        let s = match self.net.call(addr, Request::Status).await? {
+            Response::Status(s) => *s,
+            other => return Err(CallError::Protocol(format!("unexpected {other:?}"))),
+        };
+        let bad = |why: &str| {
+            Err(CallError::Protocol(format!(
+                "{addr} sent a bad status: {why}"
+            )))
+        };
+        if s.vnodes.is_empty() || s.vnodes.len() > MAX_VNODES as usize {
+            return bad("no vnodes, or more than the cap");
         }
+        let refs_ok = s.vnodes.iter().all(|v| {
+            v.me.valid(MAX_VNODES)
+                && v.succs.len() <= MAX_REFS
+                && v.fingers.len() <= 160
+                && v.succs
+                    .iter()
+                    .chain(&v.fingers)
+                    .chain(&v.pred)
+                    .all(|n| n.valid(MAX_VNODES))
+        });
+        if !refs_ok {
+            return bad("invalid node references");
+        }
+        if s.counters.len() > 1024 {
+            return bad("too many counters");
+        }
+        Ok(s)
     }
 
-    /// Every vnode of the ring, walking successor pointers from `addr`'s first vnode,
-    /// in id order starting from the lowest id.
+    /// Every vnode of the ring, walking successor lists from `addr`'s first vnode, in id
+    /// order starting from the lowest id. Each answer names up to s successors, so the
+    /// walk jumps to the last new one: about N/s calls, and each node is added once.
     pub async fn ring(&self, addr: SocketAddr) -> Result<Vec<NodeRef>, CallError> {
         let start = NodeRef::new(addr, 0);
+        let mut seen: std::collections::HashSet<NodeRef> = [start].into();
         let mut out = vec![start];
         let mut cur = start;
-        for _ in 0..100_000 {
+        for _ in 0..MAX_RING_WALK {
             let succs = match self
                 .net
                 .call(cur.addr, Request::Neighbors { vnode: cur.vnode })
@@ -345,16 +376,25 @@ impl<T: Transport> Client<T> {
                 Response::Neighbors { succs, .. } => succs,
                 other => return Err(CallError::Protocol(format!("unexpected {other:?}"))),
             };
-            let Some(next) = succs.first().copied() else {
-                break;
-            };
-            if next == start || out.contains(&next) {
-                break;
+            let mut next = None;
+            for n in clean_succ_list(cur, &succs, MAX_REFS, MAX_VNODES) {
+                if !seen.insert(n) {
+                    // Back at the start, or at a node already listed: the walk is done.
+                    next = None;
+                    break;
+                }
+                out.push(n);
+                next = Some(n);
             }
-            out.push(next);
-            cur = next;
+            match next {
+                Some(n) => cur = n,
+                None => break,
+            }
         }
         out.sort_by_key(|n| n.id);
         Ok(out)
     }
 }
+
+/// Most Neighbors calls one ring walk makes.
+const MAX_RING_WALK: usize = 1 << 16;

@@ -20,14 +20,12 @@ pub async fn start_node(
     store: Arc<dyn BlockStore>,
     join: Option<SocketAddr>,
     peers_file: Option<PathBuf>,
+    limits: ServerLimits,
 ) -> Node<TcpTransport> {
     let addr = cfg.addr;
     let node = Node::new(cfg, TcpTransport::new(Some(addr)), store);
-    tokio::spawn(serve(
-        listener,
-        Arc::new(node.clone()),
-        ServerLimits::default(),
-    ));
+    let limits = limits.fit_fds(crate::server::raise_fd_limit());
+    tokio::spawn(serve(listener, Arc::new(node.clone()), limits));
     let join = match join {
         Some(j) => Some(j),
         None => rejoin_target(&node, peers_file.as_deref()).await,

@@ -2,10 +2,14 @@
 //! daemon (TCP) and the simulator (in-process network) run the same code.
 
 pub mod cache;
+mod chord;
 pub mod client;
 pub mod daemon;
+mod maintain;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod quota;
+pub mod server;
 pub mod store;
 pub mod transport;

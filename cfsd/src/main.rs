@@ -53,6 +53,18 @@ struct Args {
     /// Interval of the scrub that re-verifies stored blocks, in milliseconds (0: off).
     #[arg(long, default_value_t = 60000)]
     scrub_ms: u64,
+    /// Maintenance rounds in a row that must find a hand-off safe before a copy is dropped.
+    #[arg(long, default_value_t = 3)]
+    handoff_rounds: u32,
+    /// Connections at once, in all (lowered to fit the open-file limit).
+    #[arg(long, default_value_t = 2048)]
+    max_conns: usize,
+    /// Connections at once from one source prefix (/24, /48; one address on loopback).
+    #[arg(long, default_value_t = 256)]
+    max_conns_per_prefix: usize,
+    /// MiB of request frames being received or handled at once, in all.
+    #[arg(long, default_value_t = 64)]
+    max_inflight_mb: usize,
 }
 
 fn resolve(s: &str) -> Result<SocketAddr> {
@@ -116,6 +128,13 @@ async fn run(args: Args) -> Result<()> {
     cfg.fix_fingers_every = cfg.stabilize_every;
     cfg.maintain_every = Duration::from_millis(args.maintain_ms.max(100));
     cfg.scrub_every = (args.scrub_ms > 0).then(|| Duration::from_millis(args.scrub_ms.max(100)));
+    cfg.handoff_rounds = args.handoff_rounds.max(1);
+    let limits = cfsd::server::ServerLimits {
+        max_conns: args.max_conns.max(16),
+        max_conns_per_bucket: args.max_conns_per_prefix.max(4),
+        max_inflight_bytes: args.max_inflight_mb.max(2) << 20,
+        ..Default::default()
+    };
     // The address file is written before joining so scripts can find the node at once;
     // it serves requests while it joins.
     let join = args.join.as_deref().map(resolve).transpose()?;
@@ -128,6 +147,7 @@ async fn run(args: Args) -> Result<()> {
         Arc::new(store),
         join,
         Some(args.data.join("peers")),
+        limits,
     )
     .await;
     if let Some(m) = &args.metrics {

@@ -4,7 +4,8 @@
 
 use crate::transport::{CallError, Transport};
 use cfs_core::block::{verify, BlockKind, Verified};
-use cfs_core::wire::{Request, Response, Step, MAX_BATCH, MAX_FRAME_BYTES};
+use cfs_core::id::MAX_VNODES;
+use cfs_core::wire::{Request, Response, Step, MAX_BATCH, MAX_FRAME_BYTES, MAX_REFS};
 use cfs_core::{Id, NodeRef};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -74,49 +75,7 @@ pub struct Lookup {
     pub found: Option<(NodeRef, Verified)>,
 }
 
-/// The first `r` successors that are distinct processes: one process never holds two
-/// replicas of a block. Off loopback, distinct hosts: node ids there do not include the
-/// port, so several ports of one IP are one principal.
-pub fn replica_set(succs: &[NodeRef], r: usize) -> Vec<NodeRef> {
-    let mut out: Vec<NodeRef> = Vec::with_capacity(r);
-    for n in succs {
-        if out.len() == r {
-            break;
-        }
-        if !out.iter().any(|o| same_host(o.addr, n.addr)) {
-            out.push(*n);
-        }
-    }
-    out
-}
-
-/// After the replicas, the rest of the successor list (one entry per process): after
-/// joins the true holders can sit beyond the first r.
-fn append_others(order: &mut Vec<NodeRef>, succs: &[NodeRef]) {
-    for n in succs {
-        if !order.iter().any(|o| o.addr == n.addr) {
-            order.push(*n);
-        }
-    }
-}
-
-/// One process on loopback (where rings of many processes share an IP), one IP elsewhere.
-pub fn same_host(a: SocketAddr, b: SocketAddr) -> bool {
-    if a.ip().is_loopback() {
-        a == b
-    } else {
-        a.ip() == b.ip()
-    }
-}
-
-/// A `Done` answer must cover the key, name valid nodes, and come from the node whose
-/// range it describes (or its predecessor); anything else is a lie or a confused node.
-fn valid_done(asked: NodeRef, key: Id, from: Id, succs: &[NodeRef]) -> bool {
-    !succs.is_empty()
-        && key.in_half_open(from, succs[0].id)
-        && (asked.id == from || asked == succs[0])
-        && succs.iter().all(|n| n.valid(cfs_core::id::MAX_VNODES))
-}
+pub use cfs_core::ring::{append_others, replica_set, same_host};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PutReceipt {
@@ -136,10 +95,16 @@ pub struct Net<T: Transport> {
     /// Our own address, if we are a ring member: calls to it are not hops.
     pub me: Option<SocketAddr>,
     rtt: Arc<Mutex<BTreeMap<SocketAddr, f64>>>,
-    /// The latest ring-size estimate a lookup step reported: the first hop of the next
-    /// lookup needs it to weigh progress against RTT.
+    /// Ring-size estimate: the node's own (from its successor list) when it has one,
+    /// else the latest hint a lookup step reported (clients). The first hop of a lookup
+    /// needs it to weigh progress against RTT; `Done` answers are checked against it.
     n_est: Arc<std::sync::atomic::AtomicU32>,
+    /// Whether `n_est` is this process's own measurement: then peers' hints are ignored.
+    own_n_est: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Most peers whose RTT is remembered: a flood of unreachable candidates cannot grow it.
+const MAX_RTT_ENTRIES: usize = 4096;
 
 impl<T: Transport> Net<T> {
     pub fn new(transport: T, timeouts: Timeouts, me: Option<SocketAddr>) -> Net<T> {
@@ -150,36 +115,49 @@ impl<T: Transport> Net<T> {
             me,
             rtt: Arc::default(),
             n_est: Arc::new(std::sync::atomic::AtomicU32::new(1)),
+            own_n_est: Arc::default(),
         }
     }
 
     pub async fn call(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
         let t0 = Instant::now();
         let r = self.transport.call(to, req, self.timeouts.rpc).await;
+        let mut m = self.rtt.lock().unwrap();
         if matches!(r, Err(ref e) if e.is_failure()) {
             // A failed peer looks slow, so lookups and reads try it last.
             let penalty = self.timeouts.rpc.as_secs_f64() * 1e6;
-            let mut m = self.rtt.lock().unwrap();
             let e = m.entry(to).or_insert(penalty);
             *e = e.max(penalty);
         } else {
             let us = t0.elapsed().as_secs_f64() * 1e6;
-            let mut m = self.rtt.lock().unwrap();
             let e = m.entry(to).or_insert(us);
             *e = 0.8 * *e + 0.2 * us;
-            if m.len() > 4096 {
-                // Bounded: forget an arbitrary (lowest-address) entry.
-                let k = *m.keys().next().unwrap();
+        }
+        if m.len() > MAX_RTT_ENTRIES {
+            // Bounded: forget the slowest entry (failed peers first), never the good ones.
+            let worst = m.iter().max_by(|a, b| a.1.total_cmp(b.1)).map(|(k, _)| *k);
+            if let Some(k) = worst {
                 m.remove(&k);
             }
         }
+        drop(m);
         r
     }
 
-    /// Record a ring-size estimate (a node knows one from its successor list).
+    /// Record this process's own ring-size estimate (a node knows one from its successor
+    /// list): from then on peers' hints are ignored.
     pub fn note_ring_size(&self, n: u32) {
-        self.n_est
-            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.n_est.store(n.max(1), Relaxed);
+        self.own_n_est.store(true, Relaxed);
+    }
+
+    /// The ring-size estimate to check answers against: only one this process measured.
+    fn own_ring_size(&self) -> Option<u32> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.own_n_est
+            .load(Relaxed)
+            .then(|| self.n_est.load(Relaxed))
     }
 
     /// Smoothed RTT in microseconds, if measured.
@@ -213,9 +191,25 @@ impl<T: Transport> Net<T> {
         key: Id,
         want: Option<BlockKind>,
     ) -> Result<Lookup, LookupError> {
-        tokio::time::timeout(self.timeouts.op, self.lookup_inner(start, key, want))
+        self.lookup_avoiding(start, key, want, &BTreeSet::new())
             .await
-            .unwrap_or(Err(LookupError::Deadline(key, self.timeouts.op)))
+    }
+
+    /// A lookup that never asks the nodes in `avoid`: after an answer led nowhere (every
+    /// node it named failed to serve the block), the next lookup routes around its source.
+    pub async fn lookup_avoiding(
+        &self,
+        start: Vec<NodeRef>,
+        key: Id,
+        want: Option<BlockKind>,
+        avoid: &BTreeSet<(SocketAddr, u16)>,
+    ) -> Result<Lookup, LookupError> {
+        tokio::time::timeout(
+            self.timeouts.op,
+            self.lookup_inner(start, key, want, avoid.clone()),
+        )
+        .await
+        .unwrap_or(Err(LookupError::Deadline(key, self.timeouts.op)))
     }
 
     async fn lookup_inner(
@@ -223,13 +217,12 @@ impl<T: Transport> Net<T> {
         start: Vec<NodeRef>,
         key: Id,
         want: Option<BlockKind>,
+        mut failed: BTreeSet<(SocketAddr, u16)>,
     ) -> Result<Lookup, LookupError> {
         let mut path = Vec::new();
         let mut hops = 0u32;
-        let mut failed: BTreeSet<(SocketAddr, u16)> = BTreeSet::new();
         // Stack of candidate lists, newest on top; fall back to older lists on failures.
-        let mut stack: Vec<Vec<(NodeRef, f64)>> =
-            vec![start.into_iter().map(|n| (n, 0.0)).collect()];
+        let mut stack: Vec<Vec<NodeRef>> = vec![start];
         let mut n_est = self.n_est.load(std::sync::atomic::Ordering::Relaxed);
         let mut last = String::from("no candidates");
         let mut asked: BTreeSet<(SocketAddr, u16)> = BTreeSet::new();
@@ -243,7 +236,7 @@ impl<T: Transport> Net<T> {
             let Some(top) = stack.last_mut() else {
                 return Err(LookupError::NoRoute { key, last });
             };
-            top.retain(|(n, _)| {
+            top.retain(|n| {
                 !failed.contains(&(n.addr, n.vnode)) && !asked.contains(&(n.addr, n.vnode))
             });
             if top.is_empty() {
@@ -251,7 +244,7 @@ impl<T: Transport> Net<T> {
                 continue;
             }
             let i = self.pick(top, key, n_est);
-            let (node, _) = top.remove(i);
+            let node = top.remove(i);
             asked.insert((node.addr, node.vnode));
             path.push(node);
             let req = Request::FindStep {
@@ -265,16 +258,30 @@ impl<T: Transport> Net<T> {
                 hops += 1;
             }
             match reply {
-                Ok(Response::Step(Step::Done { from, succs }))
-                    if valid_done(node, key, from, &succs) =>
-                {
-                    return Ok(Lookup {
+                Ok(Response::Step(Step::Done { from, succs })) => {
+                    match cfs_core::ring::check_done(
+                        node,
+                        key,
                         from,
-                        succs,
-                        path,
-                        hops,
-                        found: None,
-                    })
+                        &succs,
+                        self.own_ring_size(),
+                        MAX_VNODES,
+                    ) {
+                        Ok(()) => {
+                            return Ok(Lookup {
+                                from: from.id,
+                                succs,
+                                path,
+                                hops,
+                                found: None,
+                            })
+                        }
+                        Err(e) => {
+                            // A lie or a confused node: it has failed this lookup.
+                            failed.insert((node.addr, node.vnode));
+                            last = format!("{}: refused its answer: {e}", node.addr);
+                        }
+                    }
                 }
                 Ok(Response::Step(Step::Found(bytes))) => {
                     if let Some(kind) = want {
@@ -294,16 +301,38 @@ impl<T: Transport> Net<T> {
                     last = format!("{} returned a bad block", node.addr);
                 }
                 Ok(Response::Step(Step::Closer { nodes, n_est: n })) => {
-                    n_est = n.max(1);
-                    self.n_est
-                        .store(n_est, std::sync::atomic::Ordering::Relaxed);
-                    let next: Vec<(NodeRef, f64)> = nodes
+                    // A peer's ring-size hint steers only a caller that has no estimate
+                    // of its own, and is capped: it weighs progress, nothing more.
+                    if self.own_ring_size().is_none() {
+                        n_est = n.clamp(1, 1 << 24);
+                        self.n_est
+                            .store(n_est, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let next: Vec<NodeRef> = nodes
                         .into_iter()
                         .take(CLOSER_COUNT * 2)
-                        .filter(|(n, _)| n.id.in_open(node.id, key) || n.id == key)
-                        .map(|(n, rtt)| (n, rtt as f64))
+                        .filter(|n| {
+                            n.valid(MAX_VNODES) && (n.id.in_open(node.id, key) || n.id == key)
+                        })
                         .collect();
-                    if next.is_empty() {
+                    let fresh = next.iter().any(|n| {
+                        !failed.contains(&(n.addr, n.vnode)) && !asked.contains(&(n.addr, n.vnode))
+                    });
+                    if !fresh {
+                        // Every closer node it knows has failed us (a liar among them):
+                        // go round it through this node's successors, one of which
+                        // holds the key's range and can answer for it.
+                        if let Ok(Response::Neighbors { succs, .. }) = self
+                            .call(node.addr, Request::Neighbors { vnode: node.vnode })
+                            .await
+                        {
+                            let around =
+                                cfs_core::ring::clean_succ_list(node, &succs, MAX_REFS, MAX_VNODES);
+                            if !around.is_empty() {
+                                stack.push(around);
+                                continue;
+                            }
+                        }
                         last = format!("{} offered no closer node", node.addr);
                     } else {
                         stack.push(next);
@@ -325,18 +354,17 @@ impl<T: Transport> Net<T> {
     /// Choose the next hop among candidates: by estimated total latency (our RTT to it plus
     /// the hops it still needs times the mean RTT) or, without server selection, by
     /// id progress alone.
-    fn pick(&self, cands: &[(NodeRef, f64)], key: Id, n_est: u32) -> usize {
+    /// Only RTTs this process measured count: a peer's word on latency is not used.
+    fn pick(&self, cands: &[NodeRef], key: Id, n_est: u32) -> usize {
         let progress = |n: &NodeRef| n.id.distance_frac(key);
         if !self.server_selection {
             return (0..cands.len())
-                .min_by(|&a, &b| progress(&cands[a].0).total_cmp(&progress(&cands[b].0)))
+                .min_by(|&a, &b| progress(&cands[a]).total_cmp(&progress(&cands[b])))
                 .unwrap();
         }
         let mean = self.mean_rtt_us();
-        let cost = |(n, hint): &(NodeRef, f64)| {
-            let rtt = self
-                .rtt_us(n.addr)
-                .unwrap_or(if *hint > 0.0 { *hint * 2.0 } else { mean });
+        let cost = |n: &NodeRef| {
+            let rtt = self.rtt_us(n.addr).unwrap_or(mean);
             let remaining = (progress(n) * n_est as f64).max(1.0).log2() / 2.0;
             rtt + remaining * mean
         };
@@ -358,10 +386,21 @@ impl<T: Transport> Net<T> {
         let deadline = Instant::now() + self.timeouts.op;
         let mut last = String::from("no replica answered");
         let mut backoff = Duration::from_millis(100);
+        let mut avoid = BTreeSet::new();
         loop {
             let want = (path_caching && kind.is_content()).then_some(kind);
-            match self.lookup(start.to_vec(), key, want).await {
+            match self
+                .lookup_avoiding(start.to_vec(), key, want, &avoid)
+                .await
+            {
                 Ok(l) => {
+                    // If nothing this answer names serves the block, its source is not
+                    // asked again by this get.
+                    if let Some(src) = l.path.last() {
+                        if Some(src.addr) != self.me {
+                            avoid.insert((src.addr, src.vnode));
+                        }
+                    }
                     if let Some((_, v)) = &l.found {
                         return Ok((v.clone(), l));
                     }
@@ -495,9 +534,12 @@ impl<T: Transport> Net<T> {
             else {
                 break;
             };
+            // Only a clockwise continuation of valid nodes that has not wrapped back to
+            // the start of the list is taken.
+            let first = all[0];
             let before = all.len();
-            for n in more {
-                if !all.contains(&n) {
+            for n in cfs_core::ring::clean_succ_list(last, &more, MAX_REFS, MAX_VNODES) {
+                if n.id.in_open(last.id, first.id) && !all.contains(&n) {
                     all.push(n);
                 }
             }

@@ -2,19 +2,22 @@
 //! reads time only through `tokio::time` and randomness only from a seeded RNG, so the
 //! simulator runs this same code.
 
-use crate::cache::ByteLru;
+use crate::cache::{CacheLimits, PathCache, Refusal};
+use crate::chord::Vnode;
 use crate::metrics::Metrics;
-use crate::net::{Lookup, LookupError, Net, Timeouts, CLOSER_COUNT};
-use crate::store::{BlockStore, PutOutcome, StoreError};
+use crate::net::{LookupError, Net, Timeouts};
+use crate::quota::{Quota, QuotaError};
+use crate::store::{BlockStore, PutOutcome, StoreError, StoreKey};
 use crate::transport::{Handler, Transport};
 use cfs_core::block::{verify, BlockKind, Verified};
+use cfs_core::ring::{in_replica_reach, source_bucket};
 use cfs_core::wire::{
     ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, WireBlock, MAX_BATCH,
     MAX_REFS,
 };
 use cfs_core::{Id, NodeRef};
-use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, BTreeSet};
+use rand::SeedableRng;
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,6 +48,10 @@ pub struct Config {
     /// Run hashing and store calls on the async task instead of tokio's blocking pool:
     /// the simulator needs this, since paused time may advance while a blocking task runs.
     pub inline_blocking: bool,
+    pub cache_limits: CacheLimits,
+    /// Maintenance rounds in a row that must find a copy's hand-off safe before the copy
+    /// is dropped (the grace period).
+    pub handoff_rounds: u32,
 }
 
 impl Config {
@@ -67,123 +74,35 @@ impl Config {
             server_selection: true,
             path_caching: true,
             inline_blocking: false,
+            cache_limits: CacheLimits::default(),
+            handoff_rounds: 3,
         }
     }
 }
 
-/// One ring position.
-struct Vnode {
-    me: NodeRef,
-    pred: Option<NodeRef>,
-    /// Never empty: a ring of one has itself as successor.
-    succs: Vec<NodeRef>,
-    fingers: Vec<Option<NodeRef>>,
-    next_finger: u32,
-}
-
-impl Vnode {
-    fn new(me: NodeRef) -> Vnode {
-        Vnode {
-            me,
-            pred: None,
-            succs: vec![me],
-            fingers: vec![None; 160],
-            next_finger: 0,
-        }
-    }
-
-    /// The nodes we know that precede `key`, closest to it first.
-    fn closer(&self, key: Id) -> Vec<NodeRef> {
-        // Distances computed once per entry, not per comparison: this runs on every
-        // lookup step and the finger table repeats its entries (same order as before).
-        let mut v: Vec<(f64, NodeRef)> = self
-            .fingers
-            .iter()
-            .flatten()
-            .chain(self.succs.iter())
-            .chain(self.pred.iter())
-            .filter(|n| n.id.in_open(self.me.id, key))
-            .map(|n| (n.id.distance_frac(key), *n))
-            .collect();
-        v.sort_by(|a, b| a.0.total_cmp(&b.0));
-        v.dedup_by_key(|(_, n)| (n.addr, n.vnode));
-        v.truncate(CLOSER_COUNT);
-        v.into_iter().map(|(_, n)| n).collect()
-    }
-
-    /// Ring size estimate from the successor list's density.
-    fn n_est(&self) -> u32 {
-        let last = *self.succs.last().unwrap();
-        let frac = self.me.id.distance_frac(last.id);
-        if last == self.me || frac <= 0.0 {
-            return 1;
-        }
-        ((self.succs.len() as f64 / frac) as u64).clamp(1, u32::MAX as u64) as u32
-    }
-
-    /// Answer one lookup step.
-    fn step(&self, key: Id) -> Step {
-        if let Some(p) = self.pred {
-            if key.in_half_open(p.id, self.me.id) {
-                let mut succs = vec![self.me];
-                succs.extend(self.succs.iter().filter(|n| **n != self.me));
-                succs.truncate(MAX_REFS);
-                return Step::Done { from: p.id, succs };
-            }
-        }
-        let succ = self.succs[0];
-        if succ == self.me || key.in_half_open(self.me.id, succ.id) {
-            return Step::Done {
-                from: self.me.id,
-                succs: self.succs.iter().take(MAX_REFS).copied().collect(),
-            };
-        }
-        Step::Closer {
-            nodes: self.closer(key).into_iter().map(|n| (n, 0)).collect(),
-            n_est: self.n_est(),
-        }
-    }
-
-    /// Zave's successor list: the successor, then its list, cut where it reaches us.
-    fn adopt_succs(&mut self, first: NodeRef, list: &[NodeRef], s: usize) {
-        let mut out = vec![first];
-        for n in list {
-            if *n == self.me || out.len() >= s {
-                break;
-            }
-            if !out.contains(n) {
-                out.push(*n);
-            }
-        }
-        if first == self.me {
-            out = vec![self.me];
-        }
-        self.succs = out;
-    }
-}
-
-struct Inner<T: Transport> {
-    cfg: Config,
-    net: Net<T>,
-    store: Arc<dyn BlockStore>,
-    cache: Mutex<ByteLru>,
-    vnodes: Vec<Mutex<Vnode>>,
-    metrics: Metrics,
-    /// Peers we have heard of, for re-looking ourselves up after a partition heals.
-    seen: Mutex<BTreeSet<SocketAddr>>,
-    /// Keys this node recently routed lookups for: only those may enter the path cache.
-    routed: Mutex<lru::LruCache<Id, ()>>,
-    quota: Mutex<BTreeMap<Vec<u8>, u64>>,
-    scrub_cursor: Mutex<Id>,
+pub(crate) struct Inner<T: Transport> {
+    pub(crate) cfg: Config,
+    pub(crate) net: Net<T>,
+    pub(crate) store: Arc<dyn BlockStore>,
+    pub(crate) cache: Mutex<PathCache>,
+    pub(crate) vnodes: Vec<Mutex<Vnode>>,
+    pub(crate) metrics: Metrics,
+    /// Peers that answered this node (never names merely claimed in a peer's answer), for
+    /// re-looking ourselves up after a partition heals and for the saved peers file.
+    pub(crate) seen: Mutex<BTreeSet<SocketAddr>>,
+    pub(crate) quota: Quota,
+    pub(crate) scrub_cursor: Mutex<Option<StoreKey>>,
+    /// Hand-offs waiting out their grace period, by replica set.
+    pub(crate) handoffs: Mutex<crate::maintain::Handoffs>,
     /// Until it has joined, a node answers no ring requests: its lone successor list
     /// would claim the whole ring.
-    joined: std::sync::atomic::AtomicBool,
-    rng: Mutex<rand::rngs::SmallRng>,
+    pub(crate) joined: std::sync::atomic::AtomicBool,
+    pub(crate) rng: Mutex<rand::rngs::SmallRng>,
 }
 
 /// A node; clones share state.
 pub struct Node<T: Transport> {
-    inner: Arc<Inner<T>>,
+    pub(crate) inner: Arc<Inner<T>>,
 }
 
 impl<T: Transport> Clone for Node<T> {
@@ -194,24 +113,11 @@ impl<T: Transport> Clone for Node<T> {
     }
 }
 
-/// How many recently routed keys a node remembers for the path cache.
-const ROUTED_KEYS: usize = 4096;
+/// How often changed storage charges are written to the store.
+const CHARGES_SAVE_EVERY: Duration = Duration::from_secs(2);
 
-fn remote(kind: ErrorKind, msg: impl Into<String>) -> RemoteError {
+pub(crate) fn remote(kind: ErrorKind, msg: impl Into<String>) -> RemoteError {
     RemoteError::new(kind, msg)
-}
-
-/// The quota bucket of a source address.
-fn quota_prefix(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v4) if v4.is_loopback() => v4.octets().to_vec(),
-        IpAddr::V4(v4) => v4.octets()[..3].to_vec(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => quota_prefix(IpAddr::V4(v4)),
-            None if v6.is_loopback() => v6.octets().to_vec(),
-            None => v6.octets()[..6].to_vec(),
-        },
-    }
 }
 
 impl<T: Transport> Node<T> {
@@ -224,17 +130,15 @@ impl<T: Transport> Node<T> {
         let seed = cfs_core::id::node_id(cfg.addr, 0).prefix_u64();
         Node {
             inner: Arc::new(Inner {
-                cache: Mutex::new(ByteLru::new(cfg.cache_bytes)),
+                cache: Mutex::new(PathCache::new(cfg.cache_bytes, seed, cfg.cache_limits)),
                 net,
+                quota: Quota::load(cfg.quota_bytes, &*store),
                 store,
                 vnodes,
                 metrics: Metrics::default(),
                 seen: Mutex::default(),
-                // Unbounded with a manual cap: a bounded LruCache allocates its whole
-                // table up front, which adds up over thousands of simulated nodes.
-                routed: Mutex::new(lru::LruCache::unbounded()),
-                quota: Mutex::default(),
-                scrub_cursor: Mutex::new(Id::ZERO),
+                scrub_cursor: Mutex::new(None),
+                handoffs: Mutex::default(),
                 joined: std::sync::atomic::AtomicBool::new(false),
                 rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)),
                 cfg,
@@ -294,13 +198,18 @@ impl<T: Transport> Node<T> {
         for v in start_at..self.inner.cfg.vnodes {
             let me = self.ids()[v as usize];
             let l = self.inner.net.lookup(vec![first], me.id, None).await?;
-            let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
-            // A joiner copies the successor list of the member it joins behind.
+            // A joiner copies the successor list of the member it joins behind, checked
+            // entry by entry like any list a peer hands us.
             let succs: Vec<NodeRef> = l.succs.iter().filter(|n| **n != me).copied().collect();
             if let Some(s0) = succs.first().copied() {
-                vn.adopt_succs(s0, &succs[1..], self.inner.cfg.succ_list_len);
+                if !self.alive(s0).await {
+                    return Err(LookupError::NoRoute {
+                        key: me.id,
+                        last: format!("the successor named for us, {}, does not answer", s0.addr),
+                    });
+                }
+                self.adopt_checked(v, s0, &succs[1..]).await;
             }
-            self.note_seen(l.succs.iter().map(|n| n.addr));
         }
         if let Some(b) = bootstrap {
             self.note_seen([b]);
@@ -323,34 +232,6 @@ impl<T: Transport> Node<T> {
                 ErrorKind::Busy,
                 "not part of the ring yet (joining)",
             ))
-        }
-    }
-
-    /// Peers this node has heard of, successors first: what a restart can rejoin through.
-    pub fn known_peers(&self) -> Vec<SocketAddr> {
-        let mut out: Vec<SocketAddr> = Vec::new();
-        for v in &self.inner.vnodes {
-            let v = v.lock().unwrap();
-            out.extend(v.succs.iter().chain(v.pred.iter()).map(|n| n.addr));
-        }
-        out.extend(self.inner.seen.lock().unwrap().iter().copied());
-        let me = self.inner.cfg.addr;
-        let mut seen = std::collections::BTreeSet::new();
-        out.retain(|a| *a != me && seen.insert(*a));
-        out
-    }
-
-    fn note_seen(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
-        let mut s = self.inner.seen.lock().unwrap();
-        for a in addrs {
-            if a != self.inner.cfg.addr {
-                s.insert(a);
-            }
-        }
-        while s.len() > 256 {
-            let i = self.inner.rng.lock().unwrap().random_range(0..s.len());
-            let k = *s.iter().nth(i).unwrap();
-            s.remove(&k);
         }
     }
 
@@ -399,403 +280,16 @@ impl<T: Transport> Node<T> {
                 }
             }));
         }
+        let n = self.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CHARGES_SAVE_EVERY).await;
+                let store = n.inner.store.clone();
+                let m = n.clone();
+                let _ = n.blocking(move || m.inner.quota.save(&*store)).await;
+            }
+        }));
         tasks
-    }
-
-    /// Re-verify stored blocks (with collision detection), resuming where the last round
-    /// stopped. A block that no longer matches its key (bit rot, a tampered file) is
-    /// dropped; maintenance then restores it from the other replicas.
-    pub async fn scrub(&self) {
-        let Ok(list) = self.inner.store.list() else {
-            return;
-        };
-        let start = *self.inner.scrub_cursor.lock().unwrap();
-        let first = list.iter().position(|(_, k, _)| *k > start).unwrap_or(0);
-        let mut checked = 0u64;
-        let mut last = start;
-        for (kind, key, ver) in list.iter().cycle().skip(first).take(list.len()) {
-            if checked >= self.inner.cfg.scrub_bytes {
-                break;
-            }
-            last = *key;
-            let store = self.inner.store.clone();
-            let (kind, key) = (*kind, *key);
-            let bad = self
-                .blocking(move || match store.get(kind, key) {
-                    Ok(Some(b)) => {
-                        let n = b.len() as u64;
-                        (n, verify(kind, key, b, true).is_err())
-                    }
-                    _ => (0, false),
-                })
-                .await;
-            let Ok((n, bad)) = bad else { continue };
-            checked += n.max(1);
-            Metrics::inc(&self.inner.metrics.scrubbed);
-            if bad {
-                tracing::warn!(?kind, %key, "scrub found a corrupt block; dropping it for repair");
-                Metrics::inc(&self.inner.metrics.scrub_corrupt);
-                let _ = self.inner.store.remove_if(kind, key, *ver);
-            }
-        }
-        *self.inner.scrub_cursor.lock().unwrap() = last;
-    }
-
-    fn jitter(&self, max: Duration) -> Duration {
-        let ms = max.as_millis().max(1) as u64;
-        Duration::from_millis(self.inner.rng.lock().unwrap().random_range(0..ms))
-    }
-
-    async fn alive(&self, n: NodeRef) -> bool {
-        if n.addr == self.inner.cfg.addr {
-            return true;
-        }
-        matches!(
-            self.inner.net.call(n.addr, Request::Ping).await,
-            Ok(Response::Pong { vnodes }) if n.vnode < vnodes
-        )
-    }
-
-    async fn neighbors(&self, n: NodeRef) -> Option<(Option<NodeRef>, Vec<NodeRef>)> {
-        if n.addr == self.inner.cfg.addr {
-            let vn = self.inner.vnodes.get(n.vnode as usize)?.lock().unwrap();
-            return Some((vn.pred, vn.succs.clone()));
-        }
-        match self
-            .inner
-            .net
-            .call(n.addr, Request::Neighbors { vnode: n.vnode })
-            .await
-        {
-            Ok(Response::Neighbors { pred, succs }) => Some((pred, succs)),
-            _ => None,
-        }
-    }
-
-    /// Zave's stabilize: drop a dead first successor, else adopt its list, and its
-    /// predecessor if that one lies between and is alive; then rectify the successor.
-    pub async fn stabilize(&self, v: u16) {
-        Metrics::inc(&self.inner.metrics.stabilize_rounds);
-        let s = self.inner.cfg.succ_list_len;
-        let (me, succ, pred) = {
-            let vn = self.inner.vnodes[v as usize].lock().unwrap();
-            (vn.me, vn.succs[0], vn.pred)
-        };
-        if succ == me {
-            // Ring of one: a predecessor that rectified us is our way out.
-            if let Some(p) = pred {
-                if p != me && self.alive(p).await {
-                    if let Some((_, list)) = self.neighbors(p).await {
-                        self.inner.vnodes[v as usize]
-                            .lock()
-                            .unwrap()
-                            .adopt_succs(p, &list, s);
-                    }
-                }
-            }
-        } else {
-            match self.neighbors(succ).await {
-                None => {
-                    let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
-                    if vn.succs.first() == Some(&succ) {
-                        vn.succs.remove(0);
-                        if vn.succs.is_empty() {
-                            vn.succs.push(me);
-                        }
-                    }
-                    for f in vn.fingers.iter_mut() {
-                        if *f == Some(succ) {
-                            *f = None;
-                        }
-                    }
-                    return;
-                }
-                Some((p, list)) => {
-                    self.note_seen(list.iter().map(|n| n.addr));
-                    let mut adopted = false;
-                    if let Some(p) = p {
-                        if p != me
-                            && p.valid(self.inner.cfg.max_vnodes)
-                            && p.id.in_open(me.id, succ.id)
-                            && self.alive(p).await
-                        {
-                            if let Some((_, plist)) = self.neighbors(p).await {
-                                self.inner.vnodes[v as usize]
-                                    .lock()
-                                    .unwrap()
-                                    .adopt_succs(p, &plist, s);
-                                adopted = true;
-                            }
-                        }
-                    }
-                    if !adopted {
-                        self.inner.vnodes[v as usize]
-                            .lock()
-                            .unwrap()
-                            .adopt_succs(succ, &list, s);
-                    }
-                }
-            }
-        }
-        let succ = self.inner.vnodes[v as usize].lock().unwrap().succs[0];
-        if succ != me {
-            let req = Request::Rectify {
-                vnode: succ.vnode,
-                candidate: me,
-            };
-            if succ.addr == self.inner.cfg.addr {
-                self.rectify(succ.vnode, me).await;
-            } else {
-                let _ = self.inner.net.call(succ.addr, req).await;
-            }
-        }
-    }
-
-    /// Take `cand` as predecessor if it lies between the current one and us, or if the
-    /// current one is dead. The candidate must answer at its address first.
-    async fn rectify(&self, v: u16, cand: NodeRef) {
-        let (me, pred) = {
-            let vn = self.inner.vnodes[v as usize].lock().unwrap();
-            (vn.me, vn.pred)
-        };
-        if cand == me || Some(cand) == pred {
-            return;
-        }
-        let take = match pred {
-            None => true,
-            Some(p) if cand.id.in_open(p.id, me.id) => true,
-            Some(p) => !self.alive(p).await,
-        };
-        if take && self.alive(cand).await {
-            self.inner.vnodes[v as usize].lock().unwrap().pred = Some(cand);
-            self.note_seen([cand.addr]);
-        }
-    }
-
-    async fn check_predecessor(&self, v: u16) {
-        let pred = self.inner.vnodes[v as usize].lock().unwrap().pred;
-        if let Some(p) = pred {
-            if !self.alive(p).await {
-                let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
-                if vn.pred == Some(p) {
-                    vn.pred = None;
-                }
-            }
-        }
-    }
-
-    /// Refresh one finger per round; the fingers it also covers are set at once, so a
-    /// full table takes about log N lookups.
-    async fn fix_finger(&self, v: u16) {
-        let (me, i) = {
-            let vn = self.inner.vnodes[v as usize].lock().unwrap();
-            (vn.me, vn.next_finger)
-        };
-        let start = me.id.add_pow2(i);
-        let Ok(l) = self.lookup_from(v, start, None).await else {
-            return;
-        };
-        let f = l.succs[0];
-        let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
-        let mut j = i;
-        while j < 160 && (me.id.add_pow2(j) == f.id || me.id.add_pow2(j).in_open(me.id, f.id)) {
-            vn.fingers[j as usize] = (f != me).then_some(f);
-            j += 1;
-        }
-        if j == i {
-            vn.fingers[i as usize] = (f != me).then_some(f);
-            j += 1;
-        }
-        vn.next_finger = if j >= 160 { 0 } else { j };
-    }
-
-    /// A lookup that starts from vnode `v`'s own table: the first step costs no RPC.
-    pub async fn lookup_from(
-        &self,
-        v: u16,
-        key: Id,
-        want: Option<BlockKind>,
-    ) -> Result<Lookup, LookupError> {
-        let step = self.inner.vnodes[v as usize].lock().unwrap().step(key);
-        let me = self.ids()[v as usize];
-        Metrics::inc(&self.inner.metrics.lookups_done);
-        let r = match step {
-            Step::Done { from, succs } => Ok(Lookup {
-                from,
-                succs,
-                path: vec![me],
-                hops: 0,
-                found: None,
-            }),
-            Step::Closer { nodes, n_est } => {
-                self.inner.net.note_ring_size(n_est);
-                let start = nodes.into_iter().map(|(n, _)| n).collect();
-                let mut l = self.inner.net.lookup(start, key, want).await?;
-                l.path.insert(0, me);
-                Ok(l)
-            }
-            Step::Found(_) => unreachable!("local steps never carry blocks"),
-        };
-        if let Ok(l) = &r {
-            Metrics::add(&self.inner.metrics.lookup_hops, l.hops as u64);
-        }
-        r
-    }
-
-    /// Look our own id up through a remembered peer: if it knows a closer successor,
-    /// take it, so rings split by a partition merge after it heals.
-    async fn rejoin(&self) {
-        let peer = {
-            let s = self.inner.seen.lock().unwrap();
-            if s.is_empty() {
-                return;
-            }
-            let i = self.inner.rng.lock().unwrap().random_range(0..s.len());
-            *s.iter().nth(i).unwrap()
-        };
-        for v in 0..self.inner.cfg.vnodes {
-            let me = self.ids()[v as usize];
-            let Ok(l) = self
-                .inner
-                .net
-                .lookup(vec![NodeRef::new(peer, 0)], me.id, None)
-                .await
-            else {
-                return;
-            };
-            let cand = l.succs.iter().find(|n| **n != me).copied();
-            if let Some(c) = cand {
-                let succ = self.successors(v)[0];
-                if (succ == me || c.id.in_open(me.id, succ.id)) && self.alive(c).await {
-                    tracing::info!(vnode = v, new_succ = ?c, "found a closer successor through a remembered peer");
-                    let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
-                    let rest = vn.succs.clone();
-                    vn.adopt_succs(c, &rest, self.inner.cfg.succ_list_len);
-                }
-            }
-        }
-    }
-
-    /// DHash maintenance: every holder pushes each block to the replicas of its key that
-    /// lack it (asked in batches, so nothing they hold is resent), and a holder outside
-    /// the set drops its copy once every replica says it holds it.
-    pub async fn maintain(&self) {
-        let Ok(list) = self.inner.store.list() else {
-            return;
-        };
-        let r = self.inner.cfg.replicas;
-        let me = self.inner.cfg.addr;
-        let mut i = 0;
-        while i < list.len() {
-            let key = list[i].1;
-            let Ok(l) = self.lookup_from(0, key, None).await else {
-                i += 1;
-                continue;
-            };
-            // All held keys in (from, succs[0]] share this replica set.
-            let mut group = Vec::new();
-            while i < list.len() && list[i].1.in_half_open(l.from, l.succs[0].id) {
-                group.push(list[i]);
-                i += 1;
-            }
-            if group.is_empty() {
-                // The answer did not cover the key (the ring is moving): skip it this round.
-                i += 1;
-                continue;
-            }
-            let set = self.inner.net.replicas(&l.succs, r).await;
-            // Every holder pushes, not only the first replica: the first may be the one
-            // that lost the block (a scrub dropped it, a disk was replaced).
-            let inside = set.iter().any(|n| n.addr == me);
-            let items: Vec<(BlockKind, Id)> = group.iter().map(|(k, id, _)| (*k, *id)).collect();
-            let mut confirmed = vec![0usize; group.len()];
-            for target in set.iter().filter(|n| n.addr != me) {
-                let Ok(have) = self.inner.net.has(target.addr, &items).await else {
-                    continue;
-                };
-                let mut missing = Vec::new();
-                for (j, (_, _, ver)) in group.iter().enumerate() {
-                    if have[j].is_some_and(|v| v >= *ver) {
-                        confirmed[j] += 1;
-                    } else {
-                        missing.push(j);
-                    }
-                }
-                // Push what the replica lacks, batched: one request and commit per run.
-                let blocks: Vec<Option<Vec<u8>>> = missing
-                    .iter()
-                    .map(|&j| self.inner.store.get(group[j].0, group[j].1).ok().flatten())
-                    .collect();
-                let sizes: Vec<usize> = blocks
-                    .iter()
-                    .map(|b| b.as_ref().map_or(0, |b| b.len()))
-                    .collect();
-                let idx: Vec<usize> = (0..missing.len()).collect();
-                for run in crate::net::chunk_by_bytes(&idx, |i| sizes[i]) {
-                    let wire: Vec<WireBlock> = run
-                        .iter()
-                        .filter_map(|&i| {
-                            let (kind, key, _) = group[missing[i]];
-                            blocks[i]
-                                .clone()
-                                .map(|bytes| WireBlock { kind, key, bytes })
-                        })
-                        .collect();
-                    let sent: Vec<usize> = run
-                        .iter()
-                        .filter(|&&i| blocks[i].is_some())
-                        .map(|&i| missing[i])
-                        .collect();
-                    let req = Request::PutMany {
-                        blocks: wire,
-                        transfer: true,
-                    };
-                    if let Ok(Response::StoredMany(answers)) =
-                        self.inner.net.call(target.addr, req).await
-                    {
-                        for (j, a) in sent.iter().zip(answers) {
-                            if a.is_ok() {
-                                Metrics::inc(&self.inner.metrics.repairs_sent);
-                                confirmed[*j] += 1;
-                            }
-                        }
-                    }
-                }
-            }
-            if !inside && set.len() >= r {
-                for (j, (kind, key, ver)) in group.iter().enumerate() {
-                    if confirmed[j] >= r && self.held_by_all(&set, *kind, *key, *ver).await {
-                        let store = self.inner.store.clone();
-                        let (kind, key, ver) = (*kind, *key, *ver);
-                        let _ = self.blocking(move || store.remove_if(kind, key, ver)).await;
-                        Metrics::inc(&self.inner.metrics.handoffs_dropped);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Before a holder outside the replica set drops its copy, every replica must hand the
-    /// block over and it must verify (at least the version we hold, for roots): never on a
-    /// peer's word alone that it has it.
-    async fn held_by_all(&self, set: &[NodeRef], kind: BlockKind, key: Id, version: u64) -> bool {
-        for n in set {
-            let ok = match self
-                .inner
-                .net
-                .call(n.addr, Request::Get { kind, key })
-                .await
-            {
-                Ok(Response::Block(Some(bytes))) => {
-                    verify(kind, key, bytes, false).is_ok_and(|v| v.version() >= version)
-                }
-                _ => false,
-            };
-            if !ok {
-                return false;
-            }
-        }
-        true
     }
 
     pub fn status(&self) -> StatusInfo {
@@ -816,7 +310,7 @@ impl<T: Transport> Node<T> {
             })
             .collect();
         let (blocks, bytes) = self.inner.store.usage();
-        let (cache_blocks, cache_bytes) = self.inner.cache.lock().unwrap().usage();
+        let (cache_blocks, cache_bytes) = self.inner.cache.lock().unwrap().lru.usage();
         StatusInfo {
             addr: self.inner.cfg.addr,
             replicas: self.inner.cfg.replicas as u8,
@@ -841,14 +335,23 @@ impl<T: Transport> Node<T> {
         e
     }
 
-    /// Is `ip` a ring member we know (its transfers are not charged to a quota)?
-    fn is_member(&self, ip: IpAddr) -> bool {
+    /// Is `key` a ring transfer this node takes free of quota from `peer`? Only from a
+    /// checked neighbour (a successor or the predecessor, which answered our pings; off
+    /// loopback, where an address names a host) and only for a key this node plausibly
+    /// replicates by its own view of the ring.
+    fn free_transfer(&self, peer: IpAddr, key: Id) -> bool {
+        if peer.is_loopback() {
+            return false;
+        }
+        let r = self.inner.cfg.replicas;
         self.inner.vnodes.iter().any(|v| {
             let v = v.lock().unwrap();
-            v.succs
+            let neighbour = v
+                .succs
                 .iter()
                 .chain(v.pred.iter())
-                .any(|n| n.addr.ip() == ip && !ip.is_loopback())
+                .any(|n| n.addr.ip() == peer);
+            neighbour && in_replica_reach(key, v.me.id, r, v.n_est())
         })
     }
 
@@ -861,33 +364,34 @@ impl<T: Transport> Node<T> {
         transfer: bool,
     ) -> Vec<Result<bool, RemoteError>> {
         let m = &self.inner.metrics;
-        // Charged per source prefix. Transfers are exempt only from a ring member's own
-        // address off loopback (on loopback every process is 127.0.0.1, so everything is
-        // charged to that one bucket; its quota is sized for a local ring). The charge is
-        // reserved before the work, so parallel requests cannot all pass one check.
-        let member = transfer && !peer.ip().is_loopback() && self.is_member(peer.ip());
-        let prefix = quota_prefix(peer.ip());
-        let quota = self.inner.cfg.quota_bytes;
+        // Charged per source bucket: bytes plus a per-block overhead, reserved before the
+        // work so parallel requests cannot all pass one check, refunded for what was not
+        // new. Only checked neighbours' transfers of keys in our range are free.
+        let bucket = source_bucket(peer.ip());
         let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
         let mut todo = Vec::with_capacity(blocks.len());
-        {
-            let mut q = self.inner.quota.lock().unwrap();
-            let used = q.entry(prefix.clone()).or_default();
-            for (i, b) in blocks.into_iter().enumerate() {
-                let len = b.bytes.len() as u64;
-                if !member && *used + len > quota {
+        for (i, b) in blocks.into_iter().enumerate() {
+            let free = transfer && self.free_transfer(peer.ip(), b.key);
+            let cost = if free { 0 } else { Quota::cost(b.bytes.len()) };
+            if cost > 0 {
+                if let Err(e) = self.inner.quota.reserve(&bucket, cost) {
                     Metrics::inc(&m.refused_quota);
-                    answers[i] = Some(Err(remote(
-                        ErrorKind::Quota,
-                        format!("storage quota of {quota} bytes for your address is used up"),
-                    )));
+                    let kind = match e {
+                        QuotaError::Exceeded { .. } => ErrorKind::Quota,
+                        QuotaError::TooManyBuckets => ErrorKind::Busy,
+                    };
+                    answers[i] = Some(Err(remote(kind, e.to_string())));
                     continue;
                 }
-                if !member {
-                    *used += len;
-                }
-                todo.push((i, b));
             }
+            todo.push((i, cost, b));
+        }
+        if todo.iter().any(|(_, cost, _)| *cost > 0) {
+            // Durable in the same commit as the blocks: a crash cannot keep one without
+            // the other (a refund below is saved with a later commit).
+            self.inner
+                .store
+                .stage_charge(&bucket, self.inner.quota.used(&bucket));
         }
         // Verify and store off the async workers: hashing and fsync take a while.
         let store = self.inner.store.clone();
@@ -895,18 +399,17 @@ impl<T: Transport> Node<T> {
             .blocking(move || {
                 let mut ok = Vec::new();
                 let mut out = Vec::new();
-                for (i, b) in todo {
-                    let len = b.bytes.len() as u64;
+                for (i, cost, b) in todo {
                     match verify(b.kind, b.key, b.bytes, true) {
-                        Ok(v) => ok.push((i, len, v)),
-                        Err(e) => out.push((i, len, Err(e.to_string()))),
+                        Ok(v) => ok.push((i, cost, v)),
+                        Err(e) => out.push((i, cost, Err(e.to_string()))),
                     }
                 }
                 // The verified blocks move into the store: no copy of their bytes.
                 let (slots, vs): (Vec<(usize, u64)>, Vec<Verified>) =
-                    ok.into_iter().map(|(i, len, v)| ((i, len), v)).unzip();
-                for ((i, len), r) in slots.into_iter().zip(store.put_many(vs)) {
-                    out.push((i, len, Ok(r)));
+                    ok.into_iter().map(|(i, c, v)| ((i, c), v)).unzip();
+                for ((i, cost), r) in slots.into_iter().zip(store.put_many(vs)) {
+                    out.push((i, cost, Ok(r)));
                 }
                 out
             })
@@ -921,9 +424,9 @@ impl<T: Transport> Node<T> {
             }
         };
         let mut refund = 0u64;
-        for (i, len, r) in done {
-            if !member && !matches!(r, Ok(Ok(PutOutcome::Stored))) {
-                refund += len;
+        for (i, cost, r) in done {
+            if !matches!(r, Ok(Ok(PutOutcome::Stored))) {
+                refund += cost;
             }
             answers[i] = Some(match r {
                 Err(why) => {
@@ -947,10 +450,10 @@ impl<T: Transport> Node<T> {
             });
         }
         if refund > 0 {
-            // Only bytes newly stored stay charged.
-            let mut q = self.inner.quota.lock().unwrap();
-            let used = q.entry(prefix).or_default();
-            *used = used.saturating_sub(refund);
+            self.inner.quota.refund(&bucket, refund);
+            self.inner
+                .store
+                .stage_charge(&bucket, self.inner.quota.used(&bucket));
         }
         answers
             .into_iter()
@@ -959,7 +462,7 @@ impl<T: Transport> Node<T> {
     }
 
     /// Run CPU- or disk-bound work off the async workers (or inline, see `Config`).
-    async fn blocking<R: Send + 'static>(
+    pub(crate) async fn blocking<R: Send + 'static>(
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, RemoteError> {
@@ -975,10 +478,13 @@ impl<T: Transport> Node<T> {
     /// mostly in the page cache, and a hop through the blocking pool measured slower
     /// (cold 256 MiB read 0.54 s inline vs 0.62 s through the pool).
     async fn lookup_block(&self, kind: BlockKind, key: Id) -> Option<Vec<u8>> {
+        if kind.is_content() {
+            self.inner.cache.lock().unwrap().record_request(key);
+        }
         if let Ok(Some(b)) = self.inner.store.get(kind, key) {
             return Some(b);
         }
-        let hit = self.inner.cache.lock().unwrap().get(kind, key);
+        let hit = self.inner.cache.lock().unwrap().lru.get(kind, key);
         let m = &self.inner.metrics;
         Metrics::inc(if hit.is_some() {
             &m.cache_hits
@@ -1010,12 +516,14 @@ impl<T: Transport> Handler for Node<T> {
                     }
                 }
                 let step = self.vnode(vnode)?.lock().unwrap().step(key);
-                {
-                    let mut routed = self.inner.routed.lock().unwrap();
-                    routed.put(key, ());
-                    if routed.len() > ROUTED_KEYS {
-                        routed.pop_lru();
-                    }
+                // Only a lookup that wanted the block may lead to an offer for the cache,
+                // and only from the requester it was routed for.
+                if want.is_some_and(|k| k.is_content()) {
+                    self.inner.cache.lock().unwrap().note_routed(
+                        key,
+                        peer.ip(),
+                        tokio::time::Instant::now(),
+                    );
                 }
                 Ok(Response::Step(step))
             }
@@ -1036,10 +544,9 @@ impl<T: Transport> Handler for Node<T> {
                         "candidate has an invalid address or vnode",
                     )));
                 }
-                // In the background: deciding may need to ping a dead predecessor, which
-                // takes a timeout the caller should not wait for.
-                let n = self.clone();
-                tokio::spawn(async move { n.rectify(vnode, candidate).await });
+                // Decided in the background through one bounded queue per vnode: the
+                // caller does not wait for our ping, and a flood cannot multiply dials.
+                self.offer_predecessor(vnode, candidate);
                 Ok(Response::Ok)
             }
             Request::Put {
@@ -1092,18 +599,39 @@ impl<T: Transport> Handler for Node<T> {
                 Ok(Response::Have(have))
             }
             Request::Cache { kind, key, bytes } => {
-                // Only content blocks for lookups this node just routed, verified first.
-                if !kind.is_content() || !self.inner.routed.lock().unwrap().contains(&key) {
+                // Only content blocks for lookups this node just routed for this
+                // requester, within its rate, verified first, and popular enough.
+                let admitted = kind.is_content()
+                    && self
+                        .inner
+                        .cache
+                        .lock()
+                        .unwrap()
+                        .may_offer(
+                            key,
+                            peer.ip(),
+                            source_bucket(peer.ip()),
+                            tokio::time::Instant::now(),
+                        )
+                        .is_ok();
+                if !admitted {
+                    Metrics::inc(&m.cache_refused);
                     return Ok(Response::Ok);
                 }
                 match verify(kind, key, bytes, false) {
                     Ok(v) => {
-                        Metrics::inc(&m.cache_inserts);
-                        self.inner
+                        let r = self
+                            .inner
                             .cache
                             .lock()
                             .unwrap()
-                            .insert(kind, key, v.into_bytes());
+                            .admit(kind, key, v.into_bytes());
+                        Metrics::inc(match r {
+                            Ok(()) => &m.cache_inserts,
+                            Err(
+                                Refusal::NotPopular | Refusal::NotRouted | Refusal::RateLimited,
+                            ) => &m.cache_refused,
+                        });
                         Ok(Response::Ok)
                     }
                     Err(e) => {
@@ -1118,6 +646,15 @@ impl<T: Transport> Handler for Node<T> {
 
     fn refused_input(&self, peer: SocketAddr, why: &str) {
         Metrics::inc(&self.inner.metrics.refused_input);
+        tracing::debug!(%peer, why, "closed connection");
+    }
+
+    fn evicted_connection(&self) {
+        Metrics::inc(&self.inner.metrics.conns_evicted);
+    }
+
+    fn slow_peer(&self, peer: SocketAddr, why: &str) {
+        Metrics::inc(&self.inner.metrics.slow_frames);
         tracing::debug!(%peer, why, "closed connection");
     }
 }

@@ -16,6 +16,10 @@ pub enum StoreError {
     Conflict(u64),
     #[error("block store I/O failed: {0}; check the disk under --data")]
     Io(String),
+    #[error("the block store is format {found}, newer than this cfsd understands ({known}); upgrade cfsd or use another --data directory")]
+    TooNew { found: u32, known: u32 },
+    #[error("the node is busy storing; try again")]
+    Busy,
 }
 
 /// What a put did.
@@ -49,8 +53,28 @@ pub trait BlockStore: Send + Sync + 'static {
             _ => Ok(()),
         }
     }
-    /// Every held block as (kind, key, version), in key order.
+    /// Every held block as (kind, key, version), in key order. For tests and the
+    /// simulator's accounting: the node's own rounds walk the store with `list_after`.
     fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError>;
+    /// At most `limit` held blocks after `after` (None: from the start), in store order
+    /// (kind, then key): a bounded chunk, so rounds over the store never hold every key.
+    fn list_after(
+        &self,
+        after: Option<StoreKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError>;
+    /// Storage charged per source bucket, as last saved.
+    fn load_charges(&self) -> Result<Vec<(Vec<u8>, u64)>, StoreError>;
+    /// Replace the saved charges (durably).
+    fn save_charges(&self, charges: &[(Vec<u8>, u64)]) -> Result<(), StoreError>;
+    /// Record `bucket`'s charge with the next commit of blocks, so a put and its charge
+    /// are durable together.
+    fn stage_charge(&self, bucket: &[u8], used: u64) {
+        let mut all = self.load_charges().unwrap_or_default();
+        all.retain(|(b, _)| b != bucket);
+        all.push((bucket.to_vec(), used));
+        let _ = self.save_charges(&all);
+    }
     /// (blocks, bytes) held.
     fn usage(&self) -> (u64, u64);
 }
@@ -85,6 +109,7 @@ fn check_root_replace(
 #[derive(Default)]
 pub struct MemStore {
     map: Mutex<BTreeMap<StoreKey, (u64, Vec<u8>)>>,
+    charges: Mutex<Vec<(Vec<u8>, u64)>>,
 }
 
 impl BlockStore for MemStore {
@@ -122,6 +147,26 @@ impl BlockStore for MemStore {
         v.sort_by_key(|(k, id, _)| (*id, *k));
         Ok(v)
     }
+    fn list_after(
+        &self,
+        after: Option<StoreKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
+        use std::ops::Bound;
+        let m = self.map.lock().unwrap();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(m.range((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|((k, id), (ver, _))| (*k, *id, *ver))
+            .collect())
+    }
+    fn load_charges(&self) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
+        Ok(self.charges.lock().unwrap().clone())
+    }
+    fn save_charges(&self, charges: &[(Vec<u8>, u64)]) -> Result<(), StoreError> {
+        *self.charges.lock().unwrap() = charges.to_vec();
+        Ok(())
+    }
     fn usage(&self) -> (u64, u64) {
         let m = self.map.lock().unwrap();
         (
@@ -139,6 +184,16 @@ const BLOCKS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("
 /// Per block: version and length (8 + 8 bytes, big-endian), so listing, `Has` and usage
 /// never read block bytes.
 const INDEX: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("index");
+/// Storage charged per source bucket (quota), so a restart does not forget it.
+const CHARGES: redb::TableDefinition<&[u8], u64> = redb::TableDefinition::new("charges");
+/// Store-wide facts: "format" is the layout version.
+const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+/// 1: blocks + index. 2: adds charges and meta (a format-1 store is migrated on open by
+/// creating them: no existing table changes).
+pub const STORE_FORMAT: u32 = 2;
+/// Puts waiting for the writer at most; a caller beyond it waits (backpressure), so
+/// the queue's memory is bounded whatever the request rate.
+const WRITER_QUEUE: usize = 4096;
 
 fn db_key(kind: BlockKind, key: Id) -> [u8; 21] {
     let mut k = [0u8; 21];
@@ -175,7 +230,9 @@ type Pending = (Verified, mpsc::SyncSender<Result<PutOutcome, StoreError>>);
 /// put waiting at that moment in one transaction: one fsync per batch, not per block.
 pub struct RedbStore {
     db: std::sync::Arc<redb::Database>,
-    writer: Mutex<Option<mpsc::Sender<Pending>>>,
+    /// Charges to write with the next commit.
+    staged: std::sync::Arc<Mutex<BTreeMap<Vec<u8>, u64>>>,
+    writer: Mutex<Option<mpsc::SyncSender<Pending>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     usage: std::sync::Arc<Mutex<(u64, u64)>>,
 }
@@ -233,9 +290,28 @@ impl RedbStore {
             .create(path)
             .map_err(io)?;
         {
+            use redb::ReadableTable;
             let tx = db.begin_write().map_err(io)?;
+            {
+                let mut meta = tx.open_table(META).map_err(io)?;
+                let found = meta.get("format").map_err(io)?.map(|g| g.value());
+                match found {
+                    Some(f) if f > STORE_FORMAT as u64 => {
+                        return Err(StoreError::TooNew {
+                            found: f as u32,
+                            known: STORE_FORMAT,
+                        })
+                    }
+                    Some(f) if f == STORE_FORMAT as u64 => {}
+                    // New, or format 1 (no meta table): migrate by creating what is new.
+                    _ => {
+                        meta.insert("format", STORE_FORMAT as u64).map_err(io)?;
+                    }
+                }
+            }
             tx.open_table(BLOCKS).map_err(io)?;
             tx.open_table(INDEX).map_err(io)?;
+            tx.open_table(CHARGES).map_err(io)?;
             tx.commit().map_err(io)?;
         }
         let db = std::sync::Arc::new(db);
@@ -253,14 +329,16 @@ impl RedbStore {
             }
         }
         let usage = std::sync::Arc::new(Mutex::new(usage));
-        let (tx, rx) = mpsc::channel::<Pending>();
-        let (db2, usage2) = (db.clone(), usage.clone());
+        let (tx, rx) = mpsc::sync_channel::<Pending>(WRITER_QUEUE);
+        let staged: std::sync::Arc<Mutex<BTreeMap<Vec<u8>, u64>>> = Default::default();
+        let (db2, usage2, staged2) = (db.clone(), usage.clone(), staged.clone());
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&db2, rx, &usage2))
+            .spawn(move || writer_loop(&db2, rx, &usage2, &staged2))
             .map_err(io)?;
         Ok(RedbStore {
             db,
+            staged,
             writer: Mutex::new(Some(tx)),
             thread: Some(thread),
             usage,
@@ -268,7 +346,12 @@ impl RedbStore {
     }
 }
 
-fn writer_loop(db: &redb::Database, rx: mpsc::Receiver<Pending>, usage: &Mutex<(u64, u64)>) {
+fn writer_loop(
+    db: &redb::Database,
+    rx: mpsc::Receiver<Pending>,
+    usage: &Mutex<(u64, u64)>,
+    staged: &Mutex<BTreeMap<Vec<u8>, u64>>,
+) {
     use redb::ReadableTable;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -282,6 +365,13 @@ fn writer_loop(db: &redb::Database, rx: mpsc::Receiver<Pending>, usage: &Mutex<(
         let mut added = (0u64, 0i64);
         let commit = (|| -> Result<(), StoreError> {
             let tx = db.begin_write().map_err(io)?;
+            {
+                let charges = std::mem::take(&mut *staged.lock().unwrap());
+                let mut t = tx.open_table(CHARGES).map_err(io)?;
+                for (k, v) in charges {
+                    t.insert(k.as_slice(), v).map_err(io)?;
+                }
+            }
             {
                 let mut blocks = tx.open_table(BLOCKS).map_err(io)?;
                 let mut index = tx.open_table(INDEX).map_err(io)?;
@@ -429,6 +519,68 @@ impl BlockStore for RedbStore {
         Ok(out)
     }
 
+    fn list_after(
+        &self,
+        after: Option<StoreKey>,
+        limit: usize,
+    ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
+        use std::ops::Bound;
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = tx.open_table(INDEX).map_err(io)?;
+        let start = after.map(|(k, id)| db_key(k, id));
+        let lower = match &start {
+            Some(k) => Bound::Excluded(k.as_slice()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in t.range::<&[u8]>((lower, Bound::Unbounded)).map_err(io)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(io)?;
+            let k = k.value();
+            if k.len() != 21 {
+                continue;
+            }
+            let (Some(kind), Some((version, _))) =
+                (BlockKind::from_u8(k[0]), parse_index(v.value()))
+            else {
+                continue;
+            };
+            out.push((kind, Id(k[1..].try_into().unwrap()), version));
+        }
+        Ok(out)
+    }
+
+    fn stage_charge(&self, bucket: &[u8], used: u64) {
+        self.staged.lock().unwrap().insert(bucket.to_vec(), used);
+    }
+
+    fn load_charges(&self) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
+        use redb::ReadableTable;
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = tx.open_table(CHARGES).map_err(io)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(io)? {
+            let (k, v) = item.map_err(io)?;
+            out.push((k.value().to_vec(), v.value()));
+        }
+        Ok(out)
+    }
+
+    fn save_charges(&self, charges: &[(Vec<u8>, u64)]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut t = tx.open_table(CHARGES).map_err(io)?;
+            t.retain(|_, _| false).map_err(io)?;
+            for (k, v) in charges {
+                t.insert(k.as_slice(), *v).map_err(io)?;
+            }
+        }
+        tx.commit().map_err(io)?;
+        Ok(())
+    }
+
     fn usage(&self) -> (u64, u64) {
         *self.usage.lock().unwrap()
     }
@@ -476,6 +628,14 @@ mod tests {
         assert_eq!(s.version(BlockKind::Root, r2.key()).unwrap(), Some(3));
         assert_eq!(s.usage().0, 2);
         assert_eq!(s.list().unwrap().len(), 2);
+        // Chunks walk the store in (kind, key) order without repeats.
+        let first = s.list_after(None, 1).unwrap();
+        assert_eq!(first.len(), 1);
+        let rest = s.list_after(Some((first[0].0, first[0].1)), 10).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_ne!(rest[0].1, first[0].1);
+        s.save_charges(&[(vec![127, 0, 0, 1], 99)]).unwrap();
+        assert_eq!(s.load_charges().unwrap(), vec![(vec![127, 0, 0, 1], 99)]);
         s.remove(BlockKind::Data, a.key()).unwrap();
         assert_eq!(s.get(BlockKind::Data, a.key()).unwrap(), None);
         assert_eq!(s.usage().0, 1);
@@ -498,10 +658,54 @@ mod tests {
         }
         let s = RedbStore::open(&path).unwrap();
         assert_eq!(s.usage().0, 1);
+        assert_eq!(s.load_charges().unwrap().len(), 1, "charges persist");
         assert_eq!(
             s.version(BlockKind::Root, root(1, b"").key()).unwrap(),
             Some(3)
         );
+        drop(s);
+        // A store written by a newer format is refused, not misread.
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("format", 99u64)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        assert!(matches!(
+            RedbStore::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_format_1_store_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("cfs-store-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("blocks.redb");
+        let a = content(b"old");
+        {
+            // Format 1: blocks and index only.
+            let db = redb::Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            let k = db_key(a.kind(), a.key());
+            tx.open_table(BLOCKS)
+                .unwrap()
+                .insert(k.as_slice(), a.bytes())
+                .unwrap();
+            tx.open_table(INDEX)
+                .unwrap()
+                .insert(k.as_slice(), index_value(0, a.bytes().len()).as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(s.get(BlockKind::Data, a.key()).unwrap().unwrap(), b"old");
+        assert!(s.load_charges().unwrap().is_empty());
+        drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

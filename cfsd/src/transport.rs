@@ -7,12 +7,12 @@ use cfs_core::wire::{
 };
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
@@ -56,6 +56,14 @@ pub trait Handler: Send + Sync + 'static {
 
     /// A connection sent bytes that are not a valid frame (counted in metrics).
     fn refused_input(&self, peer: SocketAddr, why: &str);
+
+    /// A connection was closed to make room for a new one.
+    fn evicted_connection(&self) {}
+
+    /// A connection was closed for sending too slowly or not reading its replies.
+    fn slow_peer(&self, peer: SocketAddr, why: &str) {
+        self.refused_input(peer, why);
+    }
 }
 
 /// TCP transport: one request at a time per connection, idle connections pooled per peer.
@@ -178,125 +186,53 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Read one frame body; Ok(None) on a clean end of stream before a frame starts.
-pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+/// Read one frame's length prefix; Ok(None) on a clean end of stream before a frame.
+pub async fn read_prefix(s: &mut TcpStream) -> std::io::Result<Option<usize>> {
     let mut prefix = [0u8; 4];
     match s.read_exact(&mut prefix).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let len = wire::frame_len(prefix)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    // Read into spare capacity: no zeroing of a buffer that is about to be overwritten.
-    let mut body = Vec::with_capacity(len);
-    (&mut *s).take(len as u64).read_to_end(&mut body).await?;
-    if body.len() != len {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(Some(body))
+    wire::frame_len(prefix)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
-/// Limits on what one source address may hold open.
-#[derive(Clone, Copy, Debug)]
-pub struct ServerLimits {
-    pub max_conns_per_ip: usize,
-    pub max_conns: usize,
-    /// A connection idle this long is closed.
-    pub idle_timeout: Duration,
-}
+/// Bytes a frame body buffer grows by: memory follows the bytes that arrived, never the
+/// length a peer announced.
+pub const READ_STEP: usize = 256 * 1024;
 
-impl Default for ServerLimits {
-    fn default() -> Self {
-        ServerLimits {
-            max_conns_per_ip: 512,
-            max_conns: 4096,
-            idle_timeout: Duration::from_secs(120),
+/// Read a frame body of `len` bytes, growing the buffer only as bytes arrive. `grow` is
+/// asked before each step (it may refuse, e.g. over a memory budget).
+pub async fn read_body(
+    s: &mut TcpStream,
+    len: usize,
+    mut grow: impl FnMut(usize) -> bool,
+) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while body.len() < len {
+        let step = (len - body.len()).min(READ_STEP);
+        if !grow(step) {
+            return Err(std::io::Error::other("over the in-flight memory budget"));
+        }
+        body.reserve_exact(step);
+        // Read into spare capacity: no zeroing of a buffer that is about to be overwritten.
+        let got = (&mut *s).take(step as u64).read_to_end(&mut body).await?;
+        if got < step {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
+    Ok(body)
 }
 
-/// Accept connections forever, each served on its own task. A bad frame closes only that
-/// connection.
-pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: ServerLimits) {
-    let conns: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        {
-            let mut c = conns.lock().unwrap();
-            let total: usize = c.values().sum();
-            let mine = c.entry(peer.ip()).or_default();
-            if *mine >= limits.max_conns_per_ip || total >= limits.max_conns {
-                handler.refused_input(peer, "too many connections");
-                continue;
-            }
-            *mine += 1;
-        }
-        let _ = stream.set_nodelay(true);
-        let (handler, conns) = (handler.clone(), conns.clone());
-        tokio::spawn(async move {
-            serve_conn(stream, peer, &*handler, limits).await;
-            let mut c = conns.lock().unwrap();
-            if let Some(n) = c.get_mut(&peer.ip()) {
-                *n -= 1;
-                if *n == 0 {
-                    c.remove(&peer.ip());
-                }
-            }
-        });
-    }
+/// Read one whole frame body (the client side: replies from a peer it called, bounded
+/// by the call's timeout); Ok(None) on a clean end of stream before a frame starts.
+pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let Some(len) = read_prefix(s).await? else {
+        return Ok(None);
+    };
+    read_body(s, len, |_| true).await.map(Some)
 }
 
-async fn serve_conn<H: Handler>(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    handler: &H,
-    limits: ServerLimits,
-) {
-    loop {
-        let body = match tokio::time::timeout(limits.idle_timeout, read_frame(&mut stream)).await {
-            Err(_) | Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                handler.refused_input(peer, &e.to_string());
-                return;
-            }
-            Ok(Ok(Some(b))) => b,
-        };
-        let frame: RequestFrame = match wire::decode(&body) {
-            Ok(f) => f,
-            Err(e) => {
-                handler.refused_input(peer, &e.to_string());
-                return;
-            }
-        };
-        let resp = if frame.protocol != PROTOCOL_VERSION {
-            handler.refused_input(peer, "protocol version");
-            Err(RemoteError::new(
-                wire::ErrorKind::BadRequest,
-                format!(
-                    "protocol {} not supported; this node speaks {PROTOCOL_VERSION}",
-                    frame.protocol
-                ),
-            ))
-        } else {
-            handler.handle(peer, frame.from, frame.req).await
-        };
-        let out = match wire::encode_frame(&ResponseFrame { id: frame.id, resp }) {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(error = %e, "response does not fit a frame");
-                return;
-            }
-        };
-        if stream.write_all(&out).await.is_err() {
-            return;
-        }
-    }
-}
+pub use crate::server::{serve, ServerLimits};

@@ -2,6 +2,7 @@
 //! by PID on drop, `eventually` to poll with a deadline instead of sleeping, and `cfs` to
 //! run the client command.
 
+pub mod hostile;
 pub mod tree;
 
 use std::net::SocketAddr;

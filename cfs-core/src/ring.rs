@@ -1,0 +1,343 @@
+//! Routing rules that every party applies alike: the node, the client and the simulator.
+//! Who counts as a distinct host, which successors hold a key and in what order they are
+//! read, what a successor list or a lookup answer may claim, how wide a successor's range
+//! can plausibly be, and which bucket a source address is charged to. Pure functions: the
+//! callers measure and talk, these only decide.
+
+use crate::id::{Id, NodeRef};
+use std::net::{IpAddr, SocketAddr};
+
+/// The unit that must not hold two replicas of a block: one process on loopback (where a
+/// local ring of many processes shares an IP and node ids include the port), one IP
+/// elsewhere (where ids do not include the port, so several ports are one principal).
+pub fn same_host(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.ip().is_loopback() && b.ip().is_loopback() {
+        a == b
+    } else {
+        canonical_ip(a.ip()) == canonical_ip(b.ip())
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The first `r` successors that are distinct hosts: the replicas of a key whose
+/// successor list is `succs`.
+pub fn replica_set(succs: &[NodeRef], r: usize) -> Vec<NodeRef> {
+    let mut out: Vec<NodeRef> = Vec::with_capacity(r);
+    for n in succs {
+        if out.len() == r {
+            break;
+        }
+        if !out.iter().any(|o| same_host(o.addr, n.addr)) {
+            out.push(*n);
+        }
+    }
+    out
+}
+
+/// Append to `order` the members of `succs` whose process is not in it yet, in list
+/// order: after joins the true holders of a key can sit beyond the first r.
+pub fn append_others(order: &mut Vec<NodeRef>, succs: &[NodeRef]) {
+    for n in succs {
+        if !order.iter().any(|o| o.addr == n.addr) {
+            order.push(*n);
+        }
+    }
+}
+
+/// Why a list of nodes claimed by a peer is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    #[error("a node reference has an invalid address or a vnode index over the cap")]
+    InvalidRef,
+    #[error("the nodes are not in clockwise order")]
+    Order,
+    #[error("the list is empty")]
+    Empty,
+    #[error("the key is not in the range the answer describes")]
+    KeyOutside,
+    #[error("the answer does not come from the range it describes")]
+    WrongAnswerer,
+    #[error("the range is far wider than the ring's density allows")]
+    TooWide,
+}
+
+/// The entries of a successor list claimed by a peer, as `me` may adopt them: valid,
+/// each strictly further clockwise from `me` than the one before, cut where the list
+/// reaches `me` again, at most `s`. Entries after the first out-of-order or invalid one
+/// are dropped, not reordered: a list that is not a walk of the ring is not trusted past
+/// the point where it stops being one.
+pub fn clean_succ_list(me: NodeRef, list: &[NodeRef], s: usize, max_vnodes: u16) -> Vec<NodeRef> {
+    let mut out: Vec<NodeRef> = Vec::new();
+    for n in list {
+        if out.len() >= s || *n == me || n.id == me.id {
+            break;
+        }
+        if !n.valid(max_vnodes) {
+            break;
+        }
+        if let Some(prev) = out.last() {
+            // Strictly clockwise after the previous entry, and not past `me`.
+            if !n.id.in_open(prev.id, me.id) {
+                break;
+            }
+        }
+        out.push(*n);
+    }
+    out
+}
+
+/// Check a list that must be a clockwise walk starting after `from`: every entry valid
+/// and each strictly further from `from` than the one before. On a small ring the walk
+/// may come round to `from` itself, which then ends it.
+pub fn check_walk(from: Id, list: &[NodeRef], max_vnodes: u16) -> Result<(), ClaimError> {
+    let mut prev: Option<Id> = None;
+    for n in list {
+        if !n.valid(max_vnodes) {
+            return Err(ClaimError::InvalidRef);
+        }
+        if let Some(p) = prev {
+            if p == from || !n.id.in_half_open(p, from) {
+                return Err(ClaimError::Order);
+            }
+        }
+        prev = Some(n.id);
+    }
+    Ok(())
+}
+
+/// Widest range (as a fraction of the ring) one node may plausibly own in a ring of about
+/// `n` nodes. Gaps between n random points are exponential with mean 1/n; the widest of n
+/// exceeds (ln n + c)/n with probability about e^-c. c = 12 with the estimate halved
+/// (an estimate from a successor list can be off by that much) keeps honest ranges in,
+/// while a claim such as "my range starts just before your key" on a large ring is out.
+pub fn max_plausible_width(n_est: u32) -> f64 {
+    let n = (n_est.max(1) as f64 / 2.0).max(1.0);
+    ((n.ln() + 12.0) / n).min(1.0)
+}
+
+/// A `Done` answer from `asked` for `key`: every key in (from, succs[0]] has the successors
+/// `succs`. Accepted only if it covers the key, comes from one end of the range it
+/// describes, names valid nodes in clockwise order, and (when the caller has its own
+/// estimate of the ring's size) is not far wider than the ring's density predicts.
+pub fn check_done(
+    asked: NodeRef,
+    key: Id,
+    from: NodeRef,
+    succs: &[NodeRef],
+    own_n_est: Option<u32>,
+    max_vnodes: u16,
+) -> Result<(), ClaimError> {
+    let first = *succs.first().ok_or(ClaimError::Empty)?;
+    if !from.valid(max_vnodes) {
+        return Err(ClaimError::InvalidRef);
+    }
+    if !key.in_half_open(from.id, first.id) {
+        return Err(ClaimError::KeyOutside);
+    }
+    if asked != from && asked != first {
+        return Err(ClaimError::WrongAnswerer);
+    }
+    check_walk(from.id, succs, max_vnodes)?;
+    if let Some(n) = own_n_est {
+        // (x, x] is the whole ring: only a ring of one may claim it.
+        let width = if from == first {
+            1.0
+        } else {
+            from.id.distance_frac(first.id)
+        };
+        if n > 1 && width > max_plausible_width(n) {
+            return Err(ClaimError::TooWide);
+        }
+    }
+    Ok(())
+}
+
+/// Ring size from a successor list's density: `len` successors span `span` of the ring.
+pub fn estimate_size(len: usize, span: f64) -> u32 {
+    if len == 0 || span <= 0.0 {
+        return 1;
+    }
+    ((len as f64 / span) as u64).clamp(1, u32::MAX as u64) as u32
+}
+
+/// Is `me` plausibly among the r replicas of `key`, judged only by the node's own view
+/// (its estimate of the ring's size)? Keys further before a node than r of its typical
+/// ranges (with slack) are not its to receive as ring transfers free of quota.
+pub fn in_replica_reach(key: Id, me: Id, r: usize, n_est: u32) -> bool {
+    key.distance_frac(me) <= (2 * r.max(1)) as f64 * max_plausible_width(n_est)
+}
+
+/// The bucket a source address is charged to and limited by: a /24 (IPv4) or /48
+/// (IPv6), since one party easily holds a whole small prefix; on loopback the whole
+/// address, since a local ring and its clients share 127.0.0.0/8.
+pub fn source_bucket(ip: IpAddr) -> Vec<u8> {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) if v4.is_loopback() => v4.octets().to_vec(),
+        IpAddr::V4(v4) => v4.octets()[..3].to_vec(),
+        IpAddr::V6(v6) if v6.is_loopback() => v6.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets()[..6].to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::MAX_VNODES;
+
+    fn lo(port: u16) -> NodeRef {
+        NodeRef::new(SocketAddr::from(([127, 0, 0, 1], port)), 0)
+    }
+
+    /// Nodes sorted clockwise from `start`, by an oracle that compares full distances
+    /// computed with u128 arithmetic on the top 16 bytes (not the code under test).
+    fn clockwise_from(start: Id, mut v: Vec<NodeRef>) -> Vec<NodeRef> {
+        let top = |x: Id| u128::from_be_bytes(x.0[..16].try_into().unwrap());
+        v.sort_by_key(|n| top(n.id).wrapping_sub(top(start)));
+        v
+    }
+
+    #[test]
+    fn hosts_are_processes_on_loopback_and_ips_elsewhere() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        assert!(!same_host(a, b));
+        let c: SocketAddr = "198.18.0.1:1".parse().unwrap();
+        let d: SocketAddr = "198.18.0.1:2".parse().unwrap();
+        let e: SocketAddr = "[::ffff:198.18.0.1]:3".parse().unwrap();
+        assert!(same_host(c, d));
+        assert!(same_host(c, e));
+        let succs: Vec<NodeRef> = [c, d, "198.18.0.2:1".parse().unwrap()]
+            .iter()
+            .map(|a| NodeRef::new(*a, 0))
+            .collect();
+        let set = replica_set(&succs, 3);
+        assert_eq!(set.len(), 2, "two ports of one IP are one replica");
+    }
+
+    #[test]
+    fn a_cleaned_list_is_a_clockwise_prefix_of_valid_nodes() {
+        // Random lists against the oracle: the result is a prefix of the input, sorted
+        // clockwise from me by the oracle, valid, without me.
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..500 {
+            let me = lo(1 + (rnd() % 60000) as u16);
+            let n = (rnd() % 20) as usize;
+            let mut list: Vec<NodeRef> = (0..n).map(|_| lo(1 + (rnd() % 60000) as u16)).collect();
+            if rnd() % 2 == 0 {
+                list = clockwise_from(me.id, list);
+            }
+            if rnd() % 4 == 0 && n > 0 {
+                let i = (rnd() as usize) % n;
+                list[i].vnode = MAX_VNODES; // over the cap
+            }
+            let out = clean_succ_list(me, &list, 16, MAX_VNODES);
+            assert!(out.len() <= 16);
+            assert_eq!(&list[..out.len()], &out[..], "a prefix");
+            assert!(out.iter().all(|n| n.valid(MAX_VNODES) && *n != me));
+            let mut dedup = out.clone();
+            dedup.dedup();
+            assert_eq!(clockwise_from(me.id, out.clone()), dedup, "clockwise");
+            assert_eq!(dedup.len(), out.len(), "no repeats");
+        }
+    }
+
+    #[test]
+    fn done_answers_are_checked() {
+        let mut ring: Vec<NodeRef> = (1..=50).map(lo).collect();
+        ring.sort_by_key(|n| n.id);
+        let key = Id([0x80; 20]);
+        let i = ring.iter().position(|n| n.id >= key).unwrap_or(0);
+        let succ = ring[i];
+        let pred = ring[(i + ring.len() - 1) % ring.len()];
+        let succs: Vec<NodeRef> = (0..5).map(|d| ring[(i + d) % ring.len()]).collect();
+        assert_eq!(
+            check_done(succ, key, pred, &succs, Some(50), MAX_VNODES),
+            Ok(())
+        );
+        assert_eq!(
+            check_done(pred, key, pred, &succs, Some(50), MAX_VNODES),
+            Ok(())
+        );
+        // Someone else speaking for the range.
+        let other = ring[(i + 10) % ring.len()];
+        assert_eq!(
+            check_done(other, key, pred, &succs, Some(50), MAX_VNODES),
+            Err(ClaimError::WrongAnswerer)
+        );
+        // A successor list out of order.
+        let mut bad = succs.clone();
+        bad.swap(1, 2);
+        assert_eq!(
+            check_done(succ, key, pred, &bad, Some(50), MAX_VNODES),
+            Err(ClaimError::Order)
+        );
+        // An attacker far past the key claims the range from a node just before the key:
+        // on a large ring the range is implausibly wide.
+        let far = ring[(i + 25) % ring.len()];
+        assert_eq!(
+            check_done(far, key, pred, &[far], Some(5000), MAX_VNODES),
+            Err(ClaimError::TooWide)
+        );
+        // "I own the whole ring" on a ring known to be larger.
+        assert_eq!(
+            check_done(far, key, far, &[far], Some(50), MAX_VNODES),
+            Err(ClaimError::TooWide)
+        );
+        // Unspecified addresses are not nodes.
+        let zero = NodeRef::new("0.0.0.0:0".parse().unwrap(), 0);
+        assert_eq!(
+            check_done(succ, key, pred, &[succ, zero], Some(50), MAX_VNODES),
+            Err(ClaimError::InvalidRef)
+        );
+    }
+
+    #[test]
+    fn plausible_width_keeps_honest_rings() {
+        // The widest gap of n random points stays under the bound (seeded trials).
+        let mut x = 7u64;
+        for n in [4usize, 16, 100, 1000] {
+            for _ in 0..20 {
+                let mut pts: Vec<u64> = (0..n)
+                    .map(|_| {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        x
+                    })
+                    .collect();
+                pts.sort();
+                let mut widest = pts[0].wrapping_sub(pts[n - 1]) as f64 / 2f64.powi(64);
+                for w in pts.windows(2) {
+                    widest = widest.max((w[1] - w[0]) as f64 / 2f64.powi(64));
+                }
+                assert!(
+                    widest <= max_plausible_width(n as u32),
+                    "n={n} widest={widest}"
+                );
+            }
+        }
+        assert!(max_plausible_width(100_000) < 0.001);
+    }
+
+    #[test]
+    fn buckets_group_prefixes() {
+        let b = |s: &str| source_bucket(s.parse().unwrap());
+        assert_eq!(b("198.18.0.1"), b("198.18.0.200"));
+        assert_ne!(b("198.18.0.1"), b("198.18.1.1"));
+        assert_ne!(b("127.0.0.1"), b("127.0.0.2"));
+        assert_eq!(b("2001:db8:1::1"), b("2001:db8:1:ffff::2"));
+        assert_eq!(b("::ffff:198.18.0.1"), b("198.18.0.9"));
+    }
+}

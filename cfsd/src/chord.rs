@@ -1,0 +1,441 @@
+//! Chord on a node: each vnode's predecessor, successor list and fingers, kept by Zave's
+//! stabilize and rectify, and lookups that start from the node's own tables. Nothing a
+//! peer claims enters these tables unchecked: see `stabilize` and `rectify`.
+
+use crate::metrics::Metrics;
+use crate::net::{Lookup, LookupError, CLOSER_COUNT};
+use crate::node::Node;
+use crate::transport::Transport;
+use cfs_core::block::BlockKind;
+use cfs_core::ring::{clean_succ_list, estimate_size};
+use cfs_core::wire::{Request, Response, Step, MAX_REFS};
+use cfs_core::{Id, NodeRef};
+use rand::Rng;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One ring position.
+pub(crate) struct Vnode {
+    pub(crate) me: NodeRef,
+    pub(crate) pred: Option<NodeRef>,
+    /// Never empty: a ring of one has itself as successor. Every other entry was valid,
+    /// in clockwise order and answered a ping when it entered.
+    pub(crate) succs: Vec<NodeRef>,
+    pub(crate) fingers: Vec<Option<NodeRef>>,
+    next_finger: u32,
+    /// The best pending rectify candidate (closest before us), and whether a task is
+    /// checking candidates: at most one dial per vnode at a time, however many arrive.
+    rectify_next: Option<NodeRef>,
+    rectifying: bool,
+}
+
+impl Vnode {
+    pub(crate) fn new(me: NodeRef) -> Vnode {
+        Vnode {
+            me,
+            pred: None,
+            succs: vec![me],
+            fingers: vec![None; 160],
+            next_finger: 0,
+            rectify_next: None,
+            rectifying: false,
+        }
+    }
+
+    /// The nodes we know that precede `key`, closest to it first.
+    fn closer(&self, key: Id) -> Vec<NodeRef> {
+        // Distances computed once per entry, not per comparison: this runs on every
+        // lookup step and the finger table repeats its entries (same order as before).
+        let mut v: Vec<(f64, NodeRef)> = self
+            .fingers
+            .iter()
+            .flatten()
+            .chain(self.succs.iter())
+            .chain(self.pred.iter())
+            .filter(|n| n.id.in_open(self.me.id, key))
+            .map(|n| (n.id.distance_frac(key), *n))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v.dedup_by_key(|(_, n)| (n.addr, n.vnode));
+        v.truncate(CLOSER_COUNT);
+        v.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// Ring size estimate from the successor list's density: the node's own measurement.
+    pub(crate) fn n_est(&self) -> u32 {
+        let last = *self.succs.last().unwrap();
+        if last == self.me {
+            return 1;
+        }
+        estimate_size(self.succs.len(), self.me.id.distance_frac(last.id))
+    }
+
+    /// Answer one lookup step.
+    pub(crate) fn step(&self, key: Id) -> Step {
+        if let Some(p) = self.pred {
+            if key.in_half_open(p.id, self.me.id) {
+                let mut succs = vec![self.me];
+                succs.extend(self.succs.iter().filter(|n| **n != self.me));
+                succs.truncate(MAX_REFS);
+                return Step::Done { from: p, succs };
+            }
+        }
+        let succ = self.succs[0];
+        if succ == self.me || key.in_half_open(self.me.id, succ.id) {
+            return Step::Done {
+                from: self.me,
+                succs: self.succs.iter().take(MAX_REFS).copied().collect(),
+            };
+        }
+        Step::Closer {
+            nodes: self.closer(key),
+            n_est: self.n_est(),
+        }
+    }
+}
+
+impl<T: Transport> Node<T> {
+    /// Peers this node has heard of, successors first: what a restart can rejoin through.
+    pub fn known_peers(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for v in &self.inner.vnodes {
+            let v = v.lock().unwrap();
+            out.extend(v.succs.iter().chain(v.pred.iter()).map(|n| n.addr));
+        }
+        out.extend(self.inner.seen.lock().unwrap().iter().copied());
+        let me = self.inner.cfg.addr;
+        let mut seen = std::collections::BTreeSet::new();
+        out.retain(|a| *a != me && seen.insert(*a));
+        out
+    }
+
+    pub(crate) fn note_seen(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        let mut s = self.inner.seen.lock().unwrap();
+        for a in addrs {
+            if a != self.inner.cfg.addr {
+                s.insert(a);
+            }
+        }
+        while s.len() > 256 {
+            let i = self.inner.rng.lock().unwrap().random_range(0..s.len());
+            let k = *s.iter().nth(i).unwrap();
+            s.remove(&k);
+        }
+    }
+
+    pub(crate) fn jitter(&self, max: Duration) -> Duration {
+        let ms = max.as_millis().max(1) as u64;
+        Duration::from_millis(self.inner.rng.lock().unwrap().random_range(0..ms))
+    }
+
+    pub(crate) async fn alive(&self, n: NodeRef) -> bool {
+        if n.addr == self.inner.cfg.addr {
+            return true;
+        }
+        matches!(
+            self.inner.net.call(n.addr, Request::Ping).await,
+            Ok(Response::Pong { vnodes }) if n.vnode < vnodes
+        )
+    }
+
+    async fn neighbors(&self, n: NodeRef) -> Option<(Option<NodeRef>, Vec<NodeRef>)> {
+        if n.addr == self.inner.cfg.addr {
+            let vn = self.inner.vnodes.get(n.vnode as usize)?.lock().unwrap();
+            return Some((vn.pred, vn.succs.clone()));
+        }
+        match self
+            .inner
+            .net
+            .call(n.addr, Request::Neighbors { vnode: n.vnode })
+            .await
+        {
+            Ok(Response::Neighbors { pred, succs }) => Some((pred, succs)),
+            _ => None,
+        }
+    }
+
+    /// Adopt `first` then `list` as vnode `v`'s successor list (Zave: the successor, then
+    /// its list, cut where it reaches us), entry by entry: each valid (id bound to its
+    /// address, vnode under the cap), strictly clockwise after the one before, and, unless
+    /// it is already in our list, answering a ping now. Entries of our current list that
+    /// the new one omits are kept if they still answer a ping: a successor that leaves
+    /// nodes out cannot cut us off from them. `first` has just answered us.
+    pub(crate) async fn adopt_checked(&self, v: u16, first: NodeRef, list: &[NodeRef]) {
+        let s = self.inner.cfg.succ_list_len;
+        let (me, current) = {
+            let vn = self.inner.vnodes[v as usize].lock().unwrap();
+            (vn.me, vn.succs.clone())
+        };
+        if first == me {
+            self.inner.vnodes[v as usize].lock().unwrap().succs = vec![me];
+            return;
+        }
+        let mut claimed = Vec::with_capacity(list.len() + 1);
+        claimed.push(first);
+        claimed.extend(list.iter().copied());
+        let walk = clean_succ_list(me, &claimed, s, self.inner.cfg.max_vnodes);
+        let cut_short =
+            walk.len() < claimed.len().min(s) && claimed.get(walk.len()).is_some_and(|n| *n != me);
+        if cut_short {
+            Metrics::inc(&self.inner.metrics.claims_refused);
+        }
+        // Candidates: the checked walk and our current entries, from `first` on, in
+        // clockwise order from us.
+        let dist = |n: &NodeRef| me.id.distance_frac(n.id);
+        let mut cands: Vec<NodeRef> = walk.clone();
+        cands.extend(
+            current
+                .iter()
+                .filter(|n| **n != me && dist(n) >= dist(&first)),
+        );
+        cands.sort_by(|a, b| dist(a).total_cmp(&dist(b)));
+        cands.dedup();
+        cands.truncate(s + 4);
+        // Ping what is new to us, and what our successor left out.
+        let to_ping: Vec<NodeRef> = cands
+            .iter()
+            .filter(|n| **n != first && (!current.contains(n) || !walk.contains(n)))
+            .copied()
+            .collect();
+        let answers = crate::net::join_all(to_ping.iter().map(|n| self.alive(*n))).await;
+        // New entries that do not answer are refused; omitted ones that do not answer
+        // are dead and leave, as Zave's adoption would drop them.
+        let dead: Vec<NodeRef> = to_ping
+            .iter()
+            .zip(answers)
+            .filter(|(_, ok)| !ok)
+            .map(|(n, _)| *n)
+            .collect();
+        Metrics::add(&self.inner.metrics.claims_refused, dead.len() as u64);
+        let mut out: Vec<NodeRef> = cands.into_iter().filter(|n| !dead.contains(n)).collect();
+        out.truncate(s);
+        self.note_seen(out.iter().map(|n| n.addr));
+        let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+        vn.succs = if out.is_empty() { vec![me] } else { out };
+    }
+
+    /// Zave's stabilize: drop a dead first successor, else adopt its list, and its
+    /// predecessor if that one lies between and is alive; then rectify the successor.
+    pub async fn stabilize(&self, v: u16) {
+        Metrics::inc(&self.inner.metrics.stabilize_rounds);
+        let max_vnodes = self.inner.cfg.max_vnodes;
+        let (me, succ, pred) = {
+            let vn = self.inner.vnodes[v as usize].lock().unwrap();
+            (vn.me, vn.succs[0], vn.pred)
+        };
+        if succ == me {
+            // Ring of one: a predecessor that rectified us is our way out.
+            if let Some(p) = pred {
+                if p != me && self.alive(p).await {
+                    if let Some((_, list)) = self.neighbors(p).await {
+                        self.adopt_checked(v, p, &list).await;
+                    }
+                }
+            }
+        } else {
+            match self.neighbors(succ).await {
+                None => {
+                    let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+                    if vn.succs.first() == Some(&succ) {
+                        vn.succs.remove(0);
+                        if vn.succs.is_empty() {
+                            vn.succs.push(me);
+                        }
+                    }
+                    for f in vn.fingers.iter_mut() {
+                        if *f == Some(succ) {
+                            *f = None;
+                        }
+                    }
+                    return;
+                }
+                Some((p, list)) => {
+                    let mut adopted = false;
+                    if let Some(p) = p {
+                        if p != me
+                            && p.valid(max_vnodes)
+                            && p.id.in_open(me.id, succ.id)
+                            && self.alive(p).await
+                        {
+                            if let Some((_, plist)) = self.neighbors(p).await {
+                                self.adopt_checked(v, p, &plist).await;
+                                adopted = true;
+                            }
+                        }
+                    }
+                    if !adopted {
+                        self.adopt_checked(v, succ, &list).await;
+                    }
+                }
+            }
+        }
+        let succ = self.inner.vnodes[v as usize].lock().unwrap().succs[0];
+        if succ != me {
+            if succ.addr == self.inner.cfg.addr {
+                self.offer_predecessor(succ.vnode, me);
+            } else {
+                let req = Request::Rectify {
+                    vnode: succ.vnode,
+                    candidate: me,
+                };
+                let _ = self.inner.net.call(succ.addr, req).await;
+            }
+        }
+    }
+
+    /// Zave's rectify, through a bounded queue: take `cand` as predecessor if it lies
+    /// between the current one and us (or we have none) and answers at its address. A
+    /// candidate outside that interval is ignored at once: a dead predecessor is cleared
+    /// by `check_predecessor`, after which the true one's next rectify succeeds. Of many
+    /// candidates only the closest before us waits, and one task dials at a time.
+    pub(crate) fn offer_predecessor(&self, v: u16, cand: NodeRef) {
+        let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+        let (me, pred) = (vn.me, vn.pred);
+        let between = |c: NodeRef| pred.is_none_or(|p| c.id.in_open(p.id, me.id));
+        if cand == me || Some(cand) == pred || !between(cand) {
+            Metrics::inc(&self.inner.metrics.rectify_dropped);
+            return;
+        }
+        match vn.rectify_next {
+            Some(c) if c == cand || !cand.id.in_open(c.id, me.id) => {
+                Metrics::inc(&self.inner.metrics.rectify_dropped);
+                return;
+            }
+            Some(_) => Metrics::inc(&self.inner.metrics.rectify_dropped),
+            None => {}
+        }
+        vn.rectify_next = Some(cand);
+        if vn.rectifying {
+            return;
+        }
+        vn.rectifying = true;
+        drop(vn);
+        let n = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let cand = {
+                    let mut vn = n.inner.vnodes[v as usize].lock().unwrap();
+                    match vn.rectify_next.take() {
+                        Some(c) => c,
+                        None => {
+                            vn.rectifying = false;
+                            return;
+                        }
+                    }
+                };
+                if n.alive(cand).await {
+                    let mut vn = n.inner.vnodes[v as usize].lock().unwrap();
+                    let me = vn.me;
+                    if vn.pred.is_none_or(|p| cand.id.in_open(p.id, me.id)) {
+                        vn.pred = Some(cand);
+                        drop(vn);
+                        n.note_seen([cand.addr]);
+                    }
+                }
+            }
+        });
+    }
+
+    pub(crate) async fn check_predecessor(&self, v: u16) {
+        let pred = self.inner.vnodes[v as usize].lock().unwrap().pred;
+        if let Some(p) = pred {
+            if !self.alive(p).await {
+                let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+                if vn.pred == Some(p) {
+                    vn.pred = None;
+                }
+            }
+        }
+    }
+
+    /// Refresh one finger per round; the fingers it also covers are set at once, so a
+    /// full table takes about log N lookups.
+    pub(crate) async fn fix_finger(&self, v: u16) {
+        let (me, i) = {
+            let vn = self.inner.vnodes[v as usize].lock().unwrap();
+            (vn.me, vn.next_finger)
+        };
+        let start = me.id.add_pow2(i);
+        let Ok(l) = self.lookup_from(v, start, None).await else {
+            return;
+        };
+        let f = l.succs[0];
+        let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+        let mut j = i;
+        while j < 160 && (me.id.add_pow2(j) == f.id || me.id.add_pow2(j).in_open(me.id, f.id)) {
+            vn.fingers[j as usize] = (f != me).then_some(f);
+            j += 1;
+        }
+        if j == i {
+            vn.fingers[i as usize] = (f != me).then_some(f);
+            j += 1;
+        }
+        vn.next_finger = if j >= 160 { 0 } else { j };
+    }
+
+    /// A lookup that starts from vnode `v`'s own table: the first step costs no RPC.
+    pub async fn lookup_from(
+        &self,
+        v: u16,
+        key: Id,
+        want: Option<BlockKind>,
+    ) -> Result<Lookup, LookupError> {
+        let step = self.inner.vnodes[v as usize].lock().unwrap().step(key);
+        let me = self.ids()[v as usize];
+        Metrics::inc(&self.inner.metrics.lookups_done);
+        let r = match step {
+            Step::Done { from, succs } => Ok(Lookup {
+                from: from.id,
+                succs,
+                path: vec![me],
+                hops: 0,
+                found: None,
+            }),
+            Step::Closer { nodes, n_est } => {
+                self.inner.net.note_ring_size(n_est);
+                let start = nodes;
+                let mut l = self.inner.net.lookup(start, key, want).await?;
+                l.path.insert(0, me);
+                Ok(l)
+            }
+            Step::Found(_) => unreachable!("local steps never carry blocks"),
+        };
+        if let Ok(l) = &r {
+            Metrics::add(&self.inner.metrics.lookup_hops, l.hops as u64);
+        }
+        r
+    }
+
+    /// Look our own id up through a remembered peer: if it knows a closer successor,
+    /// take it, so rings split by a partition merge after it heals.
+    pub(crate) async fn rejoin(&self) {
+        let peer = {
+            let s = self.inner.seen.lock().unwrap();
+            if s.is_empty() {
+                return;
+            }
+            let i = self.inner.rng.lock().unwrap().random_range(0..s.len());
+            *s.iter().nth(i).unwrap()
+        };
+        for v in 0..self.inner.cfg.vnodes {
+            let me = self.ids()[v as usize];
+            let Ok(l) = self
+                .inner
+                .net
+                .lookup(vec![NodeRef::new(peer, 0)], me.id, None)
+                .await
+            else {
+                return;
+            };
+            let cand = l.succs.iter().find(|n| **n != me).copied();
+            if let Some(c) = cand {
+                let succ = self.successors(v)[0];
+                if (succ == me || c.id.in_open(me.id, succ.id)) && self.alive(c).await {
+                    tracing::info!(vnode = v, new_succ = ?c, "found a closer successor through a remembered peer");
+                    let rest = self.successors(v);
+                    self.adopt_checked(v, c, &rest).await;
+                }
+            }
+        }
+    }
+}

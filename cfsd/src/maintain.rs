@@ -1,0 +1,307 @@
+//! DHash maintenance on a node: replicas pushed to where they are missing, copies handed
+//! off only under the rules in `maintain`, and the scrub that re-verifies stored blocks.
+//! Both walk the store in bounded chunks, never a list of every key.
+
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::store::StoreKey;
+use crate::transport::Transport;
+use cfs_core::block::{verify, BlockKind};
+use cfs_core::ring::same_host;
+use cfs_core::wire::{Request, Response, WireBlock};
+use cfs_core::{Id, NodeRef};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+/// Keys read from the store at a time by maintenance and the scrub.
+const CHUNK: usize = 4096;
+/// Replica sets whose hand-off is being timed, at most (one per successor range seen).
+const MAX_HANDOFF_SETS: usize = 16384;
+
+/// Hand-offs waiting out their grace period: per replica set (its sorted addresses), how
+/// many maintenance rounds in a row found the hand-off safe, and the last such round.
+#[derive(Default)]
+pub(crate) struct Handoffs {
+    round: u64,
+    sets: BTreeMap<Vec<SocketAddr>, (u32, u64)>,
+}
+
+impl Handoffs {
+    /// Count this round for `set` (once per round); the rounds in a row so far.
+    fn touch(&mut self, set: &[NodeRef]) -> u32 {
+        let mut k: Vec<SocketAddr> = set.iter().map(|n| n.addr).collect();
+        k.sort();
+        let round = self.round;
+        if !self.sets.contains_key(&k) && self.sets.len() >= MAX_HANDOFF_SETS {
+            return 0;
+        }
+        let e = self.sets.entry(k).or_insert((0, 0));
+        if e.1 != round {
+            e.0 = if e.1 + 1 == round { e.0 + 1 } else { 1 };
+            e.1 = round;
+        }
+        e.0
+    }
+    /// A holder failed to serve verified bytes: the count starts again next round.
+    fn reset(&mut self, set: &[NodeRef]) {
+        let mut k: Vec<SocketAddr> = set.iter().map(|n| n.addr).collect();
+        k.sort();
+        if let Some(e) = self.sets.get_mut(&k) {
+            e.0 = 0;
+        }
+    }
+}
+
+impl<T: Transport> Node<T> {
+    /// Re-verify stored blocks (with collision detection), resuming where the last round
+    /// stopped, `scrub_bytes` a round. A block that no longer matches its key (bit rot, a
+    /// tampered file) is dropped; maintenance then restores it from the other replicas.
+    pub async fn scrub(&self) {
+        let mut cursor = *self.inner.scrub_cursor.lock().unwrap();
+        let total = self.inner.store.usage().0;
+        let (mut checked, mut visited) = (0u64, 0u64);
+        while checked < self.inner.cfg.scrub_bytes && visited < total {
+            let Ok(chunk) = self.inner.store.list_after(cursor, 256) else {
+                return;
+            };
+            if chunk.is_empty() {
+                if cursor.is_none() {
+                    break;
+                }
+                cursor = None; // wrap around
+                continue;
+            }
+            for (kind, key, ver) in chunk {
+                if checked >= self.inner.cfg.scrub_bytes {
+                    break;
+                }
+                cursor = Some((kind, key));
+                visited += 1;
+                let store = self.inner.store.clone();
+                let bad = self
+                    .blocking(move || match store.get(kind, key) {
+                        Ok(Some(b)) => {
+                            let n = b.len() as u64;
+                            (n, verify(kind, key, b, true).is_err())
+                        }
+                        _ => (0, false),
+                    })
+                    .await;
+                let Ok((n, bad)) = bad else { continue };
+                checked += n.max(1);
+                Metrics::inc(&self.inner.metrics.scrubbed);
+                if bad {
+                    tracing::warn!(?kind, %key, "scrub found a corrupt block; dropping it for repair");
+                    Metrics::inc(&self.inner.metrics.scrub_corrupt);
+                    let _ = self.inner.store.remove_if(kind, key, ver);
+                }
+            }
+        }
+        *self.inner.scrub_cursor.lock().unwrap() = cursor;
+    }
+
+    /// DHash maintenance: every holder pushes each block to the replicas of its key that
+    /// lack it (asked in batches, so nothing they hold is resent). A holder outside the
+    /// replica set drops its copy only when (a) its own view of the ring puts it outside
+    /// (`outside_by_own_view`), (b) every replica is a distinct host that said it holds
+    /// the block and, when the grace period starts and again when it ends, served us
+    /// verified bytes, and (c) that held for `handoff_rounds` rounds in a row. Never on a
+    /// peer's word alone.
+    pub async fn maintain(&self) {
+        {
+            let mut h = self.inner.handoffs.lock().unwrap();
+            h.round += 1;
+        }
+        let mut cursor: Option<StoreKey> = None;
+        loop {
+            let Ok(chunk) = self.inner.store.list_after(cursor, CHUNK) else {
+                return;
+            };
+            let Some(last) = chunk.last() else { break };
+            cursor = Some((last.0, last.1));
+            self.maintain_chunk(&chunk).await;
+        }
+        let mut h = self.inner.handoffs.lock().unwrap();
+        let round = h.round;
+        h.sets.retain(|_, (_, last)| *last == round);
+    }
+
+    async fn maintain_chunk(&self, list: &[(BlockKind, Id, u64)]) {
+        let r = self.inner.cfg.replicas;
+        let me = self.inner.cfg.addr;
+        let mut i = 0;
+        while i < list.len() {
+            let key = list[i].1;
+            let Ok(l) = self.lookup_from(0, key, None).await else {
+                i += 1;
+                continue;
+            };
+            // All held keys in (from, succs[0]] share this replica set.
+            let mut group = Vec::new();
+            while i < list.len() && list[i].1.in_half_open(l.from, l.succs[0].id) {
+                group.push(list[i]);
+                i += 1;
+            }
+            if group.is_empty() {
+                // The answer did not cover the key (the ring is moving): skip it this round.
+                i += 1;
+                continue;
+            }
+            let set = self.inner.net.replicas(&l.succs, r).await;
+            // Every holder pushes, not only the first replica: the first may be the one
+            // that lost the block (a scrub dropped it, a disk was replaced).
+            let inside = set.iter().any(|n| n.addr == me);
+            let items: Vec<(BlockKind, Id)> = group.iter().map(|(k, id, _)| (*k, *id)).collect();
+            let mut confirmed = vec![0usize; group.len()];
+            for target in set.iter().filter(|n| n.addr != me) {
+                let Ok(have) = self.inner.net.has(target.addr, &items).await else {
+                    continue;
+                };
+                let mut missing = Vec::new();
+                for (j, (_, _, ver)) in group.iter().enumerate() {
+                    if have[j].is_some_and(|v| v >= *ver) {
+                        confirmed[j] += 1;
+                    } else {
+                        missing.push(j);
+                    }
+                }
+                // Push what the replica lacks, batched: one request and commit per run.
+                let blocks: Vec<Option<Vec<u8>>> = missing
+                    .iter()
+                    .map(|&j| self.inner.store.get(group[j].0, group[j].1).ok().flatten())
+                    .collect();
+                let sizes: Vec<usize> = blocks
+                    .iter()
+                    .map(|b| b.as_ref().map_or(0, |b| b.len()))
+                    .collect();
+                let idx: Vec<usize> = (0..missing.len()).collect();
+                for run in crate::net::chunk_by_bytes(&idx, |i| sizes[i]) {
+                    let wire: Vec<WireBlock> = run
+                        .iter()
+                        .filter_map(|&i| {
+                            let (kind, key, _) = group[missing[i]];
+                            blocks[i]
+                                .clone()
+                                .map(|bytes| WireBlock { kind, key, bytes })
+                        })
+                        .collect();
+                    let sent: Vec<usize> = run
+                        .iter()
+                        .filter(|&&i| blocks[i].is_some())
+                        .map(|&i| missing[i])
+                        .collect();
+                    let req = Request::PutMany {
+                        blocks: wire,
+                        transfer: true,
+                    };
+                    if let Ok(Response::StoredMany(answers)) =
+                        self.inner.net.call(target.addr, req).await
+                    {
+                        for (j, a) in sent.iter().zip(answers) {
+                            if a.is_ok() {
+                                Metrics::inc(&self.inner.metrics.repairs_sent);
+                                confirmed[*j] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            if inside || set.len() < r {
+                continue;
+            }
+            self.hand_off(&group, &set, &confirmed).await;
+        }
+    }
+
+    /// Drop the copies of `group` that the rules of `maintain` allow.
+    async fn hand_off(&self, group: &[(BlockKind, Id, u64)], set: &[NodeRef], confirmed: &[usize]) {
+        let m = &self.inner.metrics;
+        let r = self.inner.cfg.replicas;
+        if !self.outside_by_own_view(group[0].1, set) {
+            tracing::debug!(key = %group[0].1, ?set, "hand-off deferred: our own view disagrees");
+            Metrics::add(&m.drops_deferred, group.len() as u64);
+            return;
+        }
+        let rounds = self.inner.handoffs.lock().unwrap().touch(set);
+        let wanted = self.inner.cfg.handoff_rounds.max(1);
+        let (first, last) = (rounds == 1, rounds >= wanted);
+        if !(first || last) {
+            Metrics::add(&m.drops_deferred, group.len() as u64);
+            return;
+        }
+        for (j, (kind, key, ver)) in group.iter().enumerate() {
+            let ok = confirmed[j] >= r && self.held_by_all(set, *kind, *key, *ver).await;
+            if !ok {
+                tracing::debug!(%key, ?set, "hand-off deferred: a holder did not serve verified bytes");
+                // One holder that does not serve what it claims restarts the clock for
+                // the whole set.
+                self.inner.handoffs.lock().unwrap().reset(set);
+                Metrics::add(&m.drops_deferred, (group.len() - j) as u64);
+                return;
+            }
+            if last {
+                let store = self.inner.store.clone();
+                let (kind, key, ver) = (*kind, *key, *ver);
+                let _ = self.blocking(move || store.remove_if(kind, key, ver)).await;
+                Metrics::inc(&m.handoffs_dropped);
+            } else {
+                Metrics::inc(&m.drops_deferred);
+            }
+        }
+    }
+
+    /// Does this node's own view of the ring put it outside the replicas of `key`? Every
+    /// member of `set` must be a host other than this one, lie between the key and the
+    /// vnode of ours that follows it, and not beyond that vnode's own predecessor: a set
+    /// that claims nodes between our checked predecessor and us contradicts what we know,
+    /// so nothing is dropped on it.
+    fn outside_by_own_view(&self, key: Id, set: &[NodeRef]) -> bool {
+        let me = self.inner.cfg.addr;
+        let Some((mine, pred)) = self
+            .inner
+            .vnodes
+            .iter()
+            .map(|v| {
+                let v = v.lock().unwrap();
+                (v.me, v.pred)
+            })
+            .min_by(|a, b| {
+                key.distance_frac(a.0.id)
+                    .total_cmp(&key.distance_frac(b.0.id))
+            })
+        else {
+            return false;
+        };
+        let Some(pred) = pred else { return false };
+        let to_me = key.distance_frac(mine.id);
+        let to_pred = key.distance_frac(pred.id);
+        to_pred < to_me
+            && set.iter().all(|n| {
+                let d = key.distance_frac(n.id);
+                !same_host(n.addr, me) && d < to_me && d <= to_pred
+            })
+    }
+
+    /// Before a holder outside the replica set drops its copy, every replica must hand the
+    /// block over and it must verify (at least the version we hold, for roots): never on a
+    /// peer's word alone that it has it.
+    async fn held_by_all(&self, set: &[NodeRef], kind: BlockKind, key: Id, version: u64) -> bool {
+        for n in set {
+            let ok = match self
+                .inner
+                .net
+                .call(n.addr, Request::Get { kind, key })
+                .await
+            {
+                Ok(Response::Block(Some(bytes))) => {
+                    verify(kind, key, bytes, false).is_ok_and(|v| v.version() >= version)
+                }
+                _ => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+}

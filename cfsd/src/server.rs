@@ -1,0 +1,342 @@
+//! The TCP server side of a node, with resources bounded per scope (after libp2p's
+//! resource manager: the system, each source bucket, each connection):
+//! - connection slots: a total and a share per source bucket (/24, /48; one address on
+//!   loopback). A new connection is always admitted; when its bucket or the node is
+//!   full, the least recently active connection of the busiest bucket (its own bucket if
+//!   that one is at its share) is closed. Idle floods are churned out instead of locking
+//!   honest clients out, and the total stays under the process's file-descriptor limit.
+//! - memory: a frame's buffer grows only as its bytes arrive, under one budget for all
+//!   frames in flight; a frame must arrive at a minimum rate and a reply must be taken
+//!   within a write timeout, so silence and unread replies free their connection.
+
+use crate::transport::{read_body, read_prefix, Handler};
+use cfs_core::wire::{self, RemoteError, RequestFrame, ResponseFrame, PROTOCOL_VERSION};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+
+/// Limits of the server; every one is a `cfsd` flag.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// Connections at once, in all (clamped under the file-descriptor limit).
+    pub max_conns: usize,
+    /// Connections at once from one source bucket.
+    pub max_conns_per_bucket: usize,
+    /// A connection idle this long is closed.
+    pub idle_timeout: Duration,
+    /// Bytes of request frames being received or handled at once, in all.
+    pub max_inflight_bytes: usize,
+    /// A frame body must arrive within `frame_grace` plus its length at this rate.
+    pub min_body_rate: usize,
+    pub frame_grace: Duration,
+    /// A reply not taken by the peer within this is abandoned with its connection.
+    pub write_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_conns: 2048,
+            max_conns_per_bucket: 256,
+            idle_timeout: Duration::from_secs(60),
+            max_inflight_bytes: 64 << 20,
+            min_body_rate: 64 << 10,
+            frame_grace: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// File descriptors kept free for the store, outgoing calls and logs.
+pub const FD_RESERVE: usize = 256;
+
+impl ServerLimits {
+    /// The limits with `max_conns` lowered to fit under `nofile` descriptors.
+    pub fn fit_fds(mut self, nofile: u64) -> ServerLimits {
+        let room = (nofile as usize).saturating_sub(FD_RESERVE).max(16);
+        self.max_conns = self.max_conns.min(room);
+        self.max_conns_per_bucket = self.max_conns_per_bucket.min(self.max_conns);
+        self
+    }
+}
+
+/// Raise the soft open-file limit to the hard one; returns the limit in force.
+pub fn raise_fd_limit() -> u64 {
+    #[cfg(unix)]
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            if l.rlim_cur < l.rlim_max {
+                let want = libc::rlimit {
+                    rlim_cur: l.rlim_max,
+                    rlim_max: l.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                    return want.rlim_cur as u64;
+                }
+            }
+            return l.rlim_cur as u64;
+        }
+    }
+    1024
+}
+
+struct Conn {
+    bucket: Vec<u8>,
+    last_active: Instant,
+    close: Arc<Notify>,
+}
+
+/// Open connections by id, and how many each bucket holds.
+#[derive(Default)]
+struct Registry {
+    next: u64,
+    conns: HashMap<u64, Conn>,
+    per_bucket: HashMap<Vec<u8>, usize>,
+}
+
+impl Registry {
+    /// Admit a connection from `bucket`, closing another if a limit is reached. Returns
+    /// its id, its close signal, and whether one was evicted.
+    fn admit(&mut self, bucket: Vec<u8>, limits: &ServerLimits) -> (u64, Arc<Notify>, bool) {
+        let mine = self.per_bucket.get(&bucket).copied().unwrap_or(0);
+        let mut evicted = false;
+        if mine >= limits.max_conns_per_bucket || self.conns.len() >= limits.max_conns {
+            let from = if mine >= limits.max_conns_per_bucket {
+                bucket.clone()
+            } else {
+                self.per_bucket
+                    .iter()
+                    .max_by_key(|(_, n)| **n)
+                    .map(|(b, _)| b.clone())
+                    .unwrap_or_else(|| bucket.clone())
+            };
+            let victim = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.bucket == from)
+                .min_by_key(|(_, c)| c.last_active)
+                .map(|(id, _)| *id);
+            if let Some(v) = victim {
+                if let Some(c) = self.remove(v) {
+                    c.close.notify_one();
+                    evicted = true;
+                }
+            }
+        }
+        self.next += 1;
+        let close = Arc::new(Notify::new());
+        *self.per_bucket.entry(bucket.clone()).or_default() += 1;
+        self.conns.insert(
+            self.next,
+            Conn {
+                bucket,
+                last_active: Instant::now(),
+                close: close.clone(),
+            },
+        );
+        (self.next, close, evicted)
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Conn> {
+        let c = self.conns.remove(&id)?;
+        if let Some(n) = self.per_bucket.get_mut(&c.bucket) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_bucket.remove(&c.bucket);
+            }
+        }
+        Some(c)
+    }
+
+    fn touch(&mut self, id: u64) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.last_active = Instant::now();
+        }
+    }
+}
+
+/// Accept connections forever, each served on its own task. A bad frame closes only that
+/// connection.
+pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: ServerLimits) {
+    let registry: Arc<Mutex<Registry>> = Arc::default();
+    let budget = Arc::new(Semaphore::new(limits.max_inflight_bytes.max(1 << 20) >> 10));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let bucket = cfs_core::ring::source_bucket(peer.ip());
+        let (id, close, evicted) = registry.lock().unwrap().admit(bucket, &limits);
+        if evicted {
+            handler.evicted_connection();
+        }
+        let _ = stream.set_nodelay(true);
+        let (handler, registry, budget) = (handler.clone(), registry.clone(), budget.clone());
+        tokio::spawn(async move {
+            let conn = ConnCtx {
+                id,
+                peer,
+                limits,
+                registry: &registry,
+                budget: &budget,
+            };
+            tokio::select! {
+                biased;
+                _ = close.notified() => {}
+                _ = conn.serve(stream, &*handler) => {}
+            }
+            registry.lock().unwrap().remove(id);
+        });
+    }
+}
+
+/// Budget taken by one frame, given back when dropped (on every path out).
+struct Held<'a> {
+    budget: &'a Semaphore,
+    kib: usize,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.budget.add_permits(self.kib);
+    }
+}
+
+struct ConnCtx<'a> {
+    id: u64,
+    peer: SocketAddr,
+    limits: ServerLimits,
+    registry: &'a Mutex<Registry>,
+    budget: &'a Semaphore,
+}
+
+impl ConnCtx<'_> {
+    async fn serve<H: Handler>(&self, mut stream: TcpStream, handler: &H) {
+        let (peer, limits) = (self.peer, self.limits);
+        loop {
+            let len =
+                match tokio::time::timeout(limits.idle_timeout, read_prefix(&mut stream)).await {
+                    Err(_) | Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
+                        handler.refused_input(peer, &e.to_string());
+                        return;
+                    }
+                    Ok(Ok(Some(len))) => len,
+                };
+            self.registry.lock().unwrap().touch(self.id);
+            // Memory is taken from the shared budget as the body arrives, in KiB, and
+            // given back once the request is answered.
+            let mut held = Held {
+                budget: self.budget,
+                kib: 0,
+            };
+            let deadline = limits.frame_grace
+                + Duration::from_secs_f64(len as f64 / limits.min_body_rate.max(1) as f64);
+            let read = read_body(&mut stream, len, |step| {
+                let kib = step.div_ceil(1024);
+                match self.budget.try_acquire_many(kib as u32) {
+                    Ok(p) => {
+                        p.forget();
+                        held.kib += kib;
+                        true
+                    }
+                    Err(_) => false,
+                }
+            });
+            let body = match tokio::time::timeout(deadline, read).await {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    handler.refused_input(peer, &e.to_string());
+                    return;
+                }
+                Err(_) => {
+                    handler.slow_peer(peer, "frame body arrived too slowly");
+                    return;
+                }
+            };
+            let frame: RequestFrame = match wire::decode(&body) {
+                Ok(f) => f,
+                Err(e) => {
+                    handler.refused_input(peer, &e.to_string());
+                    return;
+                }
+            };
+            drop(body);
+            let resp = if frame.protocol != PROTOCOL_VERSION {
+                handler.refused_input(peer, "protocol version");
+                Err(RemoteError::new(
+                    wire::ErrorKind::BadRequest,
+                    format!(
+                        "protocol {} not supported; this node speaks {PROTOCOL_VERSION}: run the same cfs release on every node and client",
+                        frame.protocol
+                    ),
+                ))
+            } else {
+                handler.handle(peer, frame.from, frame.req).await
+            };
+            drop(held);
+            let out = match wire::encode_frame(&ResponseFrame { id: frame.id, resp }) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = %e, "response does not fit a frame");
+                    return;
+                }
+            };
+            match tokio::time::timeout(limits.write_timeout, stream.write_all(&out)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    handler.slow_peer(peer, "reply not read within the write timeout");
+                    return;
+                }
+            }
+            self.registry.lock().unwrap().touch(self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_bucket_evicts_its_least_recent_connection_not_others() {
+        let limits = ServerLimits {
+            max_conns: 6,
+            max_conns_per_bucket: 3,
+            ..ServerLimits::default()
+        };
+        let mut r = Registry::default();
+        let a = || vec![1u8];
+        let b = || vec![2u8];
+        let (first_a, _, _) = r.admit(a(), &limits);
+        for _ in 0..2 {
+            r.admit(a(), &limits);
+        }
+        let (honest, _, _) = r.admit(b(), &limits);
+        // A's bucket is at its share: its own oldest goes.
+        let (_, _, evicted) = r.admit(a(), &limits);
+        assert!(evicted);
+        assert!(!r.conns.contains_key(&first_a));
+        assert_eq!(r.per_bucket[&a()], 3);
+        // The node is full (6): a new bucket evicts from the busiest, not from B.
+        r.admit(b(), &limits);
+        r.admit(vec![3], &limits);
+        assert!(r.conns.len() <= 6);
+        assert!(r.conns.contains_key(&honest));
+        assert_eq!(r.per_bucket[&b()], 2);
+    }
+}
