@@ -92,6 +92,20 @@ enum Cmd {
         #[command(flatten)]
         o: Opts,
     },
+    /// A fraction of nodes turns hostile (lies in lookups, withholds blocks, drops puts):
+    /// lookups from honest nodes that still end at the true successor, blocks readable.
+    Hostile {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 0.1)]
+        hostile: f64,
+        #[arg(long, default_value_t = 2000)]
+        lookups: usize,
+        #[arg(long, default_value_t = 2000)]
+        blocks: usize,
+        #[command(flatten)]
+        o: Opts,
+    },
     /// The failure experiment for several fractions.
     FailureSweep {
         #[arg(long, default_value_t = 1000)]
@@ -334,6 +348,33 @@ fn main() -> Result<()> {
                 report::churn_svg(&r),
                 "churn.svg",
             )?;
+        }
+        Cmd::Hostile {
+            nodes,
+            hostile,
+            lookups,
+            blocks,
+            o,
+        } => {
+            let r = experiments::hostile(&o.common(), nodes, hostile, lookups, blocks)?;
+            if o.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "nodes {} hostile {} (r = {}): lookups ending at the true successor {:.4}, \
+                     failed {:.4}, mean hops {:.2}; blocks readable {:.4} of {} ({} with every \
+                     replica hostile)",
+                    r.nodes,
+                    r.hostile,
+                    r.replicas,
+                    r.lookups_true_successor,
+                    r.lookups_failed,
+                    r.mean_hops,
+                    r.blocks_readable,
+                    r.blocks,
+                    r.blocks_all_replicas_hostile
+                );
+            }
         }
         Cmd::All { out, quick, seed } => all(&out, quick, seed)?,
     }

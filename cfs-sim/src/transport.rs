@@ -104,6 +104,8 @@ pub struct SimNet {
     /// Requests about the watched key, per destination (Get and FindStep).
     watched: Mutex<(Option<cfs_core::Id>, BTreeMap<usize, u64>)>,
     next_id: Mutex<u64>,
+    /// Slots whose node is hostile: the network answers for it (see `hostile_answer`).
+    hostile: RwLock<std::collections::BTreeSet<usize>>,
 }
 
 impl SimNet {
@@ -121,6 +123,7 @@ impl SimNet {
             }),
             watched: Mutex::new((None, BTreeMap::new())),
             next_id: Mutex::new(1),
+            hostile: RwLock::default(),
         })
     }
 
@@ -237,6 +240,38 @@ impl SimNet {
         }
     }
 
+    /// From now on these slots behave as hostile nodes (`hostile_answer`).
+    pub fn set_hostile(&self, slots: impl IntoIterator<Item = usize>) {
+        self.hostile.write().unwrap().extend(slots);
+    }
+
+    /// What a hostile node answers instead of its honest self, or None to answer honestly
+    /// (it keeps pinging, stabilizing and storing, so it stays in the ring). It lies in
+    /// every lookup step (it claims to be the successor of any key: the whole ring), it
+    /// withholds every block, and it drops path-cache offers and puts (never answers).
+    fn hostile_answer(
+        &self,
+        to: SocketAddr,
+        dst: usize,
+        req: &Request,
+    ) -> Option<Option<Response>> {
+        if !self.hostile.read().unwrap().contains(&dst) {
+            return None;
+        }
+        Some(match req {
+            Request::FindStep { vnode, .. } => {
+                let me = cfs_core::NodeRef::new(to, *vnode);
+                Some(Response::Step(wire::Step::Done {
+                    from: me,
+                    succs: vec![me],
+                }))
+            }
+            Request::Get { .. } => Some(Response::Block(None)),
+            Request::Cache { .. } | Request::Put { .. } | Request::PutMany { .. } => None,
+            _ => return None,
+        })
+    }
+
     /// Forget every node (breaks the node <-> network reference cycle).
     pub fn clear(&self) {
         for s in self.slots.write().unwrap().iter_mut() {
@@ -299,7 +334,11 @@ impl SimTransport {
             return std::future::pending().await;
         };
         net.note_request(dst, &got.req);
-        let resp = handler.handle_boxed(self.me, got.req).await;
+        let resp = match net.hostile_answer(to, dst, &got.req) {
+            Some(Some(lie)) => Ok(lie),
+            Some(None) => return std::future::pending().await,
+            None => handler.handle_boxed(self.me, got.req).await,
+        };
         if net.is_dead(dst) {
             return std::future::pending().await;
         }

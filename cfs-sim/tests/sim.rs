@@ -59,3 +59,14 @@ fn failure_small_ring_recovers() {
         "{r:?}"
     );
 }
+
+/// 10% of a small ring turns hostile (claims every key, withholds blocks, drops puts):
+/// honest nodes still find true successors and read every block that has an honest
+/// replica.
+#[test]
+fn hostile_nodes_do_not_stop_honest_lookups_or_reads() {
+    let r = experiments::hostile(&common(3), 64, 0.1, 300, 200).unwrap();
+    assert!(r.lookups_true_successor >= 0.95, "{r:?}");
+    let readable_bound = 1.0 - r.blocks_all_replicas_hostile as f64 / r.blocks as f64;
+    assert!(r.blocks_readable >= readable_bound - 0.01, "{r:?}");
+}

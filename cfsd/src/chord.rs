@@ -284,15 +284,14 @@ impl<T: Transport> Node<T> {
     }
 
     /// Zave's rectify, through a bounded queue: take `cand` as predecessor if it lies
-    /// between the current one and us (or we have none) and answers at its address. A
-    /// candidate outside that interval is ignored at once: a dead predecessor is cleared
-    /// by `check_predecessor`, after which the true one's next rectify succeeds. Of many
-    /// candidates only the closest before us waits, and one task dials at a time.
+    /// between the current one and us (or we have none), or if the current one is dead;
+    /// either way only once `cand` answers at its address. Of many candidates only the
+    /// closest before us waits, and one task per vnode dials: a flood of rectifies costs
+    /// at most one ping at a time, never one per request.
     pub(crate) fn offer_predecessor(&self, v: u16, cand: NodeRef) {
         let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
-        let (me, pred) = (vn.me, vn.pred);
-        let between = |c: NodeRef| pred.is_none_or(|p| c.id.in_open(p.id, me.id));
-        if cand == me || Some(cand) == pred || !between(cand) {
+        let me = vn.me;
+        if cand == me || Some(cand) == vn.pred || !cand.valid(self.inner.cfg.max_vnodes) {
             Metrics::inc(&self.inner.metrics.rectify_dropped);
             return;
         }
@@ -313,24 +312,30 @@ impl<T: Transport> Node<T> {
         let n = self.clone();
         tokio::spawn(async move {
             loop {
-                let cand = {
+                let (cand, pred, me) = {
                     let mut vn = n.inner.vnodes[v as usize].lock().unwrap();
                     match vn.rectify_next.take() {
-                        Some(c) => c,
+                        Some(c) => (c, vn.pred, vn.me),
                         None => {
                             vn.rectifying = false;
                             return;
                         }
                     }
                 };
-                if n.alive(cand).await {
+                let take = match pred {
+                    None => true,
+                    Some(p) if cand.id.in_open(p.id, me.id) => true,
+                    Some(p) => !n.alive(p).await,
+                };
+                if take && n.alive(cand).await {
                     let mut vn = n.inner.vnodes[v as usize].lock().unwrap();
-                    let me = vn.me;
-                    if vn.pred.is_none_or(|p| cand.id.in_open(p.id, me.id)) {
+                    if vn.pred == pred {
                         vn.pred = Some(cand);
                         drop(vn);
                         n.note_seen([cand.addr]);
                     }
+                } else {
+                    Metrics::inc(&n.inner.metrics.rectify_dropped);
                 }
             }
         });
