@@ -50,6 +50,15 @@ pub fn append_others(order: &mut Vec<NodeRef>, succs: &[NodeRef]) {
     }
 }
 
+/// How many of `keys` (in id order), from the first on, fall in (from, to]: the run of
+/// keys that one lookup's answer covers, so they share its replica set. 0 when the answer
+/// does not cover the first key (the ring moved meanwhile).
+pub fn run_in_range(keys: impl IntoIterator<Item = Id>, from: Id, to: Id) -> usize {
+    keys.into_iter()
+        .take_while(|k| k.in_half_open(from, to))
+        .count()
+}
+
 /// Why a list of nodes claimed by a peer is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ClaimError {
@@ -329,6 +338,15 @@ mod tests {
             }
         }
         assert!(max_plausible_width(100_000) < 0.001);
+    }
+
+    #[test]
+    fn a_run_is_the_keys_one_answer_covers() {
+        let k = |b: u8| Id([b; 20]);
+        assert_eq!(run_in_range([k(2), k(3), k(9)], k(1), k(5)), 2);
+        assert_eq!(run_in_range([k(7)], k(1), k(5)), 0);
+        // A range that wraps past zero.
+        assert_eq!(run_in_range([k(250), k(1), k(6)], k(200), k(5)), 2);
     }
 
     #[test]

@@ -188,6 +188,8 @@ pub struct HostileReport {
     pub lookups_true_successor: f64,
     /// Fraction that returned an error (no verifiable answer within the deadline).
     pub lookups_failed: f64,
+    /// Failed lookups by error (first words of its message).
+    pub lookup_errors: BTreeMap<String, usize>,
     pub mean_hops: f64,
     /// Blocks put before the nodes turned hostile, read back from honest nodes.
     pub blocks: usize,
@@ -235,8 +237,13 @@ pub fn hostile(
             handles.push(tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 match node.lookup_from(0, key, None).await {
-                    Ok(l) => (true, l.succs.first().copied() == want, l.hops),
-                    Err(_) => (false, false, 0),
+                    Ok(l) => (
+                        true,
+                        l.succs.first().copied() == want,
+                        l.hops,
+                        String::new(),
+                    ),
+                    Err(e) => (false, false, 0, e.to_string()),
                 }
             }));
         }
@@ -276,6 +283,13 @@ pub fn hostile(
             .count();
         let n = res.len().max(1) as f64;
         let hops: Vec<f64> = res.iter().filter(|x| x.0).map(|x| x.2 as f64).collect();
+        let mut lookup_errors = BTreeMap::new();
+        for x in res.iter().filter(|x| !x.0) {
+            // "lookup of KEY failed: no live node answered (...)": keep what follows the key.
+            let why = x.3.splitn(4, ' ').nth(3).unwrap_or(&x.3);
+            let why: String = why.chars().take(60).collect();
+            *lookup_errors.entry(why).or_default() += 1;
+        }
         Ok(HostileReport {
             experiment: "hostile",
             nodes,
@@ -285,6 +299,7 @@ pub fn hostile(
             lookups: res.len(),
             lookups_true_successor: r4(res.iter().filter(|x| x.1).count() as f64 / n),
             lookups_failed: r4(res.iter().filter(|x| !x.0).count() as f64 / n),
+            lookup_errors,
             mean_hops: r4(mean(&hops)),
             blocks: keys.len(),
             blocks_readable: r4(readable as f64 / keys.len().max(1) as f64),

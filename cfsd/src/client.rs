@@ -175,16 +175,14 @@ impl<T: Transport> Client<T> {
         let mut i = 0;
         while i < order.len() {
             let l = self.lookup(keys[order[i]]).await?;
-            let mut group = Vec::new();
-            while i < order.len() && keys[order[i]].in_half_open(l.from, l.succs[0].id) {
-                group.push(order[i]);
-                i += 1;
-            }
-            if group.is_empty() {
-                // The answer did not cover the key (the ring is moving): it goes alone.
-                group.push(order[i]);
-                i += 1;
-            }
+            let run = cfs_core::ring::run_in_range(
+                order[i..].iter().map(|&j| keys[j]),
+                l.from,
+                l.succs[0].id,
+            );
+            // An answer that does not cover the key (the ring is moving): it goes alone.
+            let group = order[i..i + run.max(1)].to_vec();
+            i += group.len();
             groups.push((self.net.replicas(&l.succs, self.replicas).await, group));
         }
         Ok(groups)

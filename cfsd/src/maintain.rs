@@ -7,7 +7,7 @@ use crate::node::Node;
 use crate::store::StoreKey;
 use crate::transport::Transport;
 use cfs_core::block::{verify, BlockKind};
-use cfs_core::ring::same_host;
+use cfs_core::ring::{run_in_range, same_host};
 use cfs_core::wire::{Request, Response, WireBlock};
 use cfs_core::{Id, NodeRef};
 use std::collections::BTreeMap;
@@ -137,16 +137,14 @@ impl<T: Transport> Node<T> {
                 continue;
             };
             // All held keys in (from, succs[0]] share this replica set.
-            let mut group = Vec::new();
-            while i < list.len() && list[i].1.in_half_open(l.from, l.succs[0].id) {
-                group.push(list[i]);
-                i += 1;
-            }
-            if group.is_empty() {
+            let run = run_in_range(list[i..].iter().map(|x| x.1), l.from, l.succs[0].id);
+            if run == 0 {
                 // The answer did not cover the key (the ring is moving): skip it this round.
                 i += 1;
                 continue;
             }
+            let group = &list[i..i + run];
+            i += run;
             let set = self.inner.net.replicas(&l.succs, r).await;
             // Every holder pushes, not only the first replica: the first may be the one
             // that lost the block (a scrub dropped it, a disk was replaced).
@@ -209,7 +207,7 @@ impl<T: Transport> Node<T> {
             if inside || set.len() < r {
                 continue;
             }
-            self.hand_off(&group, &set, &confirmed).await;
+            self.hand_off(group, &set, &confirmed).await;
         }
     }
 

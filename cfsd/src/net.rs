@@ -319,17 +319,32 @@ impl<T: Transport> Net<T> {
                         !failed.contains(&(n.addr, n.vnode)) && !asked.contains(&(n.addr, n.vnode))
                     });
                     if !fresh {
-                        // Every closer node it knows has failed us (a liar among them):
-                        // go round it through this node's successors, one of which
-                        // holds the key's range and can answer for it.
+                        // Every closer node it knows has failed us (a liar among them).
+                        // Its own successor list, which it answers for, may pass the key:
+                        // then the range and its successors come from that list, and no
+                        // liar's word is needed. Otherwise its successors are the way on.
                         if let Ok(Response::Neighbors { succs, .. }) = self
                             .call(node.addr, Request::Neighbors { vnode: node.vnode })
                             .await
                         {
-                            let around =
+                            hops += 1;
+                            let walk =
                                 cfs_core::ring::clean_succ_list(node, &succs, MAX_REFS, MAX_VNODES);
-                            if !around.is_empty() {
-                                stack.push(around);
+                            let mut prev = node;
+                            for (i, n) in walk.iter().enumerate() {
+                                if key.in_half_open(prev.id, n.id) {
+                                    return Ok(Lookup {
+                                        from: prev.id,
+                                        succs: walk[i..].to_vec(),
+                                        path,
+                                        hops,
+                                        found: None,
+                                    });
+                                }
+                                prev = *n;
+                            }
+                            if !walk.is_empty() {
+                                stack.push(walk);
                                 continue;
                             }
                         }

@@ -79,6 +79,9 @@ struct TcpInner {
 }
 
 const MAX_IDLE_PER_PEER: usize = 16;
+/// Idle connections kept in all: peers a node was made to dial (rectify candidates, lookup
+/// answers) cannot pile up file descriptors in the pool.
+const MAX_IDLE_TOTAL: usize = 256;
 
 impl TcpTransport {
     /// `local` is this process's advertised address if it is a ring member.
@@ -125,13 +128,14 @@ impl TcpTransport {
         .map_err(|e| CallError::Protocol(e.to_string()))?;
         // A pooled connection may have been closed by the peer meanwhile: on failure,
         // retry once on a fresh one. Every request is idempotent.
-        let pooled = self
-            .inner
-            .idle
-            .lock()
-            .unwrap()
-            .get_mut(&to)
-            .and_then(|v| v.pop());
+        let pooled = {
+            let mut idle = self.inner.idle.lock().unwrap();
+            let s = idle.get_mut(&to).and_then(|v| v.pop());
+            if idle.get(&to).is_some_and(|v| v.is_empty()) {
+                idle.remove(&to);
+            }
+            s
+        };
         if let Some(mut s) = pooled {
             match self.exchange(&mut s, &frame, id).await {
                 Ok(r) => {
@@ -158,6 +162,10 @@ impl TcpTransport {
 
     fn put_back(&self, to: SocketAddr, s: TcpStream) {
         let mut idle = self.inner.idle.lock().unwrap();
+        let total: usize = idle.values().map(Vec::len).sum();
+        if total >= MAX_IDLE_TOTAL {
+            return;
+        }
         let v = idle.entry(to).or_default();
         if v.len() < MAX_IDLE_PER_PEER {
             v.push(s);
