@@ -59,6 +59,16 @@ pub fn run_in_range(keys: impl IntoIterator<Item = Id>, from: Id, to: Id) -> usi
         .count()
 }
 
+/// Whether a node reference claimed by a peer may be used by a party at `here`: valid
+/// (address, port, vnode under the cap), and in the same scope, loopback or not. Off
+/// loopback a reference to 127.x is never a node: its port is part of its id, so an
+/// attacker could grind such ids into any range, and it would reach our own machine.
+pub fn usable_ref(n: &NodeRef, here: SocketAddr, max_vnodes: u16) -> bool {
+    n.valid(max_vnodes)
+        && canonical_ip(n.addr.ip()).is_loopback() == canonical_ip(here.ip()).is_loopback()
+        && !n.addr.ip().is_multicast()
+}
+
 /// Why a list of nodes claimed by a peer is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ClaimError {
@@ -87,7 +97,7 @@ pub fn clean_succ_list(me: NodeRef, list: &[NodeRef], s: usize, max_vnodes: u16)
         if out.len() >= s || *n == me || n.id == me.id {
             break;
         }
-        if !n.valid(max_vnodes) {
+        if !usable_ref(n, me.addr, max_vnodes) {
             break;
         }
         if let Some(prev) = out.last() {
@@ -104,10 +114,15 @@ pub fn clean_succ_list(me: NodeRef, list: &[NodeRef], s: usize, max_vnodes: u16)
 /// Check a list that must be a clockwise walk starting after `from`: every entry valid
 /// and each strictly further from `from` than the one before. On a small ring the walk
 /// may come round to `from` itself, which then ends it.
-pub fn check_walk(from: Id, list: &[NodeRef], max_vnodes: u16) -> Result<(), ClaimError> {
+pub fn check_walk(
+    from: Id,
+    list: &[NodeRef],
+    here: SocketAddr,
+    max_vnodes: u16,
+) -> Result<(), ClaimError> {
     let mut prev: Option<Id> = None;
     for n in list {
-        if !n.valid(max_vnodes) {
+        if !usable_ref(n, here, max_vnodes) {
             return Err(ClaimError::InvalidRef);
         }
         if let Some(p) = prev {
@@ -143,7 +158,7 @@ pub fn check_done(
     max_vnodes: u16,
 ) -> Result<(), ClaimError> {
     let first = *succs.first().ok_or(ClaimError::Empty)?;
-    if !from.valid(max_vnodes) {
+    if !usable_ref(&from, asked.addr, max_vnodes) {
         return Err(ClaimError::InvalidRef);
     }
     if !key.in_half_open(from.id, first.id) {
@@ -152,7 +167,7 @@ pub fn check_done(
     if asked != from && asked != first {
         return Err(ClaimError::WrongAnswerer);
     }
-    check_walk(from.id, succs, max_vnodes)?;
+    check_walk(from.id, succs, asked.addr, max_vnodes)?;
     if let Some(n) = own_n_est {
         // (x, x] is the whole ring: only a ring of one may claim it.
         let width = if from == first {
@@ -167,7 +182,38 @@ pub fn check_done(
     Ok(())
 }
 
+/// The answer for `key` that `asked`'s own successor list gives, if the list passes the
+/// key: the range (a, b] of two consecutive entries (or `asked` and its first) that holds
+/// it, and the successors from b on. Checked by the same rule as a `Done` from `asked`
+/// about its own list (`check_done`), so it is no easier to lie with.
+pub fn answer_from_list(
+    asked: NodeRef,
+    key: Id,
+    list: &[NodeRef],
+    own_n_est: Option<u32>,
+    max_vnodes: u16,
+) -> Option<Result<(NodeRef, Vec<NodeRef>), ClaimError>> {
+    let walk = clean_succ_list(asked, list, usize::MAX, max_vnodes);
+    let mut prev = asked;
+    for (i, n) in walk.iter().enumerate() {
+        if key.in_half_open(prev.id, n.id) {
+            let succs = walk[i..].to_vec();
+            // `asked` vouches for its whole list, so the range's start stands in as the
+            // answerer: every other part of the rule applies unchanged.
+            return Some(
+                check_done(prev, key, prev, &succs, own_n_est, max_vnodes).map(|()| (prev, succs)),
+            );
+        }
+        prev = *n;
+    }
+    None
+}
+
 /// Ring size from a successor list's density: `len` successors span `span` of the ring.
+/// Successors needed before an estimate is trusted: with fewer, one short gap can
+/// overstate the ring tenfold and make honest ranges look too wide.
+pub const MIN_ENTRIES_FOR_ESTIMATE: usize = 8;
+
 pub fn estimate_size(len: usize, span: f64) -> u32 {
     if len == 0 || span <= 0.0 {
         return 1;
@@ -176,10 +222,10 @@ pub fn estimate_size(len: usize, span: f64) -> u32 {
 }
 
 /// Is `me` plausibly among the r replicas of `key`, judged only by the node's own view
-/// (its estimate of the ring's size)? Keys further before a node than r of its typical
-/// ranges (with slack) are not its to receive as ring transfers free of quota.
+/// (its estimate of the ring's size)? r + 2 mean ranges before it, doubled for the
+/// estimate's error: keys further back are not its to receive free of quota.
 pub fn in_replica_reach(key: Id, me: Id, r: usize, n_est: u32) -> bool {
-    key.distance_frac(me) <= (2 * r.max(1)) as f64 * max_plausible_width(n_est)
+    key.distance_frac(me) <= 2.0 * (r + 2) as f64 / n_est.max(1) as f64
 }
 
 /// The bucket a source address is charged to and limited by: a /24 (IPv4) or /48

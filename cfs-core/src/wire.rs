@@ -6,7 +6,8 @@ use crate::id::{Id, NodeRef};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::net::SocketAddr;
 
-/// 2: `Step::Done` names its range's start as an address-bound node, not a bare id.
+/// 2: `Step::Done` names its range's start as an address-bound node, not a bare id, and
+/// `Step::Closer` carries no RTT hints.
 pub const PROTOCOL_VERSION: u16 = 2;
 /// Hard limit on one frame: a largest block plus room for the envelope.
 pub const MAX_FRAME_BYTES: usize = MAX_BLOCK_BYTES + 64 * 1024;

@@ -481,6 +481,30 @@ are checked against the true ring when they finish.\n\n", ch.intervals));
     md.push_str(&report::churn_table(&ch));
     md.push_str("\n![churn](churn.svg)\n\n");
 
+    eprintln!("7. hostile nodes");
+    md.push_str(&format!("## 7. Hostile nodes (N = {n}, r = 3, {lookups} lookups and {lookups} blocks)\n\n\
+After the blocks are stored, a fraction of the nodes turns hostile: each claims to be the successor of every key \
+in its lookup answers (the whole ring), withholds every block, and drops puts and cache offers, while it keeps \
+stabilizing so it stays in the ring. Lookups and reads start at honest nodes. A lookup is right when it ends at \
+the key's true successor (which may itself be hostile); a block can only be unreadable if all its replicas are \
+hostile, counted in the last column.\n\n\
+| hostile | lookups at the true successor | lookups failed | wrong answers accepted | mean hops | blocks readable | blocks with every replica hostile |\n\
+| --- | --- | --- | --- | --- | --- | --- |\n"));
+    for f in [0.1, 0.2, 0.3] {
+        let h = experiments::hostile(&o.common(), n, f, lookups, lookups)?;
+        md.push_str(&format!(
+            "| {:.0}% | {:.4} | {:.4} | {:.4} | {:.2} | {:.4} | {} |\n",
+            f * 100.0,
+            h.lookups_true_successor,
+            h.lookups_failed,
+            (1.0 - h.lookups_true_successor - h.lookups_failed).max(0.0),
+            h.mean_hops,
+            h.blocks_readable,
+            h.blocks_all_replicas_hostile
+        ));
+    }
+    md.push('\n');
+
     md.push_str(&format!(
         "Generated in {:.0} s of wall time{}.\n",
         started.elapsed().as_secs_f64(),

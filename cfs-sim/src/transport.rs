@@ -247,8 +247,9 @@ impl SimNet {
 
     /// What a hostile node answers instead of its honest self, or None to answer honestly
     /// (it keeps pinging, stabilizing and storing, so it stays in the ring). It lies in
-    /// every lookup step (it claims to be the successor of any key: the whole ring), it
-    /// withholds every block, and it drops path-cache offers and puts (never answers).
+    /// every lookup step (half claim to be the successor of any key, the whole ring; half
+    /// name no closer node, stonewalling), it withholds every block, and it drops
+    /// path-cache offers and puts (never answers).
     fn hostile_answer(
         &self,
         to: SocketAddr,
@@ -259,13 +260,18 @@ impl SimNet {
             return None;
         }
         Some(match req {
-            Request::FindStep { vnode, .. } => {
+            // Half claim the whole ring; the other half stonewall (no closer node).
+            Request::FindStep { vnode, .. } if dst % 2 == 0 => {
                 let me = cfs_core::NodeRef::new(to, *vnode);
                 Some(Response::Step(wire::Step::Done {
                     from: me,
                     succs: vec![me],
                 }))
             }
+            Request::FindStep { .. } => Some(Response::Step(wire::Step::Closer {
+                nodes: Vec::new(),
+                n_est: 1,
+            })),
             Request::Get { .. } => Some(Response::Block(None)),
             Request::Cache { .. } | Request::Put { .. } | Request::PutMany { .. } => None,
             _ => return None,

@@ -68,6 +68,9 @@ pub struct FreqSketch {
     seed: u64,
     samples: u32,
     window: u32,
+    /// (key, source) pairs already counted in this window: one source counts a key once,
+    /// so a party cannot pump a key's popularity by asking for it again and again.
+    doorkeeper: std::collections::HashSet<u64>,
 }
 
 impl FreqSketch {
@@ -78,15 +81,25 @@ impl FreqSketch {
             seed,
             samples: 0,
             window: (width * 8) as u32,
+            doorkeeper: Default::default(),
         }
     }
     fn slot(&self, key: Id, row: usize) -> usize {
-        // Keyed by a per-node seed, so nobody can grind keys onto a popular key's slots.
+        // Keyed by a per-node seed (secret in the daemon), so nobody can grind keys onto a
+        // popular key's slots.
         let x = u64::from_be_bytes(key.0[row * 4..row * 4 + 8].try_into().unwrap());
         let h = (x ^ self.seed.rotate_left(row as u32 * 16)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         (h >> 32) as usize & (self.rows[row].len() - 1)
     }
-    pub fn record(&mut self, key: Id) {
+    /// Count a request for `key` from `source` (a source bucket), once per window.
+    pub fn record(&mut self, key: Id, source: &[u8]) {
+        let mut h = self.seed ^ key.prefix_u64();
+        for b in source {
+            h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        if !self.doorkeeper.insert(h) {
+            return;
+        }
         for r in 0..4 {
             let i = self.slot(key, r);
             self.rows[r][i] = self.rows[r][i].saturating_add(1).min(15);
@@ -94,6 +107,7 @@ impl FreqSketch {
         self.samples += 1;
         if self.samples >= self.window {
             self.samples = 0;
+            self.doorkeeper.clear();
             for row in &mut self.rows {
                 row.iter_mut().for_each(|c| *c /= 2);
             }
@@ -163,9 +177,10 @@ impl PathCache {
         }
     }
 
-    /// A request for `key` was seen (a get or a lookup step that wanted the block).
-    pub fn record_request(&mut self, key: Id) {
-        self.freq.record(key);
+    /// A request for `key` from source bucket `source` was seen (a get or a lookup step
+    /// that wanted the block).
+    pub fn record_request(&mut self, key: Id, source: &[u8]) {
+        self.freq.record(key, source);
     }
 
     /// This node routed a lookup step for `key` on behalf of `requester`.
@@ -251,8 +266,8 @@ mod tests {
         let me: IpAddr = "127.0.0.1".parse().unwrap();
         let mut c = PathCache::new(10 * 1000, 1, CacheLimits::default());
         let popular = key(0);
-        for _ in 0..20 {
-            c.record_request(popular);
+        for src in 0..20u8 {
+            c.record_request(popular, &[src]);
         }
         c.note_routed(popular, me, now);
         c.may_offer(popular, me, vec![1], now).unwrap();
@@ -260,7 +275,10 @@ mod tests {
         let mut admitted = 0;
         for i in 1..5000 {
             let k = key(i);
-            c.record_request(k);
+            // The flood asks for each block many times, from one source: counted once.
+            for _ in 0..50 {
+                c.record_request(k, &[99]);
+            }
             c.note_routed(k, me, now);
             // Unlimited rate here: only admission is under test.
             c.tokens.clear();

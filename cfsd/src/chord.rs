@@ -7,7 +7,7 @@ use crate::net::{Lookup, LookupError, CLOSER_COUNT};
 use crate::node::Node;
 use crate::transport::Transport;
 use cfs_core::block::BlockKind;
-use cfs_core::ring::{clean_succ_list, estimate_size};
+use cfs_core::ring::{clean_succ_list, estimate_size, MIN_ENTRIES_FOR_ESTIMATE};
 use cfs_core::wire::{Request, Response, Step, MAX_REFS};
 use cfs_core::{Id, NodeRef};
 use rand::Rng;
@@ -27,7 +27,14 @@ pub(crate) struct Vnode {
     /// checking candidates: at most one dial per vnode at a time, however many arrive.
     rectify_next: Option<NodeRef>,
     rectifying: bool,
+    /// Candidates that did not answer, and when: not dialled again for a while, so a
+    /// flood of dead candidates cannot keep the queue from the true predecessor.
+    rectify_failed: std::collections::VecDeque<(NodeRef, tokio::time::Instant)>,
 }
+
+/// How long a rectify candidate that did not answer is ignored, and how many are kept.
+const RECTIFY_FAILED_FOR: Duration = Duration::from_secs(30);
+const RECTIFY_FAILED_MAX: usize = 256;
 
 impl Vnode {
     pub(crate) fn new(me: NodeRef) -> Vnode {
@@ -39,6 +46,7 @@ impl Vnode {
             next_finger: 0,
             rectify_next: None,
             rectifying: false,
+            rectify_failed: Default::default(),
         }
     }
 
@@ -61,13 +69,12 @@ impl Vnode {
         v.into_iter().map(|(_, n)| n).collect()
     }
 
-    /// Ring size estimate from the successor list's density: the node's own measurement.
-    pub(crate) fn n_est(&self) -> u32 {
+    /// Ring size estimate from the successor list's density: the node's own measurement,
+    /// None while the list is too short for it to mean much.
+    pub(crate) fn n_est(&self) -> Option<u32> {
         let last = *self.succs.last().unwrap();
-        if last == self.me {
-            return 1;
-        }
-        estimate_size(self.succs.len(), self.me.id.distance_frac(last.id))
+        (self.succs.len() >= MIN_ENTRIES_FOR_ESTIMATE && last != self.me)
+            .then(|| estimate_size(self.succs.len(), self.me.id.distance_frac(last.id)))
     }
 
     /// Answer one lookup step.
@@ -89,7 +96,7 @@ impl Vnode {
         }
         Step::Closer {
             nodes: self.closer(key),
-            n_est: self.n_est(),
+            n_est: self.n_est().unwrap_or(self.succs.len() as u32 + 1),
         }
     }
 }
@@ -130,7 +137,7 @@ impl<T: Transport> Node<T> {
 
     pub(crate) async fn alive(&self, n: NodeRef) -> bool {
         if n.addr == self.inner.cfg.addr {
-            return true;
+            return n.vnode < self.inner.cfg.vnodes;
         }
         matches!(
             self.inner.net.call(n.addr, Request::Ping).await,
@@ -211,7 +218,11 @@ impl<T: Transport> Node<T> {
         out.truncate(s);
         self.note_seen(out.iter().map(|n| n.addr));
         let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
-        vn.succs = if out.is_empty() { vec![me] } else { out };
+        // Changed while we pinged (a rejoin, a dead successor dropped): that change
+        // stands, and the next round adopts again from it.
+        if vn.succs == current {
+            vn.succs = if out.is_empty() { vec![me] } else { out };
+        }
     }
 
     /// Zave's stabilize: drop a dead first successor, else adopt its list, and its
@@ -269,7 +280,13 @@ impl<T: Transport> Node<T> {
                 }
             }
         }
-        let succ = self.inner.vnodes[v as usize].lock().unwrap().succs[0];
+        let (succ, n_est) = {
+            let vn = self.inner.vnodes[v as usize].lock().unwrap();
+            (vn.succs[0], vn.n_est())
+        };
+        if let (0, Some(n)) = (v, n_est) {
+            self.inner.net.note_ring_size(n);
+        }
         if succ != me {
             if succ.addr == self.inner.cfg.addr {
                 self.offer_predecessor(succ.vnode, me);
@@ -291,7 +308,19 @@ impl<T: Transport> Node<T> {
     pub(crate) fn offer_predecessor(&self, v: u16, cand: NodeRef) {
         let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
         let me = vn.me;
-        if cand == me || Some(cand) == vn.pred || !cand.valid(self.inner.cfg.max_vnodes) {
+        let now = tokio::time::Instant::now();
+        while vn
+            .rectify_failed
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) > RECTIFY_FAILED_FOR)
+        {
+            vn.rectify_failed.pop_front();
+        }
+        if cand == me
+            || Some(cand) == vn.pred
+            || !cfs_core::ring::usable_ref(&cand, me.addr, self.inner.cfg.max_vnodes)
+            || vn.rectify_failed.iter().any(|(c, _)| *c == cand)
+        {
             Metrics::inc(&self.inner.metrics.rectify_dropped);
             return;
         }
@@ -327,7 +356,9 @@ impl<T: Transport> Node<T> {
                     Some(p) if cand.id.in_open(p.id, me.id) => true,
                     Some(p) => !n.alive(p).await,
                 };
-                if take && n.alive(cand).await {
+                if !take {
+                    Metrics::inc(&n.inner.metrics.rectify_dropped);
+                } else if n.alive(cand).await {
                     let mut vn = n.inner.vnodes[v as usize].lock().unwrap();
                     if vn.pred == pred {
                         vn.pred = Some(cand);
@@ -336,6 +367,12 @@ impl<T: Transport> Node<T> {
                     }
                 } else {
                     Metrics::inc(&n.inner.metrics.rectify_dropped);
+                    let mut vn = n.inner.vnodes[v as usize].lock().unwrap();
+                    vn.rectify_failed
+                        .push_back((cand, tokio::time::Instant::now()));
+                    if vn.rectify_failed.len() > RECTIFY_FAILED_MAX {
+                        vn.rectify_failed.pop_front();
+                    }
                 }
             }
         });
@@ -396,8 +433,7 @@ impl<T: Transport> Node<T> {
                 hops: 0,
                 found: None,
             }),
-            Step::Closer { nodes, n_est } => {
-                self.inner.net.note_ring_size(n_est);
+            Step::Closer { nodes, .. } => {
                 let start = nodes;
                 let mut l = self.inner.net.lookup(start, key, want).await?;
                 l.path.insert(0, me);

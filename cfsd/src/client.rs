@@ -5,7 +5,7 @@ use crate::net::{DhashError, Lookup, LookupError, Net, PutReceipt, Timeouts};
 use crate::transport::{CallError, TcpTransport, Transport};
 use cfs_core::block::{BlockKind, Verified};
 use cfs_core::id::MAX_VNODES;
-use cfs_core::ring::clean_succ_list;
+use cfs_core::ring::{clean_succ_list, estimate_size, MIN_ENTRIES_FOR_ESTIMATE};
 use cfs_core::wire::{Request, Response, StatusInfo, WireBlock, MAX_REFS};
 use cfs_core::{Id, NodeRef};
 use std::net::SocketAddr;
@@ -59,6 +59,15 @@ impl<T: Transport> Client<T> {
         let first = self.known.lock().unwrap()[0].addr;
         let s = self.status(first).await?;
         self.replicas = s.replicas.max(1) as usize;
+        // The client's own ring-size estimate, from the node it was told to trust: with it,
+        // lookup answers claiming implausibly wide ranges are refused.
+        if let Some(v) = s.vnodes.first() {
+            let last = v.succs.last().copied();
+            if let Some(last) = last.filter(|_| v.succs.len() >= MIN_ENTRIES_FOR_ESTIMATE) {
+                self.net
+                    .note_ring_size(estimate_size(v.succs.len(), v.me.id.distance_frac(last.id)));
+            }
+        }
         self.learn(s.vnodes.iter().flat_map(|v| v.succs.iter().copied()));
         Ok(s)
     }
@@ -364,30 +373,40 @@ impl<T: Transport> Client<T> {
         let start = NodeRef::new(addr, 0);
         let mut seen: std::collections::HashSet<NodeRef> = [start].into();
         let mut out = vec![start];
-        let mut cur = start;
-        for _ in 0..MAX_RING_WALK {
+        // Nodes the walk may continue from, furthest last: a dead one is skipped for the
+        // one before it.
+        let mut from = vec![start];
+        let mut calls = 0;
+        while let Some(cur) = from.pop() {
+            calls += 1;
+            if calls > MAX_RING_WALK {
+                break;
+            }
             let succs = match self
                 .net
                 .call(cur.addr, Request::Neighbors { vnode: cur.vnode })
-                .await?
+                .await
             {
-                Response::Neighbors { succs, .. } => succs,
-                other => return Err(CallError::Protocol(format!("unexpected {other:?}"))),
+                Ok(Response::Neighbors { succs, .. }) => succs,
+                Ok(other) => return Err(CallError::Protocol(format!("unexpected {other:?}"))),
+                Err(e) if cur == start => return Err(e),
+                Err(_) => continue,
             };
-            let mut next = None;
+            let mut fresh = Vec::new();
+            let mut closed = false;
             for n in clean_succ_list(cur, &succs, MAX_REFS, MAX_VNODES) {
                 if !seen.insert(n) {
                     // Back at the start, or at a node already listed: the walk is done.
-                    next = None;
+                    closed = true;
                     break;
                 }
                 out.push(n);
-                next = Some(n);
+                fresh.push(n);
             }
-            match next {
-                Some(n) => cur = n,
-                None => break,
+            if closed {
+                break;
             }
+            from = fresh;
         }
         out.sort_by_key(|n| n.id);
         Ok(out)

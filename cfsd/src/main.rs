@@ -65,6 +65,9 @@ struct Args {
     /// MiB of request frames being received or handled at once, in all.
     #[arg(long, default_value_t = 64)]
     max_inflight_mb: usize,
+    /// Requests handled at once for one source prefix; more wait their turn.
+    #[arg(long, default_value_t = 8)]
+    max_requests_per_prefix: usize,
 }
 
 fn resolve(s: &str) -> Result<SocketAddr> {
@@ -107,8 +110,7 @@ async fn run(args: Args) -> Result<()> {
         )
     })?;
     let listen = resolve(&args.listen)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
+    let listener = cfsd::server::listen(listen)
         .with_context(|| format!("binding {listen}: is the port in use?"))?;
     let bound = listener.local_addr()?;
     let addr = match &args.advertise {
@@ -129,10 +131,16 @@ async fn run(args: Args) -> Result<()> {
     cfg.maintain_every = Duration::from_millis(args.maintain_ms.max(100));
     cfg.scrub_every = (args.scrub_ms > 0).then(|| Duration::from_millis(args.scrub_ms.max(100)));
     cfg.handoff_rounds = args.handoff_rounds.max(1);
+    // A secret per process: std's hasher keys are random.
+    cfg.cache_seed = Some(std::hash::BuildHasher::hash_one(
+        &std::collections::hash_map::RandomState::new(),
+        addr,
+    ));
     let limits = cfsd::server::ServerLimits {
         max_conns: args.max_conns.max(16),
         max_conns_per_bucket: args.max_conns_per_prefix.max(4),
         max_inflight_bytes: args.max_inflight_mb.max(2) << 20,
+        max_requests_per_bucket: args.max_requests_per_prefix.max(1),
         ..Default::default()
     };
     // The address file is written before joining so scripts can find the node at once;

@@ -3,18 +3,20 @@
 //! Both walk the store in bounded chunks, never a list of every key.
 
 use crate::metrics::Metrics;
+use crate::net::{BATCH_BYTES, BATCH_ENTRY_OVERHEAD};
 use crate::node::Node;
 use crate::store::StoreKey;
 use crate::transport::Transport;
 use cfs_core::block::{verify, BlockKind};
 use cfs_core::ring::{run_in_range, same_host};
-use cfs_core::wire::{Request, Response, WireBlock};
+use cfs_core::wire::{Request, Response, WireBlock, MAX_BATCH};
 use cfs_core::{Id, NodeRef};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 /// Keys read from the store at a time by maintenance and the scrub.
 const CHUNK: usize = 4096;
+
 /// Replica sets whose hand-off is being timed, at most (one per successor range seen).
 const MAX_HANDOFF_SETS: usize = 16384;
 
@@ -163,31 +165,41 @@ impl<T: Transport> Node<T> {
                         missing.push(j);
                     }
                 }
-                // Push what the replica lacks, batched: one request and commit per run.
-                let blocks: Vec<Option<Vec<u8>>> = missing
-                    .iter()
-                    .map(|&j| self.inner.store.get(group[j].0, group[j].1).ok().flatten())
-                    .collect();
-                let sizes: Vec<usize> = blocks
-                    .iter()
-                    .map(|b| b.as_ref().map_or(0, |b| b.len()))
-                    .collect();
-                let idx: Vec<usize> = (0..missing.len()).collect();
-                for run in crate::net::chunk_by_bytes(&idx, |i| sizes[i]) {
-                    let wire: Vec<WireBlock> = run
-                        .iter()
-                        .filter_map(|&i| {
-                            let (kind, key, _) = group[missing[i]];
-                            blocks[i]
-                                .clone()
-                                .map(|bytes| WireBlock { kind, key, bytes })
-                        })
-                        .collect();
-                    let sent: Vec<usize> = run
-                        .iter()
-                        .filter(|&&i| blocks[i].is_some())
-                        .map(|&i| missing[i])
-                        .collect();
+                // Push what the replica lacks, batched: one request and commit per frame's
+                // worth, read from the store batch by batch (never the whole group at once).
+                let mut pending = missing.into_iter();
+                let mut carry: Option<(usize, WireBlock)> = None;
+                loop {
+                    let (mut wire, mut sent, mut bytes) = (Vec::new(), Vec::new(), 0usize);
+                    loop {
+                        let next = carry.take().or_else(|| {
+                            pending.find_map(|j| {
+                                let (kind, key, _) = group[j];
+                                let b = self.inner.store.get(kind, key).ok().flatten()?;
+                                Some((
+                                    j,
+                                    WireBlock {
+                                        kind,
+                                        key,
+                                        bytes: b,
+                                    },
+                                ))
+                            })
+                        });
+                        let Some((j, w)) = next else { break };
+                        let n = w.bytes.len() + BATCH_ENTRY_OVERHEAD;
+                        if !wire.is_empty() && (bytes + n > BATCH_BYTES || wire.len() >= MAX_BATCH)
+                        {
+                            carry = Some((j, w));
+                            break;
+                        }
+                        bytes += n;
+                        wire.push(w);
+                        sent.push(j);
+                    }
+                    if wire.is_empty() {
+                        break;
+                    }
                     let req = Request::PutMany {
                         blocks: wire,
                         transfer: true,

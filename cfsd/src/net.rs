@@ -134,8 +134,15 @@ impl<T: Transport> Net<T> {
             *e = 0.8 * *e + 0.2 * us;
         }
         if m.len() > MAX_RTT_ENTRIES {
-            // Bounded: forget the slowest entry (failed peers first), never the good ones.
-            let worst = m.iter().max_by(|a, b| a.1.total_cmp(b.1)).map(|(k, _)| *k);
+            // Bounded: forget the slowest peer that has not failed (a failure's penalty is
+            // what lets callers skip and replace it), or any if all have failed.
+            let penalty = self.timeouts.rpc.as_secs_f64() * 1e6;
+            let worst = m
+                .iter()
+                .filter(|(k, v)| **v < penalty && **k != to)
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .or_else(|| m.iter().find(|(k, _)| **k != to))
+                .map(|(k, _)| *k);
             if let Some(k) = worst {
                 m.remove(&k);
             }
@@ -195,21 +202,19 @@ impl<T: Transport> Net<T> {
             .await
     }
 
-    /// A lookup that never asks the nodes in `avoid`: after an answer led nowhere (every
-    /// node it named failed to serve the block), the next lookup routes around its source.
+    /// A lookup that never asks the processes in `avoid`: after an answer led nowhere
+    /// (every node it named failed to serve the block), the next lookup routes around
+    /// its source, all of that process's vnodes alike.
     pub async fn lookup_avoiding(
         &self,
         start: Vec<NodeRef>,
         key: Id,
         want: Option<BlockKind>,
-        avoid: &BTreeSet<(SocketAddr, u16)>,
+        avoid: &BTreeSet<SocketAddr>,
     ) -> Result<Lookup, LookupError> {
-        tokio::time::timeout(
-            self.timeouts.op,
-            self.lookup_inner(start, key, want, avoid.clone()),
-        )
-        .await
-        .unwrap_or(Err(LookupError::Deadline(key, self.timeouts.op)))
+        tokio::time::timeout(self.timeouts.op, self.lookup_inner(start, key, want, avoid))
+            .await
+            .unwrap_or(Err(LookupError::Deadline(key, self.timeouts.op)))
     }
 
     async fn lookup_inner(
@@ -217,8 +222,9 @@ impl<T: Transport> Net<T> {
         start: Vec<NodeRef>,
         key: Id,
         want: Option<BlockKind>,
-        mut failed: BTreeSet<(SocketAddr, u16)>,
+        avoid: &BTreeSet<SocketAddr>,
     ) -> Result<Lookup, LookupError> {
+        let mut failed: BTreeSet<(SocketAddr, u16)> = BTreeSet::new();
         let mut path = Vec::new();
         let mut hops = 0u32;
         // Stack of candidate lists, newest on top; fall back to older lists on failures.
@@ -237,7 +243,9 @@ impl<T: Transport> Net<T> {
                 return Err(LookupError::NoRoute { key, last });
             };
             top.retain(|n| {
-                !failed.contains(&(n.addr, n.vnode)) && !asked.contains(&(n.addr, n.vnode))
+                !failed.contains(&(n.addr, n.vnode))
+                    && !asked.contains(&(n.addr, n.vnode))
+                    && !avoid.contains(&n.addr)
             });
             if top.is_empty() {
                 stack.pop();
@@ -316,36 +324,52 @@ impl<T: Transport> Net<T> {
                         })
                         .collect();
                     let fresh = next.iter().any(|n| {
-                        !failed.contains(&(n.addr, n.vnode)) && !asked.contains(&(n.addr, n.vnode))
+                        !failed.contains(&(n.addr, n.vnode))
+                            && !asked.contains(&(n.addr, n.vnode))
+                            && !avoid.contains(&n.addr)
                     });
-                    if !fresh {
-                        // Every closer node it knows has failed us (a liar among them).
-                        // Its own successor list, which it answers for, may pass the key:
-                        // then the range and its successors come from that list, and no
-                        // liar's word is needed. Otherwise its successors are the way on.
+                    if next.is_empty() {
+                        last = format!("{} offered no closer node", node.addr);
+                    } else if !fresh {
+                        // Every closer node it named has failed us (a liar among them).
+                        // Its own successor list, which it vouches for, may pass the key:
+                        // then the answer comes from that list, checked like a `Done`.
+                        // Otherwise its successors are the way on.
                         if let Ok(Response::Neighbors { succs, .. }) = self
                             .call(node.addr, Request::Neighbors { vnode: node.vnode })
                             .await
                         {
                             hops += 1;
-                            let walk =
-                                cfs_core::ring::clean_succ_list(node, &succs, MAX_REFS, MAX_VNODES);
-                            let mut prev = node;
-                            for (i, n) in walk.iter().enumerate() {
-                                if key.in_half_open(prev.id, n.id) {
+                            match cfs_core::ring::answer_from_list(
+                                node,
+                                key,
+                                &succs,
+                                self.own_ring_size(),
+                                MAX_VNODES,
+                            ) {
+                                Some(Ok((from, succs))) => {
                                     return Ok(Lookup {
-                                        from: prev.id,
-                                        succs: walk[i..].to_vec(),
+                                        from: from.id,
+                                        succs,
                                         path,
                                         hops,
                                         found: None,
-                                    });
+                                    })
                                 }
-                                prev = *n;
-                            }
-                            if !walk.is_empty() {
-                                stack.push(walk);
-                                continue;
+                                Some(Err(e)) => {
+                                    failed.insert((node.addr, node.vnode));
+                                    last = format!("{}: refused its list: {e}", node.addr);
+                                    continue;
+                                }
+                                None => {
+                                    let walk = cfs_core::ring::clean_succ_list(
+                                        node, &succs, MAX_REFS, MAX_VNODES,
+                                    );
+                                    if !walk.is_empty() {
+                                        stack.push(walk);
+                                        continue;
+                                    }
+                                }
                             }
                         }
                         last = format!("{} offered no closer node", node.addr);
@@ -413,7 +437,7 @@ impl<T: Transport> Net<T> {
                     // asked again by this get.
                     if let Some(src) = l.path.last() {
                         if Some(src.addr) != self.me {
-                            avoid.insert((src.addr, src.vnode));
+                            avoid.insert(src.addr);
                         }
                     }
                     if let Some((_, v)) = &l.found {
@@ -444,7 +468,12 @@ impl<T: Transport> Net<T> {
                         }
                     }
                 }
-                Err(e) => last = e.to_string(),
+                // Avoiding sources left no route (a small ring, or every honest node was
+                // a source of a not-yet-replicated answer): try them all again.
+                Err(e) => {
+                    last = e.to_string();
+                    avoid.clear();
+                }
             }
             if Instant::now() + backoff >= deadline {
                 return Err(DhashError::Unavailable {
@@ -680,14 +709,19 @@ pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>)
     outs.into_iter().map(|o| o.unwrap()).collect()
 }
 
+/// Bytes of blocks one batched put carries: a frame less room for the envelope.
+pub const BATCH_BYTES: usize = MAX_FRAME_BYTES - 64 * 1024;
+/// What each block of a batch adds beyond its bytes (kind, key, length).
+pub const BATCH_ENTRY_OVERHEAD: usize = 64;
+
 /// Split indexes into runs that fit one frame (and one batch).
 pub fn chunk_by_bytes(items: &[usize], size: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
-    let budget = MAX_FRAME_BYTES - 64 * 1024;
+    let budget = BATCH_BYTES;
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur = Vec::new();
     let mut bytes = 0;
     for &i in items {
-        let n = size(i) + 64;
+        let n = size(i) + BATCH_ENTRY_OVERHEAD;
         if !cur.is_empty() && (bytes + n > budget || cur.len() >= MAX_BATCH) {
             out.push(std::mem::take(&mut cur));
             bytes = 0;

@@ -10,7 +10,7 @@ use crate::quota::{Quota, QuotaError};
 use crate::store::{BlockStore, PutOutcome, StoreError, StoreKey};
 use crate::transport::{Handler, Transport};
 use cfs_core::block::{verify, BlockKind, Verified};
-use cfs_core::ring::{in_replica_reach, source_bucket};
+use cfs_core::ring::{in_replica_reach, same_host, source_bucket};
 use cfs_core::wire::{
     ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, WireBlock, MAX_BATCH,
     MAX_REFS,
@@ -49,6 +49,9 @@ pub struct Config {
     /// the simulator needs this, since paused time may advance while a blocking task runs.
     pub inline_blocking: bool,
     pub cache_limits: CacheLimits,
+    /// Seed of the path cache's frequency sketch; the daemon sets a secret one (the
+    /// default derives from the address, for the simulator's repeatability).
+    pub cache_seed: Option<u64>,
     /// Maintenance rounds in a row that must find a copy's hand-off safe before the copy
     /// is dropped (the grace period).
     pub handoff_rounds: u32,
@@ -75,6 +78,7 @@ impl Config {
             path_caching: true,
             inline_blocking: false,
             cache_limits: CacheLimits::default(),
+            cache_seed: None,
             handoff_rounds: 3,
         }
     }
@@ -130,7 +134,11 @@ impl<T: Transport> Node<T> {
         let seed = cfs_core::id::node_id(cfg.addr, 0).prefix_u64();
         Node {
             inner: Arc::new(Inner {
-                cache: Mutex::new(PathCache::new(cfg.cache_bytes, seed, cfg.cache_limits)),
+                cache: Mutex::new(PathCache::new(
+                    cfg.cache_bytes,
+                    cfg.cache_seed.unwrap_or(seed),
+                    cfg.cache_limits,
+                )),
                 net,
                 quota: Quota::load(cfg.quota_bytes, &*store),
                 store,
@@ -343,6 +351,7 @@ impl<T: Transport> Node<T> {
         if peer.is_loopback() {
             return false;
         }
+        let peer = SocketAddr::new(peer, 0);
         let r = self.inner.cfg.replicas;
         self.inner.vnodes.iter().any(|v| {
             let v = v.lock().unwrap();
@@ -350,8 +359,11 @@ impl<T: Transport> Node<T> {
                 .succs
                 .iter()
                 .chain(v.pred.iter())
-                .any(|n| n.addr.ip() == peer);
-            neighbour && in_replica_reach(key, v.me.id, r, v.n_est())
+                .any(|n| same_host(n.addr, peer));
+            // A ring too small to estimate is all within reach of every member.
+            neighbour
+                && v.n_est()
+                    .is_none_or(|n| in_replica_reach(key, v.me.id, r, n))
         })
     }
 
@@ -367,20 +379,18 @@ impl<T: Transport> Node<T> {
         // Charged per source bucket: bytes plus a per-block overhead, reserved before the
         // work so parallel requests cannot all pass one check, refunded for what was not
         // new. Only checked neighbours' transfers of keys in our range are free.
-        let bucket = source_bucket(peer.ip());
+        let bucket = self.inner.quota.bucket_for(&source_bucket(peer.ip()));
         let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
         let mut todo = Vec::with_capacity(blocks.len());
         for (i, b) in blocks.into_iter().enumerate() {
             let free = transfer && self.free_transfer(peer.ip(), b.key);
             let cost = if free { 0 } else { Quota::cost(b.bytes.len()) };
             if cost > 0 {
-                if let Err(e) = self.inner.quota.reserve(&bucket, cost) {
+                if let Err(e @ QuotaError::Exceeded { .. }) =
+                    self.inner.quota.reserve(&bucket, cost)
+                {
                     Metrics::inc(&m.refused_quota);
-                    let kind = match e {
-                        QuotaError::Exceeded { .. } => ErrorKind::Quota,
-                        QuotaError::TooManyBuckets => ErrorKind::Busy,
-                    };
-                    answers[i] = Some(Err(remote(kind, e.to_string())));
+                    answers[i] = Some(Err(remote(ErrorKind::Quota, e.to_string())));
                     continue;
                 }
             }
@@ -477,9 +487,13 @@ impl<T: Transport> Node<T> {
     /// A block from the permanent store, else the path cache. Read inline: blocks are
     /// mostly in the page cache, and a hop through the blocking pool measured slower
     /// (cold 256 MiB read 0.54 s inline vs 0.62 s through the pool).
-    async fn lookup_block(&self, kind: BlockKind, key: Id) -> Option<Vec<u8>> {
+    async fn lookup_block(&self, kind: BlockKind, key: Id, requester: IpAddr) -> Option<Vec<u8>> {
         if kind.is_content() {
-            self.inner.cache.lock().unwrap().record_request(key);
+            self.inner
+                .cache
+                .lock()
+                .unwrap()
+                .record_request(key, &source_bucket(requester));
         }
         if let Ok(Some(b)) = self.inner.store.get(kind, key) {
             return Some(b);
@@ -511,7 +525,7 @@ impl<T: Transport> Handler for Node<T> {
                 self.check_joined()?;
                 Metrics::inc(&m.lookups_served);
                 if let Some(kind) = want.filter(|k| k.is_content()) {
-                    if let Some(b) = self.lookup_block(kind, key).await {
+                    if let Some(b) = self.lookup_block(kind, key, peer.ip()).await {
                         return Ok(Response::Step(Step::Found(b)));
                     }
                 }
@@ -538,10 +552,14 @@ impl<T: Transport> Handler for Node<T> {
             Request::Rectify { vnode, candidate } => {
                 self.check_joined()?;
                 self.vnode(vnode)?;
-                if !candidate.valid(self.inner.cfg.max_vnodes) {
+                // Zave's rectify names the sender itself: a candidate at another host is
+                // someone else's word about a third party.
+                let own = same_host(candidate.addr, peer)
+                    || (candidate.addr.ip().is_loopback() && peer.ip().is_loopback());
+                if !candidate.valid(self.inner.cfg.max_vnodes) || !own {
                     return Err(self.refuse(remote(
                         ErrorKind::BadRequest,
-                        "candidate has an invalid address or vnode",
+                        "a rectify must name the sender's own address and a vnode under the cap",
                     )));
                 }
                 // Decided in the background through one bounded queue per vnode: the
@@ -574,7 +592,7 @@ impl<T: Transport> Handler for Node<T> {
             }
             Request::Get { kind, key } => {
                 Metrics::inc(&m.gets_served);
-                let b = self.lookup_block(kind, key).await;
+                let b = self.lookup_block(kind, key, peer.ip()).await;
                 if b.is_none() {
                     Metrics::inc(&m.gets_missed);
                 }

@@ -12,16 +12,17 @@ use std::sync::Mutex;
 /// and tree overhead (measured: 163,840 blocks of 16 bytes took ~195 bytes each of redb
 /// per copy), rounded up so that tiny blocks are not cheaper than they cost.
 pub const BLOCK_OVERHEAD: u64 = 512;
-/// Buckets tracked at most: past it new storers are refused rather than old charges
-/// forgotten (forgetting would let a party reset its own charge).
+/// Buckets tracked at most. Past it, new storers share one overflow bucket (with the same
+/// limit) rather than old charges being forgotten (that would let a party reset its own
+/// charge) or new storers being refused for good.
 pub const MAX_BUCKETS: usize = 1 << 16;
+/// The bucket new storers share once `MAX_BUCKETS` are tracked (no address has this form).
+pub const OVERFLOW_BUCKET: &[u8] = b"overflow";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuotaError {
     #[error("storage quota of {limit} bytes for your address is used up")]
     Exceeded { limit: u64 },
-    #[error("this node tracks too many storers already; try another time")]
-    TooManyBuckets,
 }
 
 pub struct Quota {
@@ -49,13 +50,21 @@ impl Quota {
         len as u64 + BLOCK_OVERHEAD
     }
 
-    /// Reserve `cost` for `bucket` before the work, so parallel puts cannot all pass one
-    /// check.
+    /// The bucket a source's charges go to: its own, or the shared overflow bucket when
+    /// the table is full and the source has none yet.
+    pub fn bucket_for(&self, source: &[u8]) -> Vec<u8> {
+        let m = self.used.lock().unwrap();
+        if m.contains_key(source) || m.len() < MAX_BUCKETS {
+            source.to_vec()
+        } else {
+            OVERFLOW_BUCKET.to_vec()
+        }
+    }
+
+    /// Reserve `cost` for `bucket` (from `bucket_for`) before the work, so parallel puts
+    /// cannot all pass one check.
     pub fn reserve(&self, bucket: &[u8], cost: u64) -> Result<(), QuotaError> {
         let mut m = self.used.lock().unwrap();
-        if !m.contains_key(bucket) && m.len() >= MAX_BUCKETS {
-            return Err(QuotaError::TooManyBuckets);
-        }
         let used = m.entry(bucket.to_vec()).or_default();
         if used.saturating_add(cost) > self.limit {
             return Err(QuotaError::Exceeded { limit: self.limit });
@@ -81,18 +90,21 @@ impl Quota {
         self.used.lock().unwrap().get(bucket).copied().unwrap_or(0)
     }
 
-    /// Save the charges if they changed since the last save.
+    /// Save the charges if they changed since the last save. The snapshot is taken under
+    /// the store's commit order (`save_charges`), so it can never overwrite a newer charge
+    /// committed with blocks.
     pub fn save(&self, store: &dyn BlockStore) {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
-        let snapshot: Vec<(Vec<u8>, u64)> = self
-            .used
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
+        let snapshot = || -> Vec<(Vec<u8>, u64)> {
+            self.used
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        };
         if let Err(e) = store.save_charges(&snapshot) {
             self.dirty.store(true, Ordering::Relaxed);
             tracing::warn!(error = %e, "cannot save storage charges");
@@ -109,7 +121,7 @@ mod tests {
     fn charges_bytes_plus_overhead_and_persist() {
         let store = MemStore::default();
         let q = Quota::load(10_000, &store);
-        let b = [198, 18, 0];
+        let b = q.bucket_for(&[198, 18, 0]);
         let mut n = 0;
         while q.reserve(&b, Quota::cost(16)).is_ok() {
             n += 1;

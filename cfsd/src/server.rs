@@ -5,14 +5,17 @@
 //!   full, the least recently active connection of the busiest bucket (its own bucket if
 //!   that one is at its share) is closed. Idle floods are churned out instead of locking
 //!   honest clients out, and the total stays under the process's file-descriptor limit.
-//! - memory: a frame's buffer grows only as its bytes arrive, under one budget for all
-//!   frames in flight; a frame must arrive at a minimum rate and a reply must be taken
-//!   within a write timeout, so silence and unread replies free their connection.
+//! - memory: a frame's buffer grows only once its bytes arrive, under one budget for all
+//!   frames in flight, of which one source bucket may hold 1/16; the first 4 KiB of each
+//!   frame are free, so small requests never wait for it. A frame must arrive at a
+//!   minimum rate and a reply must be taken within a write timeout, so silence and unread
+//!   replies free their connection.
 
 use crate::transport::{read_body, read_prefix, Handler};
 use cfs_core::wire::{self, RemoteError, RequestFrame, ResponseFrame, PROTOCOL_VERSION};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -31,6 +34,8 @@ pub struct ServerLimits {
     pub idle_timeout: Duration,
     /// Bytes of request frames being received or handled at once, in all.
     pub max_inflight_bytes: usize,
+    /// Requests being handled at once for one source bucket (more wait their turn).
+    pub max_requests_per_bucket: usize,
     /// A frame body must arrive within `frame_grace` plus its length at this rate.
     pub min_body_rate: usize,
     pub frame_grace: Duration,
@@ -45,12 +50,16 @@ impl Default for ServerLimits {
             max_conns_per_bucket: 256,
             idle_timeout: Duration::from_secs(60),
             max_inflight_bytes: 64 << 20,
+            max_requests_per_bucket: 8,
             min_body_rate: 64 << 10,
             frame_grace: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
         }
     }
 }
+
+/// How long a frame waits for room in the in-flight budget before its connection closes.
+const BUDGET_WAIT: Duration = Duration::from_secs(1);
 
 /// File descriptors kept free for the store, outgoing calls and logs.
 pub const FD_RESERVE: usize = 256;
@@ -63,6 +72,23 @@ impl ServerLimits {
         self.max_conns_per_bucket = self.max_conns_per_bucket.min(self.max_conns);
         self
     }
+}
+
+/// Connections the kernel may queue before we accept them: deep, so a burst of
+/// connections (a flood, or a ring restarting) does not make honest SYNs wait for a
+/// retransmission (1 s, then 3 s) while the accept loop catches up.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket with a deep accept queue.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(LISTEN_BACKLOG)
 }
 
 /// Raise the soft open-file limit to the hard one; returns the limit in force.
@@ -101,6 +127,8 @@ struct Registry {
     next: u64,
     conns: HashMap<u64, Conn>,
     per_bucket: HashMap<Vec<u8>, usize>,
+    /// Request slots per bucket, while it has connections.
+    slots: HashMap<Vec<u8>, Arc<Semaphore>>,
 }
 
 impl Registry {
@@ -135,6 +163,10 @@ impl Registry {
         self.next += 1;
         let close = Arc::new(Notify::new());
         *self.per_bucket.entry(bucket.clone()).or_default() += 1;
+        let n = limits.max_requests_per_bucket.max(1);
+        self.slots
+            .entry(bucket.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(n)));
         self.conns.insert(
             self.next,
             Conn {
@@ -152,9 +184,14 @@ impl Registry {
             *n -= 1;
             if *n == 0 {
                 self.per_bucket.remove(&c.bucket);
+                self.slots.remove(&c.bucket);
             }
         }
         Some(c)
+    }
+
+    fn slots(&self, bucket: &[u8]) -> Option<Arc<Semaphore>> {
+        self.slots.get(bucket).cloned()
     }
 
     fn touch(&mut self, id: u64) {
@@ -168,7 +205,7 @@ impl Registry {
 /// connection.
 pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: ServerLimits) {
     let registry: Arc<Mutex<Registry>> = Arc::default();
-    let budget = Arc::new(Semaphore::new(limits.max_inflight_bytes.max(1 << 20) >> 10));
+    let budget = Arc::new(Budget::new(limits.max_inflight_bytes));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -179,7 +216,7 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: S
             }
         };
         let bucket = cfs_core::ring::source_bucket(peer.ip());
-        let (id, close, evicted) = registry.lock().unwrap().admit(bucket, &limits);
+        let (id, close, evicted) = registry.lock().unwrap().admit(bucket.clone(), &limits);
         if evicted {
             handler.evicted_connection();
         }
@@ -189,6 +226,7 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: S
             let conn = ConnCtx {
                 id,
                 peer,
+                bucket,
                 limits,
                 registry: &registry,
                 budget: &budget,
@@ -203,24 +241,99 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: S
     }
 }
 
+/// The in-flight byte budget, in KiB: one total, of which one source bucket may hold at
+/// most a share, so slow senders from a few prefixes cannot starve everyone else.
+struct Budget {
+    total: Semaphore,
+    share_kib: usize,
+    per_bucket: Mutex<HashMap<Vec<u8>, usize>>,
+}
+
+/// Bytes of each frame that are not charged to the budget: small requests (status, a
+/// get, a lookup step) never wait for it, and all connections together can hold at most
+/// this much each.
+const FREE_FRAME_BYTES: usize = 4096;
+/// The share of the budget one source bucket may hold: 1/BUCKET_SHARE.
+const BUCKET_SHARE: usize = 16;
+
+impl Budget {
+    fn new(bytes: usize) -> Budget {
+        let kib = bytes.max(1 << 20) >> 10;
+        Budget {
+            total: Semaphore::new(kib),
+            share_kib: (kib / BUCKET_SHARE).max(1),
+            per_bucket: Mutex::default(),
+        }
+    }
+
+    /// Take `kib` for `bucket`, waiting a little for the total; false if the bucket is at
+    /// its share or the total stays full.
+    async fn take(&self, bucket: &[u8], kib: usize) -> bool {
+        {
+            let mut m = self.per_bucket.lock().unwrap();
+            let held = m.entry(bucket.to_vec()).or_default();
+            if *held + kib > self.share_kib {
+                return false;
+            }
+            *held += kib;
+        }
+        let got = match self.total.try_acquire_many(kib as u32) {
+            Ok(p) => Some(p),
+            Err(_) => tokio::time::timeout(BUDGET_WAIT, self.total.acquire_many(kib as u32))
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
+        match got {
+            Some(p) => {
+                p.forget();
+                true
+            }
+            None => {
+                self.release_share(bucket, kib);
+                false
+            }
+        }
+    }
+
+    fn give(&self, bucket: &[u8], kib: usize) {
+        if kib > 0 {
+            self.total.add_permits(kib);
+            self.release_share(bucket, kib);
+        }
+    }
+
+    fn release_share(&self, bucket: &[u8], kib: usize) {
+        let mut m = self.per_bucket.lock().unwrap();
+        if let Some(h) = m.get_mut(bucket) {
+            *h = h.saturating_sub(kib);
+            if *h == 0 {
+                m.remove(bucket);
+            }
+        }
+    }
+}
+
 /// Budget taken by one frame, given back when dropped (on every path out).
 struct Held<'a> {
-    budget: &'a Semaphore,
-    kib: usize,
+    budget: &'a Budget,
+    bucket: &'a [u8],
+    kib: AtomicUsize,
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.budget.add_permits(self.kib);
+        self.budget.give(self.bucket, *self.kib.get_mut());
     }
 }
 
 struct ConnCtx<'a> {
     id: u64,
     peer: SocketAddr,
+    bucket: Vec<u8>,
     limits: ServerLimits,
     registry: &'a Mutex<Registry>,
-    budget: &'a Semaphore,
+    budget: &'a Budget,
 }
 
 impl ConnCtx<'_> {
@@ -239,21 +352,30 @@ impl ConnCtx<'_> {
             self.registry.lock().unwrap().touch(self.id);
             // Memory is taken from the shared budget as the body arrives, in KiB, and
             // given back once the request is answered.
-            let mut held = Held {
+            let held = Held {
                 budget: self.budget,
-                kib: 0,
+                bucket: &self.bucket,
+                kib: AtomicUsize::new(0),
             };
             let deadline = limits.frame_grace
                 + Duration::from_secs_f64(len as f64 / limits.min_body_rate.max(1) as f64);
-            let read = read_body(&mut stream, len, |step| {
-                let kib = step.div_ceil(1024);
-                match self.budget.try_acquire_many(kib as u32) {
-                    Ok(p) => {
-                        p.forget();
-                        held.kib += kib;
-                        true
+            let mut capacity = 0usize;
+            let (budget, bucket, held_kib) = (self.budget, &self.bucket[..], &held.kib);
+            let read = read_body(&mut stream, len, |add| {
+                // Charged: the growth beyond the frame's free allowance, in KiB.
+                let before = capacity.saturating_sub(FREE_FRAME_BYTES).div_ceil(1024);
+                capacity += add;
+                let after = capacity.saturating_sub(FREE_FRAME_BYTES).div_ceil(1024);
+                let kib = after - before;
+                async move {
+                    if kib == 0 {
+                        return true;
                     }
-                    Err(_) => false,
+                    let ok = budget.take(bucket, kib).await;
+                    if ok {
+                        held_kib.fetch_add(kib, Ordering::Relaxed);
+                    }
+                    ok
                 }
             });
             let body = match tokio::time::timeout(deadline, read).await {
@@ -285,6 +407,13 @@ impl ConnCtx<'_> {
                     ),
                 ))
             } else {
+                // One of the bucket's request slots while handling: a source that
+                // pipelines on many connections gets no more of the node than its share.
+                let slots = self.registry.lock().unwrap().slots(&self.bucket);
+                let _slot = match &slots {
+                    Some(s) => s.acquire().await.ok(),
+                    None => None,
+                };
                 handler.handle(peer, frame.from, frame.req).await
             };
             drop(held);
@@ -311,6 +440,16 @@ impl ConnCtx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_bucket_holds_at_most_its_share_of_the_budget() {
+        let b = Budget::new(16 << 20);
+        assert!(b.take(b"a", 1024).await);
+        assert!(!b.take(b"a", 1).await, "a's share (1 MiB) is used up");
+        assert!(b.take(b"b", 1024).await, "others still get theirs");
+        b.give(b"a", 1024);
+        assert!(b.take(b"a", 1024).await);
+    }
 
     #[tokio::test]
     async fn a_full_bucket_evicts_its_least_recent_connection_not_others() {

@@ -18,8 +18,6 @@ pub enum StoreError {
     Io(String),
     #[error("the block store is format {found}, newer than this cfsd understands ({known}); upgrade cfsd or use another --data directory")]
     TooNew { found: u32, known: u32 },
-    #[error("the node is busy storing; try again")]
-    Busy,
 }
 
 /// What a put did.
@@ -65,16 +63,12 @@ pub trait BlockStore: Send + Sync + 'static {
     ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError>;
     /// Storage charged per source bucket, as last saved.
     fn load_charges(&self) -> Result<Vec<(Vec<u8>, u64)>, StoreError>;
-    /// Replace the saved charges (durably).
-    fn save_charges(&self, charges: &[(Vec<u8>, u64)]) -> Result<(), StoreError>;
+    /// Replace the saved charges (durably) with `snapshot()`, taken in commit order: after
+    /// every commit of blocks that came before, before any that comes after.
+    fn save_charges(&self, snapshot: &dyn Fn() -> Vec<(Vec<u8>, u64)>) -> Result<(), StoreError>;
     /// Record `bucket`'s charge with the next commit of blocks, so a put and its charge
     /// are durable together.
-    fn stage_charge(&self, bucket: &[u8], used: u64) {
-        let mut all = self.load_charges().unwrap_or_default();
-        all.retain(|(b, _)| b != bucket);
-        all.push((bucket.to_vec(), used));
-        let _ = self.save_charges(&all);
-    }
+    fn stage_charge(&self, bucket: &[u8], used: u64);
     /// (blocks, bytes) held.
     fn usage(&self) -> (u64, u64);
 }
@@ -163,9 +157,14 @@ impl BlockStore for MemStore {
     fn load_charges(&self) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
         Ok(self.charges.lock().unwrap().clone())
     }
-    fn save_charges(&self, charges: &[(Vec<u8>, u64)]) -> Result<(), StoreError> {
-        *self.charges.lock().unwrap() = charges.to_vec();
+    fn save_charges(&self, snapshot: &dyn Fn() -> Vec<(Vec<u8>, u64)>) -> Result<(), StoreError> {
+        *self.charges.lock().unwrap() = snapshot();
         Ok(())
+    }
+    fn stage_charge(&self, bucket: &[u8], used: u64) {
+        let mut c = self.charges.lock().unwrap();
+        c.retain(|(b, _)| b != bucket);
+        c.push((bucket.to_vec(), used));
     }
     fn usage(&self) -> (u64, u64) {
         let m = self.map.lock().unwrap();
@@ -568,13 +567,20 @@ impl BlockStore for RedbStore {
         Ok(out)
     }
 
-    fn save_charges(&self, charges: &[(Vec<u8>, u64)]) -> Result<(), StoreError> {
+    fn save_charges(&self, snapshot: &dyn Fn() -> Vec<(Vec<u8>, u64)>) -> Result<(), StoreError> {
+        // redb has one writer at a time: the snapshot is taken inside this write
+        // transaction, so it is ordered with the writer thread's commits of blocks and
+        // their staged charges.
         let tx = self.db.begin_write().map_err(io)?;
         {
+            // Staged values are older than (or equal to) the snapshot taken next; a charge
+            // staged after this clear stays staged for the writer's next commit.
+            self.staged.lock().unwrap().clear();
+            let charges = snapshot();
             let mut t = tx.open_table(CHARGES).map_err(io)?;
             t.retain(|_, _| false).map_err(io)?;
             for (k, v) in charges {
-                t.insert(k.as_slice(), *v).map_err(io)?;
+                t.insert(k.as_slice(), v).map_err(io)?;
             }
         }
         tx.commit().map_err(io)?;
@@ -634,7 +640,7 @@ mod tests {
         let rest = s.list_after(Some((first[0].0, first[0].1)), 10).unwrap();
         assert_eq!(rest.len(), 1);
         assert_ne!(rest[0].1, first[0].1);
-        s.save_charges(&[(vec![127, 0, 0, 1], 99)]).unwrap();
+        s.save_charges(&|| vec![(vec![127, 0, 0, 1], 99)]).unwrap();
         assert_eq!(s.load_charges().unwrap(), vec![(vec![127, 0, 0, 1], 99)]);
         s.remove(BlockKind::Data, a.key()).unwrap();
         assert_eq!(s.get(BlockKind::Data, a.key()).unwrap(), None);

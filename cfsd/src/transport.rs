@@ -207,28 +207,44 @@ pub async fn read_prefix(s: &mut TcpStream) -> std::io::Result<Option<usize>> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
-/// Bytes a frame body buffer grows by: memory follows the bytes that arrived, never the
-/// length a peer announced.
-pub const READ_STEP: usize = 256 * 1024;
+/// Most bytes a frame body buffer grows by at once.
+pub const READ_STEP: usize = 64 * 1024;
 
-/// Read a frame body of `len` bytes, growing the buffer only as bytes arrive. `grow` is
-/// asked before each step (it may refuse, e.g. over a memory budget).
-pub async fn read_body(
+/// Read a frame body of `len` bytes. Memory follows the bytes that arrived, never the
+/// length a peer announced: the buffer grows only once the socket has data, by doubling up
+/// to `READ_STEP` at a time, and `grow` is asked for each increase of its capacity (it may
+/// wait for a shared budget, or refuse).
+pub async fn read_body<F, Fut>(
     s: &mut TcpStream,
     len: usize,
-    mut grow: impl FnMut(usize) -> bool,
-) -> std::io::Result<Vec<u8>> {
-    let mut body = Vec::new();
+    mut grow: F,
+) -> std::io::Result<Vec<u8>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut body: Vec<u8> = Vec::new();
     while body.len() < len {
-        let step = (len - body.len()).min(READ_STEP);
-        if !grow(step) {
-            return Err(std::io::Error::other("over the in-flight memory budget"));
+        s.readable().await?;
+        if body.capacity() == body.len() {
+            let target = (body.capacity() * 2)
+                .clamp(body.len() + 1, body.len() + READ_STEP)
+                .min(len)
+                .max(body.len() + 1);
+            let add = target - body.capacity();
+            if !grow(add).await {
+                return Err(std::io::Error::other("over the in-flight memory budget"));
+            }
+            body.reserve_exact(add);
         }
-        body.reserve_exact(step);
+        let room = (len - body.len()).min(body.capacity() - body.len());
         // Read into spare capacity: no zeroing of a buffer that is about to be overwritten.
-        let got = (&mut *s).take(step as u64).read_to_end(&mut body).await?;
-        if got < step {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        let mut limited = (&mut *s).take(room as u64);
+        match limited.read_buf(&mut body).await {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(body)
@@ -240,7 +256,9 @@ pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let Some(len) = read_prefix(s).await? else {
         return Ok(None);
     };
-    read_body(s, len, |_| true).await.map(Some)
+    read_body(s, len, |_| std::future::ready(true))
+        .await
+        .map(Some)
 }
 
 pub use crate::server::{serve, ServerLimits};

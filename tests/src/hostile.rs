@@ -598,22 +598,35 @@ pub fn cfs_within(args: &[&str], limit: Duration) -> (Duration, Option<Output>) 
 
 /// The best of `tries` timed successful runs of `cfs ARGS` (each killed after `limit`);
 /// None if none succeeded. Also returns the last failure's stderr.
-pub fn best_cfs_time(args: &[&str], tries: usize, limit: Duration) -> (Option<Duration>, String) {
-    let mut best: Option<Duration> = None;
+/// Run `cfs ARGS` `tries` times: the worst time of the runs that succeeded (None if any
+/// failed), every time, and the last error.
+pub fn cfs_times(
+    args: &[&str],
+    tries: usize,
+    limit: Duration,
+) -> (Option<Duration>, Vec<Duration>, String) {
+    let mut worst: Option<Duration> = Some(Duration::ZERO);
+    let mut all = Vec::new();
     let mut err = String::new();
     for _ in 0..tries {
-        match cfs_within(args, limit) {
-            (t, Some(o)) if o.status.success() => best = Some(best.map_or(t, |b| b.min(t))),
-            (t, Some(o)) => {
+        let (t, out) = cfs_within(args, limit);
+        all.push(t);
+        match out {
+            Some(o) if o.status.success() => worst = worst.map(|w| w.max(t)),
+            Some(o) => {
+                worst = None;
                 err = format!(
                     "failed after {t:?}: {}",
                     String::from_utf8_lossy(&o.stderr).trim()
                 )
             }
-            (t, None) => err = format!("killed after {t:?}"),
+            None => {
+                worst = None;
+                err = format!("killed after {t:?}")
+            }
         }
     }
-    (best, err)
+    (worst, all, err)
 }
 
 /// A valid content block of `len` bytes, distinct per (`tag`, `i`): (key, bytes).

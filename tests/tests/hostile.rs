@@ -19,6 +19,14 @@ use std::time::{Duration, Instant};
 
 const R: usize = 3;
 
+/// The attacks measure latency and resources on a 2-core machine: one at a time, so one
+/// test's flood is not another's noise.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -168,6 +176,7 @@ impl Attacker {
 
 #[test]
 fn routing_poisoning_deletes_no_honest_copy() {
+    let _serial = one_at_a_time();
     let cluster = Cluster::start(5, &node_flags(&[]));
     cluster.wait_ring(Duration::from_secs(30));
     let rt = rt();
@@ -357,6 +366,7 @@ fn routing_poisoning_deletes_no_honest_copy() {
 
 #[test]
 fn connection_and_memory_floods_leave_honest_clients_served() {
+    let _serial = one_at_a_time();
     let my_nofile = raise_nofile();
     let cluster = Cluster::start(3, &node_flags(&[]));
     cluster.wait_ring(Duration::from_secs(30));
@@ -414,12 +424,18 @@ fn connection_and_memory_floods_leave_honest_clients_served() {
         conns.len()
     );
 
-    let (status_t, status_err) = best_cfs_time(
+    let listen_queue = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", n.port())])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    eprintln!("HOSTILE conn_flood: listen queue before measuring: {listen_queue}");
+    let (status_t, status_all, status_err) = cfs_times(
         &["status", "--node", &n.to_string()],
         3,
         Duration::from_secs(10),
     );
-    let (get_t, get_err) = best_cfs_time(
+    let (get_t, get_all, get_err) = cfs_times(
         &["block", "get", &key.to_hex(), "--node", &n.to_string()],
         3,
         Duration::from_secs(25),
@@ -429,21 +445,25 @@ fn connection_and_memory_floods_leave_honest_clients_served() {
     let limit = nofile_limit(pid);
     let still_open = conns.iter_mut().filter(|p| !p.closed_by_peer()).count();
     eprintln!(
-        "HOSTILE conn_flood: cfs status best {status_t:?} ({status_err}); cfs block get best \
-         {get_t:?} ({get_err}); node RSS {} MiB (before {} MiB); node fds {fds} (before \
+        "HOSTILE conn_flood: cfs status worst {status_t:?} of {status_all:?} ({status_err}); \
+         cfs block get worst {get_t:?} of {get_all:?} ({get_err}); node RSS {} MiB (before {} MiB); node fds {fds} (before \
          {fds0}) of limit {limit}; flood connections still open {still_open}; \
          conns_evicted {}",
         rss >> 20,
         rss0 >> 20,
         counter(n, "conns_evicted"),
     );
+    // The figures (1 s, 2 s) hold for release builds (scripts/bench-hostile); a debug
+    // build of cfsd does the flood's work several times slower on the same two cores.
+    let slack = if cfg!(debug_assertions) { 5 } else { 1 };
     assert!(
-        status_t.is_some_and(|t| t <= Duration::from_secs(1)),
-        "cfs status not served within 1 s: {status_t:?} {status_err}"
+        status_t.is_some_and(|t| t <= Duration::from_secs(slack)),
+        "cfs status not served within {slack} s every time: {status_all:?} {status_err}"
     );
     assert!(
-        get_t.is_some_and(|t| t <= Duration::from_secs(2)),
-        "cfs block get not served within 2 s: {get_t:?} {get_err}"
+        get_t.is_some_and(|t| t <= Duration::from_secs(2 * slack)),
+        "cfs block get not served within {} s every time: {get_all:?} {get_err}",
+        2 * slack
     );
     assert!(rss < 256 << 20, "node RSS {} MiB", rss >> 20);
     assert!((fds as u64) + 64 < limit, "node fds {fds} of {limit}");
@@ -456,6 +476,7 @@ fn connection_and_memory_floods_leave_honest_clients_served() {
 
 #[test]
 fn rectify_flood_leaves_fds_and_status_fine() {
+    let _serial = one_at_a_time();
     raise_nofile();
     let cluster = Cluster::start(3, &node_flags(&[]));
     cluster.wait_ring(Duration::from_secs(30));
@@ -546,7 +567,7 @@ fn rectify_flood_leaves_fds_and_status_fine() {
             })
         })
         .collect();
-    let (during_t, during_err) = best_cfs_time(
+    let (during_t, _, during_err) = cfs_times(
         &["status", "--node", &target.addr.to_string()],
         1,
         Duration::from_secs(10),
@@ -568,7 +589,7 @@ fn rectify_flood_leaves_fds_and_status_fine() {
     let flood_t = t0.elapsed();
     // Let the dials the flood caused run out (the node's 3 s call timeout, and some).
     std::thread::sleep(Duration::from_secs(4));
-    let (after_t, after_err) = best_cfs_time(
+    let (after_t, _, after_err) = cfs_times(
         &["status", "--node", &target.addr.to_string()],
         3,
         Duration::from_secs(10),
@@ -618,6 +639,7 @@ fn rectify_flood_leaves_fds_and_status_fine() {
 
 #[test]
 fn transfer_flag_does_not_bypass_the_quota() {
+    let _serial = one_at_a_time();
     let cluster = Cluster::start(3, &node_flags(&["--quota-mb", "1"]));
     cluster.wait_ring(Duration::from_secs(30));
     let (a, b) = (cluster.nodes[0].addr, cluster.nodes[1].addr);
@@ -710,6 +732,7 @@ fn transfer_flag_does_not_bypass_the_quota() {
 
 #[test]
 fn quota_charges_per_block_and_survives_restart() {
+    let _serial = one_at_a_time();
     let mut cluster = Cluster::start(1, &node_flags(&["--quota-mb", "1"]));
     let a = cluster.nodes[0].addr;
     eventually(Duration::from_secs(20), "the node to answer", || {
@@ -789,6 +812,7 @@ fn quota_charges_per_block_and_survives_restart() {
 
 #[test]
 fn path_cache_flood_does_not_evict_a_popular_block() {
+    let _serial = one_at_a_time();
     let cluster = Cluster::start(4, &node_flags(&["--cache-mb", "1"]));
     cluster.wait_ring(Duration::from_secs(30));
     let rt = rt();
@@ -811,9 +835,14 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
     };
     let found = |r: &Result<Response, RemoteError>| matches!(r, Ok(Response::Step(Step::Found(_))));
     let (hits, first_evicted, evictions, final_found) = rt.block_on(async {
-        // B is popular: a client keeps looking it up through X and offers it after a miss.
+        // B is popular: clients at 20 addresses look it up through X; one offers it after
+        // a miss.
         let mut fan = RawPeer::connect_from(lo(2), x.addr).await.unwrap();
         let mut hits = 0;
+        for ip in 10..30u8 {
+            let mut p = RawPeer::connect_from(lo(ip), x.addr).await.unwrap();
+            let _ = p.call(want_b.clone()).await.unwrap();
+        }
         for _ in 0..20 {
             if found(&fan.call(want_b.clone()).await.unwrap()) {
                 hits += 1;
@@ -821,19 +850,28 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
                 fan.call(offer_b.clone()).await.unwrap().unwrap();
             }
         }
-        // The flood: junk lookups through X, each followed by a verified 64 KiB offer.
-        let mut atk = RawPeer::connect_from(lo(3), x.addr).await.unwrap();
+        // The flood, from 6 addresses in turn (so no one source's offer rate stops it):
+        // junk lookups through X that want the block (so X routes them for the attacker),
+        // each junk block asked for 10 more times to pump its popularity, then offered
+        // verified.
+        let mut atks = Vec::new();
+        for ip in 3..9u8 {
+            atks.push(RawPeer::connect_from(lo(ip), x.addr).await.unwrap());
+        }
         let (mut first_evicted, mut evictions) = (None, 0);
         for j in 0..1280u64 {
+            let atk = &mut atks[j as usize % 6];
             let (k, b) = data_block(61, j, 64 << 10);
-            let _ = atk
-                .call(Request::FindStep {
-                    vnode: x.vnode,
-                    key: k,
-                    want: None,
-                })
-                .await
-                .unwrap();
+            for _ in 0..10 {
+                let _ = atk
+                    .call(Request::FindStep {
+                        vnode: x.vnode,
+                        key: k,
+                        want: Some(BlockKind::Data),
+                    })
+                    .await
+                    .unwrap();
+            }
             let _ = atk
                 .call(Request::Cache {
                     kind: BlockKind::Data,
@@ -879,6 +917,7 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
 
 #[test]
 fn hostile_replies_get_clear_errors() {
+    let _serial = one_at_a_time();
     let me_cell: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
     let mc = me_cell.clone();
     let fake = FakeNode::start("127.0.0.1:0".parse().unwrap(), move |_, req| {
