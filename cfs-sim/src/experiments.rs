@@ -253,26 +253,11 @@ pub fn hostile(
                 res.push(x);
             }
         }
-        let mut reads = Vec::new();
-        for (j, key) in keys.iter().copied().enumerate() {
-            let s = honest[sim.rng.random_range(0..honest.len())];
-            let node = sim.node(s).clone();
-            let delay = Duration::from_millis(1) * j as u32;
-            reads.push(tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let start = node.ids();
-                node.net()
-                    .get(&start, BlockKind::Data, key, r, false)
-                    .await
-                    .is_ok()
-            }));
-        }
-        let mut readable = 0;
-        for h in reads {
-            if matches!(h.await, Ok(true)) {
-                readable += 1;
-            }
-        }
+        let failed_reads = gets_from(&mut sim, &keys, Duration::from_millis(1), r, |sim| {
+            Some(honest[sim.rng.random_range(0..honest.len())])
+        })
+        .await;
+        let readable = keys.len() - failed_reads;
         let all_bad = keys
             .iter()
             .filter(|k| {
@@ -351,9 +336,20 @@ pub struct FailureReport {
 
 /// Get every key in `keys` from a random live node each; returns how many failed.
 async fn gets(sim: &mut Sim, keys: &[Id], every: Duration, r: usize) -> usize {
+    gets_from(sim, keys, every, r, Sim::pick_live).await
+}
+
+/// Like `gets`, each from the node `pick` chooses; returns how many failed.
+async fn gets_from(
+    sim: &mut Sim,
+    keys: &[Id],
+    every: Duration,
+    r: usize,
+    mut pick: impl FnMut(&mut Sim) -> Option<usize>,
+) -> usize {
     let mut handles = Vec::with_capacity(keys.len());
     for (j, key) in keys.iter().copied().enumerate() {
-        let Some(s) = sim.pick_live() else { break };
+        let Some(s) = pick(sim) else { break };
         let node = sim.node(s).clone();
         let delay = every * j as u32;
         handles.push(tokio::spawn(async move {

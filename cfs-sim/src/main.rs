@@ -483,9 +483,9 @@ are checked against the true ring when they finish.\n\n", ch.intervals));
 
     eprintln!("7. hostile nodes");
     md.push_str(&format!("## 7. Hostile nodes (N = {n}, r = 3, {lookups} lookups and {lookups} blocks)\n\n\
-After the blocks are stored, a fraction of the nodes turns hostile: each claims to be the successor of every key \
-in its lookup answers (the whole ring), withholds every block, and drops puts and cache offers, while it keeps \
-stabilizing so it stays in the ring. Lookups and reads start at honest nodes. A lookup is right when it ends at \
+After the blocks are stored, a fraction of the nodes turns hostile: in its lookup answers half of them claim to \
+be the successor of every key (the whole ring) and half name no closer node (stonewalling); all withhold every \
+block and drop puts and cache offers, while they keep stabilizing so they stay in the ring. Lookups and reads start at honest nodes. A lookup is right when it ends at \
 the key's true successor (which may itself be hostile); a block can only be unreadable if all its replicas are \
 hostile, counted in the last column.\n\n\
 | hostile | lookups at the true successor | lookups failed | wrong answers accepted | mean hops | blocks readable | blocks with every replica hostile |\n\

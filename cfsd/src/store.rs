@@ -219,6 +219,16 @@ fn parse_index(v: &[u8]) -> Option<(u64, u64)> {
     ))
 }
 
+/// (kind, key, version) of an index entry; None if it is malformed.
+fn index_entry(k: &[u8], v: &[u8]) -> Option<(BlockKind, Id, u64)> {
+    if k.len() != 21 {
+        return None;
+    }
+    let kind = BlockKind::from_u8(k[0])?;
+    let (version, _) = parse_index(v)?;
+    Some((kind, Id(k[1..].try_into().ok()?), version))
+}
+
 fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
@@ -502,17 +512,8 @@ impl BlockStore for RedbStore {
         let mut out = Vec::new();
         for item in t.iter().map_err(io)? {
             let (k, v) = item.map_err(io)?;
-            let k = k.value();
             // Entries that do not parse are skipped, not trusted.
-            if k.len() != 21 {
-                continue;
-            }
-            let (Some(kind), Some((version, _))) =
-                (BlockKind::from_u8(k[0]), parse_index(v.value()))
-            else {
-                continue;
-            };
-            out.push((kind, Id(k[1..].try_into().unwrap()), version));
+            out.extend(index_entry(k.value(), v.value()));
         }
         out.sort_by_key(|(k, id, _)| (*id, *k));
         Ok(out)
@@ -537,16 +538,7 @@ impl BlockStore for RedbStore {
                 break;
             }
             let (k, v) = item.map_err(io)?;
-            let k = k.value();
-            if k.len() != 21 {
-                continue;
-            }
-            let (Some(kind), Some((version, _))) =
-                (BlockKind::from_u8(k[0]), parse_index(v.value()))
-            else {
-                continue;
-            };
-            out.push((kind, Id(k[1..].try_into().unwrap()), version));
+            out.extend(index_entry(k.value(), v.value()));
         }
         Ok(out)
     }

@@ -33,6 +33,24 @@ pub fn bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// A runtime for tests that drive async clients from a synchronous test.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A client of the ring through `addr`, connected (it knows r).
+pub fn client(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> cfsd::client::Client {
+    rt.block_on(async {
+        let mut c = cfsd::client::Client::tcp(addr);
+        c.connect().await.unwrap();
+        c
+    })
+}
+
 /// Poll `f` until it returns Some, or panic with `what` after `deadline`.
 pub fn eventually<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + deadline;

@@ -9,7 +9,7 @@ use cfs_core::wire::{
 };
 use cfs_core::{Id, NodeRef};
 use cfs_tests::hostile::*;
-use cfs_tests::{eventually, Cluster};
+use cfs_tests::{client, eventually, rt, Cluster};
 use cfsd::client::Client;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -25,22 +25,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn client(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Client {
-    rt.block_on(async {
-        let mut c = Client::tcp(addr);
-        c.connect().await.unwrap();
-        c
-    })
 }
 
 fn members(cluster: &Cluster) -> Vec<NodeRef> {

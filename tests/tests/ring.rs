@@ -3,7 +3,7 @@
 use cfs_core::block::{verify, BlockKind, RootBlock, Totals};
 use cfs_core::wire::{Request, Response};
 use cfs_core::{Id, NodeRef};
-use cfs_tests::{cfs, cfs_ok, eventually, Cluster};
+use cfs_tests::{cfs, cfs_ok, client, eventually, rt, Cluster};
 use cfsd::client::Client;
 use cfsd::net::replica_set;
 use std::io::{Read, Write};
@@ -11,22 +11,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 const R: usize = 3;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn client(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Client {
-    rt.block_on(async {
-        let mut c = Client::tcp(addr);
-        c.connect().await.unwrap();
-        c
-    })
-}
 
 /// The r distinct nodes that should hold `key`, from the membership alone.
 fn expected_replicas(addrs: &[SocketAddr], key: Id) -> Vec<SocketAddr> {
