@@ -5,11 +5,12 @@
 //!   full, the least recently active connection of the busiest bucket (its own bucket if
 //!   that one is at its share) is closed. Idle floods are churned out instead of locking
 //!   honest clients out, and the total stays under the process's file-descriptor limit.
+//! - requests: a source bucket has a few request slots (8); a frame is read only once it
+//!   holds one, so one source's frames in flight are bounded whatever its connections.
 //! - memory: a frame's buffer grows only once its bytes arrive, under one budget for all
-//!   frames in flight, of which one source bucket may hold 1/16; the first 4 KiB of each
-//!   frame are free, so small requests never wait for it. A frame must arrive at a
-//!   minimum rate and a reply must be taken within a write timeout, so silence and unread
-//!   replies free their connection.
+//!   frames in flight; the first 4 KiB of each frame are free, so small requests never
+//!   wait for it. A frame must arrive at a minimum rate and a reply must be taken within a
+//!   write timeout, so silence and unread replies free their connection.
 
 use crate::transport::{read_body, read_prefix, Handler};
 use cfs_core::wire::{self, RemoteError, RequestFrame, ResponseFrame, PROTOCOL_VERSION};
@@ -241,42 +242,26 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: S
     }
 }
 
-/// The in-flight byte budget, in KiB: one total, of which one source bucket may hold at
-/// most a share, so slow senders from a few prefixes cannot starve everyone else.
+/// The in-flight byte budget, in KiB, for all frames being received or handled. With
+/// at most `max_requests_per_bucket` frames per source bucket in flight, one bucket holds
+/// at most that many frames' worth of it.
 struct Budget {
     total: Semaphore,
-    share_kib: usize,
-    per_bucket: Mutex<HashMap<Vec<u8>, usize>>,
 }
 
 /// Bytes of each frame that are not charged to the budget: small requests (status, a
-/// get, a lookup step) never wait for it, and all connections together can hold at most
-/// this much each.
+/// get, a lookup step) never wait for it.
 const FREE_FRAME_BYTES: usize = 4096;
-/// The share of the budget one source bucket may hold: 1/BUCKET_SHARE.
-const BUCKET_SHARE: usize = 16;
 
 impl Budget {
     fn new(bytes: usize) -> Budget {
-        let kib = bytes.max(1 << 20) >> 10;
         Budget {
-            total: Semaphore::new(kib),
-            share_kib: (kib / BUCKET_SHARE).max(1),
-            per_bucket: Mutex::default(),
+            total: Semaphore::new(bytes.max(1 << 20) >> 10),
         }
     }
 
-    /// Take `kib` for `bucket`, waiting a little for the total; false if the bucket is at
-    /// its share or the total stays full.
-    async fn take(&self, bucket: &[u8], kib: usize) -> bool {
-        {
-            let mut m = self.per_bucket.lock().unwrap();
-            let held = m.entry(bucket.to_vec()).or_default();
-            if *held + kib > self.share_kib {
-                return false;
-            }
-            *held += kib;
-        }
+    /// Take `kib`, waiting a little if the budget is full; false if it stays full.
+    async fn take(&self, kib: usize) -> bool {
         let got = match self.total.try_acquire_many(kib as u32) {
             Ok(p) => Some(p),
             Err(_) => tokio::time::timeout(BUDGET_WAIT, self.total.acquire_many(kib as u32))
@@ -284,46 +269,23 @@ impl Budget {
                 .ok()
                 .and_then(Result::ok),
         };
-        match got {
-            Some(p) => {
-                p.forget();
-                true
-            }
-            None => {
-                self.release_share(bucket, kib);
-                false
-            }
-        }
+        got.map(|p| p.forget()).is_some()
     }
 
-    fn give(&self, bucket: &[u8], kib: usize) {
-        if kib > 0 {
-            self.total.add_permits(kib);
-            self.release_share(bucket, kib);
-        }
-    }
-
-    fn release_share(&self, bucket: &[u8], kib: usize) {
-        let mut m = self.per_bucket.lock().unwrap();
-        if let Some(h) = m.get_mut(bucket) {
-            *h = h.saturating_sub(kib);
-            if *h == 0 {
-                m.remove(bucket);
-            }
-        }
+    fn give(&self, kib: usize) {
+        self.total.add_permits(kib);
     }
 }
 
 /// Budget taken by one frame, given back when dropped (on every path out).
 struct Held<'a> {
     budget: &'a Budget,
-    bucket: &'a [u8],
     kib: AtomicUsize,
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.budget.give(self.bucket, *self.kib.get_mut());
+        self.budget.give(*self.kib.get_mut());
     }
 }
 
@@ -350,17 +312,25 @@ impl ConnCtx<'_> {
                     Ok(Ok(Some(len))) => len,
                 };
             self.registry.lock().unwrap().touch(self.id);
+            // One of the source bucket's request slots from here until the request is
+            // answered: a source gets no more of the node than its share of requests,
+            // however many connections it opens, and frames waiting for a slot stay in
+            // the kernel's buffers, not in ours.
+            let slots = self.registry.lock().unwrap().slots(&self.bucket);
+            let slot = match &slots {
+                Some(s) => s.acquire().await.ok(),
+                None => None,
+            };
             // Memory is taken from the shared budget as the body arrives, in KiB, and
             // given back once the request is answered.
             let held = Held {
                 budget: self.budget,
-                bucket: &self.bucket,
                 kib: AtomicUsize::new(0),
             };
             let deadline = limits.frame_grace
                 + Duration::from_secs_f64(len as f64 / limits.min_body_rate.max(1) as f64);
             let mut capacity = 0usize;
-            let (budget, bucket, held_kib) = (self.budget, &self.bucket[..], &held.kib);
+            let (budget, held_kib) = (self.budget, &held.kib);
             let read = read_body(&mut stream, len, |add| {
                 // Charged: the growth beyond the frame's free allowance, in KiB.
                 let before = capacity.saturating_sub(FREE_FRAME_BYTES).div_ceil(1024);
@@ -371,7 +341,7 @@ impl ConnCtx<'_> {
                     if kib == 0 {
                         return true;
                     }
-                    let ok = budget.take(bucket, kib).await;
+                    let ok = budget.take(kib).await;
                     if ok {
                         held_kib.fetch_add(kib, Ordering::Relaxed);
                     }
@@ -407,16 +377,10 @@ impl ConnCtx<'_> {
                     ),
                 ))
             } else {
-                // One of the bucket's request slots while handling: a source that
-                // pipelines on many connections gets no more of the node than its share.
-                let slots = self.registry.lock().unwrap().slots(&self.bucket);
-                let _slot = match &slots {
-                    Some(s) => s.acquire().await.ok(),
-                    None => None,
-                };
                 handler.handle(peer, frame.from, frame.req).await
             };
             drop(held);
+            drop(slot);
             let out = match wire::encode_frame(&ResponseFrame { id: frame.id, resp }) {
                 Ok(o) => o,
                 Err(e) => {
@@ -442,13 +406,14 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn one_bucket_holds_at_most_its_share_of_the_budget() {
-        let b = Budget::new(16 << 20);
-        assert!(b.take(b"a", 1024).await);
-        assert!(!b.take(b"a", 1).await, "a's share (1 MiB) is used up");
-        assert!(b.take(b"b", 1024).await, "others still get theirs");
-        b.give(b"a", 1024);
-        assert!(b.take(b"a", 1024).await);
+    async fn a_full_budget_makes_frames_wait_then_gives_up() {
+        let b = Budget::new(1 << 20);
+        assert!(b.take(1024).await);
+        let t0 = Instant::now();
+        assert!(!b.take(1).await, "full: waits, then refuses");
+        assert!(t0.elapsed() >= BUDGET_WAIT);
+        b.give(1024);
+        assert!(b.take(1024).await);
     }
 
     #[tokio::test]

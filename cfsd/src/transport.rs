@@ -207,13 +207,14 @@ pub async fn read_prefix(s: &mut TcpStream) -> std::io::Result<Option<usize>> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
-/// Most bytes a frame body buffer grows by at once.
-pub const READ_STEP: usize = 64 * 1024;
+/// The first capacity a frame body buffer gets; it then doubles as bytes arrive.
+pub const FIRST_READ: usize = 16 * 1024;
 
-/// Read a frame body of `len` bytes. Memory follows the bytes that arrived, never the
-/// length a peer announced: the buffer grows only once the socket has data, by doubling up
-/// to `READ_STEP` at a time, and `grow` is asked for each increase of its capacity (it may
-/// wait for a shared budget, or refuse).
+/// Read a frame body of `len` bytes (the server side). Memory follows the bytes that
+/// arrived, never the length a peer announced: the buffer is allocated only once the
+/// socket has data and doubles when full, so it is never more than twice what arrived
+/// (and at most 7 reallocations for the largest frame). `grow` is asked for each increase
+/// of its capacity (it may wait for a shared budget, or refuse).
 pub async fn read_body<F, Fut>(
     s: &mut TcpStream,
     len: usize,
@@ -227,10 +228,7 @@ where
     while body.len() < len {
         s.readable().await?;
         if body.capacity() == body.len() {
-            let target = (body.capacity() * 2)
-                .clamp(body.len() + 1, body.len() + READ_STEP)
-                .min(len)
-                .max(body.len() + 1);
+            let target = (body.capacity() * 2).max(FIRST_READ).min(len);
             let add = target - body.capacity();
             if !grow(add).await {
                 return Err(std::io::Error::other("over the in-flight memory budget"));
@@ -250,15 +248,20 @@ where
     Ok(body)
 }
 
-/// Read one whole frame body (the client side: replies from a peer it called, bounded
-/// by the call's timeout); Ok(None) on a clean end of stream before a frame starts.
+/// Read one whole frame body (the client side: a reply from a peer it called, under the
+/// frame limit and bounded by the call's timeout, so allocated at once); Ok(None) on a
+/// clean end of stream before a frame starts.
 pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let Some(len) = read_prefix(s).await? else {
         return Ok(None);
     };
-    read_body(s, len, |_| std::future::ready(true))
-        .await
-        .map(Some)
+    // Read into spare capacity: no zeroing of a buffer that is about to be overwritten.
+    let mut body = Vec::with_capacity(len);
+    (&mut *s).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Some(body))
 }
 
 pub use crate::server::{serve, ServerLimits};
