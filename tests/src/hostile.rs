@@ -8,7 +8,7 @@
 
 use cfs_core::wire::{
     decode, encode_frame, frame_len, ErrorKind, RemoteError, Request, RequestFrame, Response,
-    ResponseFrame, Step, PROTOCOL_VERSION,
+    ResponseFrame, StatusInfo, Step, PROTOCOL_VERSION,
 };
 use cfs_core::{BlockKind, Id, NodeRef};
 use std::collections::BTreeMap;
@@ -645,4 +645,45 @@ pub fn data_block(tag: u64, i: u64, len: usize) -> (Id, Vec<u8>) {
         b.extend_from_slice(&x.to_le_bytes()[..(len - b.len()).min(8)]);
     }
     (Id::hash(&b), b)
+}
+
+/// Replicas per block in the attack tests' rings.
+pub const R: usize = 3;
+
+/// The attacks measure latency and resources on a 2-core machine: one at a time in a test
+/// binary, so one test's flood is not another's noise.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every live node of the cluster at vnode 0.
+pub fn members(cluster: &crate::Cluster) -> Vec<NodeRef> {
+    cluster
+        .addrs()
+        .iter()
+        .map(|a| NodeRef::new(*a, 0))
+        .collect()
+}
+
+/// Put a valid data block through the honest client; how many replicas stored it.
+pub fn put_block(
+    rt: &tokio::runtime::Runtime,
+    c: &cfsd::client::Client,
+    bytes: Vec<u8>,
+) -> (Id, usize) {
+    rt.block_on(async {
+        let v = cfs_core::block::verify(cfs_core::BlockKind::Data, Id::hash(&bytes), bytes, true)
+            .unwrap();
+        (v.key(), c.put(&v).await.unwrap().stored_on)
+    })
+}
+
+/// A node's status, asked directly (None if it does not answer one).
+pub fn status_of(addr: SocketAddr) -> Option<StatusInfo> {
+    match call_once(addr, Request::Status, Duration::from_secs(5)) {
+        Ok(Ok(Response::Status(s))) => Some(*s),
+        _ => None,
+    }
 }
