@@ -3,13 +3,13 @@
 //! Both walk the store in bounded chunks, never a list of every key.
 
 use crate::metrics::Metrics;
-use crate::net::{BATCH_BYTES, BATCH_ENTRY_OVERHEAD};
+use crate::net::Batcher;
 use crate::node::Node;
 use crate::store::StoreKey;
 use crate::transport::Transport;
 use cfs_core::block::{verify, BlockKind};
 use cfs_core::ring::{run_in_range, same_host};
-use cfs_core::wire::{Request, Response, WireBlock, MAX_BATCH};
+use cfs_core::wire::{Request, Response, WireBlock};
 use cfs_core::{Id, NodeRef};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -167,59 +167,48 @@ impl<T: Transport> Node<T> {
                 }
                 // Push what the replica lacks, batched: one request and commit per frame's
                 // worth, read from the store batch by batch (never the whole group at once).
-                let mut pending = missing.into_iter();
-                let mut carry: Option<(usize, WireBlock)> = None;
-                loop {
-                    let (mut wire, mut sent, mut bytes) = (Vec::new(), Vec::new(), 0usize);
-                    loop {
-                        let next = carry.take().or_else(|| {
-                            pending.find_map(|j| {
-                                let (kind, key, _) = group[j];
-                                let b = self.inner.store.get(kind, key).ok().flatten()?;
-                                Some((
-                                    j,
-                                    WireBlock {
-                                        kind,
-                                        key,
-                                        bytes: b,
-                                    },
-                                ))
-                            })
-                        });
-                        let Some((j, w)) = next else { break };
-                        let n = w.bytes.len() + BATCH_ENTRY_OVERHEAD;
-                        if !wire.is_empty() && (bytes + n > BATCH_BYTES || wire.len() >= MAX_BATCH)
-                        {
-                            carry = Some((j, w));
-                            break;
-                        }
-                        bytes += n;
-                        wire.push(w);
-                        sent.push(j);
-                    }
-                    if wire.is_empty() {
-                        break;
-                    }
-                    let req = Request::PutMany {
-                        blocks: wire,
-                        transfer: true,
+                let mut batch = Batcher::default();
+                for j in missing {
+                    let (kind, key, _) = group[j];
+                    let Ok(Some(bytes)) = self.inner.store.get(kind, key) else {
+                        continue;
                     };
-                    if let Ok(Response::StoredMany(answers)) =
-                        self.inner.net.call(target.addr, req).await
-                    {
-                        for (j, a) in sent.iter().zip(answers) {
-                            if a.is_ok() {
-                                Metrics::inc(&self.inner.metrics.repairs_sent);
-                                confirmed[*j] += 1;
-                            }
-                        }
+                    let size = bytes.len();
+                    if let Some(full) = batch.push((j, WireBlock { kind, key, bytes }), size) {
+                        self.push_batch(*target, full, &mut confirmed).await;
                     }
+                }
+                if let Some(last) = batch.finish() {
+                    self.push_batch(*target, last, &mut confirmed).await;
                 }
             }
             if inside || set.len() < r {
                 continue;
             }
             self.hand_off(group, &set, &confirmed).await;
+        }
+    }
+
+    /// Push one batch of blocks (with their index in the group) to `target` as a ring
+    /// transfer; count each one it stored in `confirmed`.
+    async fn push_batch(
+        &self,
+        target: NodeRef,
+        batch: Vec<(usize, WireBlock)>,
+        confirmed: &mut [usize],
+    ) {
+        let (sent, blocks): (Vec<usize>, Vec<WireBlock>) = batch.into_iter().unzip();
+        let req = Request::PutMany {
+            blocks,
+            transfer: true,
+        };
+        if let Ok(Response::StoredMany(answers)) = self.inner.net.call(target.addr, req).await {
+            for (j, a) in sent.iter().zip(answers) {
+                if a.is_ok() {
+                    Metrics::inc(&self.inner.metrics.repairs_sent);
+                    confirmed[*j] += 1;
+                }
+            }
         }
     }
 

@@ -714,23 +714,66 @@ pub const BATCH_BYTES: usize = MAX_FRAME_BYTES - 64 * 1024;
 /// What each block of a batch adds beyond its bytes (kind, key, length).
 pub const BATCH_ENTRY_OVERHEAD: usize = 64;
 
+/// Gathers items into batches that fit one frame and one batched request: the one rule
+/// for batching, used where sizes are known up front (`chunk_by_bytes`) and where blocks
+/// are read one at a time (maintenance pushes).
+pub struct Batcher<T> {
+    cur: Vec<T>,
+    bytes: usize,
+}
+
+impl<T> Default for Batcher<T> {
+    fn default() -> Self {
+        Batcher {
+            cur: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<T> Batcher<T> {
+    /// Add `item` of `size` bytes; returns the batch it closed when it did not fit.
+    pub fn push(&mut self, item: T, size: usize) -> Option<Vec<T>> {
+        let n = size + BATCH_ENTRY_OVERHEAD;
+        let full =
+            !self.cur.is_empty() && (self.bytes + n > BATCH_BYTES || self.cur.len() >= MAX_BATCH);
+        let closed = full.then(|| {
+            self.bytes = 0;
+            std::mem::take(&mut self.cur)
+        });
+        self.bytes += n;
+        self.cur.push(item);
+        closed
+    }
+
+    /// The last batch, if any.
+    pub fn finish(self) -> Option<Vec<T>> {
+        (!self.cur.is_empty()).then_some(self.cur)
+    }
+}
+
 /// Split indexes into runs that fit one frame (and one batch).
 pub fn chunk_by_bytes(items: &[usize], size: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
-    let budget = BATCH_BYTES;
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut cur = Vec::new();
-    let mut bytes = 0;
-    for &i in items {
-        let n = size(i) + BATCH_ENTRY_OVERHEAD;
-        if !cur.is_empty() && (bytes + n > budget || cur.len() >= MAX_BATCH) {
-            out.push(std::mem::take(&mut cur));
-            bytes = 0;
-        }
-        bytes += n;
-        cur.push(i);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
+    let mut b = Batcher::default();
+    let mut out: Vec<Vec<usize>> = items.iter().filter_map(|&i| b.push(i, size(i))).collect();
+    out.extend(b.finish());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_fit_a_frame_and_a_request() {
+        let sizes = [600 << 10, 600 << 10, 10, 10];
+        let idx: Vec<usize> = (0..sizes.len()).collect();
+        assert_eq!(
+            chunk_by_bytes(&idx, |i| sizes[i]),
+            vec![vec![0], vec![1, 2, 3]]
+        );
+        let many: Vec<usize> = (0..MAX_BATCH + 1).collect();
+        assert_eq!(chunk_by_bytes(&many, |_| 1).len(), 2);
+        assert!(chunk_by_bytes(&[], |_| 1).is_empty());
+    }
 }
