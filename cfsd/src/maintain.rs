@@ -28,11 +28,17 @@ pub(crate) struct Handoffs {
     sets: BTreeMap<Vec<SocketAddr>, (u32, u64)>,
 }
 
+/// A replica set as a map key: its addresses, sorted.
+fn set_key(set: &[NodeRef]) -> Vec<SocketAddr> {
+    let mut k: Vec<SocketAddr> = set.iter().map(|n| n.addr).collect();
+    k.sort();
+    k
+}
+
 impl Handoffs {
     /// Count this round for `set` (once per round); the rounds in a row so far.
     fn touch(&mut self, set: &[NodeRef]) -> u32 {
-        let mut k: Vec<SocketAddr> = set.iter().map(|n| n.addr).collect();
-        k.sort();
+        let k = set_key(set);
         let round = self.round;
         if !self.sets.contains_key(&k) && self.sets.len() >= MAX_HANDOFF_SETS {
             return 0;
@@ -46,9 +52,7 @@ impl Handoffs {
     }
     /// A holder failed to serve verified bytes: the count starts again next round.
     fn reset(&mut self, set: &[NodeRef]) {
-        let mut k: Vec<SocketAddr> = set.iter().map(|n| n.addr).collect();
-        k.sort();
-        if let Some(e) = self.sets.get_mut(&k) {
+        if let Some(e) = self.sets.get_mut(&set_key(set)) {
             e.0 = 0;
         }
     }
