@@ -51,6 +51,7 @@ impl FsError {
             FsError::NotDir(_) => libc::ENOTDIR,
             FsError::IsDir(_) => libc::EISDIR,
             FsError::Loop(_) => libc::ELOOP,
+            FsError::Timeout { .. } => libc::ETIMEDOUT,
             _ => libc::EIO,
         }
     }

@@ -9,7 +9,7 @@ pub mod testing;
 
 pub use fsread::{get, parse_get_spec, FsError, Reader, ReaderOpts};
 
-pub use mount::{mount, spawn_mount, MountHandle, MountOpts};
+pub use mount::{mount, open_fs, spawn_mount, MountHandle, MountOpts};
 pub use publish::{
     fsid_of, keygen, load_key, publish, KeyError, PublishError, PublishOpts, Receipt,
 };

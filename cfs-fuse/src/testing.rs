@@ -17,6 +17,8 @@ pub struct MemRing {
     pub gets: AtomicU64,
     /// While set, every get fails as if no replica answered (to test EIO paths).
     pub offline: AtomicBool,
+    /// While set, every get hangs (to test deadlines).
+    pub stall: AtomicBool,
     /// While above zero, counts puts down; a put arriving at 1 fails, and every put
     /// after it (to simulate a publish interrupted midway).
     pub fail_puts_after: AtomicU64,
@@ -52,6 +54,9 @@ impl MemRing {
 impl BlockService for MemRing {
     async fn get(&self, kind: BlockKind, key: Id) -> Result<Verified, RingError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
+        if self.stall.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if self.offline.load(Ordering::SeqCst) {
             return Err(RingError::Unavailable { kind, key });
         }

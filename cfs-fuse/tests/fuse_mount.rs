@@ -379,3 +379,114 @@ async fn fuse_mount_file_cache_passthrough() {
     .await
     .unwrap();
 }
+
+/// `find` + `stat` over every entry, as a long-lived mount sees it; returns entries seen.
+fn find_stat(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let md = fs::symlink_metadata(e.path()).unwrap();
+        n += 1;
+        if md.is_dir() {
+            n += find_stat(&e.path());
+        }
+    }
+    n
+}
+
+/// A mount that lives through many versions under `find` holds only what the kernel
+/// holds: its inode table does not grow from round to round, and when the kernel drops
+/// its caches, `forget` empties the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_lived_mount_stays_bounded_under_find_and_republish() {
+    let src = TempDir::new("flong");
+    for i in 0..20 {
+        for j in 0..10 {
+            let d = src.path().join(format!("d{i}/s{j}"));
+            fs::create_dir_all(&d).unwrap();
+            for k in 0..8 {
+                fs::write(d.join(format!("f{k}")), format!("{i}.{j}.{k}")).unwrap();
+            }
+        }
+    }
+    let ring = Arc::new(MemRing::new());
+    let key = SigningKey::from_bytes(&[11u8; 32]);
+    let popts = PublishOpts {
+        progress: false,
+        ..PublishOpts::default()
+    };
+    let fsid = publish(ring.clone(), src.path(), &key, &popts)
+        .await
+        .unwrap()
+        .fsid;
+    let mnt = TempDir::new("flongm");
+    let _guard = MountGuard(mnt.0.clone());
+    let opts = MountOpts {
+        poll_interval: Duration::from_millis(100),
+        ..MountOpts::default()
+    };
+    let h = Arc::new(
+        spawn_mount(ring.clone(), fsid, mnt.path(), opts)
+            .await
+            .unwrap(),
+    );
+    let entries = 20 + 20 * 10 + 20 * 10 * 8;
+    let mut held = Vec::new();
+    for round in 1..=6u64 {
+        let (m, h2) = (mnt.0.clone(), h.clone());
+        let seen = tokio::task::spawn_blocking(move || {
+            // Wait for the version this round published, then walk everything.
+            let t = Instant::now();
+            while h2.version() < round {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "version {round} not seen"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            find_stat(&m)
+        })
+        .await
+        .unwrap();
+        assert_eq!(seen, entries + usize::from(round > 1));
+        held.push(h.held_inodes());
+        // Change one file in a different place each round.
+        let p = src.path().join(format!("d{round}/s{round}/f1"));
+        fs::write(&p, format!("round {round}")).unwrap();
+        fs::write(src.path().join("round"), round.to_string()).unwrap();
+        publish(ring.clone(), src.path(), &key, &popts)
+            .await
+            .unwrap();
+    }
+    let first = held[0];
+    assert!(
+        first > entries / 2,
+        "the kernel holds what find looked up: {held:?}"
+    );
+    for (i, n) in held.iter().enumerate() {
+        assert!(
+            *n * 2 <= first * 3,
+            "table after round {} is {n}, more than 1.5x round 1 ({first}): {held:?}",
+            i + 1
+        );
+    }
+    // The kernel lets go of its dentries and inodes: forget shrinks the table.
+    if fs::write("/proc/sys/vm/drop_caches", "2").is_ok() {
+        let t = Instant::now();
+        while h.held_inodes() > first / 10 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the table kept {} of {first} entries after the kernel dropped its caches",
+                h.held_inodes()
+            );
+            let _ = fs::write("/proc/sys/vm/drop_caches", "2");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    } else {
+        eprintln!("cannot drop the kernel's caches (not root): skipping the forget check");
+    }
+    let h = Arc::into_inner(h).unwrap();
+    tokio::task::spawn_blocking(move || h.unmount().unwrap())
+        .await
+        .unwrap();
+}

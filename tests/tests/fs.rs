@@ -408,7 +408,11 @@ fn reads_fail_with_eio_when_the_ring_is_gone_and_work_again_when_it_returns() {
     }
     let t0 = Instant::now();
     let err = std::fs::read(mnt.join("b")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Refused connections give EIO; a replica that never answers, ETIMEDOUT.
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EIO) | Some(libc::ETIMEDOUT)),
+        "{err}"
+    );
     assert!(
         t0.elapsed() < Duration::from_secs(15),
         "EIO took {:?}",

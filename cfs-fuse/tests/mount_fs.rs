@@ -1,0 +1,188 @@
+//! The mount's filesystem layer without FUSE: lookup counts and `forget`, the cost of
+//! applying a new version, and typed errors.
+
+use cfs_fuse::fsread::{FsError, ReaderOpts};
+use cfs_fuse::mount::{open_fs, Fs, MountOpts, OpError, Opened, ROOT_INO};
+use cfs_fuse::publish::{publish, PublishOpts};
+use cfs_fuse::ring::RingError;
+use cfs_fuse::testing::MemRing;
+use cfs_tests::tree::TempDir;
+use ed25519_dalek::SigningKey;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+const DIRS: usize = 12;
+const SUBS: usize = 4;
+const FILES: usize = 5;
+
+/// d{i}/s{j}/f{k}, each file naming itself, plus a version marker at the top.
+fn build(root: &Path, version: u32) {
+    for i in 0..DIRS {
+        for j in 0..SUBS {
+            let d = root.join(format!("d{i}/s{j}"));
+            std::fs::create_dir_all(&d).unwrap();
+            for k in 0..FILES {
+                std::fs::write(d.join(format!("f{k}")), format!("{i}/{j}/{k}")).unwrap();
+            }
+        }
+    }
+    std::fs::write(root.join("version"), version.to_string()).unwrap();
+}
+
+async fn publish_quiet(ring: &Arc<MemRing>, src: &Path, key: &SigningKey) -> cfs_core::Id {
+    let opts = PublishOpts {
+        progress: false,
+        ..PublishOpts::default()
+    };
+    publish(ring.clone(), src, key, &opts).await.unwrap().fsid
+}
+
+fn read_all(fs: &Fs<MemRing>, ino: u64) -> Vec<u8> {
+    let Opened::Normal(fh) = fs
+        .open(ino, false, |_| Err(std::io::Error::other("no FUSE")))
+        .unwrap()
+    else {
+        panic!("no passthrough without a file cache")
+    };
+    let out = fs.rt().block_on(fs.read(fh, 0, 1 << 20)).unwrap();
+    fs.release(fh);
+    out.data
+}
+
+/// Look a path up name by name, as the kernel would; returns every number looked up.
+fn walk(fs: &Fs<MemRing>, path: &str) -> Vec<u64> {
+    let mut at = ROOT_INO;
+    let mut got = Vec::new();
+    for c in path.split('/') {
+        at = fs.lookup(at, c.as_bytes()).unwrap().0;
+        got.push(at);
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_bounds_the_table_and_a_version_costs_only_changed_held_paths() {
+    let src = TempDir::new("mfs");
+    build(src.path(), 1);
+    let ring = Arc::new(MemRing::new());
+    let key = SigningKey::from_bytes(&[3u8; 32]);
+    let fsid = publish_quiet(&ring, src.path(), &key).await;
+    let fs = open_fs(ring.clone(), fsid, MountOpts::default())
+        .await
+        .unwrap();
+    let (fs2, ring2, src2) = (fs.clone(), ring.clone(), src.0.clone());
+    tokio::task::spawn_blocking(move || {
+        let fs = fs2;
+        // Every entry looked up once, as `find` + `stat` does.
+        let mut looked = Vec::new();
+        for i in 0..DIRS {
+            looked.push(walk(&fs, &format!("d{i}"))[0]);
+            for j in 0..SUBS {
+                let s = walk(&fs, &format!("d{i}/s{j}"));
+                looked.push(s[1]);
+                for k in 0..FILES {
+                    looked.push(fs.lookup(s[1], format!("f{k}").as_bytes()).unwrap().0);
+                }
+                // The parents were looked up again on the way: the kernel counts those.
+                looked.extend(&s[..1]);
+            }
+        }
+        let all = 1 + DIRS + DIRS * SUBS + DIRS * SUBS * FILES;
+        assert_eq!(fs.held(), all, "one entry per looked-up name, plus the top");
+
+        // A change deep down: only the path to it is compared, not every held directory.
+        std::fs::write(src2.join("d3/s2/f1"), "changed").unwrap();
+        std::fs::write(src2.join("version"), "2").unwrap();
+        fs.rt().block_on(publish_quiet(&ring2, &src2, &key));
+        let (inv, compared) = fs.refresh().unwrap().expect("a newer version");
+        assert_eq!(compared, 3, "top, d3 and d3/s2 changed");
+        let s2 = walk(&fs, "d3/s2")[1];
+        assert!(inv.entries.contains(&(s2, b"f1".to_vec())));
+        assert!(inv.entries.contains(&(ROOT_INO, b"version".to_vec())));
+        assert_eq!(fs.version(), 2);
+        let f1 = fs.lookup(s2, b"f1").unwrap().0;
+        assert_eq!(read_all(&fs, f1), b"changed");
+        // Directories keep their numbers across versions.
+        assert!(looked.contains(&s2));
+
+        // The kernel forgets everything: the table is back to the top alone.
+        for ino in looked.iter().chain([f1, s2].iter()) {
+            fs.forget(*ino, 1);
+        }
+        // The walks after the version counted d3 twice more.
+        let d3 = walk(&fs, "d3")[0];
+        fs.forget(d3, 2);
+        assert_eq!(
+            fs.held(),
+            1,
+            "nothing is held once the kernel forgot it all"
+        );
+
+        // With nothing held below the top, a new version compares the top only.
+        std::fs::write(src2.join("d7/s0/f4"), "again").unwrap();
+        fs.rt().block_on(publish_quiet(&ring2, &src2, &key));
+        let (_, compared) = fs.refresh().unwrap().expect("a newer version");
+        assert_eq!(compared, 1);
+        let f = walk(&fs, "d7/s0/f4")[2];
+        assert_eq!(read_all(&fs, f), b"again");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_typed() {
+    let src = TempDir::new("mfs-err");
+    build(src.path(), 1);
+    let ring = Arc::new(MemRing::new());
+    let key = SigningKey::from_bytes(&[4u8; 32]);
+    let fsid = publish_quiet(&ring, src.path(), &key).await;
+    let opts = MountOpts {
+        reader: ReaderOpts {
+            deadline: Duration::from_millis(300),
+            ..ReaderOpts::default()
+        },
+        ..MountOpts::default()
+    };
+    let fs = open_fs(ring.clone(), fsid, opts).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        let no = |_: &std::fs::File| Err(std::io::Error::other("no FUSE"));
+        let e = fs.lookup(ROOT_INO, b"missing").unwrap_err();
+        assert!(matches!(e, OpError::NoEntry { .. }), "{e}");
+        assert_eq!(e.errno(), libc::ENOENT);
+        let d0 = fs.lookup(ROOT_INO, b"d0").unwrap().0;
+        assert!(matches!(fs.open(d0, false, no), Err(OpError::IsDir(_))));
+        let v = fs.lookup(ROOT_INO, b"version").unwrap().0;
+        assert!(matches!(fs.lookup(v, b"x"), Err(OpError::NotDir(_))));
+        let e = fs.open(v, true, no).err().unwrap();
+        assert!(matches!(e, OpError::ReadOnly));
+        assert_eq!(e.errno(), libc::EROFS);
+        fs.forget(v, 1);
+        let e = fs.getattr(v, None).unwrap_err();
+        assert!(matches!(e, OpError::Stale(_)), "a forgotten number: {e}");
+
+        // No replica: EIO, naming the block.
+        ring.offline.store(true, Ordering::SeqCst);
+        let e = fs.lookup(d0, b"s1").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OpError::Read(FsError::Ring(RingError::Unavailable { .. }))
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.errno(), libc::EIO);
+        ring.offline.store(false, Ordering::SeqCst);
+        // A replica that never answers: ETIMEDOUT after the deadline, not a hang.
+        ring.stall.store(true, Ordering::SeqCst);
+        let e = fs.lookup(d0, b"s2").unwrap_err();
+        assert!(matches!(e, OpError::Read(FsError::Timeout { .. })), "{e:?}");
+        assert_eq!(e.errno(), libc::ETIMEDOUT);
+        ring.stall.store(false, Ordering::SeqCst);
+        assert!(fs.lookup(d0, b"s3").is_ok(), "works again");
+    })
+    .await
+    .unwrap();
+}
