@@ -235,8 +235,9 @@ fn wait_for_file(p: &Path, len: u64) {
 
 /// A file read once is written to the file cache and later opens are served by FUSE
 /// passthrough: with the ring offline, a fresh mount (empty block cache) still reads
-/// it, while a file never read gives EIO. A corrupted cache file is detected (hashed
-/// against the inode on first use), not served, and rebuilt by the next full read.
+/// it, while a file never read gives EIO. A new mount trusts a file cfs verified without
+/// re-hashing it; a cache file altered in place (same size and mtime) is detected,
+/// hashed, not served, and rebuilt by the next full read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fuse_mount_file_cache_passthrough() {
     let src = TempDir::new("pcsrc");
@@ -289,8 +290,14 @@ async fn fuse_mount_file_cache_passthrough() {
             "cache file holds the file's bytes"
         );
         assert!(fs::read(m.join("big")).unwrap() == want);
-        // No temporary file is left behind.
-        assert_eq!(fs::read_dir(&c).unwrap().count(), 1);
+        // No temporary file is left behind: the file and the record of its identity.
+        let mut names: Vec<String> = fs::read_dir(&c)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let hex = cached.file_name().unwrap().to_str().unwrap();
+        assert_eq!(names, vec![hex.to_string(), format!("{hex}.ok")]);
         h.unmount().unwrap();
         cached
     })
@@ -335,10 +342,41 @@ async fn fuse_mount_file_cache_passthrough() {
     .await
     .unwrap();
 
-    // 3. Corrupt the cache file (same size): a new mount must not serve it.
+    // 3. A new mount trusts the file cfs verified without hashing it again: with the
+    // ring offline once the file is looked up, hashing (which needs the file's pointer
+    // blocks) could not run, yet the file is served.
+    let h = mount(opts.clone()).await;
+    let (m, want, ring2) = (mnt.0.clone(), big.clone(), ring.clone());
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(
+            fs::metadata(m.join("big")).unwrap().len(),
+            want.len() as u64
+        );
+        ring2
+            .offline
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let got = fs::read(m.join("big"));
+        ring2
+            .offline
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(got.unwrap() == want, "served from the recorded cache file");
+        h.unmount().unwrap();
+    })
+    .await
+    .unwrap();
+
+    // 4. Alter the cache file in place (same size, mtime set back): a new mount sees
+    // the changed identity, hashes the file, and does not serve it.
+    let old_mtime = fs::metadata(&cached).unwrap().modified().unwrap();
     let mut bad = fs::read(&cached).unwrap();
     bad[bs + 5] ^= 0xff;
     fs::write(&cached, &bad).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&cached)
+        .unwrap()
+        .set_modified(old_mtime)
+        .unwrap();
     let h = mount(opts.clone()).await;
     let (m, want) = (mnt.0.clone(), big.clone());
     tokio::task::spawn_blocking(move || {

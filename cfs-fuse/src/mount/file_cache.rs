@@ -5,12 +5,20 @@
 //! kernel (`BackingId`), which then reads it directly at its own speed. The bytes of each
 //! normal read are written behind the reply into a sparse temporary file; when every byte
 //! is covered the file is synced and renamed to its final name, so a crash never leaves a
-//! partial file under that name. A file found on disk at start is not trusted until it
-//! has been re-hashed block by block against the inode (`Reader::verify_copy`).
+//! partial file under that name.
+//!
+//! Trust across processes: when cfs has verified a cache file (written it from verified
+//! blocks, or re-hashed it), it records the file's identity beside it (`KEY.ok`: device,
+//! inode number, size, mtime and ctime in ns, as git's index does). A later mount trusts
+//! the file without reading it only while that identity still matches the open file;
+//! any write changes the ctime, which no one but the kernel can set back, so an altered
+//! file is re-hashed (`Reader::verify_copy`) before use, and not served if it differs.
 
 use cfs_core::Id;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -54,10 +62,38 @@ const WRITE_BEHIND_BYTES: usize = 64 << 20;
 /// How long an open waits for a fill that has all its bytes to reach its final name.
 const FINISH_WAIT: Duration = Duration::from_secs(5);
 
+/// What a cache file was when cfs last verified it; if any field differs, the file may
+/// have changed since.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Identity {
+    key: Id,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Identity {
+    fn of(key: Id, md: &std::fs::Metadata) -> Identity {
+        Identity {
+            key,
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        }
+    }
+}
+
+/// A record is a few dozen bytes; anything longer is not one of ours.
+const MAX_RECORD: u64 = 256;
+
 struct CacheEntry {
     size: u64,
-    /// Checked against the inode in this process (written here, or re-hashed).
-    verified: bool,
+    /// The identity the file had when it was verified, if it was.
+    verified: Option<Identity>,
 }
 
 struct CacheIndex {
@@ -168,6 +204,12 @@ impl FileCache {
                 }
                 continue;
             }
+            if let Some(hex) = name.strip_suffix(".ok") {
+                if !opts.dir.join(hex).exists() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                continue;
+            }
             let Ok(key) = name.parse::<Id>() else {
                 continue;
             };
@@ -178,23 +220,18 @@ impl FileCache {
             if !md.is_file() {
                 continue;
             }
-            found.push((md.modified().unwrap_or(UNIX_EPOCH), key, md.len()));
+            let verified = read_record(&opts.dir, key).filter(|r| *r == Identity::of(key, &md));
+            found.push((md.modified().unwrap_or(UNIX_EPOCH), key, md.len(), verified));
         }
-        found.sort();
+        found.sort_by_key(|f| (f.0, f.1));
         let mut ix = CacheIndex {
             files: lru::LruCache::unbounded(),
             bytes: 0,
             fills: HashMap::new(),
             next_tmp: 0,
         };
-        for (_, key, size) in found {
-            ix.files.put(
-                key,
-                CacheEntry {
-                    size,
-                    verified: false,
-                },
-            );
+        for (_, key, size, verified) in found {
+            ix.files.put(key, CacheEntry { size, verified });
             ix.bytes += size;
         }
         let fc = FileCache {
@@ -214,6 +251,30 @@ impl FileCache {
         self.opts.dir.join(key.to_hex())
     }
 
+    /// Record what the cache file of `key` (open as `file`) is now, after cfs verified
+    /// exactly that file; returns it.
+    fn record(&self, key: Id, file: &std::fs::File) -> Option<Identity> {
+        let id = Identity::of(key, &file.metadata().ok()?);
+        let bytes = postcard::to_allocvec(&id).ok()?;
+        let tmp = self
+            .opts
+            .dir
+            .join(format!(".tmp.{}.{}.ok", std::process::id(), key.to_hex()));
+        let done = std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, record_path(&self.opts.dir, key)));
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::debug!(key = %key, "file cache: recording a verified file: {e}");
+        }
+        Some(id)
+    }
+
+    fn remove_files(&self, key: Id) {
+        let _ = std::fs::remove_file(record_path(&self.opts.dir, key));
+        // An open backing file stays readable after the unlink.
+        let _ = std::fs::remove_file(self.path(key));
+    }
+
     /// Evict least recently used files until `extra` more bytes fit; false if they
     /// cannot (the rest is reserved by fills in progress).
     fn evict_for(&self, ix: &mut CacheIndex, extra: u64) -> bool {
@@ -221,8 +282,7 @@ impl FileCache {
             match ix.files.pop_lru() {
                 Some((k, e)) => {
                     ix.bytes -= e.size;
-                    // An open backing file stays readable after the unlink.
-                    let _ = std::fs::remove_file(self.path(k));
+                    self.remove_files(k);
                     tracing::debug!(key = %k, "evicted from the file cache");
                 }
                 None => return false,
@@ -232,9 +292,9 @@ impl FileCache {
     }
 
     /// The cache file of `key` if it is indexed and has the inode's size, with whether
-    /// it was verified in this process.
+    /// it is the very file cfs verified (its identity unchanged since).
     pub(super) fn lookup(&self, key: Id, size: u64) -> Option<(std::fs::File, bool)> {
-        let verified = self.index.lock().unwrap().files.get(&key)?.verified;
+        let verified = self.index.lock().unwrap().files.get(&key)?.verified.clone();
         let f = match std::fs::File::open(self.path(key)) {
             Ok(f) => f,
             Err(_) => {
@@ -243,21 +303,27 @@ impl FileCache {
                 return None;
             }
         };
-        if f.metadata().map(|m| m.len()).ok() != Some(size) {
+        let Ok(md) = f.metadata() else {
+            return None;
+        };
+        if md.len() != size {
             tracing::warn!(key = %key, "cache file has the wrong size; discarded");
             self.forget(key, true);
             return None;
         }
-        Some((f, verified))
+        let trusted = verified.is_some_and(|v| v == Identity::of(key, &md));
+        Some((f, trusted))
     }
 
-    pub(super) fn mark_verified(&self, key: Id) {
+    /// The file was re-hashed and matches: record it, so no process hashes it again
+    /// while it stays unchanged.
+    pub(super) fn mark_verified(&self, key: Id, file: &std::fs::File) {
+        // Persist the recency for the next process's LRU order (before the record: it
+        // changes the times).
+        let _ = file.set_modified(SystemTime::now());
+        let id = self.record(key, file);
         if let Some(e) = self.index.lock().unwrap().files.get_mut(&key) {
-            e.verified = true;
-        }
-        // Persist the recency for the next process's LRU order.
-        if let Ok(f) = std::fs::File::options().write(true).open(self.path(key)) {
-            let _ = f.set_modified(SystemTime::now());
+            e.verified = id;
         }
     }
 
@@ -267,7 +333,7 @@ impl FileCache {
             ix.bytes -= e.size;
         }
         if delete {
-            let _ = std::fs::remove_file(self.path(key));
+            self.remove_files(key);
         }
     }
 
@@ -430,6 +496,7 @@ impl FileCache {
             tracing::warn!("file cache: finishing {}: {e}", fill.tmp.display());
             return self.abandon(fill);
         }
+        let verified = self.record(fill.key, &fill.file);
         let mut ix = self.index.lock().unwrap();
         fill.st.lock().unwrap().phase = FillPhase::Done;
         if ix
@@ -444,7 +511,7 @@ impl FileCache {
             fill.key,
             CacheEntry {
                 size: fill.size,
-                verified: true,
+                verified,
             },
         );
         drop(ix);
@@ -469,6 +536,23 @@ impl FileCache {
     }
 }
 
+fn record_path(dir: &Path, key: Id) -> PathBuf {
+    dir.join(format!("{}.ok", key.to_hex()))
+}
+
+fn read_record(dir: &Path, key: Id) -> Option<Identity> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(record_path(dir, key))
+        .ok()?
+        .take(MAX_RECORD)
+        .read_to_end(&mut buf)
+        .ok()?;
+    postcard::from_bytes::<Identity>(&buf)
+        .ok()
+        .filter(|r| r.key == key)
+}
+
 /// Stack depth to ask the kernel for: backing files on overlayfs (containers) are
 /// themselves stacked and need 2; 1 still lets an overlay be stacked on this mount.
 pub(super) fn stack_depth_for(dir: &Path) -> u32 {
@@ -483,5 +567,136 @@ pub(super) fn stack_depth_for(dir: &Path) -> u32 {
         2
     } else {
         1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cfs-fc-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn cache(d: &Path, budget: u64) -> FileCache {
+        FileCache::open(FileCacheOpts {
+            dir: d.to_path_buf(),
+            budget_bytes: budget,
+            min_file_bytes: 1,
+        })
+        .unwrap()
+    }
+
+    /// Write `data` as the verified bytes of `key` in two ranges, out of order.
+    fn fill_all(fc: &FileCache, key: Id, data: &[u8]) {
+        let f = fc.fill(key, data.len() as u64).unwrap();
+        let half = data.len() / 2;
+        assert!(FileCache::begin_write(&f));
+        fc.write(&f, half as u64, Some(&data[half..]));
+        assert_eq!(f.st.lock().unwrap().phase, FillPhase::Filling);
+        assert!(FileCache::begin_write(&f));
+        fc.write(&f, 0, Some(&data[..half]));
+        assert_eq!(f.st.lock().unwrap().phase, FillPhase::Done);
+        fc.release_fill(&f);
+    }
+
+    #[test]
+    fn ranges_merge() {
+        let mut st = FillState {
+            covered: BTreeMap::new(),
+            covered_bytes: 0,
+            pending: 0,
+            opens: 1,
+            phase: FillPhase::Filling,
+        };
+        st.cover(10, 20);
+        st.cover(30, 40);
+        st.cover(15, 35);
+        assert_eq!(st.covered.len(), 1);
+        assert_eq!(st.covered_bytes, 30);
+        st.cover(0, 10);
+        assert_eq!(st.covered.into_iter().collect::<Vec<_>>(), vec![(0, 40)]);
+    }
+
+    #[test]
+    fn a_partial_fill_is_abandoned_and_its_space_returned() {
+        let d = dir("partial");
+        let fc = cache(&d, 1 << 20);
+        let key = Id::hash(b"p");
+        let f = fc.fill(key, 1000).unwrap();
+        assert!(FileCache::begin_write(&f));
+        fc.write(&f, 0, Some(&[1u8; 500]));
+        assert_eq!(
+            fc.index.lock().unwrap().bytes,
+            1000,
+            "reserved while filling"
+        );
+        fc.release_fill(&f);
+        assert_eq!(f.st.lock().unwrap().phase, FillPhase::Abandoned);
+        assert_eq!(fc.index.lock().unwrap().bytes, 0);
+        drop(f);
+        assert_eq!(
+            std::fs::read_dir(&d).unwrap().count(),
+            0,
+            "no temporary left"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_verified_file_is_trusted_by_later_processes_until_it_changes() {
+        let d = dir("trust");
+        let key = Id::hash(b"t");
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8 + 1).collect();
+        {
+            let fc = cache(&d, 1 << 20);
+            fill_all(&fc, key, &data);
+            let (_, trusted) = fc.lookup(key, data.len() as u64).unwrap();
+            assert!(trusted, "written from verified bytes here");
+        }
+        // A new process: trusted from the record, without reading the file.
+        let fc = cache(&d, 1 << 20);
+        let (f, trusted) = fc.lookup(key, data.len() as u64).unwrap();
+        assert!(trusted);
+        drop((f, fc));
+        // Same size, mtime set back: the ctime still tells.
+        let p = d.join(key.to_hex());
+        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        let mut bad = data.clone();
+        bad[7] ^= 1;
+        std::fs::write(&p, &bad).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let fc = cache(&d, 1 << 20);
+        let (f, trusted) = fc.lookup(key, data.len() as u64).unwrap();
+        assert!(!trusted, "an altered file must be hashed again");
+        // Re-verified (as the mount does after hashing): trusted again, recorded anew.
+        fc.mark_verified(key, &f);
+        drop(fc);
+        let fc = cache(&d, 1 << 20);
+        assert!(fc.lookup(key, data.len() as u64).unwrap().1);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn eviction_removes_the_file_and_its_record() {
+        let d = dir("evict");
+        let fc = cache(&d, 2500);
+        let (a, b) = (Id::hash(b"a"), Id::hash(b"b"));
+        fill_all(&fc, a, &[1u8; 1000]);
+        fill_all(&fc, b, &[2u8; 1000]);
+        assert!(d.join(format!("{}.ok", a.to_hex())).exists());
+        // A third file needs room: the least recently used (a) goes, record and all.
+        fill_all(&fc, Id::hash(b"c"), &[3u8; 1000]);
+        assert!(!d.join(a.to_hex()).exists());
+        assert!(!d.join(format!("{}.ok", a.to_hex())).exists());
+        assert!(fc.lookup(b, 1000).is_some());
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -303,7 +303,7 @@ impl<R: BlockService> Fs<R> {
         let (f, verified) = fc.lookup(key, inode.size())?;
         if !verified {
             match self.rt.block_on(self.reader.verify_copy(inode, &f)) {
-                Ok(true) => fc.mark_verified(key),
+                Ok(true) => fc.mark_verified(key, &f),
                 Ok(false) => {
                     tracing::warn!(key = %key, "cache file does not match its blocks; discarded");
                     fc.forget(key, true);
