@@ -2,6 +2,7 @@
 //! lookup and listing, file ranges with read-ahead, all through one byte-bounded block
 //! cache. Shared by `cfs get` and the FUSE mount.
 
+use crate::prefetch::{Stream, WindowOpts};
 use crate::ring::{BlockService, RingError};
 use cfs_core::block::RootBlock;
 use cfs_core::fs::{
@@ -12,6 +13,7 @@ use cfs_core::{BlockKind, Id};
 use lru::LruCache;
 use std::collections::HashMap;
 use std::io::Write;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
@@ -79,7 +81,7 @@ impl From<FetchErr> for FsError {
 /// getattr shares one `Arc` instead of copying the inode.
 #[derive(Clone)]
 enum Cached {
-    Data(Arc<[u8]>),
+    Data(Arc<Vec<u8>>),
     Inode(Arc<Inode>),
     Meta(Arc<Meta>),
 }
@@ -89,10 +91,11 @@ type Slot = watch::Receiver<Option<Result<Cached, FetchErr>>>;
 /// Tuning of the read path.
 #[derive(Clone, Debug)]
 pub struct ReaderOpts {
-    /// Byte budget shared by cached and prefetched blocks.
+    /// One memory budget for cached blocks and fetches in flight, however many files
+    /// are read at once: read-ahead is refused (and windows shrink) beyond it.
     pub cache_bytes: usize,
-    /// Data blocks fetched ahead of a sequential read.
-    pub readahead_blocks: u64,
+    /// Read-ahead window of a sequential stream, in blocks.
+    pub window: WindowOpts,
     /// Prefetches in flight at most (beyond demand fetches).
     pub prefetch_parallel: usize,
     /// A block not obtained within this time fails the read (EIO), never a hang.
@@ -103,7 +106,7 @@ impl Default for ReaderOpts {
     fn default() -> Self {
         ReaderOpts {
             cache_bytes: 256 << 20,
-            readahead_blocks: 16,
+            window: WindowOpts::default(),
             prefetch_parallel: 32,
             deadline: Duration::from_secs(30),
         }
@@ -113,6 +116,8 @@ impl Default for ReaderOpts {
 struct Lru {
     map: LruCache<(BlockKind, Id), (Cached, usize)>,
     bytes: usize,
+    /// Bytes reserved by data fetches in flight.
+    reserved: usize,
 }
 
 struct Inner<R> {
@@ -146,6 +151,7 @@ impl<R: BlockService> Reader<R> {
                 cache: Mutex::new(Lru {
                     map: LruCache::unbounded(),
                     bytes: 0,
+                    reserved: 0,
                 }),
                 inflight: Mutex::new(HashMap::new()),
                 prefetch,
@@ -166,13 +172,9 @@ impl<R: BlockService> Reader<R> {
         c.map.get(&(kind, key)).map(|(v, _)| v.clone())
     }
 
-    fn cache_put(inner: &Inner<R>, kind: BlockKind, key: Id, v: Cached, size: usize) {
-        let mut c = inner.cache.lock().unwrap();
-        if let Some((_, old)) = c.map.put((kind, key), (v, size)) {
-            c.bytes -= old;
-        }
-        c.bytes += size;
-        while c.bytes > inner.opts.cache_bytes {
+    /// Evict least recently used blocks until `extra` more bytes fit the budget.
+    fn make_room(c: &mut Lru, budget: usize, extra: usize) {
+        while c.bytes + c.reserved + extra > budget {
             match c.map.pop_lru() {
                 Some((_, (_, s))) => c.bytes -= s,
                 None => break,
@@ -180,13 +182,54 @@ impl<R: BlockService> Reader<R> {
         }
     }
 
+    fn cache_put(inner: &Inner<R>, kind: BlockKind, key: Id, v: Cached, size: usize) {
+        let mut c = inner.cache.lock().unwrap();
+        if let Some((_, old)) = c.map.put((kind, key), (v, size)) {
+            c.bytes -= old;
+        }
+        c.bytes += size;
+        Self::make_room(&mut c, inner.opts.cache_bytes, 0);
+    }
+
+    /// Reserve `bytes` of the budget for a fetch, evicting cached blocks if needed. A
+    /// demand fetch (`force`) always gets it; read-ahead is refused when fetches in
+    /// flight already hold the budget.
+    fn reserve(&self, bytes: usize, force: bool) -> bool {
+        let budget = self.inner.opts.cache_bytes;
+        let mut c = self.inner.cache.lock().unwrap();
+        Self::make_room(&mut c, budget, bytes);
+        if !force && c.reserved + bytes > budget {
+            return false;
+        }
+        c.reserved += bytes;
+        true
+    }
+
+    /// Whether fetches in flight hold more than half the budget: read-ahead windows
+    /// shrink, or blocks fetched ahead would evict each other before they are read.
+    pub fn short_of_memory(&self) -> bool {
+        let c = self.inner.cache.lock().unwrap();
+        c.reserved > self.inner.opts.cache_bytes / 2
+    }
+
+    /// Bytes of the budget in use: cached blocks and fetches in flight.
+    pub fn memory_in_use(&self) -> usize {
+        let c = self.inner.cache.lock().unwrap();
+        c.bytes + c.reserved
+    }
+
     /// Start fetching a block unless it is already cached or on its way; returns the
     /// slot to wait on. The fetch runs as its own task, so a waiter that gives up does
-    /// not cancel it and everyone waiting shares one result.
-    fn start(&self, kind: BlockKind, key: Id) -> Slot {
+    /// not cancel it and everyone waiting shares one result. `reserve` bytes of the
+    /// budget are held while it is in flight; None if read-ahead (`force` false) is
+    /// refused for lack of budget.
+    fn start(&self, kind: BlockKind, key: Id, reserve: usize, force: bool) -> Option<Slot> {
         let mut inf = self.inner.inflight.lock().unwrap();
         if let Some(rx) = inf.get(&(kind, key)) {
-            return rx.clone();
+            return Some(rx.clone());
+        }
+        if !self.reserve(reserve, force) {
+            return None;
         }
         let (tx, rx) = watch::channel(None);
         inf.insert((kind, key), rx.clone());
@@ -194,20 +237,26 @@ impl<R: BlockService> Reader<R> {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let r = fetch(&inner, kind, key).await;
+            inner.cache.lock().unwrap().reserved -= reserve;
             if let Ok((v, size)) = &r {
                 Self::cache_put(&inner, kind, key, v.clone(), *size);
             }
             inner.inflight.lock().unwrap().remove(&(kind, key));
             let _ = tx.send(Some(r.map(|(v, _)| v)));
         });
-        rx
+        Some(rx)
     }
 
     async fn get(&self, kind: BlockKind, key: Id) -> Result<Cached, FsError> {
         if let Some(v) = self.cache_get(kind, key) {
             return Ok(v);
         }
-        let mut rx = self.start(kind, key);
+        let reserve = if kind == BlockKind::Data {
+            fs::BLOCK_SIZE as usize
+        } else {
+            0
+        };
+        let mut rx = self.start(kind, key, reserve, true).expect("forced");
         let r = match rx.wait_for(|v| v.is_some()).await {
             Ok(v) => v.clone().expect("waited for Some"),
             Err(_) => Err(FetchErr::Unavailable(kind, key)),
@@ -230,7 +279,7 @@ impl<R: BlockService> Reader<R> {
     }
 
     /// A data block's bytes.
-    pub async fn data(&self, key: Id) -> Result<Arc<[u8]>, FsError> {
+    pub async fn data(&self, key: Id) -> Result<Arc<Vec<u8>>, FsError> {
         match self.get(BlockKind::Data, key).await? {
             Cached::Data(d) => Ok(d),
             _ => unreachable!("data slot holds data"),
@@ -289,7 +338,7 @@ impl<R: BlockService> Reader<R> {
             DirContent::Paged(pages) => {
                 for p in pages {
                     if self.cache_get(BlockKind::Meta, p.key).is_none() {
-                        drop(self.start(BlockKind::Meta, p.key));
+                        drop(self.start(BlockKind::Meta, p.key, 0, true));
                     }
                 }
                 let mut out = Vec::new();
@@ -329,9 +378,21 @@ impl<R: BlockService> Reader<R> {
         Ok(ptr)
     }
 
-    /// Bytes [offset, offset+len) of a file (clipped at end of file), starting
-    /// read-ahead of the blocks that follow.
+    /// Bytes [offset, offset+len) of a file (clipped at end of file), without
+    /// read-ahead.
     pub async fn read(&self, file: &Inode, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
+        self.read_streamed(file, offset, len, None).await
+    }
+
+    /// Bytes [offset, offset+len) of a file (clipped at end of file); the read is part
+    /// of `stream`, whose window decides which blocks to fetch ahead.
+    pub async fn read_streamed(
+        &self,
+        file: &Inode,
+        offset: u64,
+        len: u64,
+        stream: Option<&Mutex<Stream>>,
+    ) -> Result<Vec<u8>, FsError> {
         let InodeBody::File { size, data } = &file.body else {
             return Err(FsError::IsDir(String::new()));
         };
@@ -355,13 +416,22 @@ impl<R: BlockService> Reader<R> {
             let p = self.block_ptr(depth, root, s.index).await?;
             if let Some(k) = p {
                 if self.cache_get(BlockKind::Data, k).is_none() {
-                    drop(self.start(BlockKind::Data, k));
+                    drop(self.start(BlockKind::Data, k, s.block_len, true));
                 }
             }
             ptrs.push(p);
         }
-        if let Some(last) = sp.last() {
-            self.read_ahead(*size, block_size, depth, root, last.index + 1);
+        if let (Some(stream), false) = (stream, sp.is_empty()) {
+            let short = self.short_of_memory();
+            let ahead = stream.lock().unwrap().on_read(
+                offset,
+                len.min(*size - offset),
+                fs::block_count(*size, block_size),
+                short,
+            );
+            if !ahead.is_empty() {
+                self.read_ahead(*size, block_size, depth, root, ahead);
+            }
         }
         let mut out = Vec::with_capacity(sp.iter().map(|s| s.end - s.start).sum());
         for (s, p) in sp.iter().zip(ptrs) {
@@ -386,27 +456,44 @@ impl<R: BlockService> Reader<R> {
         Ok(out)
     }
 
-    /// Fetch up to `readahead_blocks` blocks from `from` in the background, bounded by
-    /// the prefetch semaphore (skipped, not queued, when it is exhausted).
-    fn read_ahead(&self, size: u64, block_size: u32, depth: u8, root: Option<Id>, from: u64) {
-        let n = fs::block_count(size, block_size);
-        let to = from.saturating_add(self.inner.opts.readahead_blocks).min(n);
-        if from >= to {
-            return;
-        }
+    /// A read-ahead stream for sequential reads of `file`.
+    pub fn stream_for(&self, file: &Inode) -> Mutex<Stream> {
+        let block_size = match &file.body {
+            InodeBody::File {
+                data: FileData::Tree { block_size, .. },
+                ..
+            } => *block_size,
+            _ => fs::BLOCK_SIZE as u32,
+        };
+        Mutex::new(Stream::new(block_size, self.inner.opts.window))
+    }
+
+    /// Fetch blocks `range` in the background, at most `prefetch_parallel` at once,
+    /// each holding its share of the memory budget; stops where the budget refuses.
+    fn read_ahead(
+        &self,
+        size: u64,
+        block_size: u32,
+        depth: u8,
+        root: Option<Id>,
+        range: Range<u64>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
-            for i in from..to {
+            for i in range {
                 let Ok(Some(k)) = me.block_ptr(depth, root, i).await else {
                     continue;
                 };
                 if me.cache_get(BlockKind::Data, k).is_some() {
                     continue;
                 }
-                let Ok(permit) = me.inner.prefetch.clone().try_acquire_owned() else {
+                let Ok(permit) = me.inner.prefetch.clone().acquire_owned().await else {
                     return;
                 };
-                let mut rx = me.start(BlockKind::Data, k);
+                let len = (size - i * block_size as u64).min(block_size as u64) as usize;
+                let Some(mut rx) = me.start(BlockKind::Data, k, len, false) else {
+                    return;
+                };
                 tokio::spawn(async move {
                     let _ = rx.wait_for(|v| v.is_some()).await;
                     drop(permit);
@@ -460,9 +547,10 @@ impl<R: BlockService> Reader<R> {
     pub async fn copy_to<W: Write>(&self, file: &Inode, out: &mut W) -> Result<u64, FsError> {
         let size = file.size();
         let chunk = (fs::BLOCK_SIZE as u64) * 4;
+        let stream = self.stream_for(file);
         let mut off = 0;
         while off < size {
-            let b = self.read(file, off, chunk).await?;
+            let b = self.read_streamed(file, off, chunk, Some(&stream)).await?;
             if b.is_empty() {
                 break;
             }
@@ -602,7 +690,8 @@ async fn fetch<R: BlockService>(
             Ok(m) => Ok((Cached::Meta(Arc::new(m)), size)),
             Err(e) => Err(FetchErr::Corrupt(key, e.to_string())),
         },
-        _ => Ok((Cached::Data(Arc::from(v.into_bytes())), size)),
+        // Arc<Vec> takes the buffer as it is (Arc<[u8]> would copy it).
+        _ => Ok((Cached::Data(Arc::new(v.into_bytes())), size)),
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod fsread;
 pub mod mount;
 pub mod netring;
+pub mod prefetch;
 pub mod publish;
 pub mod ring;
 pub mod testing;

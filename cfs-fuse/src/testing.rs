@@ -19,6 +19,8 @@ pub struct MemRing {
     pub offline: AtomicBool,
     /// While set, every get hangs (to test deadlines).
     pub stall: AtomicBool,
+    /// Every get takes this long (ms), as over a network.
+    pub delay_ms: AtomicU64,
     /// While above zero, counts puts down; a put arriving at 1 fails, and every put
     /// after it (to simulate a publish interrupted midway).
     pub fail_puts_after: AtomicU64,
@@ -56,6 +58,10 @@ impl BlockService for MemRing {
         self.gets.fetch_add(1, Ordering::SeqCst);
         if self.stall.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
+        }
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
         if self.offline.load(Ordering::SeqCst) {
             return Err(RingError::Unavailable { kind, key });

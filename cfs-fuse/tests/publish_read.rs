@@ -328,3 +328,75 @@ fn get_specs_parse() {
     assert_eq!(parse_get_spec("nothex:/a"), None);
     assert_eq!(parse_get_spec(&format!("{id}")), None);
 }
+
+/// Eight files read sequentially at once share one memory budget: cached blocks and
+/// fetches in flight stay within it (plus what the demand reads themselves need), the
+/// windows shrink instead, and every byte is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_streams_share_one_memory_budget() {
+    let src = TempDir::new("budget");
+    let bs = cfs_tests::tree::BS;
+    for i in 0..8u32 {
+        std::fs::write(src.path().join(format!("f{i}")), pattern(24 * bs + 7, i)).unwrap();
+    }
+    let ring = Arc::new(MemRing::new());
+    let r = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    // Fetches take time, so read-ahead piles up in flight unless the budget stops it.
+    ring.delay_ms.store(5, Ordering::SeqCst);
+    let budget = 8 * bs;
+    let reader = Reader::new(
+        ring.clone(),
+        ReaderOpts {
+            cache_bytes: budget,
+            // Parallelism does not bound it: the budget must.
+            prefetch_parallel: 1024,
+            ..ReaderOpts::default()
+        },
+    );
+    let root = reader.root(r.fsid, None).await.unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (rd, d) = (reader.clone(), done.clone());
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        while !d.load(Ordering::SeqCst) {
+            peak = peak.max(rd.memory_in_use());
+            tokio::task::yield_now().await;
+        }
+        peak
+    });
+    let chunk = 4 * bs as u64;
+    let mut tasks = Vec::new();
+    for i in 0..8u32 {
+        let (reader, top) = (reader.clone(), root.top);
+        tasks.push(tokio::spawn(async move {
+            let (_, f) = reader
+                .resolve(top, format!("f{i}").as_bytes())
+                .await
+                .unwrap();
+            let stream = reader.stream_for(&f);
+            let mut got = Vec::new();
+            while (got.len() as u64) < f.size() {
+                let b = reader
+                    .read_streamed(&f, got.len() as u64, chunk, Some(&stream))
+                    .await
+                    .unwrap();
+                got.extend_from_slice(&b);
+            }
+            assert!(got == pattern(24 * bs + 7, i), "f{i} reads back");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    let peak = sampler.await.unwrap();
+    eprintln!("peak {peak} budget {budget}");
+    // Each reader's own demand fetches (a chunk spans at most 5 blocks) may exceed it.
+    let demand = 8 * 5 * bs;
+    assert!(
+        peak <= budget + demand,
+        "peak {peak} above budget {budget} + demand {demand}"
+    );
+}

@@ -237,7 +237,7 @@ impl<R: BlockService> Fs<R> {
 
     /// Attributes of `ino`; an open file answers from the inode it opened.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<(FileAttr, Duration), OpError> {
-        if let Some((i, _)) = fh.and_then(|fh| self.handles.file(fh)) {
+        if let Some((i, _, _)) = fh.and_then(|fh| self.handles.file(fh)) {
             return Ok((self.attr(ino, &i), self.ttl(false)));
         }
         let (_, is_dir, i) = self.inode_of(ino)?;
@@ -366,6 +366,7 @@ impl<R: BlockService> Fs<R> {
                 m.backing = Some(b.clone());
                 drop(modes);
                 let fh = self.handles.add(Open::File(OpenFile {
+                    stream: Arc::new(self.reader.stream_for(&inode)),
                     inode,
                     ino,
                     fill: None,
@@ -381,6 +382,7 @@ impl<R: BlockService> Fs<R> {
             .as_ref()
             .and_then(|fc| fc.fill(key, inode.size()));
         Ok(Opened::Normal(self.handles.add(Open::File(OpenFile {
+            stream: Arc::new(self.reader.stream_for(&inode)),
             inode,
             ino,
             fill,
@@ -391,8 +393,11 @@ impl<R: BlockService> Fs<R> {
     /// Bytes [offset, offset + size) of an open file. Call [`Fs::after_reply`] once they
     /// are handed to the kernel.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadOut, OpError> {
-        let (inode, fill) = self.handles.file(fh).ok_or(OpError::BadHandle(fh))?;
-        let data = self.reader.read(&inode, offset, size as u64).await?;
+        let (inode, stream, fill) = self.handles.file(fh).ok_or(OpError::BadHandle(fh))?;
+        let data = self
+            .reader
+            .read_streamed(&inode, offset, size as u64, Some(&stream))
+            .await?;
         // Announced before the reply, so a release right after it keeps the fill.
         let fill = fill.filter(|f| FileCache::begin_write(f));
         Ok(ReadOut { data, fill })

@@ -2,6 +2,7 @@
 //! passthrough from the file cache).
 
 use super::file_cache::Fill;
+use crate::prefetch::Stream;
 use cfs_core::fs::Inode;
 use fuser::{BackingId, FileType};
 use std::collections::HashMap;
@@ -11,6 +12,8 @@ use std::sync::{Arc, Mutex};
 /// A directory listing pinned in its handle, so offsets stay valid across versions.
 pub type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
 
+pub type FileRefs = (Arc<Inode>, Arc<Mutex<Stream>>, Option<Arc<Fill>>);
+
 pub enum Open {
     File(OpenFile),
     Dir(Listing),
@@ -18,6 +21,8 @@ pub enum Open {
 
 pub struct OpenFile {
     pub inode: Arc<Inode>,
+    /// This handle's read-ahead window.
+    pub stream: Arc<Mutex<Stream>>,
     pub ino: u64,
     /// The cache file this handle's reads are written into.
     pub fill: Option<Arc<Fill>>,
@@ -54,10 +59,10 @@ impl Handles {
         self.open.lock().unwrap().remove(&fh)
     }
 
-    /// The inode and fill of an open file handle.
-    pub fn file(&self, fh: u64) -> Option<(Arc<Inode>, Option<Arc<Fill>>)> {
+    /// An open file handle's inode, read-ahead stream and fill.
+    pub fn file(&self, fh: u64) -> Option<FileRefs> {
         match self.open.lock().unwrap().get(&fh) {
-            Some(Open::File(f)) => Some((f.inode.clone(), f.fill.clone())),
+            Some(Open::File(f)) => Some((f.inode.clone(), f.stream.clone(), f.fill.clone())),
             _ => None,
         }
     }
