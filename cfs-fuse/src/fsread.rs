@@ -252,7 +252,7 @@ impl<R: BlockService> Reader<R> {
             return Ok(v);
         }
         let reserve = if kind == BlockKind::Data {
-            fs::BLOCK_SIZE as usize
+            fs::BLOCK_SIZE
         } else {
             0
         };

@@ -186,3 +186,85 @@ async fn errors_are_typed() {
     .await
     .unwrap();
 }
+
+/// A file read in parts, through separate opens, fills the file cache range by range:
+/// ranges already written are served from local disk (here with the ring offline), and
+/// once every byte is there the file is complete in the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_in_parts_fills_the_cache_across_opens() {
+    let src = TempDir::new("mfs-part");
+    let bs = cfs_tests::tree::BS;
+    let data = cfs_tests::tree::pattern(6 * bs + 99, 5);
+    std::fs::write(src.path().join("big"), &data).unwrap();
+    let ring = Arc::new(MemRing::new());
+    let key = SigningKey::from_bytes(&[6u8; 32]);
+    let fsid = publish_quiet(&ring, src.path(), &key).await;
+    let cache = TempDir::new("mfs-part-cache");
+    let opts = MountOpts {
+        file_cache: Some(cfs_fuse::mount::FileCacheOpts::new(
+            cache.0.clone(),
+            64 << 20,
+        )),
+        reader: ReaderOpts {
+            deadline: Duration::from_millis(300),
+            // One block: what is read again must come from the cache file, not memory.
+            cache_bytes: bs,
+            ..ReaderOpts::default()
+        },
+        ..MountOpts::default()
+    };
+    let fs = open_fs(ring.clone(), fsid, opts).await.unwrap();
+    let cache_dir = cache.0.clone();
+    tokio::task::spawn_blocking(move || {
+        let no = |_: &std::fs::File| Err(std::io::Error::other("no FUSE"));
+        let ino = fs.lookup(ROOT_INO, b"big").unwrap().0;
+        let read = |fh: u64, off: usize, len: usize| {
+            let out = fs.rt().block_on(fs.read(fh, off as u64, len as u32));
+            out.map(|o| {
+                let d = o.data.clone();
+                fs.after_reply(o, off as u64);
+                d
+            })
+        };
+        let open = || match fs.open(ino, false, no).unwrap() {
+            Opened::Normal(fh) => fh,
+            Opened::Passthrough(..) => panic!("no passthrough without FUSE"),
+        };
+        let half = 3 * bs;
+        let fh = open();
+        assert_eq!(read(fh, 0, half).unwrap(), data[..half]);
+        fs.release(fh);
+        // Wait for the write-behind of the first half.
+        let t = std::time::Instant::now();
+        let fh = open();
+        ring.offline.store(true, Ordering::SeqCst);
+        loop {
+            match read(fh, 0, half) {
+                Ok(d) => {
+                    assert_eq!(d, data[..half], "served from the partial cache file");
+                    break;
+                }
+                Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Past what the first read fetched ahead (one block), the ring is needed.
+        assert!(read(fh, half + bs, bs).is_err(), "the rest needs the ring");
+        ring.offline.store(false, Ordering::SeqCst);
+        assert_eq!(read(fh, half, data.len() - half).unwrap(), data[half..]);
+        fs.release(fh);
+        // Complete: the cache file is there under its key, with its record.
+        let hex = String::from_utf8(fs.getxattr(ino, b"user.cfs.key").unwrap()).unwrap();
+        let t = std::time::Instant::now();
+        while std::fs::read(cache_dir.join(&hex)).ok().as_deref() != Some(&data[..]) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "cache file not complete"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(cache_dir.join(format!("{hex}.ok")).exists());
+    })
+    .await
+    .unwrap();
+}

@@ -128,6 +128,8 @@ struct FillState {
     /// Open handles feeding this fill.
     opens: usize,
     phase: FillPhase,
+    /// When a handle last joined it (a tick of the index), for eviction order.
+    used: u64,
 }
 
 impl FillState {
@@ -150,6 +152,30 @@ impl FillState {
         }
         self.covered.insert(s, e);
         self.covered_bytes += e - s;
+    }
+}
+
+impl Fill {
+    /// Bytes [start, end) if this fill holds them all (written from verified reads).
+    pub(super) fn read_covered(&self, start: u64, end: u64) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let end = end.min(self.size);
+        if start >= end {
+            return None;
+        }
+        {
+            let st = self.st.lock().unwrap();
+            if st.phase != FillPhase::Filling {
+                return None;
+            }
+            let (_, &e) = st.covered.range(..=start).next_back()?;
+            if e < end {
+                return None;
+            }
+        }
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.file.read_exact_at(&mut buf, start).ok()?;
+        Some(buf)
     }
 }
 
@@ -275,18 +301,34 @@ impl FileCache {
         let _ = std::fs::remove_file(self.path(key));
     }
 
-    /// Evict least recently used files until `extra` more bytes fit; false if they
-    /// cannot (the rest is reserved by fills in progress).
+    /// Evict least recently used files, then partial fills no handle feeds (least
+    /// recently used first), until `extra` more bytes fit; false if they cannot (the
+    /// rest is reserved by fills in use).
     fn evict_for(&self, ix: &mut CacheIndex, extra: u64) -> bool {
         while ix.bytes + extra > self.opts.budget_bytes {
-            match ix.files.pop_lru() {
-                Some((k, e)) => {
-                    ix.bytes -= e.size;
-                    self.remove_files(k);
-                    tracing::debug!(key = %k, "evicted from the file cache");
-                }
-                None => return false,
+            if let Some((k, e)) = ix.files.pop_lru() {
+                ix.bytes -= e.size;
+                self.remove_files(k);
+                tracing::debug!(key = %k, "evicted from the file cache");
+                continue;
             }
+            let idle = ix
+                .fills
+                .values()
+                .filter_map(|f| {
+                    let st = f.st.lock().unwrap();
+                    (st.opens == 0 && st.pending == 0 && st.phase == FillPhase::Filling)
+                        .then_some((st.used, f.clone()))
+                })
+                .min_by_key(|(used, _)| *used);
+            let Some((_, f)) = idle else {
+                return false;
+            };
+            f.st.lock().unwrap().phase = FillPhase::Abandoned;
+            ix.fills.remove(&f.key);
+            ix.bytes -= f.size;
+            let _ = std::fs::remove_file(&f.tmp);
+            tracing::debug!(key = %f.key, "partial file evicted from the file cache");
         }
         true
     }
@@ -365,13 +407,16 @@ impl FileCache {
         if ix.files.contains(&key) {
             return None;
         }
-        if let Some(f) = ix.fills.get(&key) {
+        if let Some(f) = ix.fills.get(&key).cloned() {
             let mut st = f.st.lock().unwrap();
             if st.phase != FillPhase::Filling {
                 return None;
             }
             st.opens += 1;
-            return Some(f.clone());
+            st.used = ix.next_tmp;
+            drop(st);
+            ix.next_tmp += 1;
+            return Some(f);
         }
         if !self.evict_for(&mut ix, size) {
             return None;
@@ -409,6 +454,7 @@ impl FileCache {
                 pending: 0,
                 opens: 1,
                 phase: FillPhase::Filling,
+                used: ix.next_tmp,
             }),
         });
         ix.bytes += size;
@@ -417,16 +463,11 @@ impl FileCache {
     }
 
     /// An open handle feeding `fill` was released.
+    /// A partial fill stays (the next open of the file joins it, and reads of ranges it
+    /// covers are served from it) until it is complete or evicted for room.
     pub(super) fn release_fill(&self, fill: &Arc<Fill>) {
-        let abandon = {
-            let mut st = fill.st.lock().unwrap();
-            st.opens = st.opens.saturating_sub(1);
-            st.opens == 0 && st.pending == 0 && st.phase == FillPhase::Filling
-        };
-        if abandon {
-            // Not read in full while open: partial files are not kept.
-            self.abandon(fill);
-        }
+        let mut st = fill.st.lock().unwrap();
+        st.opens = st.opens.saturating_sub(1);
     }
 
     /// Announce a write before its read is answered, so a release that follows the
@@ -470,8 +511,6 @@ impl FileCache {
                         if st.covered_bytes == fill.size {
                             st.phase = FillPhase::Finishing;
                             AfterWrite::Finish
-                        } else if st.opens == 0 && st.pending == 0 {
-                            AfterWrite::Abandon
                         } else {
                             AfterWrite::Nothing
                         }
@@ -610,6 +649,7 @@ mod tests {
             pending: 0,
             opens: 1,
             phase: FillPhase::Filling,
+            used: 0,
         };
         st.cover(10, 20);
         st.cover(30, 40);
@@ -621,27 +661,29 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_fill_is_abandoned_and_its_space_returned() {
+    fn a_partial_fill_is_kept_joined_and_evicted_only_for_room() {
         let d = dir("partial");
-        let fc = cache(&d, 1 << 20);
+        let fc = cache(&d, 1500);
         let key = Id::hash(b"p");
         let f = fc.fill(key, 1000).unwrap();
         assert!(FileCache::begin_write(&f));
         fc.write(&f, 0, Some(&[1u8; 500]));
-        assert_eq!(
-            fc.index.lock().unwrap().bytes,
-            1000,
-            "reserved while filling"
-        );
         fc.release_fill(&f);
+        assert_eq!(f.st.lock().unwrap().phase, FillPhase::Filling, "kept");
+        assert_eq!(f.read_covered(100, 400), Some(vec![1u8; 300]));
+        assert_eq!(f.read_covered(400, 600), None, "not all of it is there");
+        // The next open joins it and completes it.
+        let g = fc.fill(key, 1000).unwrap();
+        assert!(Arc::ptr_eq(&f, &g));
+        fc.release_fill(&g);
+        // Another file needs the room: the idle partial fill goes, temporary and all.
+        let other = fc.fill(Id::hash(b"q"), 1000).unwrap();
         assert_eq!(f.st.lock().unwrap().phase, FillPhase::Abandoned);
-        assert_eq!(fc.index.lock().unwrap().bytes, 0);
-        drop(f);
-        assert_eq!(
-            std::fs::read_dir(&d).unwrap().count(),
-            0,
-            "no temporary left"
-        );
+        assert_eq!(fc.index.lock().unwrap().bytes, 1000);
+        drop((f, g));
+        fc.release_fill(&other);
+        let tmps = std::fs::read_dir(&d).unwrap().count();
+        assert_eq!(tmps, 1, "only the new fill's temporary is left");
         let _ = std::fs::remove_dir_all(&d);
     }
 

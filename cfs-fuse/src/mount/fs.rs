@@ -394,6 +394,13 @@ impl<R: BlockService> Fs<R> {
     /// are handed to the kernel.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadOut, OpError> {
         let (inode, stream, fill) = self.handles.file(fh).ok_or(OpError::BadHandle(fh))?;
+        // Ranges an earlier open of this file already wrote are read from local disk.
+        if let Some(f) = &fill {
+            let end = offset.saturating_add(size as u64);
+            if let Some(data) = f.read_covered(offset, end) {
+                return Ok(ReadOut { data, fill: None });
+            }
+        }
         let data = self
             .reader
             .read_streamed(&inode, offset, size as u64, Some(&stream))
