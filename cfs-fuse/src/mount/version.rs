@@ -111,6 +111,7 @@ impl<R: BlockService> Fs<R> {
     /// Swap in `root` if it is newer; returns what to invalidate and how many
     /// directories were compared.
     fn update(&self, root: RootBlock) -> Result<Option<(Invalidations, usize)>, FsError> {
+        let t0 = Instant::now();
         for attempt in 0..3 {
             let added = {
                 let t = self.table.read().unwrap();
@@ -146,6 +147,8 @@ impl<R: BlockService> Fs<R> {
             tracing::info!(
                 version = root.version,
                 dirs_compared = d.visited,
+                held = t.held(),
+                apply_us = t0.elapsed().as_micros() as u64,
                 "switched to a new version"
             );
             t.root = root;
