@@ -88,6 +88,12 @@ enum Cached {
 
 type Slot = watch::Receiver<Option<Result<Cached, FetchErr>>>;
 
+/// Entries of one listing whose inodes are fetched ahead, at most.
+const MAX_LISTING_PREFETCH: usize = 4096;
+
+/// Files up to this size have their data fetched with their inode after a listing.
+const SMALL_FILE_PREFETCH: u64 = 64 << 10;
+
 /// Tuning of the read path.
 #[derive(Clone, Debug)]
 pub struct ReaderOpts {
@@ -454,6 +460,53 @@ impl<R: BlockService> Reader<R> {
             }
         }
         Ok(out)
+    }
+
+    /// Fetch the inodes of entries just listed (and the one data block of each small
+    /// file) in the background, as `cp -r` or `ls -l` will ask for them one by one next:
+    /// at most `prefetch_parallel` at once, data within the memory budget.
+    pub fn prefetch_entries(&self, keys: Vec<Id>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            for k in keys.into_iter().take(MAX_LISTING_PREFETCH) {
+                if me.cache_get(BlockKind::Meta, k).is_some() {
+                    continue;
+                }
+                let Ok(permit) = me.inner.prefetch.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some(mut rx) = me.start(BlockKind::Meta, k, 0, false) else {
+                    return;
+                };
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let got = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
+                    if let Ok(Some(Ok(Cached::Inode(i)))) = got {
+                        me.prefetch_small_file(&i).await;
+                    }
+                    drop(permit);
+                });
+            }
+        });
+    }
+
+    /// Start fetching the single data block of a small file.
+    async fn prefetch_small_file(&self, i: &Inode) {
+        let InodeBody::File {
+            size,
+            data: FileData::Tree { depth, root, .. },
+        } = &i.body
+        else {
+            return;
+        };
+        if *size > SMALL_FILE_PREFETCH {
+            return;
+        }
+        if let Ok(Some(k)) = self.block_ptr(*depth, *root, 0).await {
+            if self.cache_get(BlockKind::Data, k).is_none() {
+                drop(self.start(BlockKind::Data, k, *size as usize, false));
+            }
+        }
     }
 
     /// A read-ahead stream for sequential reads of `file`.

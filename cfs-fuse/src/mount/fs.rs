@@ -272,6 +272,10 @@ impl<R: BlockService> Fs<R> {
             if t.root.version != version {
                 continue;
             }
+            // What is listed is usually looked up next, one name at a time.
+            let _guard = self.rt.enter();
+            self.reader
+                .prefetch_entries(entries.iter().map(|e| e.key).collect());
             let mut out = Vec::with_capacity(entries.len() + 2);
             out.push((ino, FileType::Directory, b".".to_vec()));
             out.push((parent, FileType::Directory, b"..".to_vec()));
