@@ -216,6 +216,74 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
     postcard::from_bytes(body).map_err(|e| WireError::Decode(e.to_string()))
 }
 
+/// Bytes of a response body that always hold [`block_response_header`]'s header.
+pub const BLOCK_HEADER_MAX: usize = 24;
+
+fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// If `head` (the start of a response body) is the header of `Ok(Response::Block(Some(
+/// bytes)))`, returns the request id, the header's length and the block's length: the
+/// block's bytes are then the rest of the body, and a reader can receive them straight
+/// into their own buffer instead of decoding (and copying) the whole body.
+pub fn block_response_header(head: &[u8]) -> Option<(u64, usize, usize)> {
+    // postcard: id (varint), Result::Ok (0), Response::Block (its variant index, checked
+    // against the encoder in a test), Some (1), length (varint).
+    const BLOCK_VARIANT: u64 = 6;
+    let mut at = 0;
+    let id = varint(head, &mut at)?;
+    if varint(head, &mut at)? != 0 || varint(head, &mut at)? != BLOCK_VARIANT {
+        return None;
+    }
+    if *head.get(at)? != 1 {
+        return None;
+    }
+    at += 1;
+    let len = usize::try_from(varint(head, &mut at)?).ok()?;
+    (len <= MAX_FRAME_BYTES).then_some((id, at, len))
+}
+
+/// The frame prefix and body header of `Ok(Response::Block(Some(b)))` for request `id`
+/// and a block of `len` bytes: written before the block's own bytes, it makes the same
+/// frame as [`encode_frame`] without copying the block into it.
+pub fn block_response_prefix(id: u64, len: usize) -> Result<Vec<u8>, WireError> {
+    // Encode an empty block, then patch the length: postcard's varint of `len` replaces
+    // the varint of 0 (one byte) at the end.
+    let empty = ResponseFrame {
+        id,
+        resp: Ok(Response::Block(Some(Vec::new()))),
+    };
+    let mut out =
+        postcard::to_extend(&empty, vec![0u8; 4]).map_err(|e| WireError::Decode(e.to_string()))?;
+    out.pop();
+    let mut n = len;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    let total = out.len() - 4 + len;
+    if total > MAX_FRAME_BYTES {
+        return Err(WireError::FrameTooLarge(total));
+    }
+    out[..4].copy_from_slice(&(total as u32).to_be_bytes());
+    Ok(out)
+}
+
 /// Read the length prefix; refuse before allocating if it is over the limit.
 pub fn frame_len(prefix: [u8; 4]) -> Result<usize, WireError> {
     let len = u32::from_be_bytes(prefix) as usize;
@@ -266,5 +334,67 @@ mod tests {
             let _ = decode::<ResponseFrame>(&body);
         }
         assert!(frame_len([0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod block_header_tests {
+    use super::*;
+
+    fn body(id: u64, resp: Result<Response, RemoteError>) -> Vec<u8> {
+        let f = encode_frame(&ResponseFrame { id, resp }).unwrap();
+        f[4..].to_vec()
+    }
+
+    #[test]
+    fn a_block_response_header_is_found_exactly_as_postcard_writes_it() {
+        for (id, n) in [
+            (0u64, 0usize),
+            (1, 1),
+            (300, 127),
+            (u64::MAX, 128),
+            (77, 262_144),
+        ] {
+            let bytes: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let b = body(id, Ok(Response::Block(Some(bytes.clone()))));
+            let head = &b[..b.len().min(BLOCK_HEADER_MAX)];
+            let (got_id, hdr, len) = block_response_header(head).expect("a block response");
+            assert_eq!((got_id, len), (id, n));
+            assert_eq!(hdr + len, b.len());
+            assert_eq!(&b[hdr..], &bytes[..]);
+        }
+        for other in [
+            Ok(Response::Block(None)),
+            Ok(Response::Ok),
+            Ok(Response::Have(vec![Some(1)])),
+            Err(RemoteError::new(ErrorKind::Busy, "x")),
+        ] {
+            let b = body(5, other);
+            assert_eq!(
+                block_response_header(&b[..b.len().min(BLOCK_HEADER_MAX)]),
+                None
+            );
+        }
+        assert_eq!(
+            block_response_header(&[0x80; 30]),
+            None,
+            "an endless varint"
+        );
+    }
+
+    #[test]
+    fn a_block_response_written_in_two_parts_is_the_same_frame() {
+        for (id, n) in [(0u64, 0usize), (9, 127), (1 << 40, 128), (3, 262_144)] {
+            let bytes: Vec<u8> = (0..n).map(|i| (i % 7) as u8).collect();
+            let whole = encode_frame(&ResponseFrame {
+                id,
+                resp: Ok(Response::Block(Some(bytes.clone()))),
+            })
+            .unwrap();
+            let mut parts = block_response_prefix(id, n).unwrap();
+            parts.extend_from_slice(&bytes);
+            assert_eq!(parts, whole);
+        }
+        assert!(block_response_prefix(1, MAX_FRAME_BYTES).is_err());
     }
 }

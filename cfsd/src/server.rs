@@ -13,7 +13,7 @@
 //!   write timeout, so silence and unread replies free their connection.
 
 use crate::transport::{read_body, read_prefix, Handler};
-use cfs_core::wire::{self, RemoteError, RequestFrame, ResponseFrame, PROTOCOL_VERSION};
+use cfs_core::wire::{self, RemoteError, RequestFrame, Response, ResponseFrame, PROTOCOL_VERSION};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -381,14 +381,31 @@ impl ConnCtx<'_> {
             };
             drop(held);
             drop(slot);
-            let out = match wire::encode_frame(&ResponseFrame { id: frame.id, resp }) {
+            // A block is written after its header, not copied into a frame first.
+            let (out, block) = match resp {
+                Ok(Response::Block(Some(b))) => {
+                    (wire::block_response_prefix(frame.id, b.len()), Some(b))
+                }
+                resp => (
+                    wire::encode_frame(&ResponseFrame { id: frame.id, resp }),
+                    None,
+                ),
+            };
+            let out = match out {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::warn!(error = %e, "response does not fit a frame");
                     return;
                 }
             };
-            match tokio::time::timeout(limits.write_timeout, stream.write_all(&out)).await {
+            let write = async {
+                stream.write_all(&out).await?;
+                match &block {
+                    Some(b) => stream.write_all(b).await,
+                    None => Ok(()),
+                }
+            };
+            match tokio::time::timeout(limits.write_timeout, write).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {

@@ -105,10 +105,45 @@ impl TcpTransport {
             .write_all(frame)
             .await
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
-        let body = read_frame(stream)
+        let io = |e: std::io::Error| CallError::Unreachable(e.to_string());
+        let len = read_prefix(stream)
             .await
-            .map_err(|e| CallError::Unreachable(e.to_string()))?
+            .map_err(io)?
             .ok_or_else(|| CallError::Unreachable("connection closed".into()))?;
+        // A block is received straight into its own buffer: no copy out of the frame,
+        // and no second buffer of its size while it is decoded.
+        let mut head = vec![0u8; len.min(wire::BLOCK_HEADER_MAX)];
+        stream.read_exact(&mut head).await.map_err(io)?;
+        if let Some((rid, hdr, blen)) = wire::block_response_header(&head) {
+            if hdr + blen == len {
+                let mut block = Vec::with_capacity(blen);
+                block.extend_from_slice(&head[hdr..]);
+                let rest = (len - head.len()) as u64;
+                (&mut *stream)
+                    .take(rest)
+                    .read_to_end(&mut block)
+                    .await
+                    .map_err(io)?;
+                if block.len() != blen {
+                    return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                if rid != id {
+                    return Err(CallError::Protocol("response for another request".into()));
+                }
+                return Ok(Response::Block(Some(block)));
+            }
+        }
+        let mut body = Vec::with_capacity(len);
+        body.extend_from_slice(&head);
+        let rest = (len - head.len()) as u64;
+        (&mut *stream)
+            .take(rest)
+            .read_to_end(&mut body)
+            .await
+            .map_err(io)?;
+        if body.len() != len {
+            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
         let resp: ResponseFrame =
             wire::decode(&body).map_err(|e| CallError::Protocol(e.to_string()))?;
         if resp.id != id {
