@@ -122,8 +122,10 @@ impl Default for ReaderOpts {
 struct Lru {
     map: LruCache<(BlockKind, Id), (Cached, usize)>,
     bytes: usize,
-    /// Bytes reserved by data fetches in flight.
+    /// Bytes reserved by data fetches in flight and held replies.
     reserved: usize,
+    /// Highest `bytes + reserved` seen.
+    peak: usize,
 }
 
 struct Inner<R> {
@@ -132,6 +134,18 @@ struct Inner<R> {
     cache: Mutex<Lru>,
     inflight: Mutex<HashMap<(BlockKind, Id), Slot>>,
     prefetch: Arc<Semaphore>,
+}
+
+/// Bytes counted against the reader's memory budget while alive.
+pub struct MemoryHold<R> {
+    inner: Arc<Inner<R>>,
+    bytes: usize,
+}
+
+impl<R> Drop for MemoryHold<R> {
+    fn drop(&mut self) {
+        self.inner.cache.lock().unwrap().reserved -= self.bytes;
+    }
 }
 
 /// The read side of cfs over any [`BlockService`]. Cheap to clone.
@@ -158,6 +172,7 @@ impl<R: BlockService> Reader<R> {
                     map: LruCache::unbounded(),
                     bytes: 0,
                     reserved: 0,
+                    peak: 0,
                 }),
                 inflight: Mutex::new(HashMap::new()),
                 prefetch,
@@ -195,6 +210,7 @@ impl<R: BlockService> Reader<R> {
         }
         c.bytes += size;
         Self::make_room(&mut c, inner.opts.cache_bytes, 0);
+        c.peak = c.peak.max(c.bytes + c.reserved);
     }
 
     /// Reserve `bytes` of the budget for a fetch, evicting cached blocks if needed. A
@@ -208,7 +224,19 @@ impl<R: BlockService> Reader<R> {
             return false;
         }
         c.reserved += bytes;
+        c.peak = c.peak.max(c.bytes + c.reserved);
         true
+    }
+
+    /// Count `bytes` held outside the cache (a reply on its way to the kernel, bytes
+    /// waiting for the disk) against the budget until the guard is dropped; cached
+    /// blocks are evicted to make room.
+    pub fn hold(&self, bytes: usize) -> MemoryHold<R> {
+        self.reserve(bytes, true);
+        MemoryHold {
+            inner: self.inner.clone(),
+            bytes,
+        }
     }
 
     /// Whether fetches in flight hold more than half the budget: read-ahead windows
@@ -218,10 +246,15 @@ impl<R: BlockService> Reader<R> {
         c.reserved > self.inner.opts.cache_bytes / 2
     }
 
-    /// Bytes of the budget in use: cached blocks and fetches in flight.
+    /// Bytes of the budget in use: cached blocks, fetches in flight, held replies.
     pub fn memory_in_use(&self) -> usize {
         let c = self.inner.cache.lock().unwrap();
         c.bytes + c.reserved
+    }
+
+    /// The most `memory_in_use` has been.
+    pub fn memory_peak(&self) -> usize {
+        self.inner.cache.lock().unwrap().peak
     }
 
     /// Start fetching a block unless it is already cached or on its way; returns the

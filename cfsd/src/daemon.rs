@@ -78,12 +78,15 @@ pub async fn wait_for_signal() {
 
 /// Keep block-sized buffers (up to 1 MiB) on the heap instead of fresh mmaps: glibc maps
 /// allocations over 128 KiB by default, and every 256 KiB block buffer then costs page
-/// faults and zeroing of new pages (measured at ~10% of a cold read's CPU).
+/// faults and zeroing of new pages (measured at ~10% of a cold read's CPU). Free memory
+/// above 4 MiB at the top of the heap goes back to the system, so a mount's RSS follows
+/// its memory budget (8 files read at once with a 64 MiB budget: peak RSS over the
+/// baseline 108 MiB with a 64 MiB trim threshold, 85 MiB with 4 MiB).
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
 }
 

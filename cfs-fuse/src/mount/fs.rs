@@ -6,7 +6,7 @@ use super::file_cache::{FileCache, Fill};
 use super::handles::{Handles, Listing, Open, OpenFile};
 use super::inodes::{InodeTable, ROOT_INO};
 use super::MountOpts;
-use crate::fsread::{FsError, Reader};
+use crate::fsread::{FsError, MemoryHold, Reader};
 use crate::ring::BlockService;
 use cfs_core::block::Totals;
 use cfs_core::fs::{EntryKind, Inode, InodeBody};
@@ -75,10 +75,12 @@ pub enum Opened {
     Passthrough(u64, Arc<BackingId>),
 }
 
-/// Bytes of one read, and the cache fill they go to once the reply is sent.
-pub struct ReadOut {
+/// Bytes of one read, and the cache fill they go to once the reply is sent; they count
+/// against the reader's memory budget until then (or until written to the fill).
+pub struct ReadOut<R> {
     pub data: Vec<u8>,
     fill: Option<Arc<Fill>>,
+    _hold: MemoryHold<R>,
 }
 
 pub struct Fs<R> {
@@ -396,13 +398,18 @@ impl<R: BlockService> Fs<R> {
 
     /// Bytes [offset, offset + size) of an open file. Call [`Fs::after_reply`] once they
     /// are handed to the kernel.
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadOut, OpError> {
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadOut<R>, OpError> {
         let (inode, stream, fill) = self.handles.file(fh).ok_or(OpError::BadHandle(fh))?;
+        let hold = self.reader.hold(size as usize);
         // Ranges an earlier open of this file already wrote are read from local disk.
         if let Some(f) = &fill {
             let end = offset.saturating_add(size as u64);
             if let Some(data) = f.read_covered(offset, end) {
-                return Ok(ReadOut { data, fill: None });
+                return Ok(ReadOut {
+                    data,
+                    fill: None,
+                    _hold: hold,
+                });
             }
         }
         let data = self
@@ -411,16 +418,20 @@ impl<R: BlockService> Fs<R> {
             .await?;
         // Announced before the reply, so a release right after it keeps the fill.
         let fill = fill.filter(|f| FileCache::begin_write(f));
-        Ok(ReadOut { data, fill })
+        Ok(ReadOut {
+            data,
+            fill,
+            _hold: hold,
+        })
     }
 
     /// Write a read's verified bytes into its fill, off the reply path; skipped when
     /// too many bytes are already waiting for the disk.
-    pub fn after_reply(self: &Arc<Self>, out: ReadOut, offset: u64) {
+    pub fn after_reply(self: &Arc<Self>, out: ReadOut<R>, offset: u64) {
         let (Some(fc), Some(fill)) = (self.files.as_ref(), out.fill) else {
             return;
         };
-        let data = out.data;
+        let (data, hold) = (out.data, out._hold);
         let permit = u32::try_from(data.len().max(1))
             .ok()
             .and_then(|n| fc.write_budget.clone().try_acquire_many_owned(n).ok());
@@ -432,7 +443,7 @@ impl<R: BlockService> Fs<R> {
                     if let Some(fc) = &s.files {
                         fc.write(&fill, offset, Some(&data));
                     }
-                    drop(permit);
+                    drop((permit, hold));
                 });
             }
         }

@@ -97,6 +97,7 @@ pub struct MountHandle {
     mountpoint: PathBuf,
     version: Arc<dyn Fn() -> u64 + Send + Sync>,
     held: Arc<dyn Fn() -> usize + Send + Sync>,
+    report: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl MountHandle {
@@ -130,6 +131,7 @@ impl MountHandle {
     /// (it goes away when the last user leaves).
     pub fn unmount(mut self) -> std::io::Result<()> {
         self.stop_poller();
+        (self.report)();
         if let Some(s) = self.session.take() {
             if s.guard.is_finished() {
                 return s.join();
@@ -316,7 +318,7 @@ pub async fn spawn_mount<R: BlockService>(
         "mounted {fsid} at {}",
         mountpoint.display()
     );
-    let (sv, sh) = (shared.clone(), shared.clone());
+    let (sv, sh, sp) = (shared.clone(), shared.clone(), shared.clone());
     Ok(MountHandle {
         session: Some(session),
         stop,
@@ -324,6 +326,13 @@ pub async fn spawn_mount<R: BlockService>(
         mountpoint: mountpoint.to_path_buf(),
         version: Arc::new(move || sv.version()),
         held: Arc::new(move || sh.held()),
+        report: Arc::new(move || {
+            tracing::info!(
+                peak_mib = sp.reader.memory_peak() >> 20,
+                budget_mib = sp.reader.opts().cache_bytes >> 20,
+                "memory of cached blocks, fetches in flight and replies"
+            )
+        }),
     })
 }
 
