@@ -81,17 +81,19 @@ enum Cmd {
         /// Seconds between checks for a new version.
         #[arg(long, default_value_t = 2.0)]
         poll: f64,
-        /// Client block cache in MiB (shared with read-ahead).
+        /// Memory budget in MiB for cached blocks, fetches in flight (read-ahead) and
+        /// replies on their way to the kernel, however many files are open.
         #[arg(long, default_value_t = 256)]
         cache_mb: usize,
         /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf).
         #[arg(long)]
         allow_other: bool,
-        /// Seconds a block read may take across all replicas before it fails with EIO.
+        /// Seconds a block read may take across all replicas before it fails (ETIMEDOUT).
         #[arg(long, default_value_t = 20.0)]
         timeout: f64,
-        /// Directory of fully read, verified files served by FUSE passthrough
-        /// (default: $CFS_STATE_DIR/files, $XDG_CACHE_HOME/cfs/files or ~/.cache/cfs/files).
+        /// Directory of verified files (filled range by range as they are read), served
+        /// by FUSE passthrough once complete (default: $CFS_STATE_DIR/files,
+        /// $XDG_CACHE_HOME/cfs/files or ~/.cache/cfs/files).
         #[arg(long)]
         file_cache: Option<PathBuf>,
         /// Byte budget of the file cache in MiB; least recently used files are evicted.

@@ -114,35 +114,24 @@ impl TcpTransport {
         // and no second buffer of its size while it is decoded.
         let mut head = vec![0u8; len.min(wire::BLOCK_HEADER_MAX)];
         stream.read_exact(&mut head).await.map_err(io)?;
-        if let Some((rid, hdr, blen)) = wire::block_response_header(&head) {
-            if hdr + blen == len {
-                let mut block = Vec::with_capacity(blen);
-                block.extend_from_slice(&head[hdr..]);
-                let rest = (len - head.len()) as u64;
-                (&mut *stream)
-                    .take(rest)
-                    .read_to_end(&mut block)
-                    .await
-                    .map_err(io)?;
-                if block.len() != blen {
-                    return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
-                }
-                if rid != id {
-                    return Err(CallError::Protocol("response for another request".into()));
-                }
-                return Ok(Response::Block(Some(block)));
-            }
-        }
-        let mut body = Vec::with_capacity(len);
-        body.extend_from_slice(&head);
-        let rest = (len - head.len()) as u64;
+        let block = wire::block_response_header(&head).filter(|(_, hdr, blen)| hdr + blen == len);
+        // The rest of the body, after `start` (what of `head` belongs to it).
+        let start = block.map_or(0, |(_, hdr, _)| hdr);
+        let mut body = Vec::with_capacity(len - start);
+        body.extend_from_slice(&head[start..]);
         (&mut *stream)
-            .take(rest)
+            .take((len - head.len()) as u64)
             .read_to_end(&mut body)
             .await
             .map_err(io)?;
-        if body.len() != len {
+        if body.len() != len - start {
             return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        if let Some((rid, _, _)) = block {
+            if rid != id {
+                return Err(CallError::Protocol("response for another request".into()));
+            }
+            return Ok(Response::Block(Some(body)));
         }
         let resp: ResponseFrame =
             wire::decode(&body).map_err(|e| CallError::Protocol(e.to_string()))?;
