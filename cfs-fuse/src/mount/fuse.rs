@@ -13,10 +13,12 @@ use fuser::{
     WriteFlags,
 };
 use std::ffi::OsStr;
+use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
 pub(super) struct FuseFs<R> {
@@ -118,8 +120,23 @@ impl<R: BlockService> Filesystem for FuseFs<R> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Cached bytes are answered on this thread: one poll, no hop to the runtime.
+        {
+            let _rt = self.fs.rt.enter();
+            let mut read = std::pin::pin!(self.fs.read(fh.0, offset, size));
+            let mut cx = Context::from_waker(Waker::noop());
+            if let Poll::Ready(r) = read.as_mut().poll(&mut cx) {
+                return match r {
+                    Ok(out) => {
+                        reply.data(&out.data);
+                        self.fs.after_reply(out, offset);
+                    }
+                    Err(e) => reply.error(errno("read", &e)),
+                };
+            }
+        }
         let fs = self.fs.clone();
-        // Reply from a task: reads of many files and offsets proceed in parallel.
+        // Otherwise reply from a task: reads of many files and offsets go in parallel.
         self.fs.rt.spawn(async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(out) => {
