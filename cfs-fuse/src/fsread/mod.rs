@@ -2,18 +2,20 @@
 //! lookup and listing, file ranges with read-ahead, all through one byte-bounded block
 //! cache. Shared by `cfs get` and the FUSE mount.
 
-use crate::prefetch::{Stream, WindowOpts};
+mod file;
+
+pub use file::{get, parse_get_spec};
+
+use crate::prefetch::WindowOpts;
 use crate::ring::{BlockService, RingError};
 use cfs_core::block::RootBlock;
 use cfs_core::fs::{
-    self, decode_meta, find_entry, page_for, spans, tree_path, DirContent, DirEntry, EntryKind,
-    FileData, Inode, InodeBody, Meta,
+    self, decode_meta, find_entry, page_for, DirContent, DirEntry, EntryKind, Inode, InodeBody,
+    Meta,
 };
 use cfs_core::{BlockKind, Id};
 use lru::LruCache;
 use std::collections::HashMap;
-use std::io::Write;
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
@@ -87,12 +89,6 @@ enum Cached {
 }
 
 type Slot = watch::Receiver<Option<Result<Cached, FetchErr>>>;
-
-/// Entries of one listing whose inodes are fetched ahead, at most.
-const MAX_LISTING_PREFETCH: usize = 4096;
-
-/// Files up to this size have their data fetched with their inode after a listing.
-const SMALL_FILE_PREFETCH: u64 = 64 << 10;
 
 /// Tuning of the read path.
 #[derive(Clone, Debug)]
@@ -393,260 +389,6 @@ impl<R: BlockService> Reader<R> {
         }
     }
 
-    /// The data block pointer for block `index` of a tree file (None = hole).
-    async fn block_ptr(
-        &self,
-        depth: u8,
-        root: Option<Id>,
-        index: u64,
-    ) -> Result<Option<Id>, FsError> {
-        let mut ptr = root;
-        for slot in tree_path(index, depth) {
-            let Some(k) = ptr else { return Ok(None) };
-            let m = self.meta(k).await?;
-            ptr = match &*m {
-                Meta::Indirect(p) => p.get(slot).copied().flatten(),
-                _ => {
-                    return Err(FsError::Corrupt {
-                        key: k,
-                        msg: "expected an indirect block".into(),
-                    })
-                }
-            };
-        }
-        Ok(ptr)
-    }
-
-    /// Bytes [offset, offset+len) of a file (clipped at end of file), without
-    /// read-ahead.
-    pub async fn read(&self, file: &Inode, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
-        self.read_streamed(file, offset, len, None).await
-    }
-
-    /// Bytes [offset, offset+len) of a file (clipped at end of file); the read is part
-    /// of `stream`, whose window decides which blocks to fetch ahead.
-    pub async fn read_streamed(
-        &self,
-        file: &Inode,
-        offset: u64,
-        len: u64,
-        stream: Option<&Mutex<Stream>>,
-    ) -> Result<Vec<u8>, FsError> {
-        let InodeBody::File { size, data } = &file.body else {
-            return Err(FsError::IsDir(String::new()));
-        };
-        let (block_size, depth, root) = match data {
-            FileData::Inline(b) => {
-                let start = offset.min(b.len() as u64) as usize;
-                let end = offset.saturating_add(len).min(b.len() as u64) as usize;
-                return Ok(b[start..end].to_vec());
-            }
-            FileData::Tree {
-                block_size,
-                depth,
-                root,
-                ..
-            } => (*block_size, *depth, *root),
-        };
-        let sp = spans(*size, block_size, offset, len);
-        // Resolve pointers, then start every data fetch before waiting on the first.
-        let mut ptrs = Vec::with_capacity(sp.len());
-        for s in &sp {
-            let p = self.block_ptr(depth, root, s.index).await?;
-            if let Some(k) = p {
-                if self.cache_get(BlockKind::Data, k).is_none() {
-                    drop(self.start(BlockKind::Data, k, s.block_len, true));
-                }
-            }
-            ptrs.push(p);
-        }
-        if let (Some(stream), false) = (stream, sp.is_empty()) {
-            let short = self.short_of_memory();
-            let ahead = stream.lock().unwrap().on_read(
-                offset,
-                len.min(*size - offset),
-                fs::block_count(*size, block_size),
-                short,
-            );
-            if !ahead.is_empty() {
-                self.read_ahead(*size, block_size, depth, root, ahead);
-            }
-        }
-        let mut out = Vec::with_capacity(sp.iter().map(|s| s.end - s.start).sum());
-        for (s, p) in sp.iter().zip(ptrs) {
-            match p {
-                None => out.resize(out.len() + (s.end - s.start), 0),
-                Some(k) => {
-                    let d = self.data(k).await?;
-                    if d.len() != s.block_len {
-                        return Err(FsError::Corrupt {
-                            key: k,
-                            msg: format!(
-                                "data block is {} bytes, expected {}",
-                                d.len(),
-                                s.block_len
-                            ),
-                        });
-                    }
-                    out.extend_from_slice(&d[s.start..s.end]);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Fetch the inodes of entries just listed (and the one data block of each small
-    /// file) in the background, as `cp -r` or `ls -l` will ask for them one by one next:
-    /// at most `prefetch_parallel` at once, data within the memory budget.
-    pub fn prefetch_entries(&self, keys: Vec<Id>) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            for k in keys.into_iter().take(MAX_LISTING_PREFETCH) {
-                if me.cache_get(BlockKind::Meta, k).is_some() {
-                    continue;
-                }
-                let Ok(permit) = me.inner.prefetch.clone().acquire_owned().await else {
-                    return;
-                };
-                let Some(mut rx) = me.start(BlockKind::Meta, k, 0, false) else {
-                    return;
-                };
-                let me = me.clone();
-                tokio::spawn(async move {
-                    let got = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
-                    if let Ok(Some(Ok(Cached::Inode(i)))) = got {
-                        me.prefetch_small_file(&i).await;
-                    }
-                    drop(permit);
-                });
-            }
-        });
-    }
-
-    /// Start fetching the single data block of a small file.
-    async fn prefetch_small_file(&self, i: &Inode) {
-        let InodeBody::File {
-            size,
-            data: FileData::Tree { depth, root, .. },
-        } = &i.body
-        else {
-            return;
-        };
-        if *size > SMALL_FILE_PREFETCH {
-            return;
-        }
-        if let Ok(Some(k)) = self.block_ptr(*depth, *root, 0).await {
-            if self.cache_get(BlockKind::Data, k).is_none() {
-                drop(self.start(BlockKind::Data, k, *size as usize, false));
-            }
-        }
-    }
-
-    /// A read-ahead stream for sequential reads of `file`.
-    pub fn stream_for(&self, file: &Inode) -> Mutex<Stream> {
-        let block_size = match &file.body {
-            InodeBody::File {
-                data: FileData::Tree { block_size, .. },
-                ..
-            } => *block_size,
-            _ => fs::BLOCK_SIZE as u32,
-        };
-        Mutex::new(Stream::new(block_size, self.inner.opts.window))
-    }
-
-    /// Fetch blocks `range` in the background, at most `prefetch_parallel` at once,
-    /// each holding its share of the memory budget; stops where the budget refuses.
-    fn read_ahead(
-        &self,
-        size: u64,
-        block_size: u32,
-        depth: u8,
-        root: Option<Id>,
-        range: Range<u64>,
-    ) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            for i in range {
-                let Ok(Some(k)) = me.block_ptr(depth, root, i).await else {
-                    continue;
-                };
-                if me.cache_get(BlockKind::Data, k).is_some() {
-                    continue;
-                }
-                let Ok(permit) = me.inner.prefetch.clone().acquire_owned().await else {
-                    return;
-                };
-                let len = (size - i * block_size as u64).min(block_size as u64) as usize;
-                let Some(mut rx) = me.start(BlockKind::Data, k, len, false) else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let _ = rx.wait_for(|v| v.is_some()).await;
-                    drop(permit);
-                });
-            }
-        });
-    }
-
-    /// Whether the local file `copy` holds exactly the bytes of `file`: every block is
-    /// hashed against its key in the inode's tree and holes must be zeros. A local copy
-    /// (the mount's file cache) is trusted only after this. Reads `copy` with blocking
-    /// calls: run it where blocking is fine (a fuser thread's `block_on`).
-    pub async fn verify_copy(&self, file: &Inode, copy: &std::fs::File) -> Result<bool, FsError> {
-        use std::os::unix::fs::FileExt;
-        let InodeBody::File { size, data } = &file.body else {
-            return Ok(false);
-        };
-        if copy.metadata()?.len() != *size {
-            return Ok(false);
-        }
-        let (block_size, depth, root) = match data {
-            FileData::Inline(b) => {
-                let mut buf = vec![0u8; b.len()];
-                copy.read_exact_at(&mut buf, 0)?;
-                return Ok(buf[..] == b[..]);
-            }
-            FileData::Tree {
-                block_size,
-                depth,
-                root,
-                ..
-            } => (*block_size as u64, *depth, *root),
-        };
-        let mut buf = vec![0u8; block_size as usize];
-        for i in 0..fs::block_count(*size, block_size as u32) {
-            let start = i * block_size;
-            let b = &mut buf[..(*size - start).min(block_size) as usize];
-            copy.read_exact_at(b, start)?;
-            let ok = match self.block_ptr(depth, root, i).await? {
-                None => b.iter().all(|&x| x == 0),
-                Some(k) => Id::hash(b) == k,
-            };
-            if !ok {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Stream a whole file to `out`, a window of blocks in flight at a time.
-    pub async fn copy_to<W: Write>(&self, file: &Inode, out: &mut W) -> Result<u64, FsError> {
-        let size = file.size();
-        let chunk = (fs::BLOCK_SIZE as u64) * 4;
-        let stream = self.stream_for(file);
-        let mut off = 0;
-        while off < size {
-            let b = self.read_streamed(file, off, chunk, Some(&stream)).await?;
-            if b.is_empty() {
-                break;
-            }
-            out.write_all(&b)?;
-            off += b.len() as u64;
-        }
-        out.flush()?;
-        Ok(off)
-    }
-
     /// The current root of `fsid`, or version `version` by following the chain of
     /// previous roots (each checked: same publisher, valid signature, lower version).
     pub async fn root(&self, fsid: Id, version: Option<u64>) -> Result<RootBlock, FsError> {
@@ -778,33 +520,5 @@ async fn fetch<R: BlockService>(
         },
         // Arc<Vec> takes the buffer as it is (Arc<[u8]> would copy it).
         _ => Ok((Cached::Data(Arc::new(v.into_bytes())), size)),
-    }
-}
-
-/// Parse `FSID[@V]:/PATH` (the path may be empty for the top directory).
-pub fn parse_get_spec(spec: &str) -> Option<(Id, Option<u64>, String)> {
-    let (head, path) = spec.split_once(':')?;
-    let (fsid, version) = match head.split_once('@') {
-        Some((f, v)) => (f, Some(v.parse().ok()?)),
-        None => (head, None),
-    };
-    Some((fsid.parse().ok()?, version, path.to_string()))
-}
-
-/// `cfs get`: stream the file at `path` of `fsid` (current version or `version`) to
-/// `out`; returns the bytes written.
-pub async fn get<R: BlockService, W: Write>(
-    ring: Arc<R>,
-    fsid: Id,
-    version: Option<u64>,
-    path: &str,
-    out: &mut W,
-) -> Result<u64, FsError> {
-    let reader = Reader::new(ring, ReaderOpts::default());
-    let root = reader.root(fsid, version).await?;
-    let (_, inode) = reader.resolve(root.top, path.as_bytes()).await?;
-    match inode.kind() {
-        EntryKind::File => reader.copy_to(&inode, out).await,
-        _ => Err(FsError::IsDir(path.to_string())),
     }
 }
