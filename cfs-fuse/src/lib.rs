@@ -1,6 +1,7 @@
 //! The cfs client library: publishing a tree, reading it (`cfs get`), and the FUSE mount.
 
 pub mod fsread;
+pub mod gateway;
 pub mod mount;
 pub mod netring;
 pub mod prefetch;

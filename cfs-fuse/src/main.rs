@@ -103,6 +103,33 @@ enum Cmd {
         #[arg(long, conflicts_with = "file_cache")]
         no_file_cache: bool,
     },
+    /// Serve published trees over HTTP: /FSID/PATH (newest version) and
+    /// /FSID@VERSION/PATH (immutable). Prints its address, then serves until stopped.
+    Gateway {
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        node: NodeArg,
+        /// Serve only these FSIDs (repeat the flag); default: any.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        /// Seconds the newest root of a tree is used before it is fetched again.
+        #[arg(long, default_value_t = 2.0)]
+        poll: f64,
+        /// Memory budget in MiB for cached blocks and fetches in flight.
+        #[arg(long, default_value_t = 256)]
+        cache_mb: usize,
+        /// Connections per client address at once.
+        #[arg(long, default_value_t = 64)]
+        max_conns_per_ip: usize,
+        /// Requests per second per client address (twice as many in a burst).
+        #[arg(long, default_value_t = 500.0)]
+        rate_per_ip: f64,
+        /// Seconds until a response's headers (504 after); also the limit per block.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
     /// Write a file's bytes to stdout without mounting: FSID[@VERSION]:/PATH.
     Get {
         spec: String,
@@ -332,6 +359,45 @@ async fn run(cli: Cli) -> Result<()> {
             cfs_fuse::mount(ring, fsid, &mountpoint, opts)
                 .await
                 .with_context(|| format!("mounting {fsid} at {}", mountpoint.display()))?;
+        }
+        Cmd::Gateway {
+            listen,
+            node,
+            allow,
+            poll,
+            cache_mb,
+            max_conns_per_ip,
+            rate_per_ip,
+            timeout,
+        } => {
+            let allow = if allow.is_empty() {
+                None
+            } else {
+                Some(allow.iter().map(|f| parse_key(f)).collect::<Result<_>>()?)
+            };
+            let deadline = Duration::from_secs_f64(timeout.max(0.5));
+            let mut c = client(&node).await?;
+            c.net.timeouts.op = deadline;
+            let ring = Arc::new(NetRing::new(c, default_state_dir()));
+            let mut opts = cfs_fuse::gateway::GatewayOpts {
+                allow,
+                poll: Duration::from_secs_f64(poll.max(0.1)),
+                max_conns_per_ip,
+                rate_per_ip,
+                request_timeout: deadline + Duration::from_secs(1),
+                ..Default::default()
+            };
+            opts.reader.cache_bytes = cache_mb << 20;
+            opts.reader.deadline = deadline;
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            println!("gateway listening on http://{}/", l.local_addr()?);
+            std::io::stdout().flush()?;
+            tokio::select! {
+                r = cfs_fuse::gateway::serve(ring, l, opts) => r.context("serving HTTP")?,
+                _ = cfsd::daemon::wait_for_signal() => {}
+            }
         }
         Cmd::Get { spec, node } => {
             let (fsid, version, path) = cfs_fuse::parse_get_spec(&spec)

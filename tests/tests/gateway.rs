@@ -1,0 +1,320 @@
+//! Issue 15: `cfs gateway` against a real ring, checked with curl and wget.
+
+use cfs_tests::tree::pattern;
+use cfs_tests::{bin, cfs_ok, eventually, Cluster};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BS: usize = 256 << 10;
+
+/// A `cfs gateway` process, killed by PID on drop.
+struct Gateway {
+    child: Child,
+    url: String,
+}
+
+impl Gateway {
+    fn start(node: &str, extra: &[&str]) -> Gateway {
+        let mut child = Command::new(bin("cfs"))
+            .args([
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--node",
+                node,
+                "--poll",
+                "0.3",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting cfs gateway");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("gateway listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .trim_end_matches('/')
+            .to_string();
+        Gateway { child, url }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// curl's response: status, headers (lowercase names), body.
+struct Got {
+    status: u32,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn curl(url: &str, args: &[&str]) -> Got {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, b) = (dir.path().join("h"), dir.path().join("b"));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "-D"])
+        .arg(&h)
+        .arg("-o")
+        .arg(&b)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("running curl");
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let headers = std::fs::read_to_string(&h)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Got {
+        status,
+        headers,
+        body: std::fs::read(&b).unwrap_or_default(),
+    }
+}
+
+fn publish(cluster: &Cluster, dir: &Path, key: &Path) -> String {
+    let out = cfs_ok(&[
+        "publish",
+        dir.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--node",
+        &cluster.addr(0),
+    ]);
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
+    let mut cluster = Cluster::start(3, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let src = cluster.dir.path().join("src");
+    let five = pattern(5 << 20, 1);
+    let edge = pattern(BS, 2);
+    for d in ["dir/sub", "site", "bad"] {
+        std::fs::create_dir_all(src.join(d)).unwrap();
+    }
+    std::fs::write(src.join("empty"), b"").unwrap();
+    std::fs::write(src.join("edge"), &edge).unwrap();
+    std::fs::write(src.join("five"), &five).unwrap();
+    std::fs::write(src.join("a b&c.txt"), b"spaces and an ampersand\n").unwrap();
+    std::fs::write(src.join("dir/sub/deep"), pattern(3 * BS + 17, 3)).unwrap();
+    std::fs::write(src.join("bad/late"), pattern(2 * BS, 4)).unwrap();
+    std::fs::write(
+        src.join("site/index.html"),
+        "<html><link rel=stylesheet href=style.css><img src=img.png></html>",
+    )
+    .unwrap();
+    std::fs::write(src.join("site/style.css"), "body { color: teal }").unwrap();
+    std::fs::write(src.join("site/img.png"), pattern(3000, 5)).unwrap();
+    std::os::unix::fs::symlink("five", src.join("link")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", src.join("bad/escape")).unwrap();
+    let key = cluster.dir.path().join("k.key");
+    cfs_ok(&["keygen", key.to_str().unwrap()]);
+    let fsid = publish(&cluster, &src, &key);
+    let gw = Gateway::start(&cluster.addr(1), &["--timeout", "3"]);
+    let u = |p: &str| format!("{}/{fsid}/{p}", gw.url);
+
+    // Whole files, byte for byte, with their type and length.
+    for (name, want) in [("empty", &b""[..]), ("edge", &edge), ("five", &five)] {
+        let g = curl(&u(name), &[]);
+        assert_eq!(g.status, 200, "{name}");
+        assert!(g.body == want, "{name} reads back");
+        assert_eq!(
+            g.header("content-length"),
+            Some(want.len().to_string().as_str())
+        );
+    }
+    let g = curl(&u("a%20b%26c.txt"), &[]);
+    assert_eq!(
+        (g.status, &g.body[..]),
+        (200, &b"spaces and an ampersand\n"[..])
+    );
+    assert_eq!(g.header("content-type"), Some("text/plain"));
+    assert_eq!(
+        curl(&u("site/style.css"), &[]).header("content-type"),
+        Some("text/css")
+    );
+
+    // Ranges: one, a suffix, across a block edge, several (multipart), none satisfiable.
+    let g = curl(&u("five"), &["-r", "100-199"]);
+    assert_eq!(g.status, 206);
+    assert!(g.body == five[100..200]);
+    assert_eq!(
+        g.header("content-range"),
+        Some(format!("bytes 100-199/{}", five.len()).as_str())
+    );
+    let g = curl(&u("five"), &["-r", "-10"]);
+    assert!(g.status == 206 && g.body == five[five.len() - 10..]);
+    let g = curl(&u("five"), &["-r", &format!("{}-{}", BS - 5, BS + 4)]);
+    assert!(g.status == 206 && g.body == five[BS - 5..BS + 5]);
+    let g = curl(&u("five"), &["-r", "0-9,300000-300009"]);
+    assert_eq!(g.status, 206);
+    let ctype = g.header("content-type").unwrap().to_string();
+    let boundary = ctype.split("boundary=").nth(1).expect("multipart");
+    let parts: Vec<&[u8]> = split_multipart(&g.body, boundary);
+    assert_eq!(parts.len(), 2);
+    assert!(parts[0] == &five[..10] && parts[1] == &five[300_000..300_010]);
+    assert_eq!(
+        g.header("content-length"),
+        Some(g.body.len().to_string().as_str())
+    );
+    let g = curl(&u("five"), &["-r", "99999999-"]);
+    assert_eq!(g.status, 416);
+    assert_eq!(
+        g.header("content-range"),
+        Some(format!("bytes */{}", five.len()).as_str())
+    );
+
+    // HEAD, ETag and If-None-Match; caching by URL kind.
+    let g = curl(&u("five"), &["-I"]);
+    assert_eq!(g.status, 200);
+    // (curl -I writes the headers where the body would go: there is no body.)
+    assert!(g.body.len() < 1000);
+    assert_eq!(
+        g.header("content-length"),
+        Some(five.len().to_string().as_str())
+    );
+    let etag = g.header("etag").unwrap().to_string();
+    assert_eq!(etag.len(), 42, "the inode key, quoted");
+    assert!(g.header("cache-control").unwrap().contains("max-age=1"));
+    let g = curl(&u("five"), &["-H", &format!("If-None-Match: {etag}")]);
+    assert_eq!((g.status, g.body.len()), (304, 0));
+    let pinned = format!("{}/{fsid}@1/five", gw.url);
+    let g = curl(&pinned, &["-I"]);
+    assert!(g.header("cache-control").unwrap().contains("immutable"));
+
+    // Directories: the slash, an HTML index with escaped names, JSON, a site's index.
+    let g = curl(&u("dir"), &[]);
+    assert_eq!(
+        (g.status, g.header("location")),
+        (301, Some(format!("/{fsid}/dir/").as_str()))
+    );
+    let g = curl(&u(""), &[]);
+    let html = String::from_utf8(g.body).unwrap();
+    assert_eq!(g.status, 200);
+    assert!(
+        html.contains("href=\"a%20b%26c.txt\">a b&amp;c.txt</a>"),
+        "{html}"
+    );
+    assert!(html.contains("href=\"dir/\">dir/</a>"));
+    let g = curl(&u("dir/?format=json"), &[]);
+    let j: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert_eq!(j["entries"][0]["name"], "sub");
+    assert_eq!(j["entries"][0]["kind"], "dir");
+    let g = curl(&u("site/"), &[]);
+    assert!(
+        g.status == 200 && g.body.starts_with(b"<html><link"),
+        "index.html served"
+    );
+    assert_eq!(g.header("content-type"), Some("text/html"));
+
+    // Symlinks: followed inside the tree, never out of it.
+    assert!(curl(&u("link"), &[]).body == five);
+    assert_eq!(curl(&u("bad/escape"), &[]).status, 404);
+    // Unknown things are 404.
+    assert_eq!(curl(&u("missing"), &[]).status, 404);
+    let g = curl(&format!("{}/{}/x", gw.url, "00".repeat(20)), &[]);
+    assert_eq!(g.status, 404);
+    assert_eq!(curl(&format!("{}/{fsid}@9/five", gw.url), &[]).status, 404);
+
+    // `wget --mirror` of the tree equals the tree (listing pages aside).
+    let mirror = cluster.dir.path().join("mirror");
+    let st = Command::new("wget")
+        .args([
+            "-q",
+            "--mirror",
+            "-np",
+            "-nH",
+            "--cut-dirs=1",
+            "-e",
+            "robots=off",
+        ])
+        .args(["--reject-regex", "[?]", "-X", &format!("/{fsid}/bad")])
+        .arg("-P")
+        .arg(&mirror)
+        .arg(u(""))
+        .status()
+        .unwrap();
+    assert!(st.success() || st.code() == Some(8), "wget: {st}");
+    // Listing pages were saved as index.html; the site's own index.html is compared.
+    for d in ["", "dir", "dir/sub"] {
+        std::fs::remove_file(mirror.join(d).join("index.html")).unwrap();
+    }
+    let diff = Command::new("diff")
+        .args(["-r", "-x", "bad"])
+        .arg(&src)
+        .arg(&mirror)
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "mirror differs: {}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+
+    // A new version shows at the newest URL after the poll; the old one stays.
+    std::fs::write(src.join("five"), b"version two").unwrap();
+    publish(&cluster, &src, &key);
+    eventually(Duration::from_secs(20), "the newest URL to follow", || {
+        (curl(&u("five"), &[]).body == b"version two").then_some(())
+    });
+    assert!(curl(&pinned, &[]).body == five);
+
+    // The ring gone: a block no replica returns is a 504 that names it.
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    let g = curl(&u("bad/late"), &[]);
+    assert_eq!(g.status, 504, "{}", String::from_utf8_lossy(&g.body));
+    assert!(String::from_utf8_lossy(&g.body).contains("block"));
+}
+
+/// The bodies of a multipart/byteranges response.
+fn split_multipart<'a>(body: &'a [u8], boundary: &str) -> Vec<&'a [u8]> {
+    let delim = format!("\r\n--{boundary}");
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while let Some(i) = find(rest, delim.as_bytes()) {
+        rest = &rest[i + delim.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        let h = find(rest, b"\r\n\r\n").unwrap();
+        let body_start = &rest[h + 4..];
+        let end = find(body_start, delim.as_bytes()).unwrap();
+        parts.push(&body_start[..end]);
+        rest = &body_start[end..];
+    }
+    parts
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
