@@ -378,6 +378,7 @@ async fn run(cli: Cli) -> Result<()> {
             let deadline = Duration::from_secs_f64(timeout.max(0.5));
             let mut c = client(&node).await?;
             c.net.timeouts.op = deadline;
+            let status = cfs_fuse::gateway::RingStatus::new(c.clone(), resolve(&node.node)?);
             let ring = Arc::new(NetRing::new(c, default_state_dir()));
             let mut opts = cfs_fuse::gateway::GatewayOpts {
                 allow,
@@ -395,7 +396,9 @@ async fn run(cli: Cli) -> Result<()> {
             println!("gateway listening on http://{}/", l.local_addr()?);
             std::io::stdout().flush()?;
             tokio::select! {
-                r = cfs_fuse::gateway::serve(ring, l, opts) => r.context("serving HTTP")?,
+                r = cfs_fuse::gateway::serve(ring, l, opts, Some(status)) => {
+                    r.context("serving HTTP")?
+                }
                 _ = cfsd::daemon::wait_for_signal() => {}
             }
         }

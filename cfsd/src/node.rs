@@ -91,6 +91,8 @@ pub(crate) struct Inner<T: Transport> {
     pub(crate) cache: Mutex<PathCache>,
     pub(crate) vnodes: Vec<Mutex<Vnode>>,
     pub(crate) metrics: Metrics,
+    /// When this node started, seconds since the epoch (for status pages).
+    pub(crate) started: u64,
     /// Peers that answered this node (never names merely claimed in a peer's answer), for
     /// re-looking ourselves up after a partition heals and for the saved peers file.
     pub(crate) seen: Mutex<BTreeSet<SocketAddr>>,
@@ -144,6 +146,9 @@ impl<T: Transport> Node<T> {
                 store,
                 vnodes,
                 metrics: Metrics::default(),
+                started: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
                 seen: Mutex::default(),
                 scrub_cursor: Mutex::new(None),
                 handoffs: Mutex::default(),
@@ -327,7 +332,11 @@ impl<T: Transport> Node<T> {
             bytes,
             cache_blocks,
             cache_bytes,
-            counters: self.inner.metrics.snapshot(),
+            counters: {
+                let mut c = self.inner.metrics.snapshot();
+                c.push(("started_unix".into(), self.inner.started));
+                c
+            },
         }
     }
 

@@ -318,3 +318,46 @@ fn split_multipart<'a>(body: &'a [u8], boundary: &str) -> Vec<&'a [u8]> {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+#[test]
+fn status_page_lists_every_node_and_shows_a_killed_one_as_gone() {
+    let mut cluster = Cluster::start(5, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let gw = Gateway::start(&cluster.addr(0), &["--timeout", "3"]);
+    let ring = |gw: &Gateway| {
+        let g = curl(&format!("{}/-/ring?format=json", gw.url), &[]);
+        assert_eq!(g.status, 200);
+        serde_json::from_slice::<serde_json::Value>(&g.body).unwrap()
+    };
+    let addrs: Vec<String> = (0..5).map(|i| cluster.addr(i)).collect();
+    eventually(Duration::from_secs(20), "all five nodes listed", || {
+        let j = ring(&gw);
+        let listed: Vec<&str> = j["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["addr"].as_str().unwrap())
+            .collect();
+        (j["up"] == 5 && addrs.iter().all(|a| listed.contains(&a.as_str()))).then_some(())
+    });
+    cluster.kill(3);
+    let gone = addrs[3].clone();
+    eventually(
+        Duration::from_secs(20),
+        "the killed node shown as gone",
+        || {
+            let j = ring(&gw);
+            let n = j["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["addr"] == gone.as_str())?
+                .clone();
+            (n["up"] == false && j["up"] == 4).then_some(())
+        },
+    );
+    let page = String::from_utf8(curl(&format!("{}/", gw.url), &[]).body).unwrap();
+    assert!(page.contains(&gone) && page.contains("gone"), "{page}");
+    let m = String::from_utf8(curl(&format!("{}/-/metrics", gw.url), &[]).body).unwrap();
+    assert!(m.contains("cfs_gets_served"), "{m}");
+}

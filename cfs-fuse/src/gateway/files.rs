@@ -231,6 +231,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn ranges_parse_as_rfc_9110_says() {
         let p = |v: &str| parse_ranges(Some(v), 1000);
         assert_eq!(parse_ranges(None, 1000), Ranges::Whole);

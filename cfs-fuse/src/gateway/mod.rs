@@ -14,6 +14,9 @@
 
 mod files;
 mod index;
+mod status;
+
+pub use status::RingStatus;
 
 use crate::fsread::{FsError, Reader, ReaderOpts};
 use crate::ring::{BlockService, RingError};
@@ -78,6 +81,7 @@ struct Gateway<R> {
     /// highest seen, below which no root is taken.
     newest: Mutex<HashMap<Id, (RootBlock, Instant)>>,
     rates: Mutex<lru::LruCache<IpAddr, Bucket>>,
+    status: Option<RingStatus>,
 }
 
 /// The client's address, from the accepting listener.
@@ -178,13 +182,16 @@ impl Listener for Limited {
     }
 }
 
-/// Serve on `listener` until the future completes with an error (or forever).
+/// Serve on `listener` until the future completes with an error (or forever); `status`
+/// answers the ring's status page.
 pub async fn serve<R: BlockService>(
     ring: Arc<R>,
     listener: TcpListener,
     opts: GatewayOpts,
+    status: Option<RingStatus>,
 ) -> std::io::Result<()> {
     let gw = Arc::new(Gateway {
+        status,
         reader: Reader::new(ring, opts.reader.clone()),
         newest: Mutex::new(HashMap::new()),
         rates: Mutex::new(lru::LruCache::new(
@@ -297,11 +304,8 @@ impl<R: BlockService> Gateway<R> {
             return text(StatusCode::BAD_REQUEST, "malformed percent-encoding");
         };
         let rest = path.strip_prefix(b"/").unwrap_or(&path);
-        if rest.is_empty() {
-            return text(
-                StatusCode::OK,
-                "cfs gateway: GET /FSID/PATH (newest version) or /FSID@VERSION/PATH",
-            );
+        if rest.is_empty() || rest == b"-/ring" || rest == b"-/metrics" {
+            return self.status_page(rest, uri.query()).await;
         }
         let (head, tail) = match rest.iter().position(|&c| c == b'/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -401,6 +405,38 @@ impl<R: BlockService> Gateway<R> {
             } else {
                 Body::from(body)
             })
+            .expect("valid response")
+    }
+}
+
+impl<R: BlockService> Gateway<R> {
+    async fn status_page(&self, what: &[u8], query: Option<&str>) -> Response<Body> {
+        let Some(st) = &self.status else {
+            return text(
+                StatusCode::OK,
+                "cfs gateway: GET /FSID/PATH (newest version) or /FSID@VERSION/PATH",
+            );
+        };
+        let (ctype, body) = if what == b"-/metrics" {
+            match st.metrics().await {
+                Some(m) => ("text/plain; version=0.0.4", m),
+                None => return text(StatusCode::BAD_GATEWAY, "the entry node did not answer"),
+            }
+        } else {
+            let r = st.report().await;
+            if query.is_some_and(|q| q.split('&').any(|p| p == "format=json")) {
+                (
+                    "application/json",
+                    serde_json::to_string(&r).expect("serializable"),
+                )
+            } else {
+                ("text/html; charset=utf-8", status::html(&r))
+            }
+        };
+        Response::builder()
+            .header(header::CONTENT_TYPE, ctype)
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(Body::from(body))
             .expect("valid response")
     }
 }
