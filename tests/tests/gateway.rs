@@ -9,14 +9,16 @@ use std::time::Duration;
 
 const BS: usize = 256 << 10;
 
-/// A `cfs gateway` process, killed by PID on drop.
+/// A `cfs gateway` process, killed by PID on drop; its access log goes to `log`.
 struct Gateway {
     child: Child,
     url: String,
+    log: tempfile::NamedTempFile,
 }
 
 impl Gateway {
     fn start(node: &str, extra: &[&str]) -> Gateway {
+        let log = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(bin("cfs"))
             .args([
                 "gateway",
@@ -28,7 +30,9 @@ impl Gateway {
                 "0.3",
             ])
             .args(extra)
+            .env("RUST_LOG", "cfs_fuse::gateway=debug")
             .stdout(Stdio::piped())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .expect("starting cfs gateway");
         let mut line = String::new();
@@ -41,8 +45,45 @@ impl Gateway {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .trim_end_matches('/')
             .to_string();
-        Gateway { child, url }
+        Gateway { child, url, log }
     }
+
+    /// Status codes the access log recorded for GET `path`.
+    fn statuses(&self, path: &str) -> Vec<u16> {
+        let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+        let plain = strip_ansi(&text);
+        plain
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("path=\"{path}\"")) || l.contains(&format!("path={path} "))
+            })
+            .filter_map(|l| {
+                l.split("status=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl Drop for Gateway {
@@ -361,3 +402,80 @@ fn status_page_lists_every_node_and_shows_a_killed_one_as_gone() {
     let m = String::from_utf8(curl(&format!("{}/-/metrics", gw.url), &[]).body).unwrap();
     assert!(m.contains("cfs_gets_served"), "{m}");
 }
+
+/// A published static site renders in headless Chromium: the page, its stylesheet and its
+/// image are all fetched through the gateway with status 200, and a screenshot is made.
+#[test]
+fn a_published_site_renders_in_headless_chromium() {
+    if Command::new("chromium").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must install chromium");
+        eprintln!("chromium is not installed: skipping (CI installs it)");
+        return;
+    }
+    let mut cluster = Cluster::start(3, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let src = cluster.dir.path().join("site");
+    std::fs::create_dir_all(src.join("css")).unwrap();
+    std::fs::write(
+        src.join("index.html"),
+        "<!doctype html><html><head><link rel=stylesheet href=css/style.css></head>\
+         <body><h1>cfs</h1><img src=dot.png></body></html>",
+    )
+    .unwrap();
+    std::fs::write(src.join("css/style.css"), "h1 { color: teal }").unwrap();
+    std::fs::write(src.join("dot.png"), PNG_1X1).unwrap();
+    let key = cluster.dir.path().join("k.key");
+    cfs_ok(&["keygen", key.to_str().unwrap()]);
+    let fsid = publish(&cluster, &src, &key);
+    let gw = Gateway::start(&cluster.addr(0), &[]);
+    let shot = cluster.dir.path().join("shot.png");
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+        ])
+        .args([
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+        ])
+        .args([
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=800,400",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("{}/{fsid}/", gw.url))
+        .output()
+        .unwrap();
+    assert!(
+        shot.exists() && std::fs::metadata(&shot).unwrap().len() > 1000,
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in ["", "css/style.css", "dot.png"] {
+        let path = format!("/{fsid}/{p}");
+        eventually(Duration::from_secs(5), "the access log", || {
+            (!gw.statuses(&path).is_empty()).then_some(())
+        });
+        assert!(
+            gw.statuses(&path).iter().all(|s| *s == 200),
+            "{path}: {:?}",
+            gw.statuses(&path)
+        );
+    }
+}
+
+/// A 1x1 PNG.
+const PNG_1X1: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
+    0x89, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0xf8, 0xcf, 0xc0, 0xf0,
+    0x1f, 0x00, 0x05, 0x00, 0x01, 0xff, 0x89, 0x99, 0x3d, 0x1d, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45,
+    0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+];

@@ -463,11 +463,15 @@ async fn handle<R: BlockService>(
         );
     }
     let deadline = gw.opts.request_timeout;
-    match tokio::time::timeout(deadline, gw.respond(method, uri, headers)).await {
+    let (m, path) = (method.clone(), uri.path().to_string());
+    let r = match tokio::time::timeout(deadline, gw.respond(method, uri, headers)).await {
         Ok(r) => r,
         Err(_) => text(
             StatusCode::GATEWAY_TIMEOUT,
             format!("no answer from the ring within {} s", deadline.as_secs()),
         ),
-    }
+    };
+    // The access log, at debug level (`RUST_LOG=cfs_fuse::gateway=debug`).
+    tracing::debug!(client = %addr, method = %m, path, status = r.status().as_u16(), "request");
+    r
 }
