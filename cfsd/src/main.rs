@@ -38,6 +38,11 @@ struct Args {
     /// Serve Prometheus metrics over HTTP at this address.
     #[arg(long)]
     metrics: Option<String>,
+    /// Also serve published trees over HTTP at this address: runs `cfs gateway` (the `cfs`
+    /// next to this binary, or on PATH) against this node, stopped with it. Its URL is
+    /// written to DIR/gateway.
+    #[arg(long)]
+    gateway: Option<String>,
     /// Storage a source address may use, in MiB.
     #[arg(long, default_value_t = 65536)]
     quota_mb: u64,
@@ -165,10 +170,63 @@ async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("binding metrics address {m}"))?;
         tokio::spawn(serve_metrics(l, node.clone()));
     }
+    let gateway = match &args.gateway {
+        Some(g) => Some(start_gateway(g, addr, &args.data)?),
+        None => None,
+    };
     tracing::info!(%addr, ids = ?node.ids(), "cfsd running");
     cfsd::daemon::wait_for_signal().await;
     tracing::info!("shutting down");
+    if let Some(mut g) = gateway {
+        let _ = g.kill();
+        let _ = g.wait();
+    }
     Ok(())
+}
+
+/// `cfs gateway --listen LISTEN --node ADDR` as a child that dies with this process (the
+/// gateway needs the client's reader, which links `cfsd`, so it runs as its own binary).
+/// Its URL goes to DIR/gateway once it listens.
+fn start_gateway(
+    listen: &str,
+    node: SocketAddr,
+    data: &std::path::Path,
+) -> Result<std::process::Child> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let sibling = std::env::current_exe()?.with_file_name("cfs");
+    let cfs = if sibling.exists() {
+        sibling
+    } else {
+        PathBuf::from("cfs")
+    };
+    let mut cmd = std::process::Command::new(&cfs);
+    cmd.args(["gateway", "--listen", listen, "--node", &node.to_string()])
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; it only asks for SIGTERM when the parent dies.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {} gateway (is cfs installed?)", cfs.display()))?;
+    let out = child.stdout.take().expect("piped");
+    let file = data.join("gateway");
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        if std::io::BufReader::new(out).read_line(&mut line).is_ok() {
+            if let Some(url) = line.trim().strip_prefix("gateway listening on ") {
+                let tmp = file.with_extension("tmp");
+                if std::fs::write(&tmp, format!("{url}\n")).is_ok() {
+                    let _ = std::fs::rename(&tmp, &file);
+                }
+            }
+        }
+    });
+    Ok(child)
 }
 
 /// A minimal HTTP endpoint: any request gets the Prometheus text.

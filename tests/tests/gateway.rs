@@ -360,19 +360,28 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// `cfsd --gateway` runs a gateway beside each node (URL in DATA/gateway), stopped with
+/// it; the status page lists every node of the ring and shows a killed one as gone.
 #[test]
 fn status_page_lists_every_node_and_shows_a_killed_one_as_gone() {
-    let mut cluster = Cluster::start(5, &[]);
+    let mut cluster = Cluster::start(5, &["--gateway", "127.0.0.1:0"]);
     cluster.wait_ring(Duration::from_secs(30));
-    let gw = Gateway::start(&cluster.addr(0), &["--timeout", "3"]);
-    let ring = |gw: &Gateway| {
-        let g = curl(&format!("{}/-/ring?format=json", gw.url), &[]);
+    let url_of = |i: usize| {
+        let f = cluster.nodes[i].data.join("gateway");
+        eventually(Duration::from_secs(20), "cfsd's gateway to listen", || {
+            let u = std::fs::read_to_string(&f).ok()?;
+            Some(u.trim().trim_end_matches('/').to_string())
+        })
+    };
+    let (url, url3) = (url_of(0), url_of(3));
+    let ring = || {
+        let g = curl(&format!("{url}/-/ring?format=json"), &[]);
         assert_eq!(g.status, 200);
         serde_json::from_slice::<serde_json::Value>(&g.body).unwrap()
     };
     let addrs: Vec<String> = (0..5).map(|i| cluster.addr(i)).collect();
     eventually(Duration::from_secs(20), "all five nodes listed", || {
-        let j = ring(&gw);
+        let j = ring();
         let listed: Vec<&str> = j["nodes"]
             .as_array()
             .unwrap()
@@ -381,13 +390,14 @@ fn status_page_lists_every_node_and_shows_a_killed_one_as_gone() {
             .collect();
         (j["up"] == 5 && addrs.iter().all(|a| listed.contains(&a.as_str()))).then_some(())
     });
+    assert_eq!(curl(&format!("{url3}/-/metrics"), &[]).status, 200);
     cluster.kill(3);
     let gone = addrs[3].clone();
     eventually(
         Duration::from_secs(20),
         "the killed node shown as gone",
         || {
-            let j = ring(&gw);
+            let j = ring();
             let n = j["nodes"]
                 .as_array()
                 .unwrap()
@@ -397,10 +407,16 @@ fn status_page_lists_every_node_and_shows_a_killed_one_as_gone() {
             (n["up"] == false && j["up"] == 4).then_some(())
         },
     );
-    let page = String::from_utf8(curl(&format!("{}/", gw.url), &[]).body).unwrap();
+    let page = String::from_utf8(curl(&format!("{url}/"), &[]).body).unwrap();
     assert!(page.contains(&gone) && page.contains("gone"), "{page}");
-    let m = String::from_utf8(curl(&format!("{}/-/metrics", gw.url), &[]).body).unwrap();
+    let m = String::from_utf8(curl(&format!("{url}/-/metrics"), &[]).body).unwrap();
     assert!(m.contains("cfs_gets_served"), "{m}");
+    // The killed node's gateway went with it.
+    eventually(
+        Duration::from_secs(10),
+        "the gateway to stop with its node",
+        || (curl(&format!("{url3}/"), &[]).status == 0).then_some(()),
+    );
 }
 
 /// A published static site renders in headless Chromium: the page, its stylesheet and its
