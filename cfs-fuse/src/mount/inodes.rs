@@ -39,6 +39,8 @@ pub enum Node {
 struct Entry {
     node: Node,
     lookups: u64,
+    /// `dirs_added` when a directory entry was made (0 for files).
+    seq: u64,
 }
 
 pub struct InodeTable {
@@ -75,6 +77,7 @@ impl InodeTable {
                     key: Some(root.top),
                 },
                 lookups: 1,
+                seq: 0,
             },
         );
         InodeTable {
@@ -154,11 +157,12 @@ impl InodeTable {
         } else {
             natural
         };
+        let seq = self.dirs_added + 1;
         let node = match e.kind {
             EntryKind::Dir => {
                 self.dirs.insert((parent, e.name.to_vec()), ino);
                 self.children.entry(parent).or_default().insert(ino);
-                self.dirs_added += 1;
+                self.dirs_added = seq;
                 Node::Dir {
                     parent,
                     name: e.name.to_vec(),
@@ -170,8 +174,30 @@ impl InodeTable {
                 Node::Leaf { key: e.key }
             }
         };
-        self.nodes.insert(ino, Entry { node, lookups: 1 });
+        self.nodes.insert(
+            ino,
+            Entry {
+                node,
+                lookups: 1,
+                seq,
+            },
+        );
         ino
+    }
+
+    /// Held directories first looked up after `dirs_added` was `since`, oldest first:
+    /// (number, parent, name).
+    pub fn dirs_added_since(&self, since: u64) -> Vec<(u64, u64, Vec<u8>)> {
+        self.nodes
+            .iter()
+            .filter(|(_, e)| e.seq > since)
+            .filter_map(|(ino, e)| match &e.node {
+                Node::Dir { parent, name, .. } => Some((e.seq, (*ino, *parent, name.clone()))),
+                Node::Leaf { .. } => None,
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_values()
+            .collect()
     }
 
     /// The kernel dropped `n` lookups of `ino`.
@@ -236,21 +262,6 @@ impl InodeTable {
         {
             *key = new;
         }
-    }
-
-    /// Held directories whose path has `ino` on it, `ino` excluded.
-    pub fn subtree_dirs(&self, ino: u64) -> Vec<u64> {
-        let mut out = Vec::new();
-        let mut todo = vec![ino];
-        while let Some(d) = todo.pop() {
-            if let Some(kids) = self.children.get(&d) {
-                for k in kids {
-                    out.push(*k);
-                    todo.push(*k);
-                }
-            }
-        }
-        out
     }
 }
 
@@ -334,6 +345,19 @@ mod tests {
     }
 
     #[test]
+    fn directories_added_since_a_point_come_oldest_first() {
+        let mut t = InodeTable::new(root());
+        let a = t.remember(ROOT_INO, &dir("a", "a1"));
+        let mark = t.dirs_added;
+        let b = t.remember(a, &dir("b", "b1"));
+        let c = t.remember(b, &dir("c", "c1"));
+        t.remember(c, &file("f", "f1"));
+        let since: Vec<u64> = t.dirs_added_since(mark).iter().map(|x| x.0).collect();
+        assert_eq!(since, vec![b, c]);
+        assert_eq!(t.dirs_added_since(0)[0], (a, ROOT_INO, b"a".to_vec()));
+    }
+
+    #[test]
     fn a_collision_gets_a_counted_number() {
         let mut t = InodeTable::new(root());
         let e = file("f", "k");
@@ -346,6 +370,7 @@ mod tests {
                     key: Id::hash(b"other"),
                 },
                 lookups: 1,
+                seq: 0,
             },
         );
         let got = t.remember(ROOT_INO, &e);

@@ -130,14 +130,18 @@ impl<R: BlockService> Fs<R> {
                     // Lookups in the old tree added directories meanwhile: diff again.
                     continue;
                 }
-                // Keys of directories added under a changed one are unknown: drop them
-                // (a lookup re-resolves the path) and make the kernel ask again.
-                for (ino, _) in d.keys.clone() {
-                    for sub in t.subtree_dirs(ino) {
-                        if !d.keys.iter().any(|(k, _)| *k == sub) {
-                            d.keys.push((sub, None));
-                            d.inv.inodes.push(sub);
-                        }
+                // Still racing: directories looked up during the diff, under a directory
+                // that changed, have keys of the old tree the diff did not see. Drop those
+                // keys and make the kernel look the names up again; every other held
+                // directory keeps the key the diff found (or its old one, unchanged).
+                let mut changed: std::collections::HashSet<u64> =
+                    d.keys.iter().map(|(ino, _)| *ino).collect();
+                // Oldest first: a parent is looked up before its children.
+                for (ino, parent, name) in t.dirs_added_since(added) {
+                    if changed.contains(&parent) && changed.insert(ino) {
+                        d.keys.push((ino, None));
+                        d.inv.entries.push((parent, name));
+                        d.inv.inodes.push(ino);
                     }
                 }
             }
