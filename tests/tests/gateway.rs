@@ -247,6 +247,14 @@ fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
     assert!(g.header("cache-control").unwrap().contains("max-age=1"));
     let g = curl(&u("five"), &["-H", &format!("If-None-Match: {etag}")]);
     assert_eq!((g.status, g.body.len()), (304, 0));
+    // A range of another version than the client holds is not spliced: the whole file.
+    let g = curl(&u("five"), &["-r", "0-9", "-H", "If-Range: \"0000\""]);
+    assert!(g.status == 200 && g.body == five);
+    let g = curl(
+        &u("five"),
+        &["-r", "0-9", "-H", &format!("If-Range: {etag}")],
+    );
+    assert!(g.status == 206 && g.body == five[..10]);
     let pinned = format!("{}/{fsid}@1/five", gw.url);
     let g = curl(&pinned, &["-I"]);
     assert!(g.header("cache-control").unwrap().contains("immutable"));

@@ -74,8 +74,14 @@ pub fn parse_ranges(value: Option<&str>, size: u64) -> Ranges {
             out.push(r);
         }
     }
+    let asked = out
+        .iter()
+        .try_fold(0u64, |n, r| n.checked_add(r.end - r.start));
     if out.is_empty() || out.len() > MAX_RANGES {
         Ranges::Unsatisfiable
+    } else if out.len() > 1 && asked.is_none_or(|n| n > size) {
+        // Overlapping ranges asking for more than the file: send it once instead.
+        Ranges::Whole
     } else {
         Ranges::Some(out)
     }
@@ -157,7 +163,15 @@ pub fn file_response<R: BlockService>(
             .expect("valid response");
     }
     let head = method == Method::HEAD;
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    // A range of another version than the client holds would splice two versions.
+    let if_range_ok = headers
+        .get(header::IF_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.trim() == etag);
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| if_range_ok);
     let (status, len, body): (StatusCode, u64, BoxStream<'static, _>) = match parse_ranges(
         range, size,
     ) {
@@ -252,6 +266,16 @@ mod tests {
         assert_eq!(parse_ranges(Some("bytes=0-"), 0), Ranges::Unsatisfiable);
         let many = format!("bytes={}", vec!["0-0"; 65].join(","));
         assert_eq!(p(&many), Ranges::Unsatisfiable);
+        assert_eq!(
+            p("bytes=0-,0-"),
+            Ranges::Whole,
+            "more than the file: sent once"
+        );
+        assert_eq!(
+            parse_ranges(Some("bytes=0-,0-"), u64::MAX),
+            Ranges::Whole,
+            "no overflow"
+        );
     }
 
     #[test]

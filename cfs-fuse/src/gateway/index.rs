@@ -38,7 +38,11 @@ pub async fn listing<R: BlockService>(
 ) -> Result<(Vec<(DirEntry, std::sync::Arc<Inode>)>, usize), FsError> {
     let all = reader.list(dir).await?;
     let pages = all.len().div_ceil(PAGE).max(1);
-    let chosen: Vec<DirEntry> = all.into_iter().skip(page * PAGE).take(PAGE).collect();
+    let chosen: Vec<DirEntry> = all
+        .into_iter()
+        .skip(page.saturating_mul(PAGE))
+        .take(PAGE)
+        .collect();
     reader.prefetch_entries(chosen.iter().map(|e| e.key).collect());
     let mut out = Vec::with_capacity(chosen.len());
     for e in chosen {

@@ -68,6 +68,8 @@ impl Default for GatewayOpts {
 
 /// Client addresses whose token buckets are kept at most (least recently seen go).
 const MAX_TRACKED: usize = 16_384;
+/// Pinned-version roots kept.
+const MAX_PINNED: usize = 1024;
 
 struct Bucket {
     tokens: f64,
@@ -81,6 +83,8 @@ struct Gateway<R> {
     /// highest seen, below which no root is taken.
     newest: Mutex<HashMap<Id, (RootBlock, Instant)>>,
     rates: Mutex<lru::LruCache<IpAddr, Bucket>>,
+    /// Roots of pinned versions: they never change, and each costs a walk of the chain.
+    pinned: Mutex<lru::LruCache<(Id, u64), RootBlock>>,
     status: Option<RingStatus>,
 }
 
@@ -197,6 +201,9 @@ pub async fn serve<R: BlockService>(
         rates: Mutex::new(lru::LruCache::new(
             std::num::NonZeroUsize::new(MAX_TRACKED).expect("non-zero"),
         )),
+        pinned: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(MAX_PINNED).expect("non-zero"),
+        )),
         opts: opts.clone(),
     });
     let app = axum::Router::new().fallback(handle::<R>).with_state(gw);
@@ -260,8 +267,13 @@ impl<R: BlockService> Gateway<R> {
     /// The root to serve: version `v`, or the newest, fetched again after `poll` and
     /// never older than the highest version seen.
     async fn root(&self, fsid: Id, v: Option<u64>) -> Result<RootBlock, FsError> {
-        if v.is_some() {
-            return self.reader.root(fsid, v).await;
+        if let Some(v) = v {
+            if let Some(r) = self.pinned.lock().unwrap().get(&(fsid, v)) {
+                return Ok(r.clone());
+            }
+            let r = self.reader.root(fsid, Some(v)).await?;
+            self.pinned.lock().unwrap().put((fsid, v), r.clone());
+            return Ok(r);
         }
         if let Some((r, at)) = self.newest.lock().unwrap().get(&fsid) {
             if at.elapsed() < self.opts.poll {
@@ -286,10 +298,13 @@ impl<R: BlockService> Gateway<R> {
                 newest.insert(fsid, (r.clone(), Instant::now()));
                 Ok(r)
             }
-            // The ring is away: keep serving the version already known.
+            // The ring is away: keep serving the version already known, and do not ask
+            // again before the next poll (each request would wait out the deadline).
             (Err(e), Some((known, _))) => {
                 tracing::warn!(%fsid, "newest root not refreshed: {e}");
-                Ok(known.clone())
+                let known = known.clone();
+                newest.insert(fsid, (known.clone(), Instant::now()));
+                Ok(known)
             }
             (Err(e), None) => Err(e),
         }
@@ -398,7 +413,8 @@ impl<R: BlockService> Gateway<R> {
         Response::builder()
             .header(header::CONTENT_TYPE, ctype)
             .header(header::CACHE_CONTROL, cache)
-            .header(header::ETAG, format!("\"{}-{page}\"", key.to_hex()))
+            // Weak: the page also shows the version, and HTML and JSON differ.
+            .header(header::ETAG, format!("W/\"{}-{page}\"", key.to_hex()))
             .header(header::CONTENT_LENGTH, len)
             .body(if method == Method::HEAD {
                 Body::empty()

@@ -16,6 +16,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const MAX_NODES: usize = 4096;
 /// How long one node may take to answer a status request.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A report is reused this long: the page must not make the gateway ask every node per
+/// request.
+const REPORT_TTL: Duration = Duration::from_secs(2);
+/// Nodes asked per report at most.
+const MAX_ASKED: usize = 256;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeReport {
@@ -32,7 +37,7 @@ pub struct NodeReport {
     pub drops_deferred: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 pub struct RingReport {
     pub entry: String,
     pub nodes: Vec<NodeReport>,
@@ -44,6 +49,8 @@ pub struct RingStatus {
     client: Client,
     entry: SocketAddr,
     known: Mutex<BTreeMap<SocketAddr, NodeReport>>,
+    /// The last report and when it was made; one walk at a time.
+    last: tokio::sync::Mutex<Option<(std::time::Instant, RingReport)>>,
 }
 
 fn now() -> u64 {
@@ -58,11 +65,25 @@ impl RingStatus {
             client,
             entry,
             known: Mutex::new(BTreeMap::new()),
+            last: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// Walk the ring and ask every node; merge with the nodes known before.
+    /// The ring's report, made at most every `REPORT_TTL` (concurrent callers share it).
     pub async fn report(&self) -> RingReport {
+        let mut last = self.last.lock().await;
+        if let Some((at, r)) = &*last {
+            if at.elapsed() < REPORT_TTL {
+                return r.clone();
+            }
+        }
+        let r = self.walk().await;
+        *last = Some((std::time::Instant::now(), r.clone()));
+        r
+    }
+
+    /// Walk the ring and ask every node; merge with the nodes known before.
+    async fn walk(&self) -> RingReport {
         let members =
             match tokio::time::timeout(ASK_TIMEOUT * 5, self.client.ring(self.entry)).await {
                 Ok(Ok(m)) => m,
@@ -72,6 +93,7 @@ impl RingStatus {
         addrs.extend(self.known.lock().unwrap().keys().copied());
         addrs.sort();
         addrs.dedup();
+        addrs.truncate(MAX_ASKED);
         let asks = addrs.iter().map(|a| {
             let (c, a) = (self.client.clone(), *a);
             async move { (a, tokio::time::timeout(ASK_TIMEOUT, c.status(a)).await) }

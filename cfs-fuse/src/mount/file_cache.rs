@@ -217,7 +217,22 @@ impl FileCache {
     /// Open (creating) the cache directory and index what it holds, oldest first.
     /// Temporary files of dead processes are removed.
     pub(super) fn open(opts: FileCacheOpts) -> std::io::Result<FileCache> {
-        std::fs::create_dir_all(&opts.dir)?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&opts.dir)?;
+        }
+        // Cache files are trusted by their recorded identity: only their owner may be able
+        // to write here.
+        let md = std::fs::metadata(&opts.dir)?;
+        if md.mode() & 0o022 != 0 || md.uid() != unsafe { libc::geteuid() } {
+            return Err(std::io::Error::other(format!(
+                "{} is writable by others or not ours: give the file cache a private directory",
+                opts.dir.display()
+            )));
+        }
         let mut found = Vec::new();
         for e in std::fs::read_dir(&opts.dir)? {
             let e = e?;
@@ -428,11 +443,11 @@ impl FileCache {
             ix.next_tmp,
             key.to_hex()
         ));
+        // create_new: never through a link or into a file someone else made.
         let file = std::fs::File::options()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&tmp)
             .and_then(|f| f.set_len(size).map(|_| f));
         let file = match file {
