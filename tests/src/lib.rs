@@ -239,6 +239,33 @@ fn read_addr(data: &Path) -> SocketAddr {
 }
 
 impl Cluster {
+    /// `cfs publish DIR --key KEY` through node `node`; returns (fsid, version).
+    pub fn publish(&self, dir: &Path, key: &Path, node: usize) -> (String, u64) {
+        let out = cfs_ok(&[
+            "publish",
+            dir.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--node",
+            &self.addr(node),
+        ]);
+        let mut it = out.split_whitespace();
+        let fsid = it.next().unwrap().to_string();
+        let version = it.next().unwrap().parse().unwrap();
+        (fsid, version)
+    }
+
+    /// A new publisher key in the cluster's directory.
+    pub fn keygen(&self) -> PathBuf {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let key = self.dir.path().join(format!("k{n}.key"));
+        cfs_ok(&["keygen", key.to_str().unwrap()]);
+        key
+    }
+
     /// Start `n` nodes; each joins through the first. `extra` goes to every cfsd.
     pub fn start(n: usize, extra: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()

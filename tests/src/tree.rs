@@ -174,3 +174,21 @@ pub fn compare_trees(src: &Path, mnt: &Path) {
         }
     }
 }
+
+/// `diff -r ARGS a b` finds no difference (the output is shown when it does).
+pub fn assert_diff_r(a: &Path, b: &Path, args: &[&str]) {
+    let diff = std::process::Command::new("diff")
+        .arg("-r")
+        .args(args)
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "diff -r {} {}: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&diff.stdout)
+    );
+}

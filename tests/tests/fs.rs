@@ -1,7 +1,7 @@
 //! Issue 3: publish and mount, on a multi-process ring with real FUSE mounts.
 
 use cfs_core::Id;
-use cfs_tests::tree::{compare_trees, pattern, sample_tree};
+use cfs_tests::tree::{assert_diff_r, compare_trees, pattern, sample_tree};
 use cfs_tests::{cfs, cfs_ok, eventually, Cluster, Mount};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
@@ -27,35 +27,6 @@ fn sh_ok(dir: &Path, script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Publish `dir` with `key`; returns (fsid, version).
-fn publish(cluster: &Cluster, dir: &Path, key: &Path, node: usize) -> (String, u64) {
-    let out = cfs_ok(&[
-        "publish",
-        dir.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--node",
-        &cluster.addr(node),
-    ]);
-    let mut it = out.split_whitespace();
-    let fsid = it.next().unwrap().to_string();
-    let version = it.next().unwrap().parse().unwrap();
-    (fsid, version)
-}
-
-fn keygen(cluster: &Cluster) -> std::path::PathBuf {
-    let key = cluster.dir.path().join(format!("k{}.key", rand_suffix()));
-    cfs_ok(&["keygen", key.to_str().unwrap()]);
-    key
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
 fn erofs<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) {
     match r {
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
@@ -78,23 +49,13 @@ fn published_tree_reads_back_identical_and_ordinary_tools_work() {
         &repo,
         "git init -q . && git add file.txt && git -c user.name=t -c user.email=t@t commit -qm init",
     );
-    let key = keygen(&cluster);
-    let (fsid, version) = publish(&cluster, &src, &key, 1);
+    let key = cluster.keygen();
+    let (fsid, version) = cluster.publish(&src, &key, 1);
     assert_eq!(version, 1);
 
     let mnt = cluster.dir.path().join("mnt");
     let _m = Mount::start(&fsid, &mnt, &cluster.addr(2), &[]);
-    let diff = Command::new("diff")
-        .args(["-r", "--no-dereference"])
-        .arg(&src)
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        diff.status.success(),
-        "diff -r: {}",
-        String::from_utf8_lossy(&diff.stdout)
-    );
+    assert_diff_r(&src, &mnt, &["--no-dereference"]);
     compare_trees(&src, &mnt);
 
     // tar, cp -a, find | xargs sha1sum.
@@ -183,8 +144,8 @@ fn republish_shows_in_live_mount_and_old_versions_stay_mountable() {
     std::fs::write(src.join("a.txt"), "version one\n").unwrap();
     std::fs::write(src.join("sub/gone.txt"), "to be removed\n").unwrap();
     std::fs::write(src.join("big"), pattern(700_000, 7)).unwrap();
-    let key = keygen(&cluster);
-    let (fsid, v1) = publish(&cluster, &src, &key, 0);
+    let key = cluster.keygen();
+    let (fsid, v1) = cluster.publish(&src, &key, 0);
     let mnt = cluster.dir.path().join("mnt");
     let _m = Mount::start(&fsid, &mnt, &cluster.addr(1), &["--poll", "1"]);
     // Cache the pages of a.txt and big in the kernel.
@@ -199,7 +160,7 @@ fn republish_shows_in_live_mount_and_old_versions_stay_mountable() {
     std::fs::write(src.join("sub/new.txt"), "added\n").unwrap();
     std::fs::remove_file(src.join("sub/gone.txt")).unwrap();
     std::fs::write(src.join("big"), pattern(700_000, 8)).unwrap();
-    let (fsid2, v2) = publish(&cluster, &src, &key, 2);
+    let (fsid2, v2) = cluster.publish(&src, &key, 2);
     assert_eq!((fsid2.as_str(), v2), (fsid.as_str(), v1 + 1));
 
     let t0 = Instant::now();
@@ -256,8 +217,8 @@ fn mount_survives_its_node_dying_and_a_killed_mount_is_cleared() {
         )
         .unwrap();
     }
-    let key = keygen(&cluster);
-    let (fsid, _) = publish(&cluster, &src, &key, 0);
+    let key = cluster.keygen();
+    let (fsid, _) = cluster.publish(&src, &key, 0);
     let mnt = cluster.dir.path().join("mnt");
     let mut m = Mount::start(&fsid, &mnt, &cluster.addr(0), &[]);
     assert!(std::fs::read(mnt.join("f0")).unwrap() == pattern(50_000, 0));
@@ -319,8 +280,8 @@ fn missing_fsid_is_a_clear_error_and_corrupt_replicas_are_refused() {
     std::fs::create_dir(&src).unwrap();
     let content = pattern(100_000, 99);
     std::fs::write(src.join("file"), &content).unwrap();
-    let key = keygen(&cluster);
-    let (fsid, _) = publish(&cluster, &src, &key, 0);
+    let key = cluster.keygen();
+    let (fsid, _) = cluster.publish(&src, &key, 0);
     let block = Id::hash(&content).to_hex();
     let holders: Vec<String> = cfs_ok(&["block", "locate", &block, "--node", &cluster.addr(0)])
         .lines()
@@ -397,8 +358,8 @@ fn reads_fail_with_eio_when_the_ring_is_gone_and_work_again_when_it_returns() {
     std::fs::create_dir(&src).unwrap();
     std::fs::write(src.join("a"), pattern(300_000, 1)).unwrap();
     std::fs::write(src.join("b"), pattern(300_000, 2)).unwrap();
-    let key = keygen(&cluster);
-    let (fsid, _) = publish(&cluster, &src, &key, 0);
+    let key = cluster.keygen();
+    let (fsid, _) = cluster.publish(&src, &key, 0);
     let mnt = cluster.dir.path().join("mnt");
     let _m = Mount::start(&fsid, &mnt, &cluster.addr(0), &["--timeout", "3"]);
     // Look b up while the ring is there, so only its data blocks are missing later.
@@ -494,8 +455,8 @@ fn mount_helper_form_returns_once_live_for_fstab() {
     let src = cluster.dir.path().join("src");
     std::fs::create_dir(&src).unwrap();
     std::fs::write(src.join("f"), "via fstab\n").unwrap();
-    let key = keygen(&cluster);
-    let (fsid, _) = publish(&cluster, &src, &key, 0);
+    let key = cluster.keygen();
+    let (fsid, _) = cluster.publish(&src, &key, 0);
     let mnt = cluster.dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     // What mount.fuse3 runs for `mount -t fuse.cfs FSID DIR -o ...` (an fstab line).

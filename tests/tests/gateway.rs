@@ -1,9 +1,8 @@
 //! Issue 15: `cfs gateway` against a real ring, checked with curl and wget.
 
-use cfs_tests::tree::pattern;
-use cfs_tests::{bin, cfs_ok, eventually, Cluster};
+use cfs_tests::tree::{assert_diff_r, pattern};
+use cfs_tests::{bin, eventually, Cluster};
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -139,18 +138,6 @@ fn curl(url: &str, args: &[&str]) -> Got {
     }
 }
 
-fn publish(cluster: &Cluster, dir: &Path, key: &Path) -> String {
-    let out = cfs_ok(&[
-        "publish",
-        dir.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--node",
-        &cluster.addr(0),
-    ]);
-    out.split_whitespace().next().unwrap().to_string()
-}
-
 #[test]
 fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
     let mut cluster = Cluster::start(3, &[]);
@@ -176,9 +163,8 @@ fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
     std::fs::write(src.join("site/img.png"), pattern(3000, 5)).unwrap();
     std::os::unix::fs::symlink("five", src.join("link")).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", src.join("bad/escape")).unwrap();
-    let key = cluster.dir.path().join("k.key");
-    cfs_ok(&["keygen", key.to_str().unwrap()]);
-    let fsid = publish(&cluster, &src, &key);
+    let key = cluster.keygen();
+    let fsid = cluster.publish(&src, &key, 0).0;
     let gw = Gateway::start(&cluster.addr(1), &["--timeout", "3"]);
     let u = |p: &str| format!("{}/{fsid}/{p}", gw.url);
 
@@ -316,21 +302,11 @@ fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
     for d in ["", "dir", "dir/sub"] {
         std::fs::remove_file(mirror.join(d).join("index.html")).unwrap();
     }
-    let diff = Command::new("diff")
-        .args(["-r", "-x", "bad"])
-        .arg(&src)
-        .arg(&mirror)
-        .output()
-        .unwrap();
-    assert!(
-        diff.status.success(),
-        "mirror differs: {}",
-        String::from_utf8_lossy(&diff.stdout)
-    );
+    assert_diff_r(&src, &mirror, &["-x", "bad"]);
 
     // A new version shows at the newest URL after the poll; the old one stays.
     std::fs::write(src.join("five"), b"version two").unwrap();
-    publish(&cluster, &src, &key);
+    cluster.publish(&src, &key, 0);
     eventually(Duration::from_secs(20), "the newest URL to follow", || {
         (curl(&u("five"), &[]).body == b"version two").then_some(())
     });
@@ -436,7 +412,7 @@ fn a_published_site_renders_in_headless_chromium() {
         eprintln!("chromium is not installed: skipping (CI installs it)");
         return;
     }
-    let mut cluster = Cluster::start(3, &[]);
+    let cluster = Cluster::start(3, &[]);
     cluster.wait_ring(Duration::from_secs(30));
     let src = cluster.dir.path().join("site");
     std::fs::create_dir_all(src.join("css")).unwrap();
@@ -448,9 +424,8 @@ fn a_published_site_renders_in_headless_chromium() {
     .unwrap();
     std::fs::write(src.join("css/style.css"), "h1 { color: teal }").unwrap();
     std::fs::write(src.join("dot.png"), PNG_1X1).unwrap();
-    let key = cluster.dir.path().join("k.key");
-    cfs_ok(&["keygen", key.to_str().unwrap()]);
-    let fsid = publish(&cluster, &src, &key);
+    let key = cluster.keygen();
+    let fsid = cluster.publish(&src, &key, 0).0;
     let gw = Gateway::start(&cluster.addr(0), &[]);
     let shot = cluster.dir.path().join("shot.png");
     let profile = tempfile::tempdir().unwrap();
