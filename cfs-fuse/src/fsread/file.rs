@@ -16,6 +16,23 @@ const MAX_LISTING_PREFETCH: usize = 4096;
 /// Files up to this size have their data fetched with their inode after a listing.
 const SMALL_FILE_PREFETCH: u64 = 64 << 10;
 
+/// One piece of a read.
+pub enum Piece {
+    /// A range of a cached, verified block, shared.
+    Block(Arc<Vec<u8>>, Range<usize>),
+    /// Bytes of their own (a hole's zeros, inline data).
+    Owned(Vec<u8>),
+}
+
+impl Piece {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Piece::Block(b, r) => &b[r.clone()],
+            Piece::Owned(v) => v,
+        }
+    }
+}
+
 impl<R: BlockService> Reader<R> {
     /// The data block pointer for block `index` of a tree file (None = hole).
     async fn block_ptr(
@@ -56,6 +73,28 @@ impl<R: BlockService> Reader<R> {
         len: u64,
         stream: Option<&Mutex<Stream>>,
     ) -> Result<Vec<u8>, FsError> {
+        let mut pieces = self.read_pieces(file, offset, len, stream).await?;
+        if let [Piece::Owned(_)] = pieces.as_slice() {
+            if let Some(Piece::Owned(v)) = pieces.pop() {
+                return Ok(v);
+            }
+        }
+        let mut out = Vec::with_capacity(pieces.iter().map(|p| p.as_slice().len()).sum());
+        for p in &pieces {
+            out.extend_from_slice(p.as_slice());
+        }
+        Ok(out)
+    }
+
+    /// The same bytes as [`Reader::read_streamed`], as pieces: ranges of cached blocks
+    /// are shared, not copied (an HTTP body sends them as they are).
+    pub async fn read_pieces(
+        &self,
+        file: &Inode,
+        offset: u64,
+        len: u64,
+        stream: Option<&Mutex<Stream>>,
+    ) -> Result<Vec<Piece>, FsError> {
         let InodeBody::File { size, data } = &file.body else {
             return Err(FsError::IsDir(String::new()));
         };
@@ -63,7 +102,7 @@ impl<R: BlockService> Reader<R> {
             FileData::Inline(b) => {
                 let start = offset.min(b.len() as u64) as usize;
                 let end = offset.saturating_add(len).min(b.len() as u64) as usize;
-                return Ok(b[start..end].to_vec());
+                return Ok(vec![Piece::Owned(b[start..end].to_vec())]);
             }
             FileData::Tree {
                 block_size,
@@ -96,10 +135,10 @@ impl<R: BlockService> Reader<R> {
                 self.read_ahead(*size, block_size, depth, root, ahead);
             }
         }
-        let mut out = Vec::with_capacity(sp.iter().map(|s| s.end - s.start).sum());
+        let mut out = Vec::with_capacity(sp.len());
         for (s, p) in sp.iter().zip(ptrs) {
             match p {
-                None => out.resize(out.len() + (s.end - s.start), 0),
+                None => out.push(Piece::Owned(vec![0; s.end - s.start])),
                 Some(k) => {
                     let d = self.data(k).await?;
                     if d.len() != s.block_len {
@@ -112,7 +151,7 @@ impl<R: BlockService> Reader<R> {
                             ),
                         });
                     }
-                    out.extend_from_slice(&d[s.start..s.end]);
+                    out.push(Piece::Block(d, s.start..s.end));
                 }
             }
         }

@@ -4,7 +4,7 @@
 
 mod file;
 
-pub use file::{get, parse_get_spec};
+pub use file::{get, parse_get_spec, Piece};
 
 use crate::prefetch::WindowOpts;
 use crate::ring::{BlockService, RingError};

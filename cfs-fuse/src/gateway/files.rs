@@ -3,7 +3,7 @@
 //! the headers ends the stream with an error, so the connection is cut and the client
 //! sees a truncated response, never a complete-looking wrong one.
 
-use crate::fsread::Reader;
+use crate::fsread::{Piece, Reader};
 use crate::ring::BlockService;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
@@ -87,7 +87,17 @@ pub fn parse_ranges(value: Option<&str>, size: u64) -> Ranges {
     }
 }
 
-/// The body of `inode` between `range`, read chunk by chunk as the client takes it.
+/// A cached block shared with the HTTP body without a copy.
+struct Shared(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The body of `inode` between `range`, read chunk by chunk as the client takes it;
+/// cached blocks go out as they are, without a copy.
 fn body_stream<R: BlockService>(
     reader: Reader<R>,
     inode: Arc<Inode>,
@@ -101,8 +111,14 @@ fn body_stream<R: BlockService>(
                 return None;
             }
             let n = CHUNK.min(end - off);
-            let item = match reader.read_streamed(&inode, off, n, Some(&ahead)).await {
-                Ok(b) if b.len() as u64 == n => Ok(Bytes::from(b)),
+            let item = match reader.read_pieces(&inode, off, n, Some(&ahead)).await {
+                Ok(ps) if ps.iter().map(|p| p.as_slice().len() as u64).sum::<u64>() == n => Ok(ps
+                    .into_iter()
+                    .map(|p| match p {
+                        Piece::Block(b, r) => Bytes::from_owner(Shared(b)).slice(r),
+                        Piece::Owned(v) => Bytes::from(v),
+                    })
+                    .collect::<Vec<_>>()),
                 Ok(_) => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
                 Err(e) => {
                     tracing::warn!("response cut at byte {off}: {e}");
@@ -112,6 +128,10 @@ fn body_stream<R: BlockService>(
             let next = if item.is_ok() { off + n } else { end };
             Some((item, next))
         }
+    })
+    .flat_map(|r| match r {
+        Ok(v) => stream::iter(v.into_iter().map(Ok).collect::<Vec<_>>()),
+        Err(e) => stream::iter(vec![Err(e)]),
     })
     .boxed()
 }
