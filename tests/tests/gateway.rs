@@ -178,6 +178,9 @@ fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
             Some(want.len().to_string().as_str())
         );
     }
+    // HTTP/2 (cleartext, prior knowledge) serves the same bytes.
+    let g = curl(&u("five"), &["--http2-prior-knowledge"]);
+    assert!(g.status == 200 && g.body == five, "HTTP/2");
     let g = curl(&u("a%20b%26c.txt"), &[]);
     assert_eq!(
         (g.status, &g.body[..]),
