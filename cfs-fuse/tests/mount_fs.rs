@@ -189,7 +189,8 @@ async fn errors_are_typed() {
 
 /// A file read in parts, through separate opens, fills the file cache range by range:
 /// ranges already written are served from local disk (here with the ring offline), and
-/// once every byte is there the file is complete in the cache.
+/// once every byte is there the file is complete in the cache and later opens read it
+/// from there (by passthrough under FUSE; here, without it, by the mount itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_read_in_parts_fills_the_cache_across_opens() {
     let src = TempDir::new("mfs-part");
@@ -264,6 +265,21 @@ async fn a_file_read_in_parts_fills_the_cache_across_opens() {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(cache_dir.join(format!("{hex}.ok")).exists());
+        // Without passthrough (no FUSE here), a later open reads the complete cache file
+        // itself: the ring is not needed for any range.
+        let fh = open();
+        ring.offline.store(true, Ordering::SeqCst);
+        assert_eq!(
+            read(fh, half + bs, bs).unwrap(),
+            data[half + bs..half + 2 * bs]
+        );
+        assert_eq!(
+            read(fh, 0, data.len() + 10).unwrap(),
+            data,
+            "clipped at the end"
+        );
+        ring.offline.store(false, Ordering::SeqCst);
+        fs.release(fh);
     })
     .await
     .unwrap();

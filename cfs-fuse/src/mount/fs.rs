@@ -3,7 +3,7 @@
 //! over an in-memory ring.
 
 use super::file_cache::{FileCache, Fill};
-use super::handles::{Handles, Listing, Open, OpenFile};
+use super::handles::{FileRefs, Handles, Listing, Open, OpenFile};
 use super::inodes::{InodeTable, ROOT_INO};
 use super::MountOpts;
 use crate::fsread::{FsError, MemoryHold, Reader};
@@ -239,8 +239,8 @@ impl<R: BlockService> Fs<R> {
 
     /// Attributes of `ino`; an open file answers from the inode it opened.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<(FileAttr, Duration), OpError> {
-        if let Some((i, _, _)) = fh.and_then(|fh| self.handles.file(fh)) {
-            return Ok((self.attr(ino, &i), self.ttl(false)));
+        if let Some(f) = fh.and_then(|fh| self.handles.file(fh)) {
+            return Ok((self.attr(ino, &f.inode), self.ttl(false)));
         }
         let (_, is_dir, i) = self.inode_of(ino)?;
         Ok((self.attr(ino, &i), self.ttl(is_dir)))
@@ -298,13 +298,10 @@ impl<R: BlockService> Fs<R> {
         self.handles.remove(fh);
     }
 
-    /// A verified cache file of `key`, if one exists and passthrough is possible. A file
-    /// not yet checked in this process is re-hashed against the inode first.
+    /// A verified cache file of `key`, if one exists. A file whose recorded identity does
+    /// not match is re-hashed against the inode first.
     fn cache_file(&self, key: Id, inode: &Inode) -> Option<std::fs::File> {
         let fc = self.files.as_ref()?;
-        if !self.passthrough.load(Ordering::Relaxed) {
-            return None;
-        }
         fc.wait_finishing(key);
         let (f, verified) = fc.lookup(key, inode.size())?;
         if !verified {
@@ -343,18 +340,16 @@ impl<R: BlockService> Fs<R> {
             EntryKind::Dir => return Err(OpError::IsDir(ino)),
             EntryKind::Symlink => return Err(OpError::IsSymlink(ino)),
         }
-        let file = if self.handles.has_normal(ino) {
-            None
-        } else {
-            self.cache_file(key, &inode)
-        };
+        let file = self.cache_file(key, &inode);
         let mut modes = self.handles.modes.lock().unwrap();
         let m = modes.entry(ino).or_default();
-        if m.normal == 0 {
-            let backing = match (&m.backing, file) {
+        // The kernel reads the cache file itself when it can, and no handle on this
+        // number reads through us (it refuses to mix the two).
+        if self.passthrough.load(Ordering::Relaxed) && m.normal == 0 {
+            let backing = match (&m.backing, &file) {
                 // One backing file per inode while any passthrough open lives.
                 (Some(b), _) => Some(b.clone()),
-                (None, Some(f)) => match register(&f) {
+                (None, Some(f)) => match register(f) {
                     Ok(b) => Some(Arc::new(b)),
                     Err(e) => {
                         if self.passthrough.swap(false, Ordering::SeqCst) {
@@ -377,30 +372,56 @@ impl<R: BlockService> Fs<R> {
                     ino,
                     fill: None,
                     backing: Some(b.clone()),
+                    local: None,
                 }));
                 return Ok(Opened::Passthrough(fh, b));
             }
         }
         m.normal += 1;
         drop(modes);
-        let fill = self
-            .files
-            .as_ref()
-            .and_then(|fc| fc.fill(key, inode.size()));
+        // Without passthrough, a complete cache file is read by us; else the reads feed
+        // the cache.
+        let (local, fill) = match file {
+            Some(f) => (Some(Arc::new(f)), None),
+            None => (
+                None,
+                self.files
+                    .as_ref()
+                    .and_then(|fc| fc.fill(key, inode.size())),
+            ),
+        };
         Ok(Opened::Normal(self.handles.add(Open::File(OpenFile {
             stream: Arc::new(self.reader.stream_for(&inode)),
             inode,
             ino,
             fill,
             backing: None,
+            local,
         }))))
     }
 
     /// Bytes [offset, offset + size) of an open file. Call [`Fs::after_reply`] once they
     /// are handed to the kernel.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadOut<R>, OpError> {
-        let (inode, stream, fill) = self.handles.file(fh).ok_or(OpError::BadHandle(fh))?;
+        let FileRefs {
+            inode,
+            stream,
+            fill,
+            local,
+        } = self.handles.file(fh).ok_or(OpError::BadHandle(fh))?;
         let hold = self.reader.hold(size as usize);
+        if let Some(f) = local {
+            use std::os::unix::fs::FileExt;
+            let end = offset.saturating_add(size as u64).min(inode.size());
+            let mut data = vec![0u8; end.saturating_sub(offset) as usize];
+            f.read_exact_at(&mut data, offset)
+                .map_err(|e| OpError::Read(FsError::Io(e)))?;
+            return Ok(ReadOut {
+                data,
+                fill: None,
+                _hold: hold,
+            });
+        }
         // Ranges an earlier open of this file already wrote are read from local disk.
         if let Some(f) = &fill {
             let end = offset.saturating_add(size as u64);

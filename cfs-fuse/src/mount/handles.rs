@@ -12,7 +12,13 @@ use std::sync::{Arc, Mutex};
 /// A directory listing pinned in its handle, so offsets stay valid across versions.
 pub type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
 
-pub type FileRefs = (Arc<Inode>, Arc<Mutex<Stream>>, Option<Arc<Fill>>);
+/// What a read of an open file needs.
+pub struct FileRefs {
+    pub inode: Arc<Inode>,
+    pub stream: Arc<Mutex<Stream>>,
+    pub fill: Option<Arc<Fill>>,
+    pub local: Option<Arc<std::fs::File>>,
+}
 
 pub enum Open {
     File(OpenFile),
@@ -28,6 +34,8 @@ pub struct OpenFile {
     pub fill: Option<Arc<Fill>>,
     /// Set when the kernel reads a cache file directly; kept alive while open.
     pub backing: Option<Arc<BackingId>>,
+    /// A complete, verified cache file this handle reads itself (no passthrough).
+    pub local: Option<Arc<std::fs::File>>,
 }
 
 /// How a file number is open. The kernel refuses to mix modes on one inode: a normal
@@ -62,7 +70,12 @@ impl Handles {
     /// An open file handle's inode, read-ahead stream and fill.
     pub fn file(&self, fh: u64) -> Option<FileRefs> {
         match self.open.lock().unwrap().get(&fh) {
-            Some(Open::File(f)) => Some((f.inode.clone(), f.stream.clone(), f.fill.clone())),
+            Some(Open::File(f)) => Some(FileRefs {
+                inode: f.inode.clone(),
+                stream: f.stream.clone(),
+                fill: f.fill.clone(),
+                local: f.local.clone(),
+            }),
             _ => None,
         }
     }
@@ -72,15 +85,6 @@ impl Handles {
             Some(Open::Dir(l)) => Some(l.clone()),
             _ => None,
         }
-    }
-
-    /// Whether a handle through cfs (not passthrough) is open on `ino`.
-    pub fn has_normal(&self, ino: u64) -> bool {
-        self.modes
-            .lock()
-            .unwrap()
-            .get(&ino)
-            .is_some_and(|m| m.normal > 0)
     }
 
     /// Undo the mode count of a released file handle.
