@@ -272,20 +272,4 @@ where
     Ok(body)
 }
 
-/// Read one whole frame body (the client side: a reply from a peer it called, under the
-/// frame limit and bounded by the call's timeout, so allocated at once); Ok(None) on a
-/// clean end of stream before a frame starts.
-pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
-    let Some(len) = read_prefix(s).await? else {
-        return Ok(None);
-    };
-    // Read into spare capacity: no zeroing of a buffer that is about to be overwritten.
-    let mut body = Vec::with_capacity(len);
-    (&mut *s).take(len as u64).read_to_end(&mut body).await?;
-    if body.len() != len {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(Some(body))
-}
-
 pub use crate::server::{serve, ServerLimits};

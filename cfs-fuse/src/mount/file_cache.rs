@@ -104,6 +104,29 @@ struct CacheIndex {
     next_tmp: u64,
 }
 
+impl CacheIndex {
+    /// Take `fill` out of the fills in progress, if it is still the one there.
+    fn detach(&mut self, fill: &Arc<Fill>) -> bool {
+        let ours = self
+            .fills
+            .get(&fill.key)
+            .is_some_and(|f| Arc::ptr_eq(f, fill));
+        if ours {
+            self.fills.remove(&fill.key);
+        }
+        ours
+    }
+
+    /// Mark `fill` abandoned and give back the bytes it reserved; the caller removes its
+    /// temporary file once the lock is released.
+    fn abandon(&mut self, fill: &Arc<Fill>) {
+        fill.st.lock().unwrap().phase = FillPhase::Abandoned;
+        if self.detach(fill) {
+            self.bytes -= fill.size;
+        }
+    }
+}
+
 pub(super) struct FileCache {
     opts: FileCacheOpts,
     index: Mutex<CacheIndex>,
@@ -158,7 +181,6 @@ impl FillState {
 impl Fill {
     /// Bytes [start, end) if this fill holds them all (written from verified reads).
     pub(super) fn read_covered(&self, start: u64, end: u64) -> Option<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
         let end = end.min(self.size);
         if start >= end {
             return None;
@@ -173,10 +195,16 @@ impl Fill {
                 return None;
             }
         }
-        let mut buf = vec![0u8; (end - start) as usize];
-        self.file.read_exact_at(&mut buf, start).ok()?;
-        Some(buf)
+        read_range(&self.file, start, end).ok()
     }
+}
+
+/// Bytes [start, end) of a local file (one pread).
+pub(super) fn read_range(f: &std::fs::File, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; end.saturating_sub(start) as usize];
+    f.read_exact_at(&mut buf, start)?;
+    Ok(buf)
 }
 
 /// A cache file being written from verified reads.
@@ -339,9 +367,7 @@ impl FileCache {
             let Some((_, f)) = idle else {
                 return false;
             };
-            f.st.lock().unwrap().phase = FillPhase::Abandoned;
-            ix.fills.remove(&f.key);
-            ix.bytes -= f.size;
+            ix.abandon(&f);
             let _ = std::fs::remove_file(&f.tmp);
             tracing::debug!(key = %f.key, "partial file evicted from the file cache");
         }
@@ -553,13 +579,7 @@ impl FileCache {
         let verified = self.record(fill.key, &fill.file);
         let mut ix = self.index.lock().unwrap();
         fill.st.lock().unwrap().phase = FillPhase::Done;
-        if ix
-            .fills
-            .get(&fill.key)
-            .is_some_and(|f| Arc::ptr_eq(f, fill))
-        {
-            ix.fills.remove(&fill.key);
-        }
+        ix.detach(fill);
         // Bytes were reserved when the fill started.
         ix.files.put(
             fill.key,
@@ -574,17 +594,7 @@ impl FileCache {
     }
 
     fn abandon(&self, fill: &Arc<Fill>) {
-        let mut ix = self.index.lock().unwrap();
-        fill.st.lock().unwrap().phase = FillPhase::Abandoned;
-        if ix
-            .fills
-            .get(&fill.key)
-            .is_some_and(|f| Arc::ptr_eq(f, fill))
-        {
-            ix.fills.remove(&fill.key);
-            ix.bytes -= fill.size;
-        }
-        drop(ix);
+        self.index.lock().unwrap().abandon(fill);
         let _ = std::fs::remove_file(&fill.tmp);
         self.finished.notify_all();
     }

@@ -2,7 +2,7 @@
 //! handles, returning typed errors. `fuse.rs` only translates; tests call this directly
 //! over an in-memory ring.
 
-use super::file_cache::{FileCache, Fill};
+use super::file_cache::{read_range, FileCache, Fill};
 use super::handles::{FileRefs, Handles, Listing, Open, OpenFile};
 use super::inodes::{InodeTable, ROOT_INO};
 use super::MountOpts;
@@ -411,11 +411,8 @@ impl<R: BlockService> Fs<R> {
         } = self.handles.file(fh).ok_or(OpError::BadHandle(fh))?;
         let hold = self.reader.hold(size as usize);
         if let Some(f) = local {
-            use std::os::unix::fs::FileExt;
             let end = offset.saturating_add(size as u64).min(inode.size());
-            let mut data = vec![0u8; end.saturating_sub(offset) as usize];
-            f.read_exact_at(&mut data, offset)
-                .map_err(|e| OpError::Read(FsError::Io(e)))?;
+            let data = read_range(&f, offset, end).map_err(|e| OpError::Read(FsError::Io(e)))?;
             return Ok(ReadOut {
                 data,
                 fill: None,
