@@ -5,6 +5,8 @@ pub mod block;
 pub mod fs;
 pub mod id;
 pub mod ring;
+pub mod units;
+pub mod walk;
 pub mod wire;
 
 pub use block::{BlockKind, RootBlock, Verified, VerifyError};

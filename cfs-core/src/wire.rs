@@ -7,12 +7,16 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// 2: `Step::Done` names its range's start as an address-bound node, not a bare id, and
-/// `Step::Closer` carries no RTT hints.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// `Step::Closer` carries no RTT hints. 3: leases: puts ask for one, blocks carry theirs,
+/// `Has` answers how long each block is leased, and `Renew` extends leases by key.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Hard limit on one frame: a largest block plus room for the envelope.
 pub const MAX_FRAME_BYTES: usize = MAX_BLOCK_BYTES + 64 * 1024;
 /// Most items in one batched request (Has), so that replies stay under the frame limit.
 pub const MAX_BATCH: usize = 4096;
+/// The lease a client asks for when not told otherwise (Tahoe-LAFS's default, 31 days,
+/// rounded down): a publisher renews with `cfs keep` or by publishing again.
+pub const DEFAULT_LEASE_SECS: u64 = 30 * 86_400;
 /// Most node references in one reply.
 pub const MAX_REFS: usize = 64;
 
@@ -54,13 +58,16 @@ pub enum Request {
         vnode: u16,
         candidate: NodeRef,
     },
-    /// Store a block in the permanent store. `transfer` marks ring-internal replication.
+    /// Store a block in the permanent store, leased for at least `lease` seconds from now
+    /// (capped by the node's maximum; never shortening a longer lease held). `transfer`
+    /// marks ring-internal replication, whose `lease` is the sender's remaining one.
     Put {
         kind: BlockKind,
         key: Id,
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
         transfer: bool,
+        lease: u64,
     },
     /// Store several blocks in one request and one commit (small files at publish).
     /// Each block gets its own answer.
@@ -73,9 +80,16 @@ pub enum Request {
         kind: BlockKind,
         key: Id,
     },
-    /// Which of these does the permanent store hold, and at what version.
+    /// Which of these does the permanent store hold, at what version, leased how long.
     Has {
         items: Vec<(BlockKind, Id)>,
+    },
+    /// Extend the leases of held blocks to at least `lease` seconds from now (capped by
+    /// the node's maximum): no bytes sent. `transfer` as for puts.
+    Renew {
+        items: Vec<(BlockKind, Id)>,
+        lease: u64,
+        transfer: bool,
     },
     /// A block offered for the path cache after a lookup this node routed.
     Cache {
@@ -87,13 +101,24 @@ pub enum Request {
     Status,
 }
 
-/// A block as carried in a batch.
+/// A block as carried in a batch, with the lease asked for it in seconds (a transfer's
+/// is the sender's remaining lease).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WireBlock {
     pub kind: BlockKind,
     pub key: Id,
     #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
+    pub lease: u64,
+}
+
+/// A held block as `Has` reports it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Holding {
+    /// The held version (0 for content blocks).
+    pub version: u64,
+    /// Seconds until its lease ends.
+    pub lease: u64,
 }
 
 /// Where a lookup step went.
@@ -128,9 +153,13 @@ pub enum Response {
     /// One answer per block of a PutMany: whether it was new to this node.
     StoredMany(Vec<Result<bool, RemoteError>>),
     Block(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
-    /// One entry per item asked: None if absent, else the held version (0 for content).
-    Have(Vec<Option<u64>>),
+    /// One entry per item asked: None if absent (or expired).
+    Have(Vec<Option<Holding>>),
     Status(Box<StatusInfo>),
+    /// One answer per item of a Renew: None if not held, else the lease's seconds left
+    /// after the renewal. (New variants go last: `block_response_header` knows `Block`'s
+    /// index.)
+    Renewed(Vec<Result<Option<u64>, RemoteError>>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -168,6 +197,8 @@ pub enum ErrorKind {
     Storage,
     /// Too many requests in flight from this caller.
     Busy,
+    /// The node's store is full: it refuses new blocks (and keeps serving what it holds).
+    Full,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
@@ -309,6 +340,7 @@ mod tests {
                 key: Id::hash(b"x"),
                 bytes: b"x".to_vec(),
                 transfer: false,
+                lease: 60,
             },
         };
         let bytes = encode_frame(&f).unwrap();
@@ -366,7 +398,11 @@ mod block_header_tests {
         for other in [
             Ok(Response::Block(None)),
             Ok(Response::Ok),
-            Ok(Response::Have(vec![Some(1)])),
+            Ok(Response::Have(vec![Some(Holding {
+                version: 1,
+                lease: 9,
+            })])),
+            Ok(Response::Renewed(vec![Ok(Some(5)), Ok(None)])),
             Err(RemoteError::new(ErrorKind::Busy, "x")),
         ] {
             let b = body(5, other);

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 mod demo;
 mod helper;
+mod keep;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -68,7 +69,15 @@ enum Cmd {
         /// No progress bar.
         #[arg(long, short)]
         quiet: bool,
+        /// How long the ring keeps what this publish stores and reuses (30d, 12h, 90s);
+        /// renew with `cfs keep` or by publishing again. Nodes cap it at their maximum.
+        #[arg(long, default_value = "30d", value_parser = keep::duration)]
+        lease: u64,
     },
+    /// Renew the leases of every block of the newest versions of FSID on all replicas
+    /// (root chain, directories, inodes, indirect and data blocks; no data sent), or
+    /// with --dry-run, report what they reach and what only older versions hold.
+    Keep(keep::KeepArgs),
     /// Mount FSID read-only at MOUNTPOINT; stays in the foreground until SIGINT/SIGTERM.
     Mount {
         fsid: String,
@@ -301,14 +310,22 @@ async fn run(cli: Cli) -> Result<()> {
             let fsid = cfs_fuse::keygen(&keyfile)?;
             println!("{fsid}");
         }
+        Cmd::Keep(args) => {
+            let mut c = client(&args.node).await?;
+            c.lease = args.lease;
+            keep::run(c, args).await?;
+        }
         Cmd::Publish {
             dir,
             key,
             node,
             quiet,
+            lease,
         } => {
             let sk = cfs_fuse::load_key(&key)?;
-            let ring = Arc::new(NetRing::new(client(&node).await?, default_state_dir()));
+            let mut c = client(&node).await?;
+            c.lease = lease;
+            let ring = Arc::new(NetRing::new(c, default_state_dir()));
             let opts = PublishOpts {
                 progress: !quiet && std::io::stderr().is_terminal(),
                 ..PublishOpts::default()

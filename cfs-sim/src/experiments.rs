@@ -7,6 +7,7 @@ use crate::sim::{
 };
 use crate::transport::NetParams;
 use cfs_core::block::BlockKind;
+use cfs_core::wire::DEFAULT_LEASE_SECS;
 use cfs_core::Id;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -269,7 +270,7 @@ async fn put_blocks(sim: &mut Sim, count: usize, size: usize, seed: u64) -> (Vec
         handles.push(tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let start = node.ids();
-            matches!(node.net().put(&start, &b, r).await, Ok(rc) if rc.stored_on >= r)
+            matches!(node.net().put(&start, &b, r, DEFAULT_LEASE_SECS).await, Ok(rc) if rc.stored_on >= r)
         }));
     }
     let mut short = 0;
@@ -490,7 +491,7 @@ pub fn cache(c: &Common, nodes: usize, fetches: usize) -> Result<CacheReport, Si
                 let s = sim.pick_live().unwrap_or(0);
                 let node = sim.node(s).clone();
                 let start = node.ids();
-                let _ = node.net().put(&start, &block, r).await;
+                let _ = node.net().put(&start, &block, r, DEFAULT_LEASE_SECS).await;
                 sim.holders().get(&key).cloned().unwrap_or_default()
             };
             sim.net.watch(Some(key));

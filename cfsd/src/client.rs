@@ -17,11 +17,42 @@ pub struct Client<T: Transport = TcpTransport> {
     /// Ring members known to answer: the given node first, others learned from lookups.
     known: Arc<Mutex<Vec<NodeRef>>>,
     pub replicas: usize,
+    /// Seconds every put and renewal asks to lease blocks for.
+    pub lease: u64,
     /// Successor ranges learned from recent lookups, so reads of keys in a known range go
     /// straight to its replicas (one RPC instead of a lookup and a get). Only reads use
     /// it: a stale entry costs a failed attempt and a fresh lookup, never a wrong answer,
     /// since every block is verified.
     ranges: Arc<Mutex<Vec<Range>>>,
+}
+
+/// Where one block's lease stands on its replicas after `lease_everywhere`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseState {
+    /// Replicas asked (the replica set's size).
+    pub replicas: usize,
+    /// Replicas that hold it leased for the target (after renewal).
+    pub leased: usize,
+    /// Of those, replicas that renewed it now.
+    pub renewed: usize,
+    /// Replicas that do not hold it (or did not answer): maintenance repairs these.
+    pub missing: usize,
+    /// Replicas that hold it but would not lease it that long (quota, their maximum).
+    pub short: usize,
+    /// A replica's refusal, if any.
+    pub refused: Option<String>,
+}
+
+impl LeaseState {
+    fn add(&mut self, o: &LeaseState) {
+        self.leased += o.leased;
+        self.renewed += o.renewed;
+        self.missing += o.missing;
+        self.short += o.short;
+        if self.refused.is_none() {
+            self.refused.clone_from(&o.refused);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -50,6 +81,7 @@ impl<T: Transport> Client<T> {
             net: Net::new(transport, timeouts, None),
             known: Arc::new(Mutex::new(vec![NodeRef::new(node, 0)])),
             replicas: 3,
+            lease: cfs_core::wire::DEFAULT_LEASE_SECS,
             ranges: Arc::default(),
         }
     }
@@ -168,7 +200,9 @@ impl<T: Transport> Client<T> {
     }
 
     pub async fn put(&self, block: &Verified) -> Result<PutReceipt, DhashError> {
-        self.net.put(&self.start(), block, self.replicas).await
+        self.net
+            .put(&self.start(), block, self.replicas, self.lease)
+            .await
     }
 
     pub async fn get_root(&self, fsid: Id) -> Result<Option<Verified>, DhashError> {
@@ -197,32 +231,95 @@ impl<T: Transport> Client<T> {
         Ok(groups)
     }
 
-    /// For each item: do all r replicas hold it now (roots: at least that version)?
+    /// For each item: do all r replicas hold it now (roots: at least that version),
+    /// leased for about `self.lease`? Replicas holding it with a shorter lease are asked
+    /// to renew it (no bytes sent), so a publish leases what it reuses.
     pub async fn has_everywhere(
         &self,
         items: &[(BlockKind, Id, u64)],
     ) -> Result<Vec<bool>, DhashError> {
+        Ok(self
+            .lease_everywhere(items, self.lease)
+            .await?
+            .iter()
+            .map(|s| s.leased >= self.replicas)
+            .collect())
+    }
+
+    /// Lease every item on all its replicas for at least `lease` seconds: ask each
+    /// replica set (one request per range and replica) what it holds, then renew only
+    /// what is leased shorter. Items are grouped by successor range.
+    pub async fn lease_everywhere(
+        &self,
+        items: &[(BlockKind, Id, u64)],
+        lease: u64,
+    ) -> Result<Vec<LeaseState>, DhashError> {
         let keys: Vec<Id> = items.iter().map(|x| x.1).collect();
-        let mut out = vec![false; items.len()];
+        let mut out = vec![LeaseState::default(); items.len()];
+        // Leases this close to the target count as renewed: no write, no charge.
+        let enough = lease - lease / 64;
         for (set, group) in self.by_range(&keys).await? {
             let asks: Vec<(BlockKind, Id)> =
                 group.iter().map(|&g| (items[g].0, items[g].1)).collect();
-            let mut count = vec![0usize; group.len()];
             let calls = set.iter().map(|n| {
-                let net = self.net.clone();
                 let asks = asks.clone();
                 let a = n.addr;
-                async move { net.has(a, &asks).await }
-            });
-            for have in crate::net::join_all(calls).await.into_iter().flatten() {
-                for (j, h) in have.iter().enumerate() {
-                    if h.is_some_and(|v| v >= items[group[j]].2) {
-                        count[j] += 1;
+                let group = &group;
+                async move {
+                    let mut states = vec![LeaseState::default(); group.len()];
+                    let Ok(have) = self.net.has(a, &asks).await else {
+                        return states;
+                    };
+                    let mut short = Vec::new();
+                    for (j, h) in have.iter().enumerate() {
+                        match h {
+                            Some(h) if h.version >= items[group[j]].2 => {
+                                if h.lease >= enough {
+                                    states[j].leased += 1;
+                                } else {
+                                    short.push(j);
+                                }
+                            }
+                            _ => states[j].missing += 1,
+                        }
                     }
+                    let renew: Vec<(BlockKind, Id)> = short.iter().map(|&j| asks[j]).collect();
+                    if renew.is_empty() {
+                        return states;
+                    }
+                    match self.net.renew(a, &renew, lease).await {
+                        Ok(answers) => {
+                            for (&j, ans) in short.iter().zip(answers) {
+                                match ans {
+                                    Ok(Some(l)) if l >= enough => {
+                                        states[j].leased += 1;
+                                        states[j].renewed += 1;
+                                    }
+                                    Ok(None) => states[j].missing += 1,
+                                    Ok(Some(_)) => states[j].short += 1,
+                                    Err(e) => {
+                                        states[j].short += 1;
+                                        states[j].refused = Some(e.to_string());
+                                    }
+                                }
+                            }
+                        }
+                        Err(_) => {
+                            for &j in &short {
+                                states[j].short += 1;
+                            }
+                        }
+                    }
+                    states
+                }
+            });
+            for states in crate::net::join_all(calls).await {
+                for (j, s) in states.into_iter().enumerate() {
+                    out[group[j]].add(&s);
                 }
             }
-            for (j, &g) in group.iter().enumerate() {
-                out[g] = set.len() >= self.replicas && count[j] >= self.replicas;
+            for &g in &group {
+                out[g].replicas = set.len();
             }
         }
         Ok(out)
@@ -249,6 +346,7 @@ impl<T: Transport> Client<T> {
                         kind: blocks[g].kind(),
                         key: blocks[g].key(),
                         bytes: blocks[g].bytes().to_vec(),
+                        lease: self.lease,
                     })
                     .collect();
                 let calls = set.iter().map(|n| {

@@ -5,6 +5,8 @@ pub mod cache;
 mod chord;
 pub mod client;
 pub mod daemon;
+pub mod keep;
+mod lease;
 mod maintain;
 pub mod metrics;
 pub mod net;

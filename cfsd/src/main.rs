@@ -43,9 +43,27 @@ struct Args {
     /// written to DIR/gateway.
     #[arg(long)]
     gateway: Option<String>,
-    /// Storage a source address may use, in MiB.
+    /// Storage a source address may use, in MiB, for the longest lease (--max-lease):
+    /// charged by space-time, so twice as much may be stored for half as long.
     #[arg(long, default_value_t = 65536)]
     quota_mb: u64,
+    /// The longest lease a block gets (30d, 12h, 90s); longer asks are capped.
+    #[arg(long, default_value = "90d", value_parser = duration)]
+    max_lease: u64,
+    /// Bytes of blocks this node stores at most, in MiB (0: no limit). When full it
+    /// refuses new blocks with a clear error and keeps serving and renewing what it has.
+    #[arg(long, default_value_t = 0)]
+    capacity_mb: u64,
+    /// Keep the newest N versions of a tree alive (FSID:N; repeatable): this node renews
+    /// their blocks' leases on all replicas, like a pinning service.
+    #[arg(long = "keep", value_parser = keep_spec)]
+    keep: Vec<(cfs_core::Id, u64)>,
+    /// The lease --keep renews to.
+    #[arg(long, default_value = "30d", value_parser = duration)]
+    keep_lease: u64,
+    /// How often --keep renews (default: a quarter of --keep-lease).
+    #[arg(long, value_parser = duration)]
+    keep_every: Option<u64>,
     /// Successor list length.
     #[arg(long, default_value_t = 16)]
     successors: usize,
@@ -73,6 +91,14 @@ struct Args {
     /// Requests handled at once for one source prefix; more wait their turn.
     #[arg(long, default_value_t = 8)]
     max_requests_per_prefix: usize,
+}
+
+fn duration(s: &str) -> Result<u64, String> {
+    cfs_core::units::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn keep_spec(s: &str) -> Result<(cfs_core::Id, u64), String> {
+    cfsd::keep::parse_keep_spec(s)
 }
 
 fn resolve(s: &str) -> Result<SocketAddr> {
@@ -136,6 +162,11 @@ async fn run(args: Args) -> Result<()> {
     cfg.maintain_every = Duration::from_millis(args.maintain_ms.max(100));
     cfg.scrub_every = (args.scrub_ms > 0).then(|| Duration::from_millis(args.scrub_ms.max(100)));
     cfg.handoff_rounds = args.handoff_rounds.max(1);
+    if args.max_lease == 0 {
+        bail!("--max-lease must be at least 1s");
+    }
+    cfg.max_lease = Duration::from_secs(args.max_lease);
+    cfg.capacity_bytes = args.capacity_mb << 20;
     // A secret per process: std's hasher keys are random.
     cfg.cache_seed = Some(std::hash::BuildHasher::hash_one(
         &std::collections::hash_map::RandomState::new(),
@@ -174,6 +205,20 @@ async fn run(args: Args) -> Result<()> {
         Some(g) => Some(start_gateway(g, addr, &args.data)?),
         None => None,
     };
+    if !args.keep.is_empty() {
+        let mut client = cfsd::client::Client::tcp(addr);
+        client.lease = args.keep_lease;
+        let every = Duration::from_secs(args.keep_every.unwrap_or(args.keep_lease / 4).max(1));
+        let specs = args.keep.clone();
+        tokio::spawn(async move {
+            // Wait for the ring to answer before the first round.
+            while client.connect().await.is_err() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let lease = client.lease;
+            cfsd::keep::keep_loop(client, specs, lease, every).await
+        });
+    }
     tracing::info!(%addr, ids = ?node.ids(), "cfsd running");
     cfsd::daemon::wait_for_signal().await;
     tracing::info!("shutting down");

@@ -14,6 +14,9 @@ use cfs_core::{Id, NodeRef};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+/// A held block as maintenance walks it: kind, key, version, lease end.
+type Entry = (BlockKind, Id, u64, u64);
+
 /// Keys read from the store at a time by maintenance and the scrub.
 const CHUNK: usize = 4096;
 
@@ -77,7 +80,8 @@ impl<T: Transport> Node<T> {
                 cursor = None; // wrap around
                 continue;
             }
-            for (kind, key, ver) in chunk {
+            for (kind, key, held) in chunk {
+                let ver = held.version;
                 if checked >= self.inner.cfg.scrub_bytes {
                     break;
                 }
@@ -86,7 +90,7 @@ impl<T: Transport> Node<T> {
                 let store = self.inner.store.clone();
                 let bad = self
                     .blocking(move || match store.get(kind, key) {
-                        Ok(Some(b)) => {
+                        Ok(Some((b, _))) => {
                             let n = b.len() as u64;
                             (n, verify(kind, key, b, true).is_err())
                         }
@@ -114,6 +118,8 @@ impl<T: Transport> Node<T> {
     /// verified bytes, and (c) that held for `handoff_rounds` rounds in a row. Never on a
     /// peer's word alone.
     pub async fn maintain(&self) {
+        // Expired blocks go first, so nothing below pushes or counts them.
+        self.sweep().await;
         {
             let mut h = self.inner.handoffs.lock().unwrap();
             h.round += 1;
@@ -125,14 +131,23 @@ impl<T: Transport> Node<T> {
             };
             let Some(last) = chunk.last() else { break };
             cursor = Some((last.0, last.1));
-            self.maintain_chunk(&chunk).await;
+            let now = self.now_unix();
+            let live: Vec<Entry> = chunk
+                .into_iter()
+                .filter(|(_, _, h)| h.expires > now)
+                .map(|(kind, key, h)| (kind, key, h.version, h.expires))
+                .collect();
+            if !live.is_empty() {
+                self.maintain_chunk(&live).await;
+            }
         }
         let mut h = self.inner.handoffs.lock().unwrap();
         let round = h.round;
         h.sets.retain(|_, (_, last)| *last == round);
+        Metrics::inc(&self.inner.metrics.maintain_rounds);
     }
 
-    async fn maintain_chunk(&self, list: &[(BlockKind, Id, u64)]) {
+    async fn maintain_chunk(&self, list: &[Entry]) {
         let r = self.inner.cfg.replicas;
         let me = self.inner.cfg.addr;
         let mut i = 0;
@@ -155,30 +170,53 @@ impl<T: Transport> Node<T> {
             // Every holder pushes, not only the first replica: the first may be the one
             // that lost the block (a scrub dropped it, a disk was replaced).
             let inside = set.iter().any(|n| n.addr == me);
-            let items: Vec<(BlockKind, Id)> = group.iter().map(|(k, id, _)| (*k, *id)).collect();
+            let items: Vec<(BlockKind, Id)> = group.iter().map(|e| (e.0, e.1)).collect();
             let mut confirmed = vec![0usize; group.len()];
             for target in set.iter().filter(|n| n.addr != me) {
                 let Ok(have) = self.inner.net.has(target.addr, &items).await else {
                     continue;
                 };
+                let now = self.now_unix();
                 let mut missing = Vec::new();
-                for (j, (_, _, ver)) in group.iter().enumerate() {
-                    if have[j].is_some_and(|v| v >= *ver) {
-                        confirmed[j] += 1;
-                    } else {
-                        missing.push(j);
+                let mut short = Vec::new();
+                for (j, &(_, _, ver, expires)) in group.iter().enumerate() {
+                    let ours = expires.saturating_sub(now);
+                    match have.get(j).copied().flatten() {
+                        Some(h) if h.version >= ver => {
+                            // A replica whose lease is well short of ours (it missed a
+                            // renewal) is extended to ours: the lease travels with the
+                            // block, and a hand-off never shortens it.
+                            if h.lease < ours - ours / 8 {
+                                short.push(j);
+                            } else {
+                                confirmed[j] += 1;
+                            }
+                        }
+                        _ => missing.push(j),
                     }
                 }
+                self.sync_leases(*target, group, &short, &mut confirmed)
+                    .await;
                 // Push what the replica lacks, batched: one request and commit per frame's
                 // worth, read from the store batch by batch (never the whole group at once).
                 let mut batch = Batcher::default();
                 for j in missing {
-                    let (kind, key, _) = group[j];
-                    let Ok(Some(bytes)) = self.inner.store.get(kind, key) else {
+                    let (kind, key, _, _) = group[j];
+                    let Ok(Some((bytes, expires))) = self.inner.store.get(kind, key) else {
                         continue;
                     };
+                    let lease = expires.saturating_sub(self.now_unix());
+                    if lease == 0 {
+                        continue;
+                    }
                     let size = bytes.len();
-                    if let Some(full) = batch.push((j, WireBlock { kind, key, bytes }), size) {
+                    let b = WireBlock {
+                        kind,
+                        key,
+                        bytes,
+                        lease,
+                    };
+                    if let Some(full) = batch.push((j, b), size) {
                         self.push_batch(*target, full, &mut confirmed).await;
                     }
                 }
@@ -216,8 +254,42 @@ impl<T: Transport> Node<T> {
         }
     }
 
+    /// Extend `target`'s leases of `group[short]` to ours, grouped by the lease to ask
+    /// (one Renew per distinct remaining time); count each one renewed in `confirmed`.
+    async fn sync_leases(
+        &self,
+        target: NodeRef,
+        group: &[Entry],
+        short: &[usize],
+        confirmed: &mut [usize],
+    ) {
+        let now = self.now_unix();
+        let mut by_lease: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for &j in short {
+            by_lease
+                .entry(group[j].3.saturating_sub(now))
+                .or_default()
+                .push(j);
+        }
+        for (lease, js) in by_lease {
+            let req = Request::Renew {
+                items: js.iter().map(|&j| (group[j].0, group[j].1)).collect(),
+                lease,
+                transfer: true,
+            };
+            if let Ok(Response::Renewed(answers)) = self.inner.net.call(target.addr, req).await {
+                for (&j, a) in js.iter().zip(answers) {
+                    if matches!(a, Ok(Some(l)) if l + l / 8 >= lease) {
+                        Metrics::inc(&self.inner.metrics.leases_synced);
+                        confirmed[j] += 1;
+                    }
+                }
+            }
+        }
+    }
+
     /// Drop the copies of `group` that the rules of `maintain` allow.
-    async fn hand_off(&self, group: &[(BlockKind, Id, u64)], set: &[NodeRef], confirmed: &[usize]) {
+    async fn hand_off(&self, group: &[Entry], set: &[NodeRef], confirmed: &[usize]) {
         let m = &self.inner.metrics;
         let r = self.inner.cfg.replicas;
         if !self.outside_by_own_view(group[0].1, set) {
@@ -232,8 +304,8 @@ impl<T: Transport> Node<T> {
             Metrics::add(&m.drops_deferred, group.len() as u64);
             return;
         }
-        for (j, (kind, key, ver)) in group.iter().enumerate() {
-            let ok = confirmed[j] >= r && self.held_by_all(set, *kind, *key, *ver).await;
+        for (j, &(kind, key, ver, _)) in group.iter().enumerate() {
+            let ok = confirmed[j] >= r && self.held_by_all(set, kind, key, ver).await;
             if !ok {
                 tracing::debug!(%key, ?set, "hand-off deferred: a holder did not serve verified bytes");
                 // One holder that does not serve what it claims restarts the clock for
@@ -244,7 +316,6 @@ impl<T: Transport> Node<T> {
             }
             if last {
                 let store = self.inner.store.clone();
-                let (kind, key, ver) = (*kind, *key, *ver);
                 let _ = self.blocking(move || store.remove_if(kind, key, ver)).await;
                 Metrics::inc(&m.handoffs_dropped);
             } else {

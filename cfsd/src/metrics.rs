@@ -42,8 +42,14 @@ counters! {
     repairs_sent: "blocks pushed to replicas by maintenance",
     handoffs_dropped: "blocks dropped after their replicas confirmed holding them",
     stabilize_rounds: "stabilize rounds",
+    maintain_rounds: "maintenance rounds (sweep, repairs, lease sync, hand-offs) finished",
     scrubbed: "blocks re-verified by the scrub",
     scrub_corrupt: "blocks the scrub found corrupt and dropped",
+    refused_full: "puts of new blocks refused because the store is at its capacity",
+    leases_renewed: "leases extended by renewals (no bytes sent)",
+    leases_synced: "replicas whose shorter lease maintenance extended to this node's",
+    expired_blocks: "blocks removed by the sweep because their lease ended",
+    expired_bytes: "bytes of blocks removed by the sweep because their lease ended",
 }
 
 impl Metrics {

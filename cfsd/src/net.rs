@@ -5,7 +5,9 @@
 use crate::transport::{CallError, Transport};
 use cfs_core::block::{verify, BlockKind, Verified};
 use cfs_core::id::MAX_VNODES;
-use cfs_core::wire::{Request, Response, Step, MAX_BATCH, MAX_FRAME_BYTES, MAX_REFS};
+use cfs_core::wire::{
+    Holding, RemoteError, Request, Response, Step, MAX_BATCH, MAX_FRAME_BYTES, MAX_REFS,
+};
 use cfs_core::{Id, NodeRef};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -601,18 +603,21 @@ impl<T: Transport> Net<T> {
         start: &[NodeRef],
         block: &Verified,
         r: usize,
+        lease: u64,
     ) -> Result<PutReceipt, DhashError> {
         let l = self.lookup(start.to_vec(), block.key(), None).await?;
         let set = self.replicas(&l.succs, r).await;
-        self.put_to(&set, block, r, false).await
+        self.put_to(&set, block, r, false, lease).await
     }
 
+    /// Store on `targets` in parallel, leased for `lease` seconds.
     pub async fn put_to(
         &self,
         targets: &[NodeRef],
         block: &Verified,
         r: usize,
         transfer: bool,
+        lease: u64,
     ) -> Result<PutReceipt, DhashError> {
         let calls = targets.iter().map(|n| {
             let net = self.clone();
@@ -622,6 +627,7 @@ impl<T: Transport> Net<T> {
                 key: block.key(),
                 bytes: block.bytes().to_vec(),
                 transfer,
+                lease,
             };
             async move { net.call(a, req).await }
         });
@@ -656,12 +662,36 @@ impl<T: Transport> Net<T> {
         Ok(receipt)
     }
 
-    /// Versions held by `node` for each item (None = absent), in batches.
+    /// Extend `node`'s leases of `items` to `lease` seconds, in batches: per item, None
+    /// if it does not hold it, else the seconds now leased (or its refusal).
+    pub async fn renew(
+        &self,
+        node: SocketAddr,
+        items: &[(BlockKind, Id)],
+        lease: u64,
+    ) -> Result<Vec<Result<Option<u64>, RemoteError>>, CallError> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(MAX_BATCH) {
+            let req = Request::Renew {
+                items: chunk.to_vec(),
+                lease,
+                transfer: false,
+            };
+            match self.call(node, req).await? {
+                Response::Renewed(v) if v.len() == chunk.len() => out.extend(v),
+                other => return Err(CallError::Protocol(format!("bad Renew reply {other:?}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// What `node` holds of each item (None = absent or expired): version and lease, in
+    /// batches.
     pub async fn has(
         &self,
         node: SocketAddr,
         items: &[(BlockKind, Id)],
-    ) -> Result<Vec<Option<u64>>, CallError> {
+    ) -> Result<Vec<Option<Holding>>, CallError> {
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(MAX_BATCH) {
             match self

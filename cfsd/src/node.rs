@@ -6,7 +6,7 @@ use crate::cache::{CacheLimits, PathCache, Refusal};
 use crate::chord::Vnode;
 use crate::metrics::Metrics;
 use crate::net::{LookupError, Net, Timeouts};
-use crate::quota::{Quota, QuotaError};
+use crate::quota::{Charge, Quota, QuotaError};
 use crate::store::{BlockStore, PutOutcome, StoreError, StoreKey};
 use crate::transport::{Handler, Transport};
 use cfs_core::block::{verify, BlockKind, Verified};
@@ -55,6 +55,15 @@ pub struct Config {
     /// Maintenance rounds in a row that must find a copy's hand-off safe before the copy
     /// is dropped (the grace period).
     pub handoff_rounds: u32,
+    /// The longest lease a put or renewal gets (longer asks are capped).
+    pub max_lease: Duration,
+    /// Bytes of blocks the store may hold (0: no limit); past it new blocks are refused,
+    /// never unexpired ones removed.
+    pub capacity_bytes: u64,
+    /// The unix time the node's clock starts at (None: the system clock at start). The
+    /// node then counts time with `tokio::time`, so the simulator's leases run on its
+    /// virtual clock.
+    pub clock_base: Option<u64>,
 }
 
 impl Config {
@@ -80,6 +89,9 @@ impl Config {
             cache_limits: CacheLimits::default(),
             cache_seed: None,
             handoff_rounds: 3,
+            max_lease: Duration::from_secs(90 * 86_400),
+            capacity_bytes: 0,
+            clock_base: None,
         }
     }
 }
@@ -91,8 +103,10 @@ pub(crate) struct Inner<T: Transport> {
     pub(crate) cache: Mutex<PathCache>,
     pub(crate) vnodes: Vec<Mutex<Vnode>>,
     pub(crate) metrics: Metrics,
-    /// When this node started, seconds since the epoch (for status pages).
+    /// When this node started, seconds since the epoch (for status pages and leases).
     pub(crate) started: u64,
+    /// `tokio::time` at `started`: the node's clock is `started` plus the time since.
+    pub(crate) clock: tokio::time::Instant,
     /// Peers that answered this node (never names merely claimed in a peer's answer), for
     /// re-looking ourselves up after a partition heals and for the saved peers file.
     pub(crate) seen: Mutex<BTreeSet<SocketAddr>>,
@@ -142,13 +156,16 @@ impl<T: Transport> Node<T> {
                     cfg.cache_limits,
                 )),
                 net,
-                quota: Quota::load(cfg.quota_bytes, &*store),
+                quota: Quota::load(cfg.quota_bytes, cfg.max_lease.as_secs(), &*store),
                 store,
                 vnodes,
                 metrics: Metrics::default(),
-                started: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
+                started: cfg.clock_base.unwrap_or_else(|| {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                }),
+                clock: tokio::time::Instant::now(),
                 seen: Mutex::default(),
                 scrub_cursor: Mutex::new(None),
                 handoffs: Mutex::default(),
@@ -161,6 +178,10 @@ impl<T: Transport> Node<T> {
 
     pub fn addr(&self) -> SocketAddr {
         self.inner.cfg.addr
+    }
+    /// The node's clock, unix seconds (leases are kept in it).
+    pub fn now_unix(&self) -> u64 {
+        self.inner.started + self.inner.clock.elapsed().as_secs()
     }
     pub fn config(&self) -> &Config {
         &self.inner.cfg
@@ -356,7 +377,7 @@ impl<T: Transport> Node<T> {
     /// checked neighbour (a successor or the predecessor, which answered our pings; off
     /// loopback, where an address names a host) and only for a key this node plausibly
     /// replicates by its own view of the ring.
-    fn free_transfer(&self, peer: IpAddr, key: Id) -> bool {
+    pub(crate) fn free_transfer(&self, peer: IpAddr, key: Id) -> bool {
         if peer.is_loopback() {
             return false;
         }
@@ -376,7 +397,7 @@ impl<T: Transport> Node<T> {
         })
     }
 
-    /// Store a batch of blocks from `peer`: quota, verification with collision
+    /// Store a batch of blocks from `peer`: capacity, quota, verification with collision
     /// detection, one store commit. One answer per block (true: new to this node).
     async fn put_many(
         &self,
@@ -385,32 +406,45 @@ impl<T: Transport> Node<T> {
         transfer: bool,
     ) -> Vec<Result<bool, RemoteError>> {
         let m = &self.inner.metrics;
-        // Charged per source bucket: bytes plus a per-block overhead, reserved before the
-        // work so parallel requests cannot all pass one check, refunded for what was not
-        // new. Only checked neighbours' transfers of keys in our range are free.
+        let now = self.now_unix();
+        // Charged per source bucket by space-time (bytes plus a per-block overhead, times
+        // the lease), reserved before the work so parallel requests cannot all pass one
+        // check, settled for what was not new. Only checked neighbours' transfers of keys
+        // in our range are free.
         let bucket = self.inner.quota.bucket_for(&source_bucket(peer.ip()));
         let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
         let mut todo = Vec::with_capacity(blocks.len());
+        let mut incoming = 0u64;
         for (i, b) in blocks.into_iter().enumerate() {
-            let free = transfer && self.free_transfer(peer.ip(), b.key);
-            let cost = if free { 0 } else { Quota::cost(b.bytes.len()) };
-            if cost > 0 {
-                if let Err(e @ QuotaError::Exceeded { .. }) =
-                    self.inner.quota.reserve(&bucket, cost)
-                {
-                    Metrics::inc(&m.refused_quota);
-                    answers[i] = Some(Err(remote(ErrorKind::Quota, e.to_string())));
-                    continue;
-                }
+            let until = self.lease_until(now, b.lease);
+            if let Err(e) = self.check_room(b.kind, b.key, b.bytes.len() as u64, &mut incoming) {
+                answers[i] = Some(Err(e));
+                continue;
             }
-            todo.push((i, cost, b));
+            let charge = if transfer && self.free_transfer(peer.ip(), b.key) {
+                Charge::FREE
+            } else {
+                match self
+                    .inner
+                    .quota
+                    .reserve(&bucket, Quota::cost(b.bytes.len()), now, until)
+                {
+                    Ok(c) => c,
+                    Err(e @ QuotaError::Exceeded { .. }) => {
+                        Metrics::inc(&m.refused_quota);
+                        answers[i] = Some(Err(remote(ErrorKind::Quota, e.to_string())));
+                        continue;
+                    }
+                }
+            };
+            todo.push((i, charge, until, b));
         }
-        if todo.iter().any(|(_, cost, _)| *cost > 0) {
+        if todo.iter().any(|(_, c, _, _)| !c.is_free()) {
             // Durable in the same commit as the blocks: a crash cannot keep one without
             // the other (a refund below is saved with a later commit).
             self.inner
                 .store
-                .stage_charge(&bucket, self.inner.quota.used(&bucket));
+                .stage_charge(&bucket, self.inner.quota.encoded(&bucket));
         }
         // Verify and store off the async workers: hashing and fsync take a while.
         let store = self.inner.store.clone();
@@ -418,17 +452,17 @@ impl<T: Transport> Node<T> {
             .blocking(move || {
                 let mut ok = Vec::new();
                 let mut out = Vec::new();
-                for (i, cost, b) in todo {
+                for (i, charge, until, b) in todo {
                     match verify(b.kind, b.key, b.bytes, true) {
-                        Ok(v) => ok.push((i, cost, v)),
-                        Err(e) => out.push((i, cost, Err(e.to_string()))),
+                        Ok(v) => ok.push((i, charge, (v, until))),
+                        Err(e) => out.push((i, charge, Err(e.to_string()))),
                     }
                 }
                 // The verified blocks move into the store: no copy of their bytes.
-                let (slots, vs): (Vec<(usize, u64)>, Vec<Verified>) =
+                let (slots, vs): (Vec<(usize, Charge)>, Vec<(Verified, u64)>) =
                     ok.into_iter().map(|(i, c, v)| ((i, c), v)).unzip();
-                for ((i, cost), r) in slots.into_iter().zip(store.put_many(vs)) {
-                    out.push((i, cost, Ok(r)));
+                for ((i, charge), r) in slots.into_iter().zip(store.put_many(vs)) {
+                    out.push((i, charge, Ok(r)));
                 }
                 out
             })
@@ -442,22 +476,29 @@ impl<T: Transport> Node<T> {
                     .collect()
             }
         };
-        let mut refund = 0u64;
-        for (i, cost, r) in done {
-            if !matches!(r, Ok(Ok(PutOutcome::Stored))) {
-                refund += cost;
+        let mut settled = false;
+        for (i, charge, r) in done {
+            match &r {
+                Ok(Ok(d)) => self.inner.quota.settle(
+                    &bucket,
+                    charge,
+                    d.before,
+                    d.outcome == PutOutcome::Stored,
+                ),
+                _ => self.inner.quota.refund(&bucket, charge),
             }
+            settled |= !charge.is_free();
             answers[i] = Some(match r {
                 Err(why) => {
                     Metrics::inc(&m.refused_invalid);
                     tracing::debug!(%peer, error = %why, "refused block");
                     Err(remote(ErrorKind::Invalid, why))
                 }
-                Ok(Ok(PutOutcome::Stored)) => {
+                Ok(Ok(d)) if d.outcome == PutOutcome::Stored => {
                     Metrics::inc(&m.puts_stored);
                     Ok(true)
                 }
-                Ok(Ok(PutOutcome::Present)) => {
+                Ok(Ok(_)) => {
                     Metrics::inc(&m.puts_present);
                     Ok(false)
                 }
@@ -468,11 +509,10 @@ impl<T: Transport> Node<T> {
                 Ok(Err(e)) => Err(remote(ErrorKind::Storage, e.to_string())),
             });
         }
-        if refund > 0 {
-            self.inner.quota.refund(&bucket, refund);
+        if settled {
             self.inner
                 .store
-                .stage_charge(&bucket, self.inner.quota.used(&bucket));
+                .stage_charge(&bucket, self.inner.quota.encoded(&bucket));
         }
         answers
             .into_iter()
@@ -504,8 +544,11 @@ impl<T: Transport> Node<T> {
                 .unwrap()
                 .record_request(key, &source_bucket(requester));
         }
-        if let Ok(Some(b)) = self.inner.store.get(kind, key) {
-            return Some(b);
+        // An expired block is gone even before the sweep removes it.
+        if let Ok(Some((b, expires))) = self.inner.store.get(kind, key) {
+            if expires > self.now_unix() {
+                return Some(b);
+            }
         }
         let hit = self.inner.cache.lock().unwrap().lru.get(kind, key);
         let m = &self.inner.metrics;
@@ -581,8 +624,14 @@ impl<T: Transport> Handler for Node<T> {
                 key,
                 bytes,
                 transfer,
+                lease,
             } => {
-                let b = WireBlock { kind, key, bytes };
+                let b = WireBlock {
+                    kind,
+                    key,
+                    bytes,
+                    lease,
+                };
                 let mut r = self.put_many(peer, vec![b], transfer).await;
                 r.pop()
                     .expect("one answer per block")
@@ -614,16 +663,22 @@ impl<T: Transport> Handler for Node<T> {
                         format!("at most {MAX_BATCH} items per Has"),
                     )));
                 }
-                let store = self.inner.store.clone();
-                let have = self
-                    .blocking(move || {
-                        items
-                            .iter()
-                            .map(|(k, id)| store.version(*k, *id).ok().flatten())
-                            .collect()
-                    })
-                    .await?;
-                Ok(Response::Have(have))
+                Ok(Response::Have(self.holdings(items).await?))
+            }
+            Request::Renew {
+                items,
+                lease,
+                transfer,
+            } => {
+                if items.len() > MAX_BATCH {
+                    return Err(self.refuse(remote(
+                        ErrorKind::BadRequest,
+                        format!("at most {MAX_BATCH} items per Renew"),
+                    )));
+                }
+                Ok(Response::Renewed(
+                    self.renew(peer, items, lease, transfer).await,
+                ))
             }
             Request::Cache { kind, key, bytes } => {
                 // Only content blocks for lookups this node just routed for this

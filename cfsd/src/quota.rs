@@ -1,9 +1,12 @@
-//! Storage charged per source bucket (/24, /48; one address on loopback): each block costs
-//! its bytes plus a per-block overhead, on every node that stores it, so r replicas are r
-//! charges and a flood of tiny blocks pays for its index entries. Charges are saved in
-//! the store, so a restart does not reset them.
+//! Storage charged per source bucket (/24, /48; one address on loopback) by space-time:
+//! a block costs its bytes plus a per-block overhead, times the seconds it is leased, on
+//! every node that stores it. A bucket may hold at most `quota bytes x max lease` of
+//! outstanding byte-seconds, so a long lease cannot store more than the quota allows and a
+//! short one frees its room sooner. Charges run out as leases do; they are saved in the
+//! store, so a restart does not reset them.
 
 use crate::store::BlockStore;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -18,36 +21,137 @@ pub const BLOCK_OVERHEAD: u64 = 512;
 pub const MAX_BUCKETS: usize = 1 << 16;
 /// The bucket new storers share once `MAX_BUCKETS` are tracked (no address has this form).
 pub const OVERFLOW_BUCKET: &[u8] = b"overflow";
+/// Time bins per maximum lease: a charge's end is rounded up to its bin's end, so a
+/// bucket's ledger has at most this many entries (+1) and charges are at most 1/BINS of
+/// the maximum lease too long.
+const BINS: u64 = 128;
+/// Bins a saved ledger may have; a longer one (a damaged store) is read as empty.
+const MAX_SAVED_BINS: usize = 4 * BINS as usize;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuotaError {
-    #[error("storage quota of {limit} bytes for your address is used up")]
-    Exceeded { limit: u64 },
+    #[error("storage quota of {limit_bytes} bytes for {lease_secs} s (or the same byte-seconds) for your address is used up; wait for leases to run out or ask for shorter ones")]
+    Exceeded { limit_bytes: u64, lease_secs: u64 },
+}
+
+/// One bucket's charges: byte weights by the end of their time bin. At time t the
+/// bucket holds sum(w x (end - t)) byte-seconds over bins ending after t. A charge for
+/// [s, e] is +w at bin(e), and -w at bin(s) when it starts later than now: exact at
+/// every t up to the rounding of bins.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    bins: BTreeMap<u64, i64>,
+}
+
+impl Ledger {
+    /// A format-2 charge of `bytes`, as held until `until`.
+    pub fn migrated(bytes: u64, now: u64, until: u64) -> Ledger {
+        let mut l = Ledger::default();
+        l.add(1, now, now, until, bytes as i64);
+        l
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(&self.bins.iter().collect::<Vec<_>>()).expect("encoding to memory")
+    }
+
+    fn decode(b: &[u8]) -> Option<Ledger> {
+        let v: Vec<(u64, i64)> = postcard::from_bytes(b).ok()?;
+        (v.len() <= MAX_SAVED_BINS).then(|| Ledger {
+            bins: v.into_iter().collect(),
+        })
+    }
+
+    fn bin_end(bin: u64, t: u64) -> u64 {
+        t.div_ceil(bin).saturating_mul(bin)
+    }
+
+    /// Charge `w` bytes over [start, end] (start >= now).
+    fn add(&mut self, bin: u64, now: u64, start: u64, end: u64, w: i64) {
+        if end <= start.max(now) || w == 0 {
+            return;
+        }
+        *self.bins.entry(Self::bin_end(bin, end)).or_default() += w;
+        if start > now {
+            *self.bins.entry(Self::bin_end(bin, start)).or_default() -= w;
+        }
+        self.bins.retain(|_, w| *w != 0);
+    }
+
+    /// Byte-seconds held at `now` (bins that ended are dropped).
+    fn outstanding(&mut self, now: u64) -> u128 {
+        self.bins.retain(|end, _| *end > now);
+        let s: i128 = self
+            .bins
+            .iter()
+            .map(|(end, w)| *w as i128 * (end - now) as i128)
+            .sum();
+        s.max(0) as u128
+    }
+}
+
+/// A charge taken by `reserve`, to be settled once the store says what was extended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Charge {
+    cost: u64,
+    now: u64,
+    until: u64,
+}
+
+impl Charge {
+    pub const FREE: Charge = Charge {
+        cost: 0,
+        now: 0,
+        until: 0,
+    };
+    pub fn is_free(&self) -> bool {
+        self.cost == 0
+    }
 }
 
 pub struct Quota {
-    limit: u64,
-    used: Mutex<BTreeMap<Vec<u8>, u64>>,
+    limit_bytes: u64,
+    max_lease: u64,
+    bin: u64,
+    used: Mutex<BTreeMap<Vec<u8>, Ledger>>,
     dirty: AtomicBool,
 }
 
 impl Quota {
     /// The charges saved in `store` (none if it has none or cannot read them).
-    pub fn load(limit: u64, store: &dyn BlockStore) -> Quota {
+    pub fn load(limit_bytes: u64, max_lease_secs: u64, store: &dyn BlockStore) -> Quota {
         let saved = store.load_charges().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read saved storage charges; starting from zero");
             Vec::new()
         });
+        let used = saved
+            .into_iter()
+            .filter_map(|(k, v)| match Ledger::decode(&v) {
+                Some(l) => Some((k, l)),
+                None => {
+                    tracing::warn!("a saved storage charge does not decode; dropping it");
+                    None
+                }
+            })
+            .collect();
+        let max_lease = max_lease_secs.max(1);
         Quota {
-            limit,
-            used: Mutex::new(saved.into_iter().collect()),
+            limit_bytes,
+            max_lease,
+            bin: (max_lease / BINS).max(1),
+            used: Mutex::new(used),
             dirty: AtomicBool::new(false),
         }
     }
 
-    /// The charge for storing one block of `len` bytes.
+    /// Bytes one stored block of `len` bytes is charged for (per second of lease).
     pub fn cost(len: usize) -> u64 {
         len as u64 + BLOCK_OVERHEAD
+    }
+
+    /// The byte-seconds a bucket may hold.
+    fn limit(&self) -> u128 {
+        self.limit_bytes as u128 * self.max_lease as u128
     }
 
     /// The bucket a source's charges go to: its own, or the shared overflow bucket when
@@ -61,33 +165,79 @@ impl Quota {
         }
     }
 
-    /// Reserve `cost` for `bucket` (from `bucket_for`) before the work, so parallel puts
-    /// cannot all pass one check.
-    pub fn reserve(&self, bucket: &[u8], cost: u64) -> Result<(), QuotaError> {
+    /// Reserve `cost` bytes from `now` until `until` for `bucket` (from `bucket_for`)
+    /// before the work, so parallel puts cannot all pass one check. `settle` then gives
+    /// back what the store did not extend.
+    pub fn reserve(
+        &self,
+        bucket: &[u8],
+        cost: u64,
+        now: u64,
+        until: u64,
+    ) -> Result<Charge, QuotaError> {
         let mut m = self.used.lock().unwrap();
-        let used = m.entry(bucket.to_vec()).or_default();
-        if used.saturating_add(cost) > self.limit {
-            return Err(QuotaError::Exceeded { limit: self.limit });
+        let l = m.entry(bucket.to_vec()).or_default();
+        let want = cost as u128 * until.saturating_sub(now) as u128;
+        if l.outstanding(now).saturating_add(want) > self.limit() {
+            if l.bins.is_empty() {
+                m.remove(bucket);
+            }
+            return Err(QuotaError::Exceeded {
+                limit_bytes: self.limit_bytes,
+                lease_secs: self.max_lease,
+            });
         }
-        *used += cost;
+        l.add(self.bin, now, now, until, cost as i64);
         self.dirty.store(true, Ordering::Relaxed);
-        Ok(())
+        Ok(Charge { cost, now, until })
     }
 
-    /// Give back a reservation for work that stored nothing new.
-    pub fn refund(&self, bucket: &[u8], cost: u64) {
+    /// Keep only the part of `charge` that extended a lease: the store held the block
+    /// until `before` (None: not held) and holds it until `after` now. A block already
+    /// leased past the charge costs nothing.
+    pub fn settle(&self, bucket: &[u8], charge: Charge, before: Option<u64>, stored_new: bool) {
+        if charge.is_free() {
+            return;
+        }
+        let Some(b) = before.filter(|_| !stored_new) else {
+            return;
+        };
+        // Charged [now, until]; extended only [max(b, now), until]: give back [now, b].
+        let back_until = b.min(charge.until);
+        if back_until <= charge.now {
+            return;
+        }
         let mut m = self.used.lock().unwrap();
-        if let Some(u) = m.get_mut(bucket) {
-            *u = u.saturating_sub(cost);
-            if *u == 0 {
+        if let Some(l) = m.get_mut(bucket) {
+            l.add(
+                self.bin,
+                charge.now,
+                charge.now,
+                back_until,
+                -(charge.cost as i64),
+            );
+            if l.bins.is_empty() {
                 m.remove(bucket);
             }
         }
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    pub fn used(&self, bucket: &[u8]) -> u64 {
-        self.used.lock().unwrap().get(bucket).copied().unwrap_or(0)
+    /// Give a whole charge back (nothing was stored or extended).
+    pub fn refund(&self, bucket: &[u8], charge: Charge) {
+        self.settle(bucket, charge, Some(charge.until), false);
+    }
+
+    /// Byte-seconds `bucket` holds at `now`.
+    pub fn used(&self, bucket: &[u8], now: u64) -> u128 {
+        let mut m = self.used.lock().unwrap();
+        m.get_mut(bucket).map_or(0, |l| l.outstanding(now))
+    }
+
+    /// `bucket`'s ledger, encoded for the store.
+    pub fn encoded(&self, bucket: &[u8]) -> Vec<u8> {
+        let m = self.used.lock().unwrap();
+        m.get(bucket).cloned().unwrap_or_default().encode()
     }
 
     /// Save the charges if they changed since the last save. The snapshot is taken under
@@ -97,12 +247,12 @@ impl Quota {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
-        let snapshot = || -> Vec<(Vec<u8>, u64)> {
+        let snapshot = || -> Vec<(Vec<u8>, Vec<u8>)> {
             self.used
                 .lock()
                 .unwrap()
                 .iter()
-                .map(|(k, v)| (k.clone(), *v))
+                .map(|(k, v)| (k.clone(), v.encode()))
                 .collect()
         };
         if let Err(e) = store.save_charges(&snapshot) {
@@ -117,25 +267,68 @@ mod tests {
     use super::*;
     use crate::store::MemStore;
 
+    const DAY: u64 = 86_400;
+
     #[test]
-    fn charges_bytes_plus_overhead_and_persist() {
+    fn charges_bytes_times_lease_and_persist() {
         let store = MemStore::default();
-        let q = Quota::load(10_000, &store);
+        // 10,000 bytes for 10 days.
+        let q = Quota::load(10_000, 10 * DAY, &store);
         let b = q.bucket_for(&[198, 18, 0]);
+        let now = 1_000 * DAY;
+        let each = Quota::cost(16);
         let mut n = 0;
-        while q.reserve(&b, Quota::cost(16)).is_ok() {
+        while q.reserve(&b, each, now, now + 10 * DAY).is_ok() {
             n += 1;
         }
-        assert_eq!(n, 10_000 / (16 + BLOCK_OVERHEAD));
+        assert_eq!(n, 10_000 / each);
+        // The same byte-seconds as twice the blocks for half as long.
+        let q2 = Quota::load(10_000, 10 * DAY, &store);
+        let mut n2 = 0;
+        while q2.reserve(&b, each, now, now + 5 * DAY).is_ok() {
+            n2 += 1;
+        }
+        assert!(n2 >= 2 * n && n2 <= 2 * n + 2, "{n2} vs {n}");
+        // A refund makes room again; charges persist.
+        let c = q.reserve(&b, each, now, now + 10 * DAY).unwrap_err();
         assert_eq!(
-            q.reserve(&b, Quota::cost(16)),
-            Err(QuotaError::Exceeded { limit: 10_000 })
+            c,
+            QuotaError::Exceeded {
+                limit_bytes: 10_000,
+                lease_secs: 10 * DAY
+            }
         );
-        q.refund(&b, Quota::cost(16));
-        assert!(q.reserve(&b, Quota::cost(16)).is_ok());
         q.save(&store);
-        let again = Quota::load(10_000, &store);
-        assert_eq!(again.used(&b), q.used(&b));
-        assert!(again.reserve(&b, Quota::cost(16)).is_err());
+        let again = Quota::load(10_000, 10 * DAY, &store);
+        assert_eq!(again.used(&b, now), q.used(&b, now));
+        assert!(again.reserve(&b, each, now, now + 10 * DAY).is_err());
+        // Charges run out with the leases: half-way, half the room is back.
+        let later = now + 5 * DAY + DAY / 2;
+        assert!(again.used(&b, later) <= q.limit() / 2);
+        assert!(again.reserve(&b, each, later, later + 4 * DAY).is_ok());
+    }
+
+    #[test]
+    fn an_extension_is_charged_only_for_the_time_added() {
+        let store = MemStore::default();
+        let q = Quota::load(1 << 30, 100 * DAY, &store);
+        let b = b"x".to_vec();
+        let now = 50 * DAY;
+        let c = q.reserve(&b, 1000, now, now + 30 * DAY).unwrap();
+        // Held until now + 20 days already: only 10 days are new.
+        q.settle(&b, c, Some(now + 20 * DAY), false);
+        let used = q.used(&b, now);
+        let want = 1000u128 * 10 * DAY as u128;
+        let slack = 1000u128 * (100 * DAY / BINS) as u128 * 2;
+        assert!(used.abs_diff(want) <= slack, "{used} vs {want}");
+        // Already leased beyond: free.
+        let c = q.reserve(&b, 1000, now, now + 5 * DAY).unwrap();
+        let before = q.used(&b, now);
+        q.settle(&b, c, Some(now + 20 * DAY), false);
+        assert!(q.used(&b, now) < before);
+        assert!(q.used(&b, now).abs_diff(want) <= slack);
+        // Nothing more is charged until the old lease ends, then it runs out.
+        assert!(q.used(&b, now + 19 * DAY).abs_diff(want) <= slack);
+        assert_eq!(q.used(&b, now + 31 * DAY), 0);
     }
 }

@@ -1,9 +1,10 @@
 //! The permanent block store: a trait with a redb implementation (durable, group commit)
-//! and a memory implementation (tests, simulator). Only verified blocks go in.
+//! and a memory implementation (tests, simulator). Only verified blocks go in, and every
+//! block carries a lease: the unix second its expiry falls on. A lease only grows.
 
 use cfs_core::{BlockKind, Id, Verified};
-use redb::ReadableDatabase;
-use std::collections::BTreeMap;
+use redb::{ReadableDatabase, ReadableTable};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -29,50 +30,88 @@ pub enum PutOutcome {
     Present,
 }
 
+/// A put's answer: what it did, the lease held before (if the key was held) and after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PutDone {
+    pub outcome: PutOutcome,
+    pub before: Option<u64>,
+    pub expires: u64,
+}
+
+/// A held block as the index knows it (no block bytes read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// 0 for content blocks.
+    pub version: u64,
+    pub len: u64,
+    /// Unix second the lease ends.
+    pub expires: u64,
+}
+
 /// Store key: kind byte then the 20-byte key, so kinds never alias.
 pub type StoreKey = (BlockKind, Id);
 
+/// A renewal's answer for a held block: its lease before and after, and its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Renewed {
+    pub before: u64,
+    pub expires: u64,
+    pub len: u64,
+}
+
 pub trait BlockStore: Send + Sync + 'static {
-    /// Durably store a verified block. Roots only replace an older version.
-    fn put(&self, block: &Verified) -> Result<PutOutcome, StoreError>;
+    /// Durably store a verified block leased until `expires` (a held lease is never
+    /// shortened). Roots only replace an older version.
+    fn put(&self, block: &Verified, expires: u64) -> Result<PutDone, StoreError>;
     /// Store several blocks, durably, with one answer each (one commit where possible).
-    fn put_many(&self, blocks: Vec<Verified>) -> Vec<Result<PutOutcome, StoreError>> {
-        blocks.iter().map(|b| self.put(b)).collect()
+    fn put_many(&self, blocks: Vec<(Verified, u64)>) -> Vec<Result<PutDone, StoreError>> {
+        blocks.iter().map(|(b, e)| self.put(b, *e)).collect()
     }
-    fn get(&self, kind: BlockKind, key: Id) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Held version (0 for content blocks), if held.
-    fn version(&self, kind: BlockKind, key: Id) -> Result<Option<u64>, StoreError>;
+    /// The block's bytes and lease end, if held (expired or not: callers decide).
+    fn get(&self, kind: BlockKind, key: Id) -> Result<Option<(Vec<u8>, u64)>, StoreError>;
+    fn held(&self, kind: BlockKind, key: Id) -> Result<Option<Held>, StoreError>;
+    /// Extend the leases of held blocks to at least `expires`, in one commit. None for a
+    /// block not held.
+    fn renew(&self, items: &[StoreKey], expires: u64) -> Result<Vec<Option<Renewed>>, StoreError>;
     fn remove(&self, kind: BlockKind, key: Id) -> Result<(), StoreError>;
     /// Remove only if the held version is still `version`: a newer root stored meanwhile
     /// (an acknowledged put) is kept.
-    fn remove_if(&self, kind: BlockKind, key: Id, version: u64) -> Result<(), StoreError> {
-        match self.version(kind, key)? {
-            Some(v) if v == version => self.remove(kind, key),
-            _ => Ok(()),
-        }
-    }
-    /// Every held block as (kind, key, version), in key order. For tests and the
-    /// simulator's accounting: the node's own rounds walk the store with `list_after`.
-    fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError>;
+    fn remove_if(&self, kind: BlockKind, key: Id, version: u64) -> Result<(), StoreError>;
+    /// Remove at most `limit` blocks whose lease ended at or before `now`, soonest first,
+    /// checked and removed in one commit (a renewal in between keeps its block). Returns
+    /// what went: (kind, key, length).
+    fn remove_expired(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError>;
+    /// Every held block, in key order. For tests and the simulator's accounting: the
+    /// node's own rounds walk the store with `list_after`.
+    fn list(&self) -> Result<Vec<(BlockKind, Id, Held)>, StoreError>;
     /// At most `limit` held blocks after `after` (None: from the start), in store order
     /// (kind, then key): a bounded chunk, so rounds over the store never hold every key.
     fn list_after(
         &self,
         after: Option<StoreKey>,
         limit: usize,
-    ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError>;
-    /// Storage charged per source bucket, as last saved.
-    fn load_charges(&self) -> Result<Vec<(Vec<u8>, u64)>, StoreError>;
+    ) -> Result<Vec<(BlockKind, Id, Held)>, StoreError>;
+    /// Storage charged per source bucket, as last saved (opaque to the store).
+    fn load_charges(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
     /// Replace the saved charges (durably) with `snapshot()`, taken in commit order: after
     /// every commit of blocks that came before, before any that comes after.
-    fn save_charges(&self, snapshot: &dyn Fn() -> Vec<(Vec<u8>, u64)>) -> Result<(), StoreError>;
+    fn save_charges(
+        &self,
+        snapshot: &dyn Fn() -> Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), StoreError>;
     /// Record `bucket`'s charge with the next commit of blocks, so a put and its charge
     /// are durable together.
-    fn stage_charge(&self, bucket: &[u8], used: u64);
+    fn stage_charge(&self, bucket: &[u8], charge: Vec<u8>);
     /// (blocks, bytes) held.
     fn usage(&self) -> (u64, u64);
 }
 
+/// What a put does to what is held, for both stores: Ok(None) writes the block,
+/// Ok(Some(Present)) keeps the held bytes (only the lease may grow), Err refuses.
 fn check_root_replace(
     held: Option<(u64, &[u8])>,
     block: &Verified,
@@ -102,41 +141,133 @@ fn check_root_replace(
 /// In-memory store for tests and the simulator.
 #[derive(Default)]
 pub struct MemStore {
-    map: Mutex<BTreeMap<StoreKey, (u64, Vec<u8>)>>,
-    charges: Mutex<Vec<(Vec<u8>, u64)>>,
+    map: Mutex<MemMap>,
+    charges: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+#[derive(Default)]
+struct MemMap {
+    blocks: BTreeMap<StoreKey, (Held, Vec<u8>)>,
+    /// (expires, kind, key): the sweep's order.
+    expiry: BTreeSet<(u64, BlockKind, Id)>,
+}
+
+impl MemMap {
+    fn set_expiry(&mut self, k: StoreKey, old: Option<u64>, new: u64) {
+        if let Some(o) = old {
+            self.expiry.remove(&(o, k.0, k.1));
+        }
+        self.expiry.insert((new, k.0, k.1));
+    }
+    fn remove(&mut self, k: StoreKey) -> Option<Held> {
+        let (h, _) = self.blocks.remove(&k)?;
+        self.expiry.remove(&(h.expires, k.0, k.1));
+        Some(h)
+    }
 }
 
 impl BlockStore for MemStore {
-    fn put(&self, block: &Verified) -> Result<PutOutcome, StoreError> {
+    fn put(&self, block: &Verified, expires: u64) -> Result<PutDone, StoreError> {
         let mut m = self.map.lock().unwrap();
         let k = (block.kind(), block.key());
-        let held = m.get(&k).map(|(v, b)| (*v, b.as_slice()));
-        if let Some(o) = check_root_replace(held, block)? {
-            return Ok(o);
-        }
-        m.insert(k, (block.version(), block.bytes().to_vec()));
-        Ok(PutOutcome::Stored)
+        let old = m.blocks.get(&k).map(|(h, b)| (*h, b.as_slice()));
+        let before = old.map(|(h, _)| h.expires);
+        let after = before.map_or(expires, |b| b.max(expires));
+        let outcome = match check_root_replace(old.map(|(h, b)| (h.version, b)), block)? {
+            Some(o) => {
+                let e = m.blocks.get_mut(&k).expect("held");
+                e.0.expires = after;
+                o
+            }
+            None => {
+                let held = Held {
+                    version: block.version(),
+                    len: block.bytes().len() as u64,
+                    expires: after,
+                };
+                m.blocks.insert(k, (held, block.bytes().to_vec()));
+                PutOutcome::Stored
+            }
+        };
+        m.set_expiry(k, before, after);
+        Ok(PutDone {
+            outcome,
+            before,
+            expires: after,
+        })
     }
-    fn get(&self, kind: BlockKind, key: Id) -> Result<Option<Vec<u8>>, StoreError> {
+    fn get(&self, kind: BlockKind, key: Id) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let m = self.map.lock().unwrap();
+        Ok(m.blocks
+            .get(&(kind, key))
+            .map(|(h, b)| (b.clone(), h.expires)))
+    }
+    fn held(&self, kind: BlockKind, key: Id) -> Result<Option<Held>, StoreError> {
         Ok(self
             .map
             .lock()
             .unwrap()
+            .blocks
             .get(&(kind, key))
-            .map(|(_, b)| b.clone()))
+            .map(|(h, _)| *h))
     }
-    fn version(&self, kind: BlockKind, key: Id) -> Result<Option<u64>, StoreError> {
-        Ok(self.map.lock().unwrap().get(&(kind, key)).map(|(v, _)| *v))
+    fn renew(&self, items: &[StoreKey], expires: u64) -> Result<Vec<Option<Renewed>>, StoreError> {
+        let mut m = self.map.lock().unwrap();
+        Ok(items
+            .iter()
+            .map(|&k| {
+                let h = m.blocks.get(&k).map(|(h, _)| *h)?;
+                let after = h.expires.max(expires);
+                if after > h.expires {
+                    m.blocks.get_mut(&k).expect("held").0.expires = after;
+                    m.set_expiry(k, Some(h.expires), after);
+                }
+                Some(Renewed {
+                    before: h.expires,
+                    expires: after,
+                    len: h.len,
+                })
+            })
+            .collect())
     }
     fn remove(&self, kind: BlockKind, key: Id) -> Result<(), StoreError> {
-        self.map.lock().unwrap().remove(&(kind, key));
+        self.map.lock().unwrap().remove((kind, key));
         Ok(())
     }
-    fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
+    fn remove_if(&self, kind: BlockKind, key: Id, version: u64) -> Result<(), StoreError> {
+        let mut m = self.map.lock().unwrap();
+        if m.blocks
+            .get(&(kind, key))
+            .is_some_and(|(h, _)| h.version == version)
+        {
+            m.remove((kind, key));
+        }
+        Ok(())
+    }
+    fn remove_expired(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
+        let mut m = self.map.lock().unwrap();
+        let due: Vec<(u64, BlockKind, Id)> = m
+            .expiry
+            .iter()
+            .take_while(|(e, _, _)| *e <= now)
+            .take(limit)
+            .copied()
+            .collect();
+        Ok(due
+            .into_iter()
+            .filter_map(|(_, kind, key)| m.remove((kind, key)).map(|h| (kind, key, h.len)))
+            .collect())
+    }
+    fn list(&self) -> Result<Vec<(BlockKind, Id, Held)>, StoreError> {
         let m = self.map.lock().unwrap();
         let mut v: Vec<_> = m
+            .blocks
             .iter()
-            .map(|((k, id), (ver, _))| (*k, *id, *ver))
+            .map(|((k, id), (h, _))| (*k, *id, *h))
             .collect();
         v.sort_by_key(|(k, id, _)| (*id, *k));
         Ok(v)
@@ -145,32 +276,36 @@ impl BlockStore for MemStore {
         &self,
         after: Option<StoreKey>,
         limit: usize,
-    ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
+    ) -> Result<Vec<(BlockKind, Id, Held)>, StoreError> {
         use std::ops::Bound;
         let m = self.map.lock().unwrap();
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-        Ok(m.range((lower, Bound::Unbounded))
+        Ok(m.blocks
+            .range((lower, Bound::Unbounded))
             .take(limit)
-            .map(|((k, id), (ver, _))| (*k, *id, *ver))
+            .map(|((k, id), (h, _))| (*k, *id, *h))
             .collect())
     }
-    fn load_charges(&self) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
+    fn load_charges(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         Ok(self.charges.lock().unwrap().clone())
     }
-    fn save_charges(&self, snapshot: &dyn Fn() -> Vec<(Vec<u8>, u64)>) -> Result<(), StoreError> {
+    fn save_charges(
+        &self,
+        snapshot: &dyn Fn() -> Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
         *self.charges.lock().unwrap() = snapshot();
         Ok(())
     }
-    fn stage_charge(&self, bucket: &[u8], used: u64) {
+    fn stage_charge(&self, bucket: &[u8], charge: Vec<u8>) {
         let mut c = self.charges.lock().unwrap();
         c.retain(|(b, _)| b != bucket);
-        c.push((bucket.to_vec(), used));
+        c.push((bucket.to_vec(), charge));
     }
     fn usage(&self) -> (u64, u64) {
         let m = self.map.lock().unwrap();
         (
-            m.len() as u64,
-            m.values().map(|(_, b)| b.len() as u64).sum(),
+            m.blocks.len() as u64,
+            m.blocks.values().map(|(h, _)| h.len).sum(),
         )
     }
 }
@@ -180,16 +315,26 @@ pub const REDB_CACHE_BYTES: usize = 32 << 20;
 
 /// Block bytes by store key (kind byte, then the 20-byte key).
 const BLOCKS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("blocks");
-/// Per block: version and length (8 + 8 bytes, big-endian), so listing, `Has` and usage
-/// never read block bytes.
+/// Per block: version, length and lease end (3 x 8 bytes, big-endian), so listing, `Has`
+/// and usage never read block bytes.
 const INDEX: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("index");
-/// Storage charged per source bucket (quota), so a restart does not forget it.
-const CHARGES: redb::TableDefinition<&[u8], u64> = redb::TableDefinition::new("charges");
+/// Lease end (8 bytes, big-endian) then store key, for the sweep: soonest first.
+const EXPIRY: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("expiry");
+/// Format 2's storage charges: bytes per source bucket.
+const CHARGES_V2: redb::TableDefinition<&[u8], u64> = redb::TableDefinition::new("charges");
+/// Storage charged per source bucket (quota's space-time ledger, encoded by `quota`), so
+/// a restart does not forget it.
+const CHARGES: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("charges3");
 /// Store-wide facts: "format" is the layout version.
 const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
 /// 1: blocks + index. 2: adds charges and meta (a format-1 store is migrated on open by
-/// creating them: no existing table changes).
-pub const STORE_FORMAT: u32 = 2;
+/// creating them: no existing table changes). 3: leases: index entries gain a lease end,
+/// the expiry table, and charges become space-time ledgers (a format-1 or 2 store is
+/// migrated on open: every block gets `MIGRATED_LEASE` from then, every byte charged
+/// becomes a charge for that long).
+pub const STORE_FORMAT: u32 = 3;
+/// The lease a block from a store without leases gets when the store is migrated.
+pub const MIGRATED_LEASE: u64 = 30 * 86_400;
 /// Puts waiting for the writer at most; a caller beyond it waits (backpressure), so
 /// the queue's memory is bounded whatever the request rate.
 const WRITER_QUEUE: usize = 4096;
@@ -201,46 +346,68 @@ fn db_key(kind: BlockKind, key: Id) -> [u8; 21] {
     k
 }
 
-fn index_value(version: u64, len: usize) -> [u8; 16] {
-    let mut v = [0u8; 16];
-    v[..8].copy_from_slice(&version.to_be_bytes());
-    v[8..].copy_from_slice(&(len as u64).to_be_bytes());
+fn expiry_key(expires: u64, k: &[u8; 21]) -> [u8; 29] {
+    let mut e = [0u8; 29];
+    e[..8].copy_from_slice(&expires.to_be_bytes());
+    e[8..].copy_from_slice(k);
+    e
+}
+
+fn index_value(h: Held) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[..8].copy_from_slice(&h.version.to_be_bytes());
+    v[8..16].copy_from_slice(&h.len.to_be_bytes());
+    v[16..].copy_from_slice(&h.expires.to_be_bytes());
     v
 }
 
-/// (version, length) from an index value; None if the entry is malformed.
-fn parse_index(v: &[u8]) -> Option<(u64, u64)> {
-    if v.len() != 16 {
-        return None;
-    }
-    Some((
-        u64::from_be_bytes(v[..8].try_into().ok()?),
-        u64::from_be_bytes(v[8..].try_into().ok()?),
-    ))
+fn be(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.try_into().ok()?))
 }
 
-/// (kind, key, version) of an index entry; None if it is malformed.
-fn index_entry(k: &[u8], v: &[u8]) -> Option<(BlockKind, Id, u64)> {
+/// An index value; None if the entry is malformed.
+fn parse_index(v: &[u8]) -> Option<Held> {
+    if v.len() != 24 {
+        return None;
+    }
+    Some(Held {
+        version: be(&v[..8])?,
+        len: be(&v[8..16])?,
+        expires: be(&v[16..])?,
+    })
+}
+
+/// (kind, key, held) of an index entry; None if it is malformed.
+fn index_entry(k: &[u8], v: &[u8]) -> Option<(BlockKind, Id, Held)> {
     if k.len() != 21 {
         return None;
     }
     let kind = BlockKind::from_u8(k[0])?;
-    let (version, _) = parse_index(v)?;
-    Some((kind, Id(k[1..].try_into().ok()?), version))
+    Some((kind, Id(k[1..].try_into().ok()?), parse_index(v)?))
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
-type Pending = (Verified, mpsc::SyncSender<Result<PutOutcome, StoreError>>);
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+type Pending = (
+    (Verified, u64),
+    mpsc::SyncSender<Result<PutDone, StoreError>>,
+);
 
 /// Durable store in one redb file. Writes go through one writer thread that commits every
 /// put waiting at that moment in one transaction: one fsync per batch, not per block.
 pub struct RedbStore {
     db: std::sync::Arc<redb::Database>,
     /// Charges to write with the next commit.
-    staged: std::sync::Arc<Mutex<BTreeMap<Vec<u8>, u64>>>,
+    staged: std::sync::Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>,
     writer: Mutex<Option<mpsc::SyncSender<Pending>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     usage: std::sync::Arc<Mutex<(u64, u64)>>,
@@ -256,40 +423,69 @@ impl Drop for RedbStore {
     }
 }
 
+/// Set a block's index entry and its expiry entry (removing the old one) in `tx`.
+fn write_index(
+    index: &mut redb::Table<&[u8], &[u8]>,
+    expiry: &mut redb::Table<&[u8], &[u8]>,
+    k: &[u8; 21],
+    old: Option<Held>,
+    new: Held,
+) -> Result<(), StoreError> {
+    if let Some(o) = old {
+        expiry
+            .remove(expiry_key(o.expires, k).as_slice())
+            .map_err(io)?;
+    }
+    index
+        .insert(k.as_slice(), index_value(new).as_slice())
+        .map_err(io)?;
+    expiry
+        .insert(expiry_key(new.expires, k).as_slice(), [].as_slice())
+        .map_err(io)?;
+    Ok(())
+}
+
 impl RedbStore {
-    /// Remove a block if `keep_going(held version)` says so, in one write transaction.
+    /// Remove a block if `go(held)` says so, in one write transaction.
     fn remove_where(
         &self,
         kind: BlockKind,
         key: Id,
-        keep_going: impl Fn(u64) -> bool,
+        go: impl Fn(Held) -> bool,
     ) -> Result<(), StoreError> {
-        use redb::ReadableTable;
         let tx = self.db.begin_write().map_err(io)?;
+        let k = db_key(kind, key);
         let removed = {
-            let k = db_key(kind, key);
             let mut blocks = tx.open_table(BLOCKS).map_err(io)?;
             let mut index = tx.open_table(INDEX).map_err(io)?;
+            let mut expiry = tx.open_table(EXPIRY).map_err(io)?;
             let held = index
                 .get(k.as_slice())
                 .map_err(io)?
                 .and_then(|g| parse_index(g.value()));
             match held {
-                Some((v, len)) if keep_going(v) => {
+                Some(h) if go(h) => {
                     blocks.remove(k.as_slice()).map_err(io)?;
                     index.remove(k.as_slice()).map_err(io)?;
-                    Some(len)
+                    expiry
+                        .remove(expiry_key(h.expires, &k).as_slice())
+                        .map_err(io)?;
+                    Some(h.len)
                 }
                 _ => None,
             }
         };
         tx.commit().map_err(io)?;
         if let Some(n) = removed {
-            let mut u = self.usage.lock().unwrap();
-            u.0 = u.0.saturating_sub(1);
-            u.1 = u.1.saturating_sub(n);
+            self.forget_usage(1, n);
         }
         Ok(())
+    }
+
+    fn forget_usage(&self, blocks: u64, bytes: u64) {
+        let mut u = self.usage.lock().unwrap();
+        u.0 = u.0.saturating_sub(blocks);
+        u.1 = u.1.saturating_sub(bytes);
     }
 
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
@@ -298,48 +494,23 @@ impl RedbStore {
             .set_cache_size(REDB_CACHE_BYTES)
             .create(path)
             .map_err(io)?;
-        {
-            use redb::ReadableTable;
-            let tx = db.begin_write().map_err(io)?;
-            {
-                let mut meta = tx.open_table(META).map_err(io)?;
-                let found = meta.get("format").map_err(io)?.map(|g| g.value());
-                match found {
-                    Some(f) if f > STORE_FORMAT as u64 => {
-                        return Err(StoreError::TooNew {
-                            found: f as u32,
-                            known: STORE_FORMAT,
-                        })
-                    }
-                    Some(f) if f == STORE_FORMAT as u64 => {}
-                    // New, or format 1 (no meta table): migrate by creating what is new.
-                    _ => {
-                        meta.insert("format", STORE_FORMAT as u64).map_err(io)?;
-                    }
-                }
-            }
-            tx.open_table(BLOCKS).map_err(io)?;
-            tx.open_table(INDEX).map_err(io)?;
-            tx.open_table(CHARGES).map_err(io)?;
-            tx.commit().map_err(io)?;
-        }
+        migrate(&db)?;
         let db = std::sync::Arc::new(db);
         let mut usage = (0u64, 0u64);
         {
-            use redb::ReadableTable;
             let tx = db.begin_read().map_err(io)?;
             let t = tx.open_table(INDEX).map_err(io)?;
             for item in t.iter().map_err(io)? {
                 let (_, v) = item.map_err(io)?;
-                if let Some((_, len)) = parse_index(v.value()) {
+                if let Some(h) = parse_index(v.value()) {
                     usage.0 += 1;
-                    usage.1 += len;
+                    usage.1 += h.len;
                 }
             }
         }
         let usage = std::sync::Arc::new(Mutex::new(usage));
         let (tx, rx) = mpsc::sync_channel::<Pending>(WRITER_QUEUE);
-        let staged: std::sync::Arc<Mutex<BTreeMap<Vec<u8>, u64>>> = Default::default();
+        let staged: std::sync::Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>> = Default::default();
         let (db2, usage2, staged2) = (db.clone(), usage.clone(), staged.clone());
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -355,13 +526,104 @@ impl RedbStore {
     }
 }
 
+/// Bring a store of an older format to `STORE_FORMAT` in one transaction (so a crash
+/// leaves the old format whole), or refuse a newer one.
+fn migrate(db: &redb::Database) -> Result<(), StoreError> {
+    use redb::TableHandle;
+    let tx = db.begin_write().map_err(io)?;
+    let found = tx
+        .open_table(META)
+        .map_err(io)?
+        .get("format")
+        .map_err(io)?
+        .map(|g| g.value());
+    match found {
+        Some(f) if f > STORE_FORMAT as u64 => {
+            return Err(StoreError::TooNew {
+                found: f as u32,
+                known: STORE_FORMAT,
+            })
+        }
+        Some(f) if f == STORE_FORMAT as u64 => return Ok(()),
+        _ => {}
+    }
+    let now = unix_now();
+    let expires = now + MIGRATED_LEASE;
+    let mut migrated = 0u64;
+    {
+        let mut index = tx.open_table(INDEX).map_err(io)?;
+        let mut expiry = tx.open_table(EXPIRY).map_err(io)?;
+        // Formats 1 and 2: (version, length), 16 bytes.
+        let old: Vec<(Vec<u8>, Vec<u8>)> = index
+            .iter()
+            .map_err(io)?
+            .filter_map(|e| e.ok())
+            .map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
+            .filter(|(_, v)| v.len() == 16)
+            .collect();
+        for (k, v) in old {
+            let (Some(version), Some(len), Ok(k21)) =
+                (be(&v[..8]), be(&v[8..]), <[u8; 21]>::try_from(k.as_slice()))
+            else {
+                continue;
+            };
+            let h = Held {
+                version,
+                len,
+                expires,
+            };
+            write_index(&mut index, &mut expiry, &k21, None, h)?;
+            migrated += 1;
+        }
+    }
+    tx.open_table(BLOCKS).map_err(io)?;
+    {
+        let mut charges = tx.open_table(CHARGES).map_err(io)?;
+        let has_v2 = tx
+            .list_tables()
+            .map_err(io)?
+            .any(|t| t.name() == CHARGES_V2.name());
+        if has_v2 {
+            let old: Vec<(Vec<u8>, u64)> = {
+                let t = tx.open_table(CHARGES_V2).map_err(io)?;
+                t.iter()
+                    .map_err(io)?
+                    .filter_map(|e| e.ok())
+                    .map(|(k, v)| (k.value().to_vec(), v.value()))
+                    .collect()
+            };
+            for (bucket, bytes) in old {
+                let ledger = crate::quota::Ledger::migrated(bytes, now, expires);
+                charges
+                    .insert(bucket.as_slice(), ledger.encode().as_slice())
+                    .map_err(io)?;
+            }
+            tx.delete_table(CHARGES_V2).map_err(io)?;
+        }
+    }
+    tx.open_table(META)
+        .map_err(io)?
+        .insert("format", STORE_FORMAT as u64)
+        .map_err(io)?;
+    tx.commit().map_err(io)?;
+    if found.is_some() || migrated > 0 {
+        tracing::info!(
+            from = found.unwrap_or(1),
+            to = STORE_FORMAT,
+            blocks = migrated,
+            lease_days = MIGRATED_LEASE / 86_400,
+            "block store migrated; its blocks are leased for the days given from now"
+        );
+    }
+    Ok(())
+}
+
 fn writer_loop(
     db: &redb::Database,
     rx: mpsc::Receiver<Pending>,
     usage: &Mutex<(u64, u64)>,
-    staged: &Mutex<BTreeMap<Vec<u8>, u64>>,
+    staged: &Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
 ) {
-    use redb::ReadableTable;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -370,7 +632,7 @@ fn writer_loop(
                 break;
             }
         }
-        let mut results: Vec<Result<PutOutcome, StoreError>> = Vec::with_capacity(batch.len());
+        let mut results: Vec<Result<PutDone, StoreError>> = Vec::with_capacity(batch.len());
         let mut added = (0u64, 0i64);
         let commit = (|| -> Result<(), StoreError> {
             let tx = db.begin_write().map_err(io)?;
@@ -378,13 +640,14 @@ fn writer_loop(
                 let charges = std::mem::take(&mut *staged.lock().unwrap());
                 let mut t = tx.open_table(CHARGES).map_err(io)?;
                 for (k, v) in charges {
-                    t.insert(k.as_slice(), v).map_err(io)?;
+                    t.insert(k.as_slice(), v.as_slice()).map_err(io)?;
                 }
             }
             {
                 let mut blocks = tx.open_table(BLOCKS).map_err(io)?;
                 let mut index = tx.open_table(INDEX).map_err(io)?;
-                for (block, _) in &batch {
+                let mut expiry = tx.open_table(EXPIRY).map_err(io)?;
+                for ((block, expires), _) in &batch {
                     let k = db_key(block.kind(), block.key());
                     let held = index
                         .get(k.as_slice())
@@ -392,7 +655,9 @@ fn writer_loop(
                         .and_then(|g| parse_index(g.value()));
                     // Only a root of the same version needs its bytes compared.
                     let held_bytes = match held {
-                        Some((v, _)) if block.kind() == BlockKind::Root && v == block.version() => {
+                        Some(h)
+                            if block.kind() == BlockKind::Root && h.version == block.version() =>
+                        {
                             blocks
                                 .get(k.as_slice())
                                 .map_err(io)?
@@ -401,28 +666,46 @@ fn writer_loop(
                         }
                         _ => Vec::new(),
                     };
-                    let held_ref = held.map(|(v, _)| (v, held_bytes.as_slice()));
+                    let held_ref = held.map(|h| (h.version, held_bytes.as_slice()));
+                    let before = held.map(|h| h.expires);
+                    let after = before.map_or(*expires, |b| b.max(*expires));
                     match check_root_replace(held_ref, block) {
-                        Ok(Some(o)) => results.push(Ok(o)),
                         Err(e) => results.push(Err(e)),
+                        Ok(Some(outcome)) => {
+                            let h = held.expect("present means held");
+                            if after > h.expires {
+                                let new = Held {
+                                    expires: after,
+                                    ..h
+                                };
+                                write_index(&mut index, &mut expiry, &k, held, new)?;
+                            }
+                            results.push(Ok(PutDone {
+                                outcome,
+                                before,
+                                expires: after,
+                            }));
+                        }
                         Ok(None) => {
                             blocks.insert(k.as_slice(), block.bytes()).map_err(io)?;
-                            index
-                                .insert(
-                                    k.as_slice(),
-                                    index_value(block.version(), block.bytes().len()).as_slice(),
-                                )
-                                .map_err(io)?;
+                            let new = Held {
+                                version: block.version(),
+                                len: block.bytes().len() as u64,
+                                expires: after,
+                            };
+                            write_index(&mut index, &mut expiry, &k, held, new)?;
                             match held {
-                                Some((_, len)) => {
-                                    added.1 += block.bytes().len() as i64 - len as i64
-                                }
+                                Some(h) => added.1 += new.len as i64 - h.len as i64,
                                 None => {
                                     added.0 += 1;
-                                    added.1 += block.bytes().len() as i64;
+                                    added.1 += new.len as i64;
                                 }
                             }
-                            results.push(Ok(PutOutcome::Stored));
+                            results.push(Ok(PutDone {
+                                outcome: PutOutcome::Stored,
+                                before,
+                                expires: after,
+                            }));
                         }
                     }
                 }
@@ -448,21 +731,14 @@ fn writer_loop(
 }
 
 impl BlockStore for RedbStore {
-    fn put(&self, block: &Verified) -> Result<PutOutcome, StoreError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let stopped = || StoreError::Io("store writer stopped".into());
-        self.writer
-            .lock()
-            .unwrap()
-            .as_ref()
-            .ok_or_else(stopped)?
-            .send((block.clone(), tx))
-            .map_err(|_| stopped())?;
-        rx.recv().map_err(|_| stopped())?
+    fn put(&self, block: &Verified, expires: u64) -> Result<PutDone, StoreError> {
+        self.put_many(vec![(block.clone(), expires)])
+            .pop()
+            .expect("one answer per block")
     }
 
     /// All blocks go to the writer before waiting, so they share one commit.
-    fn put_many(&self, blocks: Vec<Verified>) -> Vec<Result<PutOutcome, StoreError>> {
+    fn put_many(&self, blocks: Vec<(Verified, u64)>) -> Vec<Result<PutDone, StoreError>> {
         let stopped = || StoreError::Io("store writer stopped".into());
         let mut waits = Vec::with_capacity(blocks.len());
         {
@@ -482,18 +758,60 @@ impl BlockStore for RedbStore {
             .collect()
     }
 
-    fn get(&self, kind: BlockKind, key: Id) -> Result<Option<Vec<u8>>, StoreError> {
+    fn get(&self, kind: BlockKind, key: Id) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
+        let k = db_key(kind, key);
+        let Some(h) = tx
+            .open_table(INDEX)
+            .map_err(io)?
+            .get(k.as_slice())
+            .map_err(io)?
+            .and_then(|g| parse_index(g.value()))
+        else {
+            return Ok(None);
+        };
         let t = tx.open_table(BLOCKS).map_err(io)?;
-        let v = t.get(db_key(kind, key).as_slice()).map_err(io)?;
-        Ok(v.map(|g| g.value().to_vec()))
+        let v = t.get(k.as_slice()).map_err(io)?;
+        Ok(v.map(|g| (g.value().to_vec(), h.expires)))
     }
 
-    fn version(&self, kind: BlockKind, key: Id) -> Result<Option<u64>, StoreError> {
+    fn held(&self, kind: BlockKind, key: Id) -> Result<Option<Held>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
         let t = tx.open_table(INDEX).map_err(io)?;
         let v = t.get(db_key(kind, key).as_slice()).map_err(io)?;
-        Ok(v.and_then(|g| parse_index(g.value())).map(|(v, _)| v))
+        Ok(v.and_then(|g| parse_index(g.value())))
+    }
+
+    fn renew(&self, items: &[StoreKey], expires: u64) -> Result<Vec<Option<Renewed>>, StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        let mut out = Vec::with_capacity(items.len());
+        let mut wrote = false;
+        {
+            let mut index = tx.open_table(INDEX).map_err(io)?;
+            let mut expiry = tx.open_table(EXPIRY).map_err(io)?;
+            for &(kind, key) in items {
+                let k = db_key(kind, key);
+                let held = index
+                    .get(k.as_slice())
+                    .map_err(io)?
+                    .and_then(|g| parse_index(g.value()));
+                out.push(held.map(|h| Renewed {
+                    before: h.expires,
+                    expires: h.expires.max(expires),
+                    len: h.len,
+                }));
+                if let Some(h) = held.filter(|h| h.expires < expires) {
+                    write_index(&mut index, &mut expiry, &k, Some(h), Held { expires, ..h })?;
+                    wrote = true;
+                }
+            }
+        }
+        if wrote {
+            tx.commit().map_err(io)?;
+        } else {
+            tx.abort().map_err(io)?;
+        }
+        Ok(out)
     }
 
     fn remove(&self, kind: BlockKind, key: Id) -> Result<(), StoreError> {
@@ -502,11 +820,54 @@ impl BlockStore for RedbStore {
 
     /// Checked and removed in one write transaction, so it cannot interleave with a put.
     fn remove_if(&self, kind: BlockKind, key: Id, version: u64) -> Result<(), StoreError> {
-        self.remove_where(kind, key, |v| v == version)
+        self.remove_where(kind, key, |h| h.version == version)
     }
 
-    fn list(&self) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
-        use redb::ReadableTable;
+    fn remove_expired(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        let mut gone = Vec::new();
+        {
+            let mut blocks = tx.open_table(BLOCKS).map_err(io)?;
+            let mut index = tx.open_table(INDEX).map_err(io)?;
+            let mut expiry = tx.open_table(EXPIRY).map_err(io)?;
+            let end = (now.saturating_add(1)).to_be_bytes();
+            let due: Vec<Vec<u8>> = expiry
+                .range::<&[u8]>(..end.as_slice())
+                .map_err(io)?
+                .take(limit)
+                .filter_map(|e| e.ok().map(|(k, _)| k.value().to_vec()))
+                .collect();
+            for ek in due {
+                expiry.remove(ek.as_slice()).map_err(io)?;
+                let Ok(k) = <[u8; 21]>::try_from(&ek[8..]) else {
+                    continue;
+                };
+                let held = index
+                    .get(k.as_slice())
+                    .map_err(io)?
+                    .and_then(|g| parse_index(g.value()));
+                // Only if the index agrees: a stray expiry entry removes nothing.
+                if let Some(h) =
+                    held.filter(|h| h.expires <= now && be(&ek[..8]) == Some(h.expires))
+                {
+                    blocks.remove(k.as_slice()).map_err(io)?;
+                    index.remove(k.as_slice()).map_err(io)?;
+                    if let Some(kind) = BlockKind::from_u8(k[0]) {
+                        gone.push((kind, Id(k[1..].try_into().expect("20 bytes")), h.len));
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(io)?;
+        self.forget_usage(gone.len() as u64, gone.iter().map(|g| g.2).sum());
+        Ok(gone)
+    }
+
+    fn list(&self) -> Result<Vec<(BlockKind, Id, Held)>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
         let t = tx.open_table(INDEX).map_err(io)?;
         let mut out = Vec::new();
@@ -523,7 +884,7 @@ impl BlockStore for RedbStore {
         &self,
         after: Option<StoreKey>,
         limit: usize,
-    ) -> Result<Vec<(BlockKind, Id, u64)>, StoreError> {
+    ) -> Result<Vec<(BlockKind, Id, Held)>, StoreError> {
         use std::ops::Bound;
         let tx = self.db.begin_read().map_err(io)?;
         let t = tx.open_table(INDEX).map_err(io)?;
@@ -543,23 +904,25 @@ impl BlockStore for RedbStore {
         Ok(out)
     }
 
-    fn stage_charge(&self, bucket: &[u8], used: u64) {
-        self.staged.lock().unwrap().insert(bucket.to_vec(), used);
+    fn stage_charge(&self, bucket: &[u8], charge: Vec<u8>) {
+        self.staged.lock().unwrap().insert(bucket.to_vec(), charge);
     }
 
-    fn load_charges(&self) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
-        use redb::ReadableTable;
+    fn load_charges(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let tx = self.db.begin_read().map_err(io)?;
         let t = tx.open_table(CHARGES).map_err(io)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(io)? {
             let (k, v) = item.map_err(io)?;
-            out.push((k.value().to_vec(), v.value()));
+            out.push((k.value().to_vec(), v.value().to_vec()));
         }
         Ok(out)
     }
 
-    fn save_charges(&self, snapshot: &dyn Fn() -> Vec<(Vec<u8>, u64)>) -> Result<(), StoreError> {
+    fn save_charges(
+        &self,
+        snapshot: &dyn Fn() -> Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
         // redb has one writer at a time: the snapshot is taken inside this write
         // transaction, so it is ordered with the writer thread's commits of blocks and
         // their staged charges.
@@ -572,7 +935,7 @@ impl BlockStore for RedbStore {
             let mut t = tx.open_table(CHARGES).map_err(io)?;
             t.retain(|_, _| false).map_err(io)?;
             for (k, v) in charges {
-                t.insert(k.as_slice(), v).map_err(io)?;
+                t.insert(k.as_slice(), v.as_slice()).map_err(io)?;
             }
         }
         tx.commit().map_err(io)?;
@@ -603,27 +966,44 @@ mod tests {
         cfs_core::block::SigningKey::from_bytes(&[3; 32])
     }
 
+    const T: u64 = 1_000_000;
+
+    fn out(s: &dyn BlockStore, b: &Verified, e: u64) -> PutOutcome {
+        s.put(b, e).unwrap().outcome
+    }
+
     /// One suite, run against every implementation.
     fn suite(s: &dyn BlockStore) {
         let a = content(b"alpha");
-        assert_eq!(s.put(&a).unwrap(), PutOutcome::Stored);
-        assert_eq!(s.put(&a).unwrap(), PutOutcome::Present);
-        assert_eq!(s.get(BlockKind::Data, a.key()).unwrap().unwrap(), b"alpha");
+        assert_eq!(out(s, &a, T + 100), PutOutcome::Stored);
+        assert_eq!(out(s, &a, T + 50), PutOutcome::Present);
+        assert_eq!(
+            s.get(BlockKind::Data, a.key()).unwrap().unwrap(),
+            (b"alpha".to_vec(), T + 100),
+            "a shorter lease asked never shortens the held one"
+        );
+        let d = s.put(&a, T + 200).unwrap();
+        assert_eq!((d.before, d.expires), (Some(T + 100), T + 200));
         // Kinds do not alias.
         assert_eq!(s.get(BlockKind::Meta, a.key()).unwrap(), None);
         let r2 = root(2, b"x");
-        assert_eq!(s.put(&r2).unwrap(), PutOutcome::Stored);
+        assert_eq!(out(s, &r2, T + 10), PutOutcome::Stored);
         assert!(matches!(
-            s.put(&root(1, b"x")),
+            s.put(&root(1, b"x"), T + 10),
             Err(StoreError::Stale { .. })
         ));
         assert!(matches!(
-            s.put(&root(2, b"y")),
+            s.put(&root(2, b"y"), T + 10),
             Err(StoreError::Conflict(2))
         ));
-        assert_eq!(s.put(&r2).unwrap(), PutOutcome::Present);
-        assert_eq!(s.put(&root(3, b"z")).unwrap(), PutOutcome::Stored);
-        assert_eq!(s.version(BlockKind::Root, r2.key()).unwrap(), Some(3));
+        assert_eq!(out(s, &r2, T + 10), PutOutcome::Present);
+        assert_eq!(out(s, &root(3, b"z"), T + 5), PutOutcome::Stored);
+        let h = s.held(BlockKind::Root, r2.key()).unwrap().unwrap();
+        assert_eq!(
+            (h.version, h.expires),
+            (3, T + 10),
+            "a new version keeps the longer lease"
+        );
         assert_eq!(s.usage().0, 2);
         assert_eq!(s.list().unwrap().len(), 2);
         // Chunks walk the store in (kind, key) order without repeats.
@@ -632,11 +1012,45 @@ mod tests {
         let rest = s.list_after(Some((first[0].0, first[0].1)), 10).unwrap();
         assert_eq!(rest.len(), 1);
         assert_ne!(rest[0].1, first[0].1);
-        s.save_charges(&|| vec![(vec![127, 0, 0, 1], 99)]).unwrap();
-        assert_eq!(s.load_charges().unwrap(), vec![(vec![127, 0, 0, 1], 99)]);
+        s.save_charges(&|| vec![(vec![127, 0, 0, 1], vec![9, 9])])
+            .unwrap();
+        assert_eq!(
+            s.load_charges().unwrap(),
+            vec![(vec![127, 0, 0, 1], vec![9, 9])]
+        );
+        // Renewals only extend, and say what they found.
+        let missing = content(b"never stored");
+        let r = s
+            .renew(
+                &[
+                    (BlockKind::Root, r2.key()),
+                    (BlockKind::Data, missing.key()),
+                ],
+                T + 30,
+            )
+            .unwrap();
+        assert_eq!(r[0].map(|x| (x.before, x.expires)), Some((T + 10, T + 30)));
+        assert_eq!(r[1], None);
+        let r = s.renew(&[(BlockKind::Root, r2.key())], T + 1).unwrap();
+        assert_eq!(r[0].map(|x| x.expires), Some(T + 30));
+        // The sweep takes what expired, soonest first, bounded, and nothing else.
+        assert!(s.remove_expired(T + 29, 10).unwrap().is_empty());
+        let gone = s.remove_expired(T + 30, 10).unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!((gone[0].0, gone[0].1), (BlockKind::Root, r2.key()));
+        assert_eq!(s.held(BlockKind::Root, r2.key()).unwrap(), None);
+        assert_eq!(s.usage().0, 1);
         s.remove(BlockKind::Data, a.key()).unwrap();
         assert_eq!(s.get(BlockKind::Data, a.key()).unwrap(), None);
-        assert_eq!(s.usage().0, 1);
+        assert_eq!(s.usage().0, 0);
+        for i in 0..5u8 {
+            s.put(&content(&[i; 3]), T + i as u64).unwrap();
+        }
+        assert_eq!(s.remove_expired(T + 10, 3).unwrap().len(), 3);
+        assert_eq!(s.remove_expired(T + 10, 3).unwrap().len(), 2);
+        assert_eq!(s.usage(), (0, 0));
+        s.put(&a, T + 100).unwrap();
+        s.put(&r2, T + 100).unwrap();
     }
 
     #[test]
@@ -655,12 +1069,13 @@ mod tests {
             suite(&s);
         }
         let s = RedbStore::open(&path).unwrap();
-        assert_eq!(s.usage().0, 1);
+        assert_eq!(s.usage().0, 2);
         assert_eq!(s.load_charges().unwrap().len(), 1, "charges persist");
-        assert_eq!(
-            s.version(BlockKind::Root, root(1, b"").key()).unwrap(),
-            Some(3)
-        );
+        let h = s
+            .held(BlockKind::Root, root(1, b"").key())
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.version, h.expires), (2, T + 100), "leases persist");
         drop(s);
         // A store written by a newer format is refused, not misread.
         {
@@ -680,13 +1095,13 @@ mod tests {
     }
 
     #[test]
-    fn a_format_1_store_is_migrated() {
-        let dir = std::env::temp_dir().join(format!("cfs-store-v1-{}", std::process::id()));
+    fn a_format_2_store_is_migrated_with_leases_and_charges() {
+        let dir = std::env::temp_dir().join(format!("cfs-store-v2-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("blocks.redb");
         let a = content(b"old");
         {
-            // Format 1: blocks and index only.
+            // Format 2: blocks, 16-byte index entries, byte charges, meta.
             let db = redb::Database::create(&path).unwrap();
             let tx = db.begin_write().unwrap();
             let k = db_key(a.kind(), a.key());
@@ -694,15 +1109,34 @@ mod tests {
                 .unwrap()
                 .insert(k.as_slice(), a.bytes())
                 .unwrap();
+            let mut v = [0u8; 16];
+            v[8..].copy_from_slice(&(a.bytes().len() as u64).to_be_bytes());
             tx.open_table(INDEX)
                 .unwrap()
-                .insert(k.as_slice(), index_value(0, a.bytes().len()).as_slice())
+                .insert(k.as_slice(), v.as_slice())
                 .unwrap();
+            tx.open_table(CHARGES_V2)
+                .unwrap()
+                .insert([127u8, 0, 0, 1].as_slice(), 4096u64)
+                .unwrap();
+            tx.open_table(META).unwrap().insert("format", 2u64).unwrap();
             tx.commit().unwrap();
         }
         let s = RedbStore::open(&path).unwrap();
-        assert_eq!(s.get(BlockKind::Data, a.key()).unwrap().unwrap(), b"old");
-        assert!(s.load_charges().unwrap().is_empty());
+        let (bytes, expires) = s.get(BlockKind::Data, a.key()).unwrap().unwrap();
+        assert_eq!(bytes, b"old");
+        let now = unix_now();
+        assert!(expires >= now + MIGRATED_LEASE - 60 && expires <= now + MIGRATED_LEASE + 60);
+        assert_eq!(s.usage(), (1, 3));
+        let charges = s.load_charges().unwrap();
+        assert_eq!(charges.len(), 1);
+        let q = crate::quota::Quota::load(1 << 30, MIGRATED_LEASE, &s);
+        let used = q.used(&[127, 0, 0, 1], now);
+        let want = 4096u128 * MIGRATED_LEASE as u128;
+        assert!(used.abs_diff(want) < want / 100, "{used} vs {want}");
+        // The sweep finds migrated blocks by their new lease.
+        assert!(s.remove_expired(now, 10).unwrap().is_empty());
+        assert_eq!(s.remove_expired(expires, 10).unwrap().len(), 1);
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -104,6 +104,7 @@ pub fn req_name(r: &Request) -> &'static str {
         Request::PutMany { .. } => "PutMany",
         Request::Get { .. } => "Get",
         Request::Has { .. } => "Has",
+        Request::Renew { .. } => "Renew",
         Request::Cache { .. } => "Cache",
         Request::Status => "Status",
     }
@@ -496,6 +497,21 @@ pub fn held(addr: SocketAddr, kind: BlockKind, key: Id) -> bool {
         call_once(addr, Request::Has { items: vec![(kind, key)] }, Duration::from_secs(5)),
         Ok(Ok(Response::Have(v))) if v.first().is_some_and(|x| x.is_some())
     )
+}
+
+/// Seconds the node at `addr` has `key` leased for (direct `Has`); None if it does not
+/// hold it (or it expired).
+pub fn lease_left(addr: SocketAddr, kind: BlockKind, key: Id) -> Option<u64> {
+    match call_once(
+        addr,
+        Request::Has {
+            items: vec![(kind, key)],
+        },
+        Duration::from_secs(5),
+    ) {
+        Ok(Ok(Response::Have(v))) => v.first().copied().flatten().map(|h| h.lease),
+        _ => None,
+    }
 }
 
 /// The r replicas of `key` from a membership list: its successors in id order, one per

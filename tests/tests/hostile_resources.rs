@@ -319,6 +319,7 @@ fn transfer_flag_does_not_bypass_the_quota() {
                     key,
                     bytes,
                     transfer: true,
+                    lease: u64::MAX,
                 })
                 .await
                 .unwrap();
@@ -335,6 +336,7 @@ fn transfer_flag_does_not_bypass_the_quota() {
                         kind: BlockKind::Data,
                         key,
                         bytes,
+                        lease: u64::MAX,
                     }
                 })
                 .collect();
@@ -404,6 +406,7 @@ fn quota_charges_per_block_and_survives_restart() {
                         kind: BlockKind::Data,
                         key,
                         bytes,
+                        lease: u64::MAX,
                     }
                 })
                 .collect();
@@ -444,6 +447,7 @@ fn quota_charges_per_block_and_survives_restart() {
             key,
             bytes,
             transfer: false,
+            lease: u64::MAX,
         })
         .await
         .unwrap()

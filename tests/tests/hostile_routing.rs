@@ -93,7 +93,12 @@ impl Attacker {
                 ok(Response::Have(
                     items
                         .iter()
-                        .map(|_| (!withhold).then_some(u64::MAX))
+                        .map(|_| {
+                            (!withhold).then_some(cfs_core::wire::Holding {
+                                version: u64::MAX,
+                                lease: u64::MAX,
+                            })
+                        })
                         .collect(),
                 ))
             }
@@ -118,6 +123,12 @@ impl Attacker {
                 }
                 ok(Response::Block(bytes.filter(|_| give)))
             }
+            Request::Renew { items, .. } => ok(Response::Renewed(
+                items
+                    .iter()
+                    .map(|_| Ok((!withhold).then_some(u64::MAX)))
+                    .collect(),
+            )),
             Request::Status => refuse("no status here"),
         }
     }

@@ -233,6 +233,7 @@ fn invalid_blocks_are_refused_and_nothing_is_stored() {
                     key: Id::hash(b"other"),
                     bytes: b"data".to_vec(),
                     transfer: false,
+                    lease: 3600,
                 },
             )
             .await;
@@ -251,6 +252,7 @@ fn invalid_blocks_are_refused_and_nothing_is_stored() {
                         key: Id::hash(&bytes),
                         bytes,
                         transfer: false,
+                        lease: 3600,
                     },
                 )
                 .await;
@@ -269,6 +271,7 @@ fn invalid_blocks_are_refused_and_nothing_is_stored() {
                     key: root.key(),
                     bytes: root.encode(),
                     transfer: false,
+                    lease: 3600,
                 },
             )
             .await;

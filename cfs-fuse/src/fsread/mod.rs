@@ -424,22 +424,10 @@ impl<R: BlockService> Reader<R> {
                     key: prev,
                     secs: deadline.as_secs(),
                 })??;
-            let p: RootBlock = postcard::from_bytes(b.bytes()).map_err(|e| FsError::Corrupt {
+            let p = cfs_core::walk::previous_root(&r, b.bytes()).map_err(|e| FsError::Corrupt {
                 key: prev,
-                msg: format!("previous root does not decode: {e}"),
+                msg: e.to_string(),
             })?;
-            let bad = |msg: &str| FsError::Corrupt {
-                key: prev,
-                msg: msg.into(),
-            };
-            p.check_signature()
-                .map_err(|_| bad("previous root signature"))?;
-            if p.public_key != r.public_key {
-                return Err(bad("previous root of another publisher"));
-            }
-            if p.version >= r.version {
-                return Err(bad("previous root version does not decrease"));
-            }
             r = p;
         }
         if r.version != want {

@@ -1,0 +1,363 @@
+//! Leases and garbage collection on real `cfsd` processes: unrenewed blocks expire on
+//! every replica and their space is reused, `cfs keep` keeps chosen versions (and what
+//! they share with other trees) while the rest expires, a restarted node does not bring
+//! expired blocks back, and a peer can neither shorten a lease nor renew past the
+//! maximum, nor store more than its space-time quota, and a full node refuses new blocks
+//! while it keeps serving.
+
+use cfs_core::block::BlockKind;
+use cfs_core::wire::{ErrorKind, Request, Response, WireBlock};
+use cfs_core::Id;
+use cfs_tests::hostile::{counter, lease_left, lo, status_json, RawPeer};
+use cfs_tests::{cfs, cfs_ok, eventually, rt, Cluster};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+const FLAGS: &[&str] = &["--stabilize-ms", "200", "--maintain-ms", "300"];
+
+/// Bytes that differ per (seed, i): incompressible enough, never all zero.
+fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8 | 1
+        })
+        .collect()
+}
+
+fn blocks_on(addr: SocketAddr) -> Option<u64> {
+    status_json(addr)?["blocks"].as_u64()
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+/// `cfs publish` with a lease; returns the FSID.
+fn publish(c: &Cluster, dir: &Path, key: &Path, lease: &str) -> String {
+    let out = cfs_ok(&[
+        "publish",
+        dir.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--node",
+        &c.addr(0),
+        "--lease",
+        lease,
+        "-q",
+    ]);
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+fn get(c: &Cluster, spec: &str) -> Option<Vec<u8>> {
+    let out = cfs(&["get", spec, "--node", &c.addr(0)]);
+    out.status.success().then_some(out.stdout)
+}
+
+fn held_anywhere(c: &Cluster, key: Id) -> bool {
+    c.addrs()
+        .iter()
+        .any(|a| lease_left(*a, BlockKind::Data, key).is_some())
+}
+
+#[test]
+fn an_unrenewed_tree_expires_everywhere_its_space_is_reused_and_a_restart_does_not_resurrect_it() {
+    let mut c = Cluster::start(3, FLAGS);
+    c.wait_ring(Duration::from_secs(30));
+    let tree = c.dir.path().join("t1");
+    std::fs::create_dir_all(&tree).unwrap();
+    for i in 0..8 {
+        std::fs::write(tree.join(format!("f{i}")), bytes(i, 256 << 10)).unwrap();
+    }
+    let key = c.keygen();
+    let fsid = publish(&c, &tree, &key, "6s");
+    let f0 = bytes(0, 256 << 10);
+    assert_eq!(get(&c, &format!("{fsid}:/f0")).as_deref(), Some(&f0[..]));
+    let db0 = c.nodes[0].data.join("blocks.redb");
+    let held: Vec<u64> = (0..3)
+        .map(|i| blocks_on(c.nodes[i].addr).unwrap())
+        .collect();
+    assert!(
+        held.iter().all(|&n| n >= 10),
+        "every node holds the tree: {held:?}"
+    );
+    let size_after_first = file_len(&db0);
+
+    // Node 2 dies holding the tree; the others let it expire.
+    c.kill(2);
+    let t0 = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(40),
+        "the tree to expire on the live replicas",
+        || (blocks_on(c.nodes[0].addr)? == 0 && blocks_on(c.nodes[1].addr)? == 0).then_some(()),
+    );
+    eprintln!(
+        "LEASE expiry: {} blocks per node gone {:?} after the kill (lease 6 s)",
+        held[0],
+        t0.elapsed()
+    );
+    for i in 0..2 {
+        assert!(counter(c.nodes[i].addr, "expired_blocks") >= held[i]);
+        assert!(counter(c.nodes[i].addr, "expired_bytes") >= 8 * (256 << 10));
+    }
+    assert_eq!(
+        get(&c, &format!("{fsid}:/f0")),
+        None,
+        "an expired tree is gone"
+    );
+
+    // Node 2 comes back on its old data: its copies expired while it was down, so it
+    // sweeps them and pushes nothing.
+    c.restart(2);
+    let a2 = c.nodes[2].addr;
+    eventually(
+        Duration::from_secs(30),
+        "the restarted node to sweep and run maintenance",
+        || {
+            let s = status_json(a2)?;
+            let rounds = s["counters"]["maintain_rounds"].as_u64()?;
+            (s["blocks"].as_u64()? == 0 && rounds >= 3).then_some(())
+        },
+    );
+    assert_eq!(counter(a2, "repairs_sent"), 0, "nothing expired was pushed");
+    assert!(counter(a2, "expired_blocks") >= held[2]);
+    for i in 0..2 {
+        assert_eq!(
+            blocks_on(c.nodes[i].addr),
+            Some(0),
+            "node {i} got nothing back"
+        );
+    }
+    assert_eq!(get(&c, &format!("{fsid}:/f0")), None);
+
+    // The space is reused: a tree of the same size does not grow the file much.
+    let tree2 = c.dir.path().join("t2");
+    std::fs::create_dir_all(&tree2).unwrap();
+    for i in 0..8 {
+        std::fs::write(tree2.join(format!("g{i}")), bytes(100 + i, 256 << 10)).unwrap();
+    }
+    publish(&c, &tree2, &c.keygen(), "1h");
+    let size_after_second = file_len(&db0);
+    eprintln!(
+        "LEASE space: blocks.redb {} KiB after the first 2 MiB tree, {} KiB after it expired and a second 2 MiB tree was stored ({:.2}x)",
+        size_after_first >> 10,
+        size_after_second >> 10,
+        size_after_second as f64 / size_after_first as f64
+    );
+    assert!(
+        size_after_second < size_after_first + (size_after_first / 2),
+        "expired space is reused: {size_after_first} then {size_after_second} bytes"
+    );
+}
+
+#[test]
+fn keep_versions_2_keeps_the_newest_two_whole_and_what_they_share_while_the_rest_expires() {
+    let c = Cluster::start(3, FLAGS);
+    c.wait_ring(Duration::from_secs(30));
+    let shared = bytes(7, 20_000);
+    let key_a = c.keygen();
+    let dir = c.dir.path().join("a");
+    let mut unique = Vec::new();
+    let mut fsid = String::new();
+    for v in 1..=5u64 {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("shared.bin"), &shared).unwrap();
+        let u = bytes(1000 + v, 20_000 + v as usize);
+        std::fs::write(dir.join("sub").join(format!("v{v}.bin")), &u).unwrap();
+        unique.push(u);
+        fsid = publish(&c, &dir, &key_a, "10s");
+    }
+    // Another publisher's tree shares a file with A and is never kept.
+    let dir_b = c.dir.path().join("b");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    std::fs::write(dir_b.join("shared.bin"), &shared).unwrap();
+    let only_b = bytes(2000, 30_000);
+    std::fs::write(dir_b.join("b.bin"), &only_b).unwrap();
+    let fsid_b = publish(&c, &dir_b, &c.keygen(), "10s");
+
+    let dry: serde_json::Value = serde_json::from_str(&cfs_ok(&[
+        "keep",
+        &fsid,
+        "--versions",
+        "2",
+        "--dry-run",
+        "--json",
+        "--node",
+        &c.addr(0),
+    ]))
+    .unwrap();
+    eprintln!("LEASE keep --dry-run: {dry}");
+    assert_eq!(dry["versions"], serde_json::json!([5, 4]));
+    assert_eq!(dry["old_versions"], serde_json::json!([3, 2, 1]));
+    // Each old version reaches its own file, its directory, the top directory and a
+    // chain link that no kept version reaches.
+    assert!(dry["old_only_blocks"].as_u64().unwrap() >= 3 * 4, "{dry}");
+    assert!(dry["old_only_bytes"].as_u64().unwrap() >= 3 * 20_000);
+
+    let kept: serde_json::Value = serde_json::from_str(&cfs_ok(&[
+        "keep",
+        &fsid,
+        "--versions",
+        "2",
+        "--lease",
+        "1h",
+        "--json",
+        "--node",
+        &c.addr(0),
+    ]))
+    .unwrap();
+    eprintln!("LEASE keep --versions 2: {kept}");
+    assert_eq!(kept["versions"], serde_json::json!([5, 4]));
+    let blocks = kept["blocks"].as_u64().unwrap();
+    assert_eq!(kept["blocks"], dry["blocks"]);
+    assert_eq!(
+        kept["renewed"].as_u64().unwrap() + kept["already"].as_u64().unwrap(),
+        3 * blocks
+    );
+    assert_eq!(kept["under_replicated"], 0);
+
+    let key_of = |b: &[u8]| Id::hash(b);
+    eventually(
+        Duration::from_secs(60),
+        "blocks only old versions and B reach to expire everywhere",
+        || {
+            let gone = unique[..3].iter().all(|u| !held_anywhere(&c, key_of(u)))
+                && !held_anywhere(&c, key_of(&only_b));
+            gone.then_some(())
+        },
+    );
+    for v in [4u64, 5] {
+        let got = get(&c, &format!("{fsid}@{v}:/sub/v{v}.bin"));
+        assert_eq!(
+            got.as_deref(),
+            Some(&unique[v as usize - 1][..]),
+            "version {v} is whole"
+        );
+        assert_eq!(
+            get(&c, &format!("{fsid}@{v}:/shared.bin")).as_deref(),
+            Some(&shared[..])
+        );
+    }
+    assert_eq!(
+        get(&c, &format!("{fsid}@3:/sub/v3.bin")),
+        None,
+        "version 3 expired"
+    );
+    assert_eq!(get(&c, &format!("{fsid_b}:/b.bin")), None, "tree B expired");
+    for a in c.addrs() {
+        let left = lease_left(a, BlockKind::Data, key_of(&shared));
+        assert!(
+            left.is_some_and(|l| l > 3000),
+            "the shared block is kept on {a}: {left:?}"
+        );
+    }
+}
+
+fn block(seed: u64, n: usize, lease: u64) -> WireBlock {
+    let b = bytes(seed, n);
+    WireBlock {
+        kind: BlockKind::Data,
+        key: Id::hash(&b),
+        bytes: b,
+        lease,
+    }
+}
+
+async fn put(p: &mut RawPeer, b: &WireBlock) -> Result<bool, ErrorKind> {
+    let req = Request::Put {
+        kind: b.kind,
+        key: b.key,
+        bytes: b.bytes.clone(),
+        transfer: false,
+        lease: b.lease,
+    };
+    match p.call(req).await.expect("the node answers") {
+        Ok(Response::Stored { fresh }) => Ok(fresh),
+        Ok(other) => panic!("unexpected {other:?}"),
+        Err(e) => Err(e.kind),
+    }
+}
+
+async fn renew(p: &mut RawPeer, key: Id, lease: u64) -> Option<u64> {
+    let req = Request::Renew {
+        items: vec![(BlockKind::Data, key)],
+        lease,
+        transfer: true,
+    };
+    match p.call(req).await.expect("the node answers") {
+        Ok(Response::Renewed(v)) => v.into_iter().next().and_then(|r| r.ok().flatten()),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_peer_cannot_shorten_or_overextend_a_lease_nor_outstore_its_space_time_and_a_full_node_keeps_serving(
+) {
+    // One node: 1 MiB for an hour per source, 4 MiB in all, leases of an hour at most.
+    let c = Cluster::start(
+        1,
+        &[
+            FLAGS,
+            &["--max-lease", "1h", "--quota-mb", "1", "--capacity-mb", "4"],
+        ]
+        .concat(),
+    );
+    let a = c.nodes[0].addr;
+    let rt = rt();
+    rt.block_on(async {
+        let mut honest = RawPeer::connect_from(lo(20), a).await.unwrap();
+        let b = block(1, 1000, 600);
+        assert_eq!(put(&mut honest, &b).await, Ok(true));
+        let mut hostile = RawPeer::connect_from(lo(21), a).await.unwrap();
+        // A put or renewal asking for less never shortens the lease...
+        assert_eq!(put(&mut hostile, &WireBlock { lease: 1, ..b.clone() }).await, Ok(false));
+        assert!(renew(&mut hostile, b.key, 0).await.unwrap() >= 590);
+        assert!(lease_left(a, BlockKind::Data, b.key).unwrap() >= 590);
+        // ...and one asking for more is capped at the node's maximum.
+        assert!(renew(&mut hostile, b.key, u64::MAX).await.unwrap() <= 3600);
+        assert_eq!(put(&mut hostile, &WireBlock { lease: u64::MAX, ..b.clone() }).await, Ok(false));
+        assert!(lease_left(a, BlockKind::Data, b.key).unwrap() <= 3600);
+
+        // Space-time: an hour's lease stores ~1 MiB, a 6-minute one about ten times as
+        // much (until the node is full).
+        let mut long = RawPeer::connect_from(lo(22), a).await.unwrap();
+        let mut n_long = 0;
+        let refusal = loop {
+            match put(&mut long, &block(100 + n_long, 64 << 10, 3600)).await {
+                Ok(_) => n_long += 1,
+                Err(k) => break k,
+            }
+        };
+        assert_eq!(refusal, ErrorKind::Quota);
+        let mut short = RawPeer::connect_from(lo(23), a).await.unwrap();
+        let mut n_short = 0;
+        let refusal = loop {
+            match put(&mut short, &block(10_000 + n_short, 64 << 10, 360)).await {
+                Ok(_) => n_short += 1,
+                Err(k) => break k,
+            }
+        };
+        eprintln!(
+            "LEASE quota: 64 KiB blocks stored with a 1 h lease: {n_long}, with a 6 min lease: {n_short} (then {refusal:?})"
+        );
+        assert!((14..=16).contains(&n_long), "{n_long}");
+        assert!(n_short > 3 * n_long, "{n_short} vs {n_long}");
+        // Full: new blocks are refused with their own error, counted; nothing unexpired
+        // was removed to make room, what is held is served and can still be renewed.
+        assert_eq!(refusal, ErrorKind::Full);
+        let first = block(10_000, 64 << 10, 360);
+        match honest.call(Request::Get { kind: BlockKind::Data, key: first.key }).await.unwrap() {
+            Ok(Response::Block(Some(got))) => assert_eq!(got, first.bytes),
+            other => panic!("a full node still serves: {other:?}"),
+        }
+        assert!(renew(&mut honest, b.key, 3600).await.is_some());
+    });
+    assert!(counter(a, "refused_full") >= 1);
+    assert!(counter(a, "refused_quota") >= 1);
+    assert_eq!(counter(a, "expired_blocks"), 0);
+}
