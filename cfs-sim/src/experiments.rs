@@ -34,7 +34,7 @@ impl Common {
             node: NodeParams::default(),
         }
     }
-    fn net(&self) -> NetParams {
+    pub(crate) fn net(&self) -> NetParams {
         NetParams {
             seed: self.seed,
             loss: self.loss,
@@ -53,7 +53,7 @@ pub struct RunStats {
     pub trace_hash: String,
 }
 
-fn finish(sim: Sim) -> RunStats {
+pub(crate) fn finish(sim: Sim) -> RunStats {
     let (messages, message_bytes) = sim.net.traffic();
     let s = RunStats {
         virtual_secs: r4(sim.net.virtual_now().as_secs_f64()),

@@ -3,6 +3,7 @@
 //! figure here is a figure of the daemon's own routing, stabilization and replication.
 
 pub mod experiments;
+pub mod gc;
 pub mod plot;
 pub mod report;
 pub mod sim;

@@ -24,6 +24,9 @@ pub enum SimError {
     Param(String),
 }
 
+/// The unix time simulated nodes' clocks start at (2024-01-01).
+pub const SIM_EPOCH: u64 = 1_704_067_200;
+
 /// What every simulated node is configured with (besides its address).
 #[derive(Clone, Debug)]
 pub struct NodeParams {
@@ -130,6 +133,8 @@ impl Sim {
         c.timeouts = p.timeouts;
         // Paused time may advance while a blocking-pool task runs: keep work inline.
         c.inline_blocking = true;
+        // Leases run on the virtual clock, from a fixed start: runs repeat exactly.
+        c.clock_base = Some(SIM_EPOCH);
         c
     }
 

@@ -70,3 +70,37 @@ fn hostile_nodes_do_not_stop_honest_lookups_or_reads() {
     let readable_bound = 1.0 - r.blocks_all_replicas_hostile as f64 / r.blocks as f64;
     assert!(r.blocks_readable >= readable_bound - 0.01, "{r:?}");
 }
+
+#[test]
+fn leases_let_storage_level_off_without_losing_a_kept_block() {
+    let a = cfs_sim::gc::GcArgs {
+        nodes: 64,
+        publishers: 8,
+        blocks: 40,
+        block_bytes: 256,
+        churn: 0.1,
+        keep: 3,
+        days: 14,
+        lease_days: 2,
+        rounds_per_day: 2,
+    };
+    let r = cfs_sim::gc::gc(&common(5), &a).unwrap();
+    eprintln!("{}", cfs_sim::gc::gc_table(&r));
+    assert_eq!(r.ever_missing, 0, "no kept block ever missing");
+    let last = r.days.last().unwrap();
+    assert_eq!(last.below_r, 0, "every kept block on r nodes: {last:?}");
+    // Kept versions reach the tree plus 2 days of churn; with the lease's 2 days of
+    // slack the ring holds at most about 4 days of churn beyond the tree.
+    let bound = (8 * (40 + 4 * 4)) as u64;
+    assert!(
+        last.distinct <= bound,
+        "{} distinct blocks, bound {bound}",
+        last.distinct
+    );
+    assert!(
+        last.published > 2 * last.distinct,
+        "older blocks were collected: {last:?}"
+    );
+    assert!(r.days.iter().map(|d| d.expired_today).sum::<u64>() > 0);
+    assert!(r.last_week_growth < 1.1, "{}", r.last_week_growth);
+}

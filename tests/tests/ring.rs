@@ -414,6 +414,9 @@ fn quota_refuses_with_a_clear_error_and_metrics_are_served() {
         &[
             "--quota-mb",
             "1",
+            // The quota is 1 MiB for the longest lease, which `cfs block put` asks for.
+            "--max-lease",
+            "30d",
             "--replicas",
             "1",
             "--successors",
