@@ -29,6 +29,16 @@ pub fn parse_duration(s: &str) -> Result<u64, UnitError> {
     n.checked_mul(mul).ok_or_else(bad)
 }
 
+/// `parse_duration` for command-line parsers (clap's `value_parser`).
+pub fn duration_arg(s: &str) -> Result<u64, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// `parse_date` for command-line parsers.
+pub fn date_arg(s: &str) -> Result<u64, String> {
+    parse_date(s).map_err(|e| e.to_string())
+}
+
 /// Unix seconds of `YYYY-MM-DD` (midnight UTC), or of a bare number of unix seconds.
 pub fn parse_date(s: &str) -> Result<u64, UnitError> {
     let bad = || UnitError::Date(s.to_string());

@@ -157,10 +157,26 @@ pub enum Response {
     Have(Vec<Option<Holding>>),
     Status(Box<StatusInfo>),
     /// One answer per item of a Renew: None if not held, else the lease's seconds left
-    /// after the renewal. (New variants go last: `block_response_header` knows `Block`'s
-    /// index.)
-    Renewed(Vec<Result<Option<u64>, RemoteError>>),
+    /// after the renewal; and the node's longest lease, so a caller asking for more
+    /// knows a capped answer is all it gets. (New variants go last:
+    /// `block_response_header` knows `Block`'s index.)
+    Renewed {
+        max_lease: u64,
+        answers: Vec<Result<Option<u64>, RemoteError>>,
+    },
 }
+
+/// Is a lease of `have` seconds as good as the `want` asked of a node whose longest
+/// lease is `max`? Within 1/64 of the target (for a 30-day lease, 11 hours) or 2 s counts,
+/// so renewals a little apart do not rewrite every block, and replicas whose clocks tick
+/// a second apart do not extend each other's leases round after round.
+pub fn leased_enough(have: u64, want: u64, max: u64) -> bool {
+    let want = want.min(max);
+    have.saturating_add((want / 64).max(LEASE_SLACK_SECS)) >= want
+}
+
+/// The least lease difference that counts (see [`leased_enough`]).
+pub const LEASE_SLACK_SECS: u64 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VnodeStatus {
@@ -402,7 +418,10 @@ mod block_header_tests {
                 version: 1,
                 lease: 9,
             })])),
-            Ok(Response::Renewed(vec![Ok(Some(5)), Ok(None)])),
+            Ok(Response::Renewed {
+                max_lease: 9,
+                answers: vec![Ok(Some(5)), Ok(None)],
+            }),
             Err(RemoteError::new(ErrorKind::Busy, "x")),
         ] {
             let b = body(5, other);

@@ -6,14 +6,6 @@ use cfsd::client::Client;
 use cfsd::keep::{keep, KeepReceipt, Versions};
 use std::io::IsTerminal;
 
-pub fn duration(s: &str) -> Result<u64, String> {
-    cfs_core::units::parse_duration(s).map_err(|e| e.to_string())
-}
-
-fn date(s: &str) -> Result<u64, String> {
-    cfs_core::units::parse_date(s).map_err(|e| e.to_string())
-}
-
 #[derive(clap::Args, Debug)]
 pub struct KeepArgs {
     /// The tree (its FSID).
@@ -24,10 +16,10 @@ pub struct KeepArgs {
     #[arg(long, conflicts_with = "since")]
     versions: Option<u64>,
     /// Keep every version published since DATE (YYYY-MM-DD, UTC, or unix seconds).
-    #[arg(long, value_parser = date)]
+    #[arg(long, value_parser = cfs_core::units::date_arg)]
     since: Option<u64>,
     /// Renew to this lease (30d, 12h, 90s); nodes cap it at their maximum.
-    #[arg(long, default_value = "30d", value_parser = duration)]
+    #[arg(long, default_value = "30d", value_parser = cfs_core::units::duration_arg)]
     pub lease: u64,
     /// Renew nothing: report what the kept versions reach and what only older ones do.
     #[arg(long)]

@@ -71,7 +71,7 @@ enum Cmd {
         quiet: bool,
         /// How long the ring keeps what this publish stores and reuses (30d, 12h, 90s);
         /// renew with `cfs keep` or by publishing again. Nodes cap it at their maximum.
-        #[arg(long, default_value = "30d", value_parser = keep::duration)]
+        #[arg(long, default_value = "30d", value_parser = cfs_core::units::duration_arg)]
         lease: u64,
     },
     /// Renew the leases of every block of the newest versions of FSID on all replicas

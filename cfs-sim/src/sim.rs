@@ -308,8 +308,11 @@ impl Sim {
     pub fn holders(&self) -> BTreeMap<Id, Vec<usize>> {
         let mut out: BTreeMap<Id, Vec<usize>> = BTreeMap::new();
         for i in self.live() {
-            if let Ok(list) = self.members[i].node.store().list() {
-                for (_, key, _) in list {
+            let node = &self.members[i].node;
+            let now = node.now_unix();
+            if let Ok(list) = node.store().list() {
+                // An expired block not yet swept is not held: no peer is ever given it.
+                for (_, key, _) in list.into_iter().filter(|e| e.2.expires > now) {
                     out.entry(key).or_default().push(i);
                 }
             }

@@ -6,7 +6,7 @@ use crate::transport::{CallError, TcpTransport, Transport};
 use cfs_core::block::{BlockKind, Verified};
 use cfs_core::id::MAX_VNODES;
 use cfs_core::ring::{clean_succ_list, estimate_size, MIN_ENTRIES_FOR_ESTIMATE};
-use cfs_core::wire::{Request, Response, StatusInfo, WireBlock, MAX_REFS};
+use cfs_core::wire::{leased_enough, Request, Response, StatusInfo, WireBlock, MAX_REFS};
 use cfs_core::{Id, NodeRef};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -256,8 +256,6 @@ impl<T: Transport> Client<T> {
     ) -> Result<Vec<LeaseState>, DhashError> {
         let keys: Vec<Id> = items.iter().map(|x| x.1).collect();
         let mut out = vec![LeaseState::default(); items.len()];
-        // Leases this close to the target count as renewed: no write, no charge.
-        let enough = lease - lease / 64;
         for (set, group) in self.by_range(&keys).await? {
             let asks: Vec<(BlockKind, Id)> =
                 group.iter().map(|&g| (items[g].0, items[g].1)).collect();
@@ -274,7 +272,7 @@ impl<T: Transport> Client<T> {
                     for (j, h) in have.iter().enumerate() {
                         match h {
                             Some(h) if h.version >= items[group[j]].2 => {
-                                if h.lease >= enough {
+                                if leased_enough(h.lease, lease, u64::MAX) {
                                     states[j].leased += 1;
                                 } else {
                                     short.push(j);
@@ -287,11 +285,12 @@ impl<T: Transport> Client<T> {
                     if renew.is_empty() {
                         return states;
                     }
-                    match self.net.renew(a, &renew, lease).await {
-                        Ok(answers) => {
+                    match self.net.renew(a, &renew, lease, false).await {
+                        // A node's maximum is all it gives: capped counts as leased.
+                        Ok((max, answers)) => {
                             for (&j, ans) in short.iter().zip(answers) {
                                 match ans {
-                                    Ok(Some(l)) if l >= enough => {
+                                    Ok(Some(l)) if leased_enough(l, lease, max) => {
                                         states[j].leased += 1;
                                         states[j].renewed += 1;
                                     }

@@ -11,7 +11,7 @@ use cfs_core::block::{BlockKind, RootBlock};
 use cfs_core::fs::decode_meta;
 use cfs_core::walk::{children, previous_root, ChainError, MetaRole, Reach};
 use cfs_core::Id;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 /// Which versions to keep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,12 +307,10 @@ pub async fn keep_loop<T: Transport>(
     lease: u64,
     every: std::time::Duration,
 ) {
-    let mut last: HashMap<Id, u64> = HashMap::new();
     loop {
         for (fsid, n) in &specs {
             match keep(&client, *fsid, Versions::Last(*n), lease, false, &|_| {}).await {
                 Ok(r) => {
-                    last.insert(*fsid, r.blocks);
                     tracing::info!(%fsid, versions = ?r.versions, blocks = r.blocks, renewed = r.renewed, under_replicated = r.under_replicated, "kept");
                 }
                 Err(e) => {

@@ -12,38 +12,81 @@ use cfs_core::ring::source_bucket;
 use cfs_core::wire::{ErrorKind, Holding, RemoteError};
 use cfs_core::Id;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Expired blocks the sweep removes per commit, and commits per round at most: the
 /// sweep's work per round is bounded, whatever expired at once.
 const SWEEP_BATCH: usize = 1024;
 const SWEEP_BATCHES_PER_ROUND: usize = 16;
 
+/// Bytes a batch of puts reserved under the node's capacity; given back when dropped
+/// (the puts are stored, or failed, by then), so parallel batches cannot all pass one
+/// check.
+pub(crate) struct Room<'a> {
+    incoming: &'a AtomicU64,
+    taken: u64,
+}
+
+impl<'a> Room<'a> {
+    pub(crate) fn new(incoming: &'a AtomicU64) -> Room<'a> {
+        Room { incoming, taken: 0 }
+    }
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        self.incoming.fetch_sub(self.taken, Ordering::AcqRel);
+    }
+}
+
 impl<T: Transport> Node<T> {
-    /// The lease end a put or renewal asking `secs` seconds at `now` gets.
+    /// The lease end a put or renewal asking `secs` seconds at `now` gets: between the
+    /// node's shortest and longest lease.
     pub(crate) fn lease_until(&self, now: u64, secs: u64) -> u64 {
-        now.saturating_add(secs.min(self.inner.cfg.max_lease.as_secs()))
+        let c = &self.inner.cfg;
+        let secs = secs.clamp(c.min_lease.as_secs(), c.max_lease.as_secs().max(1));
+        now.saturating_add(secs)
     }
 
-    /// Refuse a block that is new to this node when the store is at its capacity
-    /// (`incoming` counts this batch's bytes so far). A block already held may always be
-    /// renewed by a put: it takes no room.
+    /// Charge `bucket` for storing `len` bytes from `now` until `until`, or the refusal
+    /// to answer with (counted).
+    pub(crate) fn charge(
+        &self,
+        bucket: &[u8],
+        len: u64,
+        now: u64,
+        until: u64,
+    ) -> Result<Charge, RemoteError> {
+        self.inner
+            .quota
+            .reserve(bucket, Quota::cost(len as usize), now, until)
+            .map_err(|e @ QuotaError::Exceeded { .. }| {
+                Metrics::inc(&self.inner.metrics.refused_quota);
+                remote(ErrorKind::Quota, e.to_string())
+            })
+    }
+
+    /// Take room for a put of `len` bytes under the store's capacity, or refuse it when
+    /// the store is full and the block is new (`held()` false): a held block is only
+    /// renewed by a put and takes no room.
     pub(crate) fn check_room(
         &self,
-        kind: BlockKind,
-        key: Id,
+        room: &mut Room<'_>,
         len: u64,
-        incoming: &mut u64,
+        held: impl FnOnce() -> bool,
     ) -> Result<(), RemoteError> {
         let cap = self.inner.cfg.capacity_bytes;
         if cap == 0 {
             return Ok(());
         }
         let used = self.inner.store.usage().1;
-        if used.saturating_add(*incoming).saturating_add(len) <= cap {
-            *incoming += len;
+        let before = room.incoming.fetch_add(len, Ordering::AcqRel);
+        if used.saturating_add(before).saturating_add(len) <= cap {
+            room.taken += len;
             return Ok(());
         }
-        if matches!(self.inner.store.held(kind, key), Ok(Some(_))) {
+        room.incoming.fetch_sub(len, Ordering::AcqRel);
+        if held() {
             return Ok(());
         }
         Metrics::inc(&self.inner.metrics.refused_full);
@@ -78,16 +121,15 @@ impl<T: Transport> Node<T> {
     }
 
     /// `Renew`: extend held blocks' leases to at least `secs` from now, charged to the
-    /// caller's bucket for the time added only (free for a checked neighbour's transfer).
-    /// Answers per item: None if not held (or expired), else the seconds now leased.
+    /// caller's bucket for the time added only, whoever asks (a free renewal would let a
+    /// neighbour keep any block forever). Answers per item: None if not held (or
+    /// expired), else the seconds now leased.
     pub(crate) async fn renew(
         &self,
         peer: SocketAddr,
         items: Vec<(BlockKind, Id)>,
         secs: u64,
-        transfer: bool,
     ) -> Vec<Result<Option<u64>, RemoteError>> {
-        let m = &self.inner.metrics;
         let now = self.now_unix();
         let until = self.lease_until(now, secs);
         let bucket = self.inner.quota.bucket_for(&source_bucket(peer.ip()));
@@ -116,61 +158,46 @@ impl<T: Transport> Node<T> {
                 answers[i] = Some(Ok(Some(h.expires - now)));
                 continue;
             }
-            let charge = if transfer && self.free_transfer(peer.ip(), item.1) {
-                Charge::FREE
-            } else {
-                match self
-                    .inner
-                    .quota
-                    .reserve(&bucket, Quota::cost(h.len as usize), now, until)
-                {
-                    Ok(c) => c,
-                    Err(e @ QuotaError::Exceeded { .. }) => {
-                        Metrics::inc(&m.refused_quota);
-                        answers[i] = Some(Err(remote(ErrorKind::Quota, e.to_string())));
-                        continue;
-                    }
-                }
-            };
-            todo.push((i, *item, charge));
+            match self.charge(&bucket, h.len, now, until) {
+                Ok(c) => todo.push((i, *item, c)),
+                Err(e) => answers[i] = Some(Err(e)),
+            }
+        }
+        if !todo.is_empty() {
+            // Committed with the renewal itself (`BlockStore::renew` writes staged
+            // charges), so a crash cannot keep a lease without its charge.
+            self.inner
+                .store
+                .stage_charge(&bucket, self.inner.quota.encoded(&bucket));
         }
         let store = self.inner.store.clone();
         let keys: Vec<(BlockKind, Id)> = todo.iter().map(|t| t.1).collect();
         let renewed = self.blocking(move || store.renew(&keys, until)).await;
-        let mut charged = false;
-        match renewed {
-            Ok(Ok(rs)) => {
-                for ((i, _, charge), r) in todo.into_iter().zip(rs) {
-                    charged |= !charge.is_free();
-                    match r {
-                        Some(r) => {
-                            self.inner
-                                .quota
-                                .settle(&bucket, charge, Some(r.before), false);
-                            Metrics::inc(&m.leases_renewed);
-                            answers[i] = Some(Ok(Some(r.expires.saturating_sub(now))));
-                        }
-                        None => {
-                            self.inner.quota.refund(&bucket, charge);
-                            answers[i] = Some(Ok(None));
-                        }
-                    }
+        let renewed = match renewed {
+            Ok(Ok(rs)) => rs.into_iter().map(Ok).collect::<Vec<_>>(),
+            Ok(Err(e)) => vec![Err(remote(ErrorKind::Storage, e.to_string())); todo.len()],
+            Err(e) => vec![Err(e); todo.len()],
+        };
+        for ((i, _, charge), r) in todo.iter().zip(renewed) {
+            answers[*i] = Some(match r {
+                Ok(Some(r)) => {
+                    self.inner
+                        .quota
+                        .settle(&bucket, *charge, Some(r.before), false);
+                    Metrics::inc(&self.inner.metrics.leases_renewed);
+                    Ok(Some(r.expires.saturating_sub(now)))
                 }
-            }
-            Ok(Err(e)) => {
-                for (i, _, charge) in todo {
-                    self.inner.quota.refund(&bucket, charge);
-                    answers[i] = Some(Err(remote(ErrorKind::Storage, e.to_string())));
+                Ok(None) => {
+                    self.inner.quota.refund(&bucket, *charge);
+                    Ok(None)
                 }
-            }
-            Err(e) => {
-                for (i, _, charge) in todo {
-                    self.inner.quota.refund(&bucket, charge);
-                    answers[i] = Some(Err(e.clone()));
+                Err(e) => {
+                    self.inner.quota.refund(&bucket, *charge);
+                    Err(e)
                 }
-            }
+            });
         }
-        if charged {
+        if !todo.is_empty() {
             self.inner
                 .store
                 .stage_charge(&bucket, self.inner.quota.encoded(&bucket));

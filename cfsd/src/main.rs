@@ -48,8 +48,11 @@ struct Args {
     #[arg(long, default_value_t = 65536)]
     quota_mb: u64,
     /// The longest lease a block gets (30d, 12h, 90s); longer asks are capped.
-    #[arg(long, default_value = "90d", value_parser = duration)]
+    #[arg(long, default_value = "90d", value_parser = cfs_core::units::duration_arg)]
     max_lease: u64,
+    /// The shortest lease a block gets; shorter asks get (and pay for) this much.
+    #[arg(long, default_value = "1h", value_parser = cfs_core::units::duration_arg)]
+    min_lease: u64,
     /// Bytes of blocks this node stores at most, in MiB (0: no limit). When full it
     /// refuses new blocks with a clear error and keeps serving and renewing what it has.
     #[arg(long, default_value_t = 0)]
@@ -59,10 +62,10 @@ struct Args {
     #[arg(long = "keep", value_parser = keep_spec)]
     keep: Vec<(cfs_core::Id, u64)>,
     /// The lease --keep renews to.
-    #[arg(long, default_value = "30d", value_parser = duration)]
+    #[arg(long, default_value = "30d", value_parser = cfs_core::units::duration_arg)]
     keep_lease: u64,
     /// How often --keep renews (default: a quarter of --keep-lease).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = cfs_core::units::duration_arg)]
     keep_every: Option<u64>,
     /// Successor list length.
     #[arg(long, default_value_t = 16)]
@@ -91,10 +94,6 @@ struct Args {
     /// Requests handled at once for one source prefix; more wait their turn.
     #[arg(long, default_value_t = 8)]
     max_requests_per_prefix: usize,
-}
-
-fn duration(s: &str) -> Result<u64, String> {
-    cfs_core::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn keep_spec(s: &str) -> Result<(cfs_core::Id, u64), String> {
@@ -166,6 +165,10 @@ async fn run(args: Args) -> Result<()> {
         bail!("--max-lease must be at least 1s");
     }
     cfg.max_lease = Duration::from_secs(args.max_lease);
+    if args.min_lease == 0 || args.min_lease > args.max_lease {
+        bail!("--min-lease must be at least 1s and at most --max-lease");
+    }
+    cfg.min_lease = Duration::from_secs(args.min_lease);
     cfg.capacity_bytes = args.capacity_mb << 20;
     // A secret per process: std's hasher keys are random.
     cfg.cache_seed = Some(std::hash::BuildHasher::hash_one(

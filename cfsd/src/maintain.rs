@@ -9,7 +9,7 @@ use crate::store::StoreKey;
 use crate::transport::Transport;
 use cfs_core::block::{verify, BlockKind};
 use cfs_core::ring::{run_in_range, same_host};
-use cfs_core::wire::{Request, Response, WireBlock};
+use cfs_core::wire::{leased_enough, Request, Response, WireBlock};
 use cfs_core::{Id, NodeRef};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -183,13 +183,13 @@ impl<T: Transport> Node<T> {
                     let ours = expires.saturating_sub(now);
                     match have.get(j).copied().flatten() {
                         Some(h) if h.version >= ver => {
-                            // A replica whose lease is well short of ours (it missed a
-                            // renewal) is extended to ours: the lease travels with the
-                            // block, and a hand-off never shortens it.
-                            if h.lease < ours - ours / 8 {
-                                short.push(j);
-                            } else {
+                            // A replica whose lease is short of ours (it missed a renewal)
+                            // is extended to ours: the lease travels with the block, and a
+                            // hand-off shortens it by at most `leased_enough`'s 1/64.
+                            if leased_enough(h.lease, ours, u64::MAX) {
                                 confirmed[j] += 1;
+                            } else {
+                                short.push(j);
                             }
                         }
                         _ => missing.push(j),
@@ -255,7 +255,8 @@ impl<T: Transport> Node<T> {
     }
 
     /// Extend `target`'s leases of `group[short]` to ours, grouped by the lease to ask
-    /// (one Renew per distinct remaining time); count each one renewed in `confirmed`.
+    /// (rounded down by 1/128, within `leased_enough`'s slack, so a round sends few
+    /// requests); count each one renewed in `confirmed`.
     async fn sync_leases(
         &self,
         target: NodeRef,
@@ -266,23 +267,22 @@ impl<T: Transport> Node<T> {
         let now = self.now_unix();
         let mut by_lease: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
         for &j in short {
-            by_lease
-                .entry(group[j].3.saturating_sub(now))
-                .or_default()
-                .push(j);
+            let ours = group[j].3.saturating_sub(now);
+            let ask = ours - ours % (ours / 128).max(1);
+            by_lease.entry(ask).or_default().push(j);
         }
-        for (lease, js) in by_lease {
-            let req = Request::Renew {
-                items: js.iter().map(|&j| (group[j].0, group[j].1)).collect(),
-                lease,
-                transfer: true,
+        for (ask, js) in by_lease {
+            let items: Vec<(BlockKind, Id)> =
+                js.iter().map(|&j| (group[j].0, group[j].1)).collect();
+            let Ok((max, answers)) = self.inner.net.renew(target.addr, &items, ask, true).await
+            else {
+                continue;
             };
-            if let Ok(Response::Renewed(answers)) = self.inner.net.call(target.addr, req).await {
-                for (&j, a) in js.iter().zip(answers) {
-                    if matches!(a, Ok(Some(l)) if l + l / 8 >= lease) {
-                        Metrics::inc(&self.inner.metrics.leases_synced);
-                        confirmed[j] += 1;
-                    }
+            for (&j, a) in js.iter().zip(answers) {
+                let ours = group[j].3.saturating_sub(now);
+                if matches!(a, Ok(Some(l)) if leased_enough(l, ours, max)) {
+                    Metrics::inc(&self.inner.metrics.leases_synced);
+                    confirmed[j] += 1;
                 }
             }
         }

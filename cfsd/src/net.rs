@@ -662,27 +662,33 @@ impl<T: Transport> Net<T> {
         Ok(receipt)
     }
 
-    /// Extend `node`'s leases of `items` to `lease` seconds, in batches: per item, None
-    /// if it does not hold it, else the seconds now leased (or its refusal).
+    /// Extend `node`'s leases of `items` to `lease` seconds, in batches: the node's
+    /// longest lease, and per item None if it does not hold it, else the seconds now
+    /// leased (or its refusal).
     pub async fn renew(
         &self,
         node: SocketAddr,
         items: &[(BlockKind, Id)],
         lease: u64,
-    ) -> Result<Vec<Result<Option<u64>, RemoteError>>, CallError> {
+        transfer: bool,
+    ) -> Result<(u64, Vec<Result<Option<u64>, RemoteError>>), CallError> {
         let mut out = Vec::with_capacity(items.len());
+        let mut max = u64::MAX;
         for chunk in items.chunks(MAX_BATCH) {
             let req = Request::Renew {
                 items: chunk.to_vec(),
                 lease,
-                transfer: false,
+                transfer,
             };
             match self.call(node, req).await? {
-                Response::Renewed(v) if v.len() == chunk.len() => out.extend(v),
+                Response::Renewed { max_lease, answers } if answers.len() == chunk.len() => {
+                    max = max.min(max_lease);
+                    out.extend(answers)
+                }
                 other => return Err(CallError::Protocol(format!("bad Renew reply {other:?}"))),
             }
         }
-        Ok(out)
+        Ok((max, out))
     }
 
     /// What `node` holds of each item (None = absent or expired): version and lease, in

@@ -4,9 +4,10 @@
 
 use crate::cache::{CacheLimits, PathCache, Refusal};
 use crate::chord::Vnode;
+use crate::lease::Room;
 use crate::metrics::Metrics;
 use crate::net::{LookupError, Net, Timeouts};
-use crate::quota::{Charge, Quota, QuotaError};
+use crate::quota::{Charge, Quota};
 use crate::store::{BlockStore, PutOutcome, StoreError, StoreKey};
 use crate::transport::{Handler, Transport};
 use cfs_core::block::{verify, BlockKind, Verified};
@@ -57,6 +58,9 @@ pub struct Config {
     pub handoff_rounds: u32,
     /// The longest lease a put or renewal gets (longer asks are capped).
     pub max_lease: Duration,
+    /// The shortest: shorter asks (0 included) get and pay for this much, so a flood of
+    /// blocks that expire at once cannot store for free.
+    pub min_lease: Duration,
     /// Bytes of blocks the store may hold (0: no limit); past it new blocks are refused,
     /// never unexpired ones removed.
     pub capacity_bytes: u64,
@@ -90,6 +94,7 @@ impl Config {
             cache_seed: None,
             handoff_rounds: 3,
             max_lease: Duration::from_secs(90 * 86_400),
+            min_lease: Duration::from_secs(3600),
             capacity_bytes: 0,
             clock_base: None,
         }
@@ -118,6 +123,8 @@ pub(crate) struct Inner<T: Transport> {
     /// would claim the whole ring.
     pub(crate) joined: std::sync::atomic::AtomicBool,
     pub(crate) rng: Mutex<rand::rngs::SmallRng>,
+    /// Bytes of puts admitted under the capacity but not yet stored.
+    pub(crate) incoming: std::sync::atomic::AtomicU64,
 }
 
 /// A node; clones share state.
@@ -171,6 +178,7 @@ impl<T: Transport> Node<T> {
                 handoffs: Mutex::default(),
                 joined: std::sync::atomic::AtomicBool::new(false),
                 rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)),
+                incoming: std::sync::atomic::AtomicU64::new(0),
                 cfg,
             }),
         }
@@ -320,7 +328,8 @@ impl<T: Transport> Node<T> {
                 tokio::time::sleep(CHARGES_SAVE_EVERY).await;
                 let store = n.inner.store.clone();
                 let m = n.clone();
-                let _ = n.blocking(move || m.inner.quota.save(&*store)).await;
+                let now = n.now_unix();
+                let _ = n.blocking(move || m.inner.quota.save(&*store, now)).await;
             }
         }));
         tasks
@@ -414,25 +423,24 @@ impl<T: Transport> Node<T> {
         let bucket = self.inner.quota.bucket_for(&source_bucket(peer.ip()));
         let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
         let mut todo = Vec::with_capacity(blocks.len());
-        let mut incoming = 0u64;
+        let mut room = Room::new(&self.inner.incoming);
         for (i, b) in blocks.into_iter().enumerate() {
             let until = self.lease_until(now, b.lease);
-            if let Err(e) = self.check_room(b.kind, b.key, b.bytes.len() as u64, &mut incoming) {
+            let held = || matches!(self.inner.store.held(b.kind, b.key), Ok(Some(_)));
+            if let Err(e) = self.check_room(&mut room, b.bytes.len() as u64, held) {
                 answers[i] = Some(Err(e));
                 continue;
             }
-            let charge = if transfer && self.free_transfer(peer.ip(), b.key) {
+            // A transfer is free only for a block new to this node: extending a held
+            // block's lease is paid for by whoever asks, neighbour or not.
+            let free = transfer && self.free_transfer(peer.ip(), b.key) && !held();
+            let charge = if free {
                 Charge::FREE
             } else {
-                match self
-                    .inner
-                    .quota
-                    .reserve(&bucket, Quota::cost(b.bytes.len()), now, until)
-                {
+                match self.charge(&bucket, b.bytes.len() as u64, now, until) {
                     Ok(c) => c,
-                    Err(e @ QuotaError::Exceeded { .. }) => {
-                        Metrics::inc(&m.refused_quota);
-                        answers[i] = Some(Err(remote(ErrorKind::Quota, e.to_string())));
+                    Err(e) => {
+                        answers[i] = Some(Err(e));
                         continue;
                     }
                 }
@@ -467,6 +475,7 @@ impl<T: Transport> Node<T> {
                 out
             })
             .await;
+        drop(room);
         let done = match done {
             Ok(d) => d,
             Err(e) => {
@@ -665,20 +674,17 @@ impl<T: Transport> Handler for Node<T> {
                 }
                 Ok(Response::Have(self.holdings(items).await?))
             }
-            Request::Renew {
-                items,
-                lease,
-                transfer,
-            } => {
+            Request::Renew { items, lease, .. } => {
                 if items.len() > MAX_BATCH {
                     return Err(self.refuse(remote(
                         ErrorKind::BadRequest,
                         format!("at most {MAX_BATCH} items per Renew"),
                     )));
                 }
-                Ok(Response::Renewed(
-                    self.renew(peer, items, lease, transfer).await,
-                ))
+                Ok(Response::Renewed {
+                    max_lease: self.inner.cfg.max_lease.as_secs(),
+                    answers: self.renew(peer, items, lease).await,
+                })
             }
             Request::Cache { kind, key, bytes } => {
                 // Only content blocks for lookups this node just routed for this

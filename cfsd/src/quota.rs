@@ -243,10 +243,15 @@ impl Quota {
     /// Save the charges if they changed since the last save. The snapshot is taken under
     /// the store's commit order (`save_charges`), so it can never overwrite a newer charge
     /// committed with blocks.
-    pub fn save(&self, store: &dyn BlockStore) {
+    pub fn save(&self, store: &dyn BlockStore, now: u64) {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
+        // Charges that ran out are forgotten, so buckets free up for new sources.
+        self.used.lock().unwrap().retain(|_, l| {
+            l.outstanding(now);
+            !l.bins.is_empty()
+        });
         let snapshot = || -> Vec<(Vec<u8>, Vec<u8>)> {
             self.used
                 .lock()
@@ -298,7 +303,7 @@ mod tests {
                 lease_secs: 10 * DAY
             }
         );
-        q.save(&store);
+        q.save(&store, now);
         let again = Quota::load(10_000, 10 * DAY, &store);
         assert_eq!(again.used(&b, now), q.used(&b, now));
         assert!(again.reserve(&b, each, now, now + 10 * DAY).is_err());

@@ -110,6 +110,12 @@ pub trait BlockStore: Send + Sync + 'static {
     fn usage(&self) -> (u64, u64);
 }
 
+/// The lease a block gets from a put or renewal: the later of what is held and what is
+/// asked, never shorter.
+fn merged(before: Option<u64>, asked: u64) -> u64 {
+    before.map_or(asked, |b| b.max(asked))
+}
+
 /// What a put does to what is held, for both stores: Ok(None) writes the block,
 /// Ok(Some(Present)) keeps the held bytes (only the lease may grow), Err refuses.
 fn check_root_replace(
@@ -172,7 +178,7 @@ impl BlockStore for MemStore {
         let k = (block.kind(), block.key());
         let old = m.blocks.get(&k).map(|(h, b)| (*h, b.as_slice()));
         let before = old.map(|(h, _)| h.expires);
-        let after = before.map_or(expires, |b| b.max(expires));
+        let after = merged(before, expires);
         let outcome = match check_root_replace(old.map(|(h, b)| (h.version, b)), block)? {
             Some(o) => {
                 let e = m.blocks.get_mut(&k).expect("held");
@@ -217,7 +223,7 @@ impl BlockStore for MemStore {
             .iter()
             .map(|&k| {
                 let h = m.blocks.get(&k).map(|(h, _)| *h)?;
-                let after = h.expires.max(expires);
+                let after = merged(Some(h.expires), expires);
                 if after > h.expires {
                     m.blocks.get_mut(&k).expect("held").0.expires = after;
                     m.set_expiry(k, Some(h.expires), after);
@@ -335,6 +341,8 @@ const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta"
 pub const STORE_FORMAT: u32 = 3;
 /// The lease a block from a store without leases gets when the store is migrated.
 pub const MIGRATED_LEASE: u64 = 30 * 86_400;
+/// Index entries rewritten per step of a migration.
+const MIGRATE_CHUNK: usize = 8192;
 /// Puts waiting for the writer at most; a caller beyond it waits (backpressure), so
 /// the queue's memory is bounded whatever the request rate.
 const WRITER_QUEUE: usize = 4096;
@@ -553,27 +561,41 @@ fn migrate(db: &redb::Database) -> Result<(), StoreError> {
     {
         let mut index = tx.open_table(INDEX).map_err(io)?;
         let mut expiry = tx.open_table(EXPIRY).map_err(io)?;
-        // Formats 1 and 2: (version, length), 16 bytes.
-        let old: Vec<(Vec<u8>, Vec<u8>)> = index
-            .iter()
-            .map_err(io)?
-            .filter_map(|e| e.ok())
-            .map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
-            .filter(|(_, v)| v.len() == 16)
-            .collect();
-        for (k, v) in old {
-            let (Some(version), Some(len), Ok(k21)) =
-                (be(&v[..8]), be(&v[8..]), <[u8; 21]>::try_from(k.as_slice()))
-            else {
-                continue;
+        // Formats 1 and 2: (version, length), 16 bytes. Rewritten a chunk at a time, so
+        // memory stays bounded whatever the store's size.
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let chunk: Vec<(Vec<u8>, Vec<u8>)> = {
+                let range = match &after {
+                    Some(a) => index.range::<&[u8]>((
+                        std::ops::Bound::Excluded(a.as_slice()),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => index.range::<&[u8]>(..),
+                }
+                .map_err(io)?;
+                range
+                    .take(MIGRATE_CHUNK)
+                    .filter_map(|e| e.ok())
+                    .map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
+                    .collect()
             };
-            let h = Held {
-                version,
-                len,
-                expires,
-            };
-            write_index(&mut index, &mut expiry, &k21, None, h)?;
-            migrated += 1;
+            let Some(last) = chunk.last() else { break };
+            after = Some(last.0.clone());
+            for (k, v) in chunk.iter().filter(|(_, v)| v.len() == 16) {
+                let (Some(version), Some(len), Ok(k21)) =
+                    (be(&v[..8]), be(&v[8..]), <[u8; 21]>::try_from(k.as_slice()))
+                else {
+                    continue;
+                };
+                let h = Held {
+                    version,
+                    len,
+                    expires,
+                };
+                write_index(&mut index, &mut expiry, &k21, None, h)?;
+                migrated += 1;
+            }
         }
     }
     tx.open_table(BLOCKS).map_err(io)?;
@@ -668,7 +690,7 @@ fn writer_loop(
                     };
                     let held_ref = held.map(|h| (h.version, held_bytes.as_slice()));
                     let before = held.map(|h| h.expires);
-                    let after = before.map_or(*expires, |b| b.max(*expires));
+                    let after = merged(before, *expires);
                     match check_root_replace(held_ref, block) {
                         Err(e) => results.push(Err(e)),
                         Ok(Some(outcome)) => {
@@ -782,10 +804,18 @@ impl BlockStore for RedbStore {
         Ok(v.and_then(|g| parse_index(g.value())))
     }
 
+    /// Charges staged meanwhile are committed with the renewal.
     fn renew(&self, items: &[StoreKey], expires: u64) -> Result<Vec<Option<Renewed>>, StoreError> {
         let tx = self.db.begin_write().map_err(io)?;
         let mut out = Vec::with_capacity(items.len());
-        let mut wrote = false;
+        let charges = std::mem::take(&mut *self.staged.lock().unwrap());
+        let mut wrote = !charges.is_empty();
+        {
+            let mut t = tx.open_table(CHARGES).map_err(io)?;
+            for (k, v) in &charges {
+                t.insert(k.as_slice(), v.as_slice()).map_err(io)?;
+            }
+        }
         {
             let mut index = tx.open_table(INDEX).map_err(io)?;
             let mut expiry = tx.open_table(EXPIRY).map_err(io)?;
@@ -1137,6 +1167,46 @@ mod tests {
         // The sweep finds migrated blocks by their new lease.
         assert!(s.remove_expired(now, 10).unwrap().is_empty());
         assert_eq!(s.remove_expired(expires, 10).unwrap().len(), 1);
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_format_1_store_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("cfs-store-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("blocks.redb");
+        let blocks: Vec<Verified> = (0..(MIGRATE_CHUNK as u32 + 5))
+            .map(|i| content(&i.to_be_bytes()))
+            .collect();
+        {
+            // Format 1: blocks and index only, no meta; more entries than one chunk.
+            let db = redb::Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            for a in &blocks {
+                let k = db_key(a.kind(), a.key());
+                tx.open_table(BLOCKS)
+                    .unwrap()
+                    .insert(k.as_slice(), a.bytes())
+                    .unwrap();
+                let mut v = [0u8; 16];
+                v[8..].copy_from_slice(&(a.bytes().len() as u64).to_be_bytes());
+                tx.open_table(INDEX)
+                    .unwrap()
+                    .insert(k.as_slice(), v.as_slice())
+                    .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(s.usage(), (blocks.len() as u64, 4 * blocks.len() as u64));
+        for a in [&blocks[0], blocks.last().unwrap()] {
+            let (b, e) = s.get(BlockKind::Data, a.key()).unwrap().unwrap();
+            assert_eq!(b, a.bytes());
+            assert!(e > unix_now());
+        }
+        assert_eq!(s.list().unwrap().len(), blocks.len(), "every entry parses");
+        assert!(s.load_charges().unwrap().is_empty());
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -123,12 +123,13 @@ impl Attacker {
                 }
                 ok(Response::Block(bytes.filter(|_| give)))
             }
-            Request::Renew { items, .. } => ok(Response::Renewed(
-                items
+            Request::Renew { items, .. } => ok(Response::Renewed {
+                max_lease: u64::MAX,
+                answers: items
                     .iter()
                     .map(|_| Ok((!withhold).then_some(u64::MAX)))
                     .collect(),
-            )),
+            }),
             Request::Status => refuse("no status here"),
         }
     }

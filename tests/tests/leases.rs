@@ -14,7 +14,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-const FLAGS: &[&str] = &["--stabilize-ms", "200", "--maintain-ms", "300"];
+const FLAGS: &[&str] = &[
+    "--stabilize-ms",
+    "200",
+    "--maintain-ms",
+    "300",
+    "--min-lease",
+    "1s",
+];
 
 /// Bytes that differ per (seed, i): incompressible enough, never all zero.
 fn bytes(seed: u64, n: usize) -> Vec<u8> {
@@ -170,7 +177,7 @@ fn keep_versions_2_keeps_the_newest_two_whole_and_what_they_share_while_the_rest
         let u = bytes(1000 + v, 20_000 + v as usize);
         std::fs::write(dir.join("sub").join(format!("v{v}.bin")), &u).unwrap();
         unique.push(u);
-        fsid = publish(&c, &dir, &key_a, "10s");
+        fsid = publish(&c, &dir, &key_a, "20s");
     }
     // Another publisher's tree shares a file with A and is never kept.
     let dir_b = c.dir.path().join("b");
@@ -178,7 +185,7 @@ fn keep_versions_2_keeps_the_newest_two_whole_and_what_they_share_while_the_rest
     std::fs::write(dir_b.join("shared.bin"), &shared).unwrap();
     let only_b = bytes(2000, 30_000);
     std::fs::write(dir_b.join("b.bin"), &only_b).unwrap();
-    let fsid_b = publish(&c, &dir_b, &c.keygen(), "10s");
+    let fsid_b = publish(&c, &dir_b, &c.keygen(), "20s");
 
     let dry: serde_json::Value = serde_json::from_str(&cfs_ok(&[
         "keep",
@@ -283,14 +290,17 @@ async fn put(p: &mut RawPeer, b: &WireBlock) -> Result<bool, ErrorKind> {
     }
 }
 
-async fn renew(p: &mut RawPeer, key: Id, lease: u64) -> Option<u64> {
+async fn renew(p: &mut RawPeer, key: Id, lease: u64) -> Result<Option<u64>, ErrorKind> {
     let req = Request::Renew {
         items: vec![(BlockKind::Data, key)],
         lease,
         transfer: true,
     };
     match p.call(req).await.expect("the node answers") {
-        Ok(Response::Renewed(v)) => v.into_iter().next().and_then(|r| r.ok().flatten()),
+        Ok(Response::Renewed { max_lease, answers }) => {
+            assert_eq!(max_lease, 3600);
+            answers.into_iter().next().unwrap().map_err(|e| e.kind)
+        }
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -298,12 +308,21 @@ async fn renew(p: &mut RawPeer, key: Id, lease: u64) -> Option<u64> {
 #[test]
 fn a_peer_cannot_shorten_or_overextend_a_lease_nor_outstore_its_space_time_and_a_full_node_keeps_serving(
 ) {
-    // One node: 1 MiB for an hour per source, 4 MiB in all, leases of an hour at most.
+    // One node: 1 MiB for an hour per source, 4 MiB in all, leases of 1 min to 1 h.
     let c = Cluster::start(
         1,
         &[
-            FLAGS,
-            &["--max-lease", "1h", "--quota-mb", "1", "--capacity-mb", "4"],
+            &FLAGS[..4],
+            &[
+                "--max-lease",
+                "1h",
+                "--min-lease",
+                "60s",
+                "--quota-mb",
+                "1",
+                "--capacity-mb",
+                "4",
+            ][..],
         ]
         .concat(),
     );
@@ -313,51 +332,65 @@ fn a_peer_cannot_shorten_or_overextend_a_lease_nor_outstore_its_space_time_and_a
         let mut honest = RawPeer::connect_from(lo(20), a).await.unwrap();
         let b = block(1, 1000, 600);
         assert_eq!(put(&mut honest, &b).await, Ok(true));
+        // A lease of 0 gets (and pays for) the node's shortest.
+        let z = block(2, 1000, 0);
+        assert_eq!(put(&mut honest, &z).await, Ok(true));
+        assert!((50..=60).contains(&lease_left(a, BlockKind::Data, z.key).unwrap()));
         let mut hostile = RawPeer::connect_from(lo(21), a).await.unwrap();
         // A put or renewal asking for less never shortens the lease...
         assert_eq!(put(&mut hostile, &WireBlock { lease: 1, ..b.clone() }).await, Ok(false));
-        assert!(renew(&mut hostile, b.key, 0).await.unwrap() >= 590);
+        assert!(renew(&mut hostile, b.key, 0).await.unwrap().unwrap() >= 590);
         assert!(lease_left(a, BlockKind::Data, b.key).unwrap() >= 590);
         // ...and one asking for more is capped at the node's maximum.
-        assert!(renew(&mut hostile, b.key, u64::MAX).await.unwrap() <= 3600);
+        assert!(renew(&mut hostile, b.key, u64::MAX).await.unwrap().unwrap() <= 3600);
         assert_eq!(put(&mut hostile, &WireBlock { lease: u64::MAX, ..b.clone() }).await, Ok(false));
         assert!(lease_left(a, BlockKind::Data, b.key).unwrap() <= 3600);
 
-        // Space-time: an hour's lease stores ~1 MiB, a 6-minute one about ten times as
-        // much (until the node is full).
-        let mut long = RawPeer::connect_from(lo(22), a).await.unwrap();
-        let mut n_long = 0;
-        let refusal = loop {
-            match put(&mut long, &block(100 + n_long, 64 << 10, 3600)).await {
-                Ok(_) => n_long += 1,
-                Err(k) => break k,
+        // Space-time: an hour's lease stores ~1 MiB, half an hour's twice as much.
+        let fill = |peer: u8, seed: u64, lease: u64| async move {
+            let mut p = RawPeer::connect_from(lo(peer), a).await.unwrap();
+            let mut n = 0;
+            loop {
+                match put(&mut p, &block(seed + n, 64 << 10, lease)).await {
+                    Ok(_) => n += 1,
+                    Err(k) => return (p, n, k),
+                }
             }
         };
+        let (mut long, n_long, refusal) = fill(22, 100, 3600).await;
         assert_eq!(refusal, ErrorKind::Quota);
-        let mut short = RawPeer::connect_from(lo(23), a).await.unwrap();
-        let mut n_short = 0;
-        let refusal = loop {
-            match put(&mut short, &block(10_000 + n_short, 64 << 10, 360)).await {
-                Ok(_) => n_short += 1,
-                Err(k) => break k,
-            }
-        };
+        let (_, n_half, refusal) = fill(23, 10_000, 1800).await;
+        assert_eq!(refusal, ErrorKind::Quota);
         eprintln!(
-            "LEASE quota: 64 KiB blocks stored with a 1 h lease: {n_long}, with a 6 min lease: {n_short} (then {refusal:?})"
+            "LEASE quota: 64 KiB blocks a 1 MiB-hour quota stores with a 1 h lease: {n_long}, with 30 min: {n_half}"
         );
         assert!((14..=16).contains(&n_long), "{n_long}");
-        assert!(n_short > 3 * n_long, "{n_short} vs {n_long}");
+        assert!(n_half >= 2 * n_long - 1 && n_half <= 2 * n_long + 2, "{n_half} vs {n_long}");
+        // Renewals are charged too: a source out of quota cannot extend much.
+        let mut renewed = 0;
+        loop {
+            match renew(&mut long, block(10_000 + renewed, 64 << 10, 0).key, 3600).await {
+                Ok(Some(_)) => renewed += 1,
+                other => {
+                    assert_eq!(other, Err(ErrorKind::Quota));
+                    break;
+                }
+            }
+        }
+        assert!(renewed <= 2, "{renewed} renewals past the quota");
         // Full: new blocks are refused with their own error, counted; nothing unexpired
         // was removed to make room, what is held is served and can still be renewed.
+        let (_, n_short, refusal) = fill(24, 20_000, 360).await;
+        eprintln!("LEASE capacity: then {n_short} blocks with a 6 min lease until {refusal:?}");
         assert_eq!(refusal, ErrorKind::Full);
-        let first = block(10_000, 64 << 10, 360);
+        let first = block(10_000, 64 << 10, 1800);
         match honest.call(Request::Get { kind: BlockKind::Data, key: first.key }).await.unwrap() {
             Ok(Response::Block(Some(got))) => assert_eq!(got, first.bytes),
             other => panic!("a full node still serves: {other:?}"),
         }
-        assert!(renew(&mut honest, b.key, 3600).await.is_some());
+        assert!(renew(&mut honest, b.key, 3600).await.unwrap().is_some());
     });
     assert!(counter(a, "refused_full") >= 1);
-    assert!(counter(a, "refused_quota") >= 1);
-    assert_eq!(counter(a, "expired_blocks"), 0);
+    assert!(counter(a, "refused_quota") >= 2);
+    assert!(counter(a, "leases_renewed") >= 1);
 }
