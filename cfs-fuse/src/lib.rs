@@ -1,5 +1,6 @@
 //! The cfs client library: publishing a tree, reading it (`cfs get`), and the FUSE mount.
 
+pub mod chaos;
 pub mod fsread;
 pub mod gateway;
 pub mod mount;
@@ -8,6 +9,7 @@ pub mod prefetch;
 pub mod publish;
 pub mod ring;
 pub mod testing;
+pub mod testnet;
 
 pub use fsread::{get, parse_get_spec, FsError, Reader, ReaderOpts};
 

@@ -15,9 +15,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod chaos_cmd;
 mod demo;
 mod helper;
 mod keep;
+mod testnet_cmd;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -78,6 +80,13 @@ enum Cmd {
     /// (root chain, directories, inodes, indirect and data blocks; no data sent), or
     /// with --dry-run, report what they reach and what only older versions hold.
     Keep(keep::KeepArgs),
+    /// A ring of real hosts on this machine (root): network namespaces with their own
+    /// addresses from 198.18.0.0/15, a cfsd on each, and faults to inject.
+    Testnet(testnet_cmd::TestnetArgs),
+    /// A failure-injection experiment: faults on a loopback ring (or a testnet) while
+    /// readers verify every byte and a publisher republishes; prints a report, writes it
+    /// as JSON and SVG, and exits non-zero if anything was lost, read wrong or went back.
+    Chaos(chaos_cmd::ChaosArgs),
     /// Mount FSID read-only at MOUNTPOINT; stays in the foreground until SIGINT/SIGTERM.
     Mount {
         fsid: String,
@@ -309,6 +318,13 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Keygen { keyfile } => {
             let fsid = cfs_fuse::keygen(&keyfile)?;
             println!("{fsid}");
+        }
+        Cmd::Testnet(args) => testnet_cmd::run(args)?,
+        Cmd::Chaos(args) => {
+            let code = chaos_cmd::run(args)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
         }
         Cmd::Keep(args) => {
             let mut c = client(&args.node).await?;

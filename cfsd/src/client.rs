@@ -246,6 +246,33 @@ impl<T: Transport> Client<T> {
             .collect())
     }
 
+    /// How many replicas hold each item now (roots: at least that version), one `Has`
+    /// per replica and successor range.
+    pub async fn held_counts(
+        &self,
+        items: &[(BlockKind, Id, u64)],
+    ) -> Result<Vec<usize>, DhashError> {
+        let keys: Vec<Id> = items.iter().map(|x| x.1).collect();
+        let mut out = vec![0usize; items.len()];
+        for (set, group) in self.by_range(&keys).await? {
+            let asks: Vec<(BlockKind, Id)> =
+                group.iter().map(|&g| (items[g].0, items[g].1)).collect();
+            let calls = set.iter().map(|n| {
+                let asks = asks.clone();
+                let a = n.addr;
+                async move { self.net.has(a, &asks).await }
+            });
+            for have in crate::net::join_all(calls).await.into_iter().flatten() {
+                for (j, h) in have.iter().enumerate() {
+                    if h.is_some_and(|h| h.version >= items[group[j]].2) {
+                        out[group[j]] += 1;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Lease every item on all its replicas for at least `lease` seconds: ask each
     /// replica set (one request per range and replica) what it holds, then renew only
     /// what is leased shorter. Items are grouped by successor range.

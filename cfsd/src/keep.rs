@@ -87,6 +87,8 @@ struct Walk<'a, T: Transport> {
     pending: Vec<(BlockKind, Id, u64)>,
     receipt: KeepReceipt,
     progress: &'a (dyn Fn(&KeepReceipt) + Sync),
+    /// Every block reached, with its version and length (for `blocks_of`).
+    found: Option<Vec<(BlockKind, Id, u64, u64)>>,
 }
 
 impl<T: Transport> Walk<'_, T> {
@@ -103,6 +105,9 @@ impl<T: Transport> Walk<'_, T> {
         }
         self.receipt.blocks += 1;
         self.receipt.bytes += len;
+        if let Some(f) = &mut self.found {
+            f.push((kind, key, version, len));
+        }
         self.pending.push((kind, key, version));
         if self.pending.len() >= BATCH {
             self.flush().await?;
@@ -244,6 +249,7 @@ pub async fn keep<T: Transport>(
         pending: Vec::new(),
         receipt: KeepReceipt::default(),
         progress,
+        found: None,
     };
     for (i, (root, link)) in chain[..kept].iter().enumerate() {
         w.receipt.versions.push(root.version);
@@ -281,6 +287,40 @@ pub async fn keep<T: Transport>(
     }
     w.receipt.secs = started.elapsed().as_secs_f64();
     Ok(w.receipt)
+}
+
+/// Every block the newest version of `fsid` reaches (root, tree; not the chain), with
+/// its version (roots) and length (data blocks; metadata as fetched): what a chaos run
+/// counts replicas of.
+pub async fn blocks_of<T: Transport>(
+    client: &Client<T>,
+    fsid: Id,
+) -> Result<Vec<(BlockKind, Id, u64, u64)>, KeepError> {
+    let got = client
+        .get_root(fsid)
+        .await
+        .map_err(|source| KeepError::Ring { key: fsid, source })?
+        .ok_or(KeepError::NoSuchTree(fsid))?;
+    let root = got.root().ok_or(KeepError::BadRoot(fsid))?;
+    let mut w = Walk {
+        client,
+        lease: 0,
+        dry_run: true,
+        seen: HashSet::new(),
+        pending: Vec::new(),
+        receipt: KeepReceipt::default(),
+        progress: &|_| {},
+        found: Some(Vec::new()),
+    };
+    w.reach(
+        BlockKind::Root,
+        fsid,
+        root.version,
+        got.bytes().len() as u64,
+    )
+    .await?;
+    w.tree(root.top).await?;
+    Ok(w.found.unwrap_or_default())
 }
 
 /// Parse `FSID:N` (keep the newest N versions of FSID) as `cfsd --keep` takes it.

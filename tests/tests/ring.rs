@@ -197,7 +197,7 @@ fn blocks_survive_kill_9_of_r_minus_1_nodes_and_restart() {
         held
     });
     assert!(!held.is_empty(), "restarted node came back with no blocks");
-    cluster.wait_ring(Duration::from_secs(30));
+    cluster.wait_ring(Duration::from_secs(60));
     rt.block_on(async {
         for (i, k) in keys.iter().enumerate() {
             let v = c.get(BlockKind::Data, *k).await.unwrap();

@@ -1,0 +1,511 @@
+//! What a chaos run observed and the report made of it: per second, per fault, in all;
+//! printed, as JSON and as an SVG timeline (Jepsen-style: fault bands over reads,
+//! latency and blocks below r).
+
+use serde::Serialize;
+use std::fmt::Write;
+
+/// One verified read (or its failure).
+#[derive(Clone, Debug, Serialize)]
+pub struct Read {
+    /// Seconds from the start when the read began and how long it took.
+    pub t: f64,
+    pub ms: f64,
+    pub ok: bool,
+    pub bytes: u64,
+    /// The version read (0 if the root could not be read).
+    pub version: u64,
+    /// Wrong bytes (a verified block in the wrong place would be a bug, not a fault).
+    pub wrong: bool,
+    pub error: Option<String>,
+}
+
+/// One census of the newest version's blocks.
+#[derive(Clone, Debug, Serialize)]
+pub struct Census {
+    pub t: f64,
+    pub blocks: u64,
+    pub below_r: u64,
+    /// Blocks no node holds.
+    pub missing: u64,
+    pub missing_bytes: u64,
+}
+
+/// A fault as it ran.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultRun {
+    pub t: f64,
+    pub kind: String,
+    /// Nodes (from 1) it hit.
+    pub nodes: Vec<usize>,
+    /// When it was undone, if it was.
+    pub until: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Second {
+    pub t: u64,
+    pub reads_ok: u64,
+    pub reads_failed: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub below_r: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultStats {
+    #[serde(flatten)]
+    pub fault: FaultRun,
+    /// Reads begun from this fault until the next one (or the end) that failed.
+    pub reads: u64,
+    pub reads_failed: u64,
+    /// The longest time in that window with no read completing successfully.
+    pub longest_stall_s: f64,
+    /// From the fault until every block of the newest version was on r replicas again
+    /// (None: not within the run).
+    pub back_to_r_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub nodes: usize,
+    pub replicas: usize,
+    pub duration_s: f64,
+    pub fsid: String,
+    pub versions_published: u64,
+    pub reads: u64,
+    pub reads_failed: u64,
+    pub bytes_verified: u64,
+    pub wrong_reads: u64,
+    /// A reader saw a version older than one it had seen.
+    pub version_regressions: u64,
+    /// Blocks of the newest version no node held at the end, and their bytes.
+    pub lost_blocks: u64,
+    pub lost_bytes: u64,
+    pub faults: Vec<FaultStats>,
+    pub seconds: Vec<Second>,
+    /// "ok", or why not.
+    pub verdict: String,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Longest span within [from, to) with no successful read completing.
+fn longest_stall(done: &[f64], from: f64, to: f64) -> f64 {
+    let mut last = from;
+    let mut worst = 0f64;
+    for &d in done.iter().filter(|&&d| d >= from && d < to) {
+        worst = worst.max(d - last);
+        last = d;
+    }
+    worst.max(to - last)
+}
+
+pub struct Observed {
+    pub reads: Vec<Read>,
+    pub census: Vec<Census>,
+    pub faults: Vec<FaultRun>,
+    pub versions_published: u64,
+    pub version_regressions: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    mode: &str,
+    nodes: usize,
+    replicas: usize,
+    duration: f64,
+    fsid: String,
+    o: Observed,
+) -> Report {
+    let mut done: Vec<f64> = o
+        .reads
+        .iter()
+        .filter(|r| r.ok)
+        .map(|r| r.t + r.ms / 1000.0)
+        .collect();
+    done.sort_by(f64::total_cmp);
+    let secs = duration.ceil() as u64;
+    let seconds = (0..secs)
+        .map(|t| {
+            let in_sec: Vec<&Read> = o
+                .reads
+                .iter()
+                .filter(|r| r.t >= t as f64 && r.t < (t + 1) as f64)
+                .collect();
+            let mut ms: Vec<f64> = in_sec.iter().filter(|r| r.ok).map(|r| r.ms).collect();
+            ms.sort_by(f64::total_cmp);
+            let below = o
+                .census
+                .iter()
+                .filter(|c| c.t >= t as f64 && c.t < (t + 1) as f64)
+                .map(|c| c.below_r)
+                .max();
+            Second {
+                t,
+                reads_ok: in_sec.iter().filter(|r| r.ok).count() as u64,
+                reads_failed: in_sec.iter().filter(|r| !r.ok).count() as u64,
+                p50_ms: percentile(&ms, 50.0),
+                p99_ms: percentile(&ms, 99.0),
+                below_r: below,
+            }
+        })
+        .collect();
+    let faults = o
+        .faults
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let end = o.faults.get(i + 1).map_or(duration, |n| n.t).max(f.t);
+            let window: Vec<&Read> = o.reads.iter().filter(|r| r.t >= f.t && r.t < end).collect();
+            let settled_from = f.until.unwrap_or(f.t);
+            let back = o
+                .census
+                .iter()
+                .find(|c| c.t >= settled_from && c.below_r == 0)
+                .map(|c| c.t - f.t);
+            FaultStats {
+                fault: f.clone(),
+                reads: window.len() as u64,
+                reads_failed: window.iter().filter(|r| !r.ok).count() as u64,
+                longest_stall_s: longest_stall(&done, f.t, end),
+                back_to_r_s: back,
+            }
+        })
+        .collect();
+    let last = o.census.last();
+    let lost_blocks = last.map_or(0, |c| c.missing);
+    let lost_bytes = last.map_or(0, |c| c.missing_bytes);
+    let wrong = o.reads.iter().filter(|r| r.wrong).count() as u64;
+    let mut why = Vec::new();
+    if lost_blocks > 0 {
+        why.push(format!("{lost_blocks} blocks ({lost_bytes} bytes) lost"));
+    }
+    if wrong > 0 {
+        why.push(format!("{wrong} reads returned wrong bytes"));
+    }
+    if o.version_regressions > 0 {
+        why.push(format!(
+            "{} reads saw an older version than before",
+            o.version_regressions
+        ));
+    }
+    if o.reads.iter().all(|r| !r.ok) {
+        why.push("no read succeeded".into());
+    }
+    Report {
+        mode: mode.into(),
+        nodes,
+        replicas,
+        duration_s: duration,
+        fsid,
+        versions_published: o.versions_published,
+        reads: o.reads.len() as u64,
+        reads_failed: o.reads.iter().filter(|r| !r.ok).count() as u64,
+        bytes_verified: o.reads.iter().filter(|r| r.ok).map(|r| r.bytes).sum(),
+        wrong_reads: wrong,
+        version_regressions: o.version_regressions,
+        lost_blocks,
+        lost_bytes,
+        faults,
+        seconds,
+        verdict: if why.is_empty() {
+            "ok".into()
+        } else {
+            why.join("; ")
+        },
+    }
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.verdict == "ok"
+    }
+
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "cfs chaos ({}): {} nodes, r = {}, {:.0} s; {} versions published; {} reads ({} failed), {:.1} MiB verified",
+            self.mode,
+            self.nodes,
+            self.replicas,
+            self.duration_s,
+            self.versions_published,
+            self.reads,
+            self.reads_failed,
+            self.bytes_verified as f64 / (1 << 20) as f64
+        );
+        let _ = writeln!(
+            s,
+            "{:>7}  {:<10} {:<10} {:>8} {:>6} {:>10} {:>12}",
+            "at (s)", "fault", "nodes", "undone", "failed", "stall (s)", "back to r (s)"
+        );
+        for f in &self.faults {
+            let nodes: Vec<String> = f.fault.nodes.iter().map(|n| n.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "{:>7.1}  {:<10} {:<10} {:>8} {:>6} {:>10.2} {:>12}",
+                f.fault.t,
+                f.fault.kind,
+                nodes.join(","),
+                f.fault.until.map_or("-".into(), |u| format!("{u:.1}")),
+                f.reads_failed,
+                f.longest_stall_s,
+                f.back_to_r_s
+                    .map_or("not yet".into(), |b| format!("{b:.1}"))
+            );
+            if let Some(e) = &f.fault.error {
+                let _ = writeln!(s, "         error: {e}");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "lost: {} blocks ({} bytes); wrong reads: {}; version regressions: {}; verdict: {}",
+            self.lost_blocks,
+            self.lost_bytes,
+            self.wrong_reads,
+            self.version_regressions,
+            self.verdict
+        );
+        s
+    }
+
+    /// Three panels on one time axis: reads per second (ok, failed), read latency (p50,
+    /// p99) and blocks below r; faults as shaded bands across all three.
+    pub fn svg(&self) -> String {
+        let (w, left, right) = (960.0, 70.0, 20.0);
+        let panel_h = 140.0;
+        let tops = [40.0, 210.0, 380.0];
+        let h = 560.0;
+        let dur = self.duration_s.max(1.0);
+        let x = |t: f64| left + (w - left - right) * t / dur;
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14">cfs chaos: {} nodes, r = {}, {} ({})</text>"##,
+            self.nodes,
+            self.replicas,
+            esc(&self.verdict),
+            self.mode
+        );
+        for f in &self.faults {
+            let end = f.fault.until.unwrap_or(f.fault.t + dur / 200.0);
+            let _ = write!(
+                s,
+                r##"<rect x="{:.1}" y="30" width="{:.1}" height="{:.1}" fill="#f4a261" fill-opacity="0.25"/><text x="{:.1}" y="36" fill="#b5651d">{} {}</text>"##,
+                x(f.fault.t),
+                (x(end) - x(f.fault.t)).max(1.5),
+                tops[2] + panel_h - 30.0,
+                x(f.fault.t) + 2.0,
+                esc(&f.fault.kind),
+                f.fault
+                    .nodes
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        let panels: [(&str, Vec<(&str, &str, Vec<(f64, f64)>)>); 3] = [
+            (
+                "reads per second",
+                vec![
+                    (
+                        "ok",
+                        "#2a9d8f",
+                        self.seconds
+                            .iter()
+                            .map(|q| (q.t as f64, q.reads_ok as f64))
+                            .collect(),
+                    ),
+                    (
+                        "failed",
+                        "#e63946",
+                        self.seconds
+                            .iter()
+                            .map(|q| (q.t as f64, q.reads_failed as f64))
+                            .collect(),
+                    ),
+                ],
+            ),
+            (
+                "read latency (ms)",
+                vec![
+                    (
+                        "p50",
+                        "#264653",
+                        self.seconds
+                            .iter()
+                            .map(|q| (q.t as f64, q.p50_ms))
+                            .collect(),
+                    ),
+                    (
+                        "p99",
+                        "#e9c46a",
+                        self.seconds
+                            .iter()
+                            .map(|q| (q.t as f64, q.p99_ms))
+                            .collect(),
+                    ),
+                ],
+            ),
+            (
+                "blocks below r",
+                vec![(
+                    "below r",
+                    "#6a4c93",
+                    self.seconds
+                        .iter()
+                        .filter_map(|q| Some((q.t as f64, q.below_r? as f64)))
+                        .collect(),
+                )],
+            ),
+        ];
+        for (p, (title, series)) in panels.iter().enumerate() {
+            let top = tops[p];
+            let ymax = series
+                .iter()
+                .flat_map(|(_, _, pts)| pts.iter().map(|(_, y)| *y))
+                .fold(1.0f64, f64::max)
+                * 1.1;
+            let y = |v: f64| top + panel_h - panel_h * v / ymax;
+            let _ = write!(
+                s,
+                r##"<line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#888"/><line x1="{left}" y1="{top}" x2="{left}" y2="{:.1}" stroke="#888"/><text x="{left}" y="{:.1}">{}</text><text x="{:.1}" y="{:.1}" text-anchor="end">{:.0}</text><text x="{:.1}" y="{:.1}" text-anchor="end">0</text>"##,
+                top + panel_h,
+                w - right,
+                top + panel_h,
+                top + panel_h,
+                top - 4.0,
+                title,
+                left - 4.0,
+                top + 10.0,
+                ymax,
+                left - 4.0,
+                top + panel_h
+            );
+            for (k, (name, color, pts)) in series.iter().enumerate() {
+                let path: Vec<String> = pts
+                    .iter()
+                    .map(|(t, v)| format!("{:.1},{:.1}", x(*t + 0.5), y(*v)))
+                    .collect();
+                let _ = write!(
+                    s,
+                    r##"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/><text x="{:.1}" y="{:.1}" fill="{color}">{name}</text>"##,
+                    path.join(" "),
+                    w - right - 120.0 + 60.0 * k as f64,
+                    top - 4.0
+                );
+            }
+        }
+        let mut t = 0.0;
+        let step = (dur / 10.0).ceil().max(1.0);
+        while t <= dur {
+            let _ = write!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{t:.0} s</text>"##,
+                x(t),
+                tops[2] + panel_h + 16.0
+            );
+            t += step;
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(t: f64, ok: bool) -> Read {
+        Read {
+            t,
+            ms: 100.0,
+            ok,
+            bytes: 10,
+            version: 1,
+            wrong: false,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn per_fault_figures_come_from_the_window_after_each_fault() {
+        let reads: Vec<Read> = (0..100)
+            .map(|i| read(i as f64 * 0.1, !(30..50).contains(&i)))
+            .collect();
+        let census = vec![
+            Census {
+                t: 2.5,
+                blocks: 10,
+                below_r: 0,
+                missing: 0,
+                missing_bytes: 0,
+            },
+            Census {
+                t: 3.5,
+                blocks: 10,
+                below_r: 4,
+                missing: 0,
+                missing_bytes: 0,
+            },
+            Census {
+                t: 6.5,
+                blocks: 10,
+                below_r: 0,
+                missing: 0,
+                missing_bytes: 0,
+            },
+        ];
+        let faults = vec![FaultRun {
+            t: 3.0,
+            kind: "kill".into(),
+            nodes: vec![2],
+            until: Some(5.0),
+            error: None,
+        }];
+        let r = build(
+            "loopback",
+            5,
+            3,
+            10.0,
+            "x".into(),
+            Observed {
+                reads,
+                census,
+                faults,
+                versions_published: 1,
+                version_regressions: 0,
+            },
+        );
+        assert_eq!(r.faults[0].reads, 70);
+        assert_eq!(r.faults[0].reads_failed, 20);
+        // No success from 2.9 + 0.1 s until 5.0 + 0.1 s.
+        assert!(
+            (r.faults[0].longest_stall_s - 2.1).abs() < 0.01,
+            "{}",
+            r.faults[0].longest_stall_s
+        );
+        assert_eq!(r.faults[0].back_to_r_s, Some(3.5));
+        assert_eq!(r.seconds[4].reads_failed, 10);
+        assert_eq!(r.seconds[3].below_r, Some(4));
+        assert!(r.ok());
+        assert!(r.svg().contains("<polyline"));
+    }
+}

@@ -1,0 +1,540 @@
+//! `cfs testnet`: a ring of real hosts on one machine. Each host is a network namespace
+//! with its own address from 198.18.0.0/15 (the block reserved for network benchmark
+//! tests), linked through a bridge that lives in a namespace of its own: nothing is added
+//! to the root namespace, and no address leaves these namespaces. Each host runs one
+//! `cfsd`. Faults (kill, pause, restart, replace, partition, link caps) act on hosts by
+//! index. Everything made is recorded in a state file, so `down` removes it after a
+//! crash too. Needs root, `ip` and `tc` (iproute2) and `nsenter` (util-linux).
+
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestnetError {
+    #[error("`cfs testnet` needs root (network namespaces); run it with sudo")]
+    NotRoot,
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("cannot run `{cmd}` (is iproute2 / util-linux installed?)")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("testnet state {path} does not decode: {msg}")]
+    State { path: PathBuf, msg: String },
+    #[error("no host {0} in this testnet")]
+    NoHost(usize),
+    #[error("host {host}'s cfsd did not write its address within {secs} s; see {log}")]
+    NodeStart {
+        host: String,
+        secs: u64,
+        log: PathBuf,
+    },
+    #[error("invalid testnet parameter: {0}")]
+    Param(String),
+}
+
+type Result<T> = std::result::Result<T, TestnetError>;
+
+/// What `up` builds.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// Prefix of every namespace (`NAME-br`, `NAME-h1`, ...): several testnets can run
+    /// at once under different names.
+    pub name: String,
+    pub hosts: usize,
+    /// The third octet: hosts get 198.18.SUBNET.1 and up.
+    pub subnet: u8,
+    pub port: u16,
+    /// Where data directories, logs and the state file go.
+    pub dir: PathBuf,
+    pub cfsd: PathBuf,
+    /// Extra `cfsd` flags for every host.
+    pub cfsd_args: Vec<String>,
+    /// A TBF rate for every host's link (e.g. `200mbit`), both directions.
+    pub rate: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    /// The port its cfsd listens on now (a restart may move it).
+    pub port: u16,
+    pub pid: Option<u32>,
+    pub data: PathBuf,
+    /// Set while the process is stopped by SIGSTOP.
+    #[serde(default)]
+    pub paused: bool,
+    /// This host's rate cap, if any.
+    #[serde(default)]
+    pub rate: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Testnet {
+    pub name: String,
+    pub dir: PathBuf,
+    pub bridge_ns: String,
+    pub cfsd: PathBuf,
+    pub cfsd_args: Vec<String>,
+    pub hosts: Vec<Host>,
+    /// The groups of the current partition (host indexes), empty when whole.
+    #[serde(default)]
+    pub partition: Vec<Vec<usize>>,
+}
+
+const STATE: &str = "testnet.json";
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| TestnetError::Spawn {
+            cmd: shown.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(TestnetError::Command {
+            cmd: shown,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+fn tc(ns: &str, args: &[&str]) -> Result<String> {
+    run(Command::new("tc").arg("-n").arg(ns).args(args))
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TestnetError + 'a {
+    move |source| TestnetError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Namespaces whose names start with `name-`: what a testnet called `name` made.
+fn namespaces_of(name: &str) -> Vec<String> {
+    let Ok(out) = ip(&["netns", "list"]) else {
+        return Vec::new();
+    };
+    let prefix = format!("{name}-");
+    out.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+impl Testnet {
+    /// Build the hosts, link them, start a `cfsd` on each (the first starts the ring,
+    /// the others join it) and write the state file.
+    pub fn up(spec: &Spec) -> Result<Testnet> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(TestnetError::NotRoot);
+        }
+        if spec.hosts == 0 || spec.hosts > 250 {
+            return Err(TestnetError::Param("--hosts must be 1 to 250".into()));
+        }
+        if spec.name.is_empty()
+            || spec.name.len() > 24
+            || !spec
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(TestnetError::Param(
+                "--name: 1 to 24 letters, digits or '-'".into(),
+            ));
+        }
+        std::fs::create_dir_all(&spec.dir).map_err(io("creating", &spec.dir))?;
+        let bridge_ns = format!("{}-br", spec.name);
+        let mut net = Testnet {
+            name: spec.name.clone(),
+            dir: spec.dir.clone(),
+            bridge_ns: bridge_ns.clone(),
+            cfsd: spec.cfsd.clone(),
+            cfsd_args: spec.cfsd_args.clone(),
+            hosts: Vec::new(),
+            partition: Vec::new(),
+        };
+        // Recorded before anything is made, so a failure half-way is cleaned by `down`.
+        net.save()?;
+        ip(&["netns", "add", &bridge_ns])?;
+        ip(&["-n", &bridge_ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &bridge_ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &bridge_ns, "link", "set", "br0", "up"])?;
+        for k in 1..=spec.hosts {
+            let ns = format!("{}-h{k}", spec.name);
+            let host_ip = Ipv4Addr::new(198, 18, spec.subnet, k as u8);
+            let data = spec.dir.join(format!("h{k}"));
+            net.hosts.push(Host {
+                name: format!("h{k}"),
+                ns: ns.clone(),
+                ip: host_ip,
+                port: spec.port,
+                pid: None,
+                data: data.clone(),
+                paused: false,
+                rate: None,
+            });
+            net.save()?;
+            ip(&["netns", "add", &ns])?;
+            let side = format!("v{k}");
+            // Both ends are made inside namespaces: nothing appears in the root one.
+            ip(&[
+                "-n", &bridge_ns, "link", "add", &side, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ])?;
+            ip(&[
+                "-n", &bridge_ns, "link", "set", &side, "master", "br0", "up",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{host_ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            if let Some(rate) = &spec.rate {
+                net.cap(k - 1, rate)?;
+            }
+        }
+        for i in 0..net.hosts.len() {
+            net.start(i)?;
+        }
+        net.save()?;
+        Ok(net)
+    }
+
+    pub fn state_path(dir: &Path) -> PathBuf {
+        dir.join(STATE)
+    }
+
+    pub fn load(dir: &Path) -> Result<Testnet> {
+        let path = Self::state_path(dir);
+        let bytes = std::fs::read(&path).map_err(io("reading", &path))?;
+        serde_json::from_slice(&bytes).map_err(|e| TestnetError::State {
+            path,
+            msg: e.to_string(),
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        let path = Self::state_path(&self.dir);
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(self).expect("state encodes");
+        std::fs::write(&tmp, body).map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("writing", &path))
+    }
+
+    fn host(&self, i: usize) -> Result<&Host> {
+        self.hosts.get(i).ok_or(TestnetError::NoHost(i))
+    }
+
+    /// Host `i`'s node address.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        let h = &self.hosts[i];
+        SocketAddr::new(h.ip.into(), h.port)
+    }
+
+    /// The path of host `i`'s network namespace, for `nsenter --net=`.
+    pub fn netns_path(&self, i: usize) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.hosts[i].ns)
+    }
+
+    /// A command that runs `program` inside host `i`'s network namespace (and the
+    /// machine's mount namespace, so a FUSE mount made there is visible to all).
+    pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.netns_path(i).display()))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// Start host `i`'s cfsd on its data directory (joining the first other live host).
+    pub fn start(&mut self, i: usize) -> Result<()> {
+        let join = (0..self.hosts.len())
+            .find(|&j| j != i && self.hosts[j].pid.is_some())
+            .map(|j| self.addr(j));
+        let h = self.host(i)?.clone();
+        std::fs::create_dir_all(&h.data).map_err(io("creating", &h.data))?;
+        let _ = std::fs::remove_file(h.data.join("addr"));
+        let log_path = self.dir.join(format!("{}.log", h.name));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io("opening", &log_path))?;
+        let mut cmd = self.command(i, &self.cfsd);
+        cmd.arg("--listen")
+            .arg(SocketAddr::new(h.ip.into(), h.port).to_string())
+            .arg("--data")
+            .arg(&h.data);
+        if let Some(j) = join {
+            cmd.arg("--join").arg(j.to_string());
+        }
+        cmd.args(&self.cfsd_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.try_clone().map_err(io("opening", &log_path))?);
+        // Its own process group: a terminal's Ctrl-C to `cfs` does not reach the nodes.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().map_err(|source| TestnetError::Spawn {
+            cmd: format!("nsenter ... {}", self.cfsd.display()),
+            source,
+        })?;
+        self.hosts[i].pid = Some(child.id());
+        self.hosts[i].paused = false;
+        self.save()?;
+        // nsenter execs cfsd: the child is the node. It is reaped by whoever waits last
+        // (`down` kills it); dropping the handle does not stop it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !h.data.join("addr").exists() {
+            if Instant::now() > deadline {
+                return Err(TestnetError::NodeStart {
+                    host: h.name.clone(),
+                    secs: 20,
+                    log: log_path,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn signal(&mut self, i: usize, sig: i32) -> Result<Option<u32>> {
+        let pid = self.host(i)?.pid;
+        if let Some(p) = pid {
+            // SAFETY: kill with a pid we started; a stale pid fails harmlessly (ESRCH).
+            unsafe {
+                libc::kill(p as i32, sig);
+            }
+        }
+        Ok(pid)
+    }
+
+    /// kill -9 host `i`'s node.
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(p) = self.signal(i, libc::SIGKILL)? {
+            reap(p);
+        }
+        self.hosts[i].pid = None;
+        self.hosts[i].paused = false;
+        self.save()
+    }
+
+    /// SIGSTOP: a hung node that still holds its sockets.
+    pub fn pause(&mut self, i: usize) -> Result<()> {
+        self.signal(i, libc::SIGSTOP)?;
+        self.hosts[i].paused = true;
+        self.save()
+    }
+
+    pub fn resume(&mut self, i: usize) -> Result<()> {
+        self.signal(i, libc::SIGCONT)?;
+        self.hosts[i].paused = false;
+        self.save()
+    }
+
+    /// Kill and start again on the old data.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i)?;
+        self.start(i)
+    }
+
+    /// Kill and start a fresh node with an empty disk at the same address.
+    pub fn replace(&mut self, i: usize) -> Result<()> {
+        self.kill(i)?;
+        let data = self.hosts[i].data.clone();
+        if data.exists() {
+            std::fs::remove_dir_all(&data).map_err(io("removing", &data))?;
+        }
+        self.start(i)
+    }
+
+    /// Cut the testnet into `groups` (host indexes; hosts in no group are cut from all):
+    /// every host drops packets to hosts outside its group (blackhole routes in its own
+    /// namespace), so traffic between groups fails both ways.
+    pub fn partition(&mut self, groups: &[Vec<usize>]) -> Result<()> {
+        self.heal()?;
+        for g in groups {
+            for &i in g {
+                self.host(i)?;
+            }
+        }
+        let group_of = |i: usize| groups.iter().position(|g| g.contains(&i));
+        for i in 0..self.hosts.len() {
+            for j in 0..self.hosts.len() {
+                if i != j && (group_of(i).is_none() || group_of(i) != group_of(j)) {
+                    let to = format!("{}/32", self.hosts[j].ip);
+                    ip(&["-n", &self.hosts[i].ns, "route", "add", "blackhole", &to])?;
+                }
+            }
+        }
+        self.partition = groups.to_vec();
+        self.save()
+    }
+
+    /// Undo `partition`.
+    pub fn heal(&mut self) -> Result<()> {
+        for h in &self.hosts {
+            let routes =
+                ip(&["-n", &h.ns, "route", "show", "type", "blackhole"]).unwrap_or_default();
+            for r in routes.lines() {
+                if let Some(dst) = r.split_whitespace().nth(1) {
+                    let _ = ip(&["-n", &h.ns, "route", "del", "blackhole", dst]);
+                }
+            }
+        }
+        self.partition.clear();
+        self.save()
+    }
+
+    /// Cap host `i`'s link to `rate` (tc syntax: `200mbit`) in both directions: a TBF on
+    /// its own interface and on the bridge's side of its link.
+    pub fn cap(&mut self, i: usize, rate: &str) -> Result<()> {
+        let ns = self.host(i)?.ns.clone();
+        let tbf = [
+            "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "256kb",
+            "latency", "100ms",
+        ];
+        tc(&ns, &tbf)?;
+        let side = format!("v{}", i + 1);
+        let mut bridge = tbf;
+        bridge[3] = &side;
+        tc(&self.bridge_ns, &bridge)?;
+        self.hosts[i].rate = Some(rate.to_string());
+        self.save()
+    }
+
+    pub fn uncap(&mut self, i: usize) -> Result<()> {
+        let ns = self.host(i)?.ns.clone();
+        let _ = tc(&ns, &["qdisc", "del", "dev", "eth0", "root"]);
+        let _ = tc(
+            &self.bridge_ns,
+            &["qdisc", "del", "dev", &format!("v{}", i + 1), "root"],
+        );
+        self.hosts[i].rate = None;
+        self.save()
+    }
+
+    /// Stop every node and remove every namespace and file the testnet made.
+    pub fn down(self) -> Result<()> {
+        down(&self.name, &self.dir)
+    }
+}
+
+/// Wait briefly for a killed child of ours (a zombie otherwise); others are not ours.
+fn reap(pid: u32) {
+    for _ in 0..100 {
+        let mut status = 0;
+        // SAFETY: waitpid on a pid; WNOHANG never blocks, ECHILD when not our child.
+        let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+        if r != 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Remove the testnet `name` whose state is in `dir`: from the state file if it is
+/// there, and every namespace named `name-*` in any case (a crash may have left some
+/// unrecorded).
+pub fn down(name: &str, dir: &Path) -> Result<()> {
+    if let Ok(net) = Testnet::load(dir) {
+        for h in &net.hosts {
+            if let Some(p) = h.pid {
+                // SAFETY: signals to pids we started; a stale pid fails with ESRCH.
+                unsafe {
+                    libc::kill(p as i32, libc::SIGCONT);
+                    libc::kill(p as i32, libc::SIGKILL);
+                }
+                reap(p);
+            }
+        }
+    }
+    // Any process still in one of our namespaces (a node started by a crashed run).
+    for ns in namespaces_of(name) {
+        if let Ok(pids) = ip(&["netns", "pids", &ns]) {
+            for p in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(p, libc::SIGCONT);
+                    libc::kill(p, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = ip(&["netns", "del", &ns]);
+    }
+    let left = namespaces_of(name);
+    if !left.is_empty() {
+        return Err(TestnetError::Command {
+            cmd: "ip netns del".into(),
+            stderr: format!("namespaces left: {left:?}"),
+        });
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(io("removing", dir))?;
+    }
+    Ok(())
+}
+
+/// Run `f` on a thread of its own inside host `i`'s network namespace: sockets it makes
+/// (a client's, a tokio runtime's) belong to that host.
+pub fn in_host<T: Send + 'static>(
+    net: &Testnet,
+    i: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    spawn_in_host(net, i, f)
+        .join()
+        .map_err(|_| std::io::Error::other("the closure in the host namespace panicked"))?
+}
+
+/// `in_host` without waiting: the thread's handle.
+pub fn spawn_in_host<T: Send + 'static>(
+    net: &Testnet,
+    i: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<std::io::Result<T>> {
+    let path = net.netns_path(i);
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path)?;
+        // SAFETY: setns on this thread only, with an fd we own; CLONE_NEWNET is allowed
+        // for a thread of a multi-threaded process.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(f())
+    })
+}
