@@ -62,8 +62,8 @@ pub struct FaultStats {
     pub reads_failed: u64,
     /// The longest time in that window with no read completing successfully.
     pub longest_stall_s: f64,
-    /// From the fault until every block of the newest version was on r replicas again
-    /// (None: not within the run).
+    /// From the fault until every block of the newest version was on r replicas again:
+    /// 0 if none fell below r in its window, None if not back within the run.
     pub back_to_r_s: Option<f64>,
 }
 
@@ -133,7 +133,9 @@ pub fn build(
         .map(|r| r.t + r.ms / 1000.0)
         .collect();
     done.sort_by(f64::total_cmp);
-    let secs = duration.ceil() as u64;
+    // Reads begun just as the run stopped fall in a last second of their own.
+    let last_read = o.reads.iter().map(|r| r.t).fold(0.0, f64::max);
+    let secs = duration.max(last_read + 1e-9).ceil() as u64;
     let seconds = (0..secs)
         .map(|t| {
             let in_sec: Vec<&Read> = o
@@ -166,12 +168,20 @@ pub fn build(
         .map(|(i, f)| {
             let end = o.faults.get(i + 1).map_or(duration, |n| n.t).max(f.t);
             let window: Vec<&Read> = o.reads.iter().filter(|r| r.t >= f.t && r.t < end).collect();
-            let settled_from = f.until.unwrap_or(f.t);
-            let back = o
+            // From the fault: 0 if no census in its window saw a block below r, else the
+            // first census after the first such one that saw none.
+            let first_low = o
                 .census
                 .iter()
-                .find(|c| c.t >= settled_from && c.below_r == 0)
-                .map(|c| c.t - f.t);
+                .find(|c| c.t >= f.t && c.t < end && c.below_r > 0);
+            let back = match first_low {
+                None => Some(0.0),
+                Some(low) => o
+                    .census
+                    .iter()
+                    .find(|c| c.t > low.t && c.below_r == 0)
+                    .map(|c| c.t - f.t),
+            };
             FaultStats {
                 fault: f.clone(),
                 reads: window.len() as u64,
@@ -503,6 +513,35 @@ mod tests {
             r.faults[0].longest_stall_s
         );
         assert_eq!(r.faults[0].back_to_r_s, Some(3.5));
+        let quiet = vec![FaultRun {
+            t: 0.5,
+            kind: "pause".into(),
+            nodes: vec![1],
+            until: Some(1.0),
+            error: None,
+        }];
+        let census = vec![Census {
+            t: 1.5,
+            blocks: 10,
+            below_r: 0,
+            missing: 0,
+            missing_bytes: 0,
+        }];
+        let r2 = build(
+            "loopback",
+            5,
+            3,
+            2.0,
+            "x".into(),
+            Observed {
+                reads: vec![read(0.1, true)],
+                census,
+                faults: quiet,
+                versions_published: 1,
+                version_regressions: 0,
+            },
+        );
+        assert_eq!(r2.faults[0].back_to_r_s, Some(0.0));
         assert_eq!(r.seconds[4].reads_failed, 10);
         assert_eq!(r.seconds[3].below_r, Some(4));
         assert!(r.ok());
