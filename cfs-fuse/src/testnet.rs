@@ -64,6 +64,9 @@ pub struct Spec {
     pub cfsd_args: Vec<String>,
     /// A TBF rate for every host's link (e.g. `200mbit`), both directions.
     pub rate: Option<String>,
+    /// Give every host a disk of its own: a tmpfs of this many MiB for its data, which
+    /// the `fill` fault fills up.
+    pub disk_mb: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -81,6 +84,9 @@ pub struct Host {
     /// This host's rate cap, if any.
     #[serde(default)]
     pub rate: Option<String>,
+    /// The tmpfs mounted for this host's disk (its data is inside), if any.
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -187,7 +193,11 @@ impl Testnet {
         for k in 1..=spec.hosts {
             let ns = format!("{}-h{k}", spec.name);
             let host_ip = Ipv4Addr::new(198, 18, spec.subnet, k as u8);
-            let data = spec.dir.join(format!("h{k}"));
+            let disk = spec.disk_mb.map(|_| spec.dir.join(format!("disk{k}")));
+            let data = match &disk {
+                Some(d) => d.join("data"),
+                None => spec.dir.join(format!("h{k}")),
+            };
             net.hosts.push(Host {
                 name: format!("h{k}"),
                 ns: ns.clone(),
@@ -197,8 +207,17 @@ impl Testnet {
                 data: data.clone(),
                 paused: false,
                 rate: None,
+                disk: None,
             });
             net.save()?;
+            if let (Some(d), Some(mb)) = (&disk, spec.disk_mb) {
+                std::fs::create_dir_all(d).map_err(io("creating", d))?;
+                run(Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+                    .arg(d))?;
+                net.hosts[k - 1].disk = Some(d.clone());
+                net.save()?;
+            }
             ip(&["netns", "add", &ns])?;
             let side = format!("v{k}");
             // Both ends are made inside namespaces: nothing appears in the root one.
@@ -444,6 +463,48 @@ impl Testnet {
         self.save()
     }
 
+    /// Fill host `i`'s disk (a testnet made with `disk_mb`) up to its last 512 KiB: its
+    /// node must refuse new blocks and keep serving what it holds.
+    pub fn fill(&mut self, i: usize) -> Result<()> {
+        let disk = self.host(i)?.disk.clone().ok_or_else(|| {
+            TestnetError::Param("fill needs a testnet with its own disks (--disk-mb)".into())
+        })?;
+        let filler = disk.join("filler");
+        let free = {
+            use std::os::unix::ffi::OsStrExt;
+            let c = std::ffi::CString::new(disk.as_os_str().as_bytes()).expect("a path");
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: a NUL-terminated path and a zeroed struct for the kernel to fill.
+            if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+                return Err(io("measuring", &disk)(std::io::Error::last_os_error()));
+            }
+            st.f_bavail as u64 * st.f_frsize as u64
+        };
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&filler)
+            .map_err(io("creating", &filler))?;
+        let grow = free.saturating_sub(512 << 10) as i64;
+        let start = f.metadata().map_err(io("reading", &filler))?.len() as i64;
+        // SAFETY: posix_fallocate on an fd we own.
+        let r = unsafe {
+            libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), start, grow.max(1))
+        };
+        if r != 0 {
+            return Err(io("filling", &filler)(std::io::Error::from_raw_os_error(r)));
+        }
+        Ok(())
+    }
+
+    /// Undo `fill`.
+    pub fn unfill(&mut self, i: usize) -> Result<()> {
+        if let Some(d) = &self.host(i)?.disk {
+            let _ = std::fs::remove_file(d.join("filler"));
+        }
+        Ok(())
+    }
+
     /// Stop every node and remove every namespace and file the testnet made.
     pub fn down(self) -> Result<()> {
         down(&self.name, &self.dir)
@@ -477,6 +538,9 @@ pub fn down(name: &str, dir: &Path) -> Result<()> {
                 }
                 reap(p);
             }
+        }
+        for d in net.hosts.iter().filter_map(|h| h.disk.as_ref()) {
+            let _ = run(Command::new("umount").arg("-l").arg(d));
         }
     }
     // Any process still in one of our namespaces (a node started by a crashed run).

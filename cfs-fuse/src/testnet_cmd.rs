@@ -31,6 +31,9 @@ enum TestnetCmd {
         /// Cap every host's link (tc rate, e.g. 200mbit), both directions.
         #[arg(long)]
         rate: Option<String>,
+        /// Give every host a disk of its own (a tmpfs of this many MiB), for `fill`.
+        #[arg(long)]
+        disk_mb: Option<u64>,
         /// The cfsd to run (default: the one next to this cfs, else PATH).
         #[arg(long)]
         cfsd: Option<PathBuf>,
@@ -60,6 +63,10 @@ enum TestnetCmd {
     Cap { host: usize, rate: String },
     /// Remove a host's cap.
     Uncap { host: usize },
+    /// Fill a host's disk (needs `up --disk-mb`): its node must refuse new blocks.
+    Fill { host: usize },
+    /// Empty a filled disk again.
+    Unfill { host: usize },
     /// Run a command inside a host's network namespace (a client, a mount).
     Exec {
         host: usize,
@@ -107,6 +114,7 @@ pub fn run(args: TestnetArgs) -> Result<()> {
             subnet,
             port,
             rate,
+            disk_mb,
             cfsd,
             cfsd_args,
         } => {
@@ -126,6 +134,7 @@ pub fn run(args: TestnetArgs) -> Result<()> {
                 cfsd: cfsd.unwrap_or_else(|| sibling("cfsd")),
                 cfsd_args,
                 rate,
+                disk_mb,
             };
             let net = match Testnet::up(&spec) {
                 Ok(n) => n,
@@ -200,6 +209,16 @@ pub fn run(args: TestnetArgs) -> Result<()> {
             let mut n = load()?;
             let i = index(&n, host)?;
             n.uncap(i)?
+        }
+        TestnetCmd::Fill { host } => {
+            let mut n = load()?;
+            let i = index(&n, host)?;
+            n.fill(i)?
+        }
+        TestnetCmd::Unfill { host } => {
+            let mut n = load()?;
+            let i = index(&n, host)?;
+            n.unfill(i)?
         }
         TestnetCmd::Exec { host, command } => {
             let n = load()?;

@@ -178,6 +178,7 @@ fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
             .map(|s| s.to_string())
             .collect(),
         rate: None,
+        disk_mb: Some(64),
     })
     .expect("testnet up");
     let pids_before: Vec<Option<u32>> = net.hosts.iter().map(|h| h.pid).collect();
@@ -185,7 +186,7 @@ fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
     std::fs::write(
         &scenario,
         r#"
-        duration = "30s"
+        duration = "34s"
         [[fault]]
         at = "2s"
         kind = "kill"
@@ -215,6 +216,11 @@ fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
         node = 2
         rate = "20mbit"
         for = "3s"
+        [[fault]]
+        at = "28s"
+        kind = "fill"
+        node = 1
+        for = "4s"
         "#,
     )
     .unwrap();
@@ -248,7 +254,15 @@ fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
         .collect();
     assert_eq!(
         kinds,
-        ["kill", "pause", "restart", "replace", "partition", "cap"]
+        [
+            "kill",
+            "pause",
+            "restart",
+            "replace",
+            "partition",
+            "cap",
+            "fill"
+        ]
     );
     for f in r["faults"].as_array().unwrap() {
         assert!(f["error"].is_null(), "{f}");

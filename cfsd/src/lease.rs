@@ -66,22 +66,30 @@ impl<T: Transport> Node<T> {
             })
     }
 
-    /// Take room for a put of `len` bytes under the store's capacity, or refuse it when
-    /// the store is full and the block is new (`held()` false): a held block is only
-    /// renewed by a put and takes no room.
+    /// Take room for a put of `len` bytes under the store's capacity and its disk's
+    /// reserve, or refuse it when either is reached and the block is new (`held()`
+    /// false): a held block is only renewed by a put and takes no room.
+    /// `space` is the store's `space()`, read once per batch.
     pub(crate) fn check_room(
         &self,
         room: &mut Room<'_>,
         len: u64,
+        space: Option<(u64, u64)>,
         held: impl FnOnce() -> bool,
     ) -> Result<(), RemoteError> {
         let cap = self.inner.cfg.capacity_bytes;
-        if cap == 0 {
+        if cap == 0 && space.is_none() {
             return Ok(());
         }
         let used = self.inner.store.usage().1;
         let before = room.incoming.fetch_add(len, Ordering::AcqRel);
-        if used.saturating_add(before).saturating_add(len) <= cap {
+        let pending = before.saturating_add(len);
+        let over_cap = cap > 0 && used.saturating_add(pending) > cap;
+        let disk_full = space.is_some_and(|(free, total)| {
+            let reserve = self.inner.cfg.disk_reserve_bytes.min(total / 10);
+            free < reserve.saturating_add(pending)
+        });
+        if !over_cap && !disk_full {
             room.taken += len;
             return Ok(());
         }
@@ -90,10 +98,15 @@ impl<T: Transport> Node<T> {
             return Ok(());
         }
         Metrics::inc(&self.inner.metrics.refused_full);
+        let why = if over_cap {
+            format!("this node's store is full ({used} of {cap} bytes)")
+        } else {
+            "this node's disk is full (its free-space reserve is reached)".to_string()
+        };
         Err(remote(
             ErrorKind::Full,
             format!(
-                "this node's store is full ({used} of {cap} bytes); it keeps serving what it holds, store elsewhere or wait for leases to end"
+                "{why}; it keeps serving what it holds: store elsewhere or wait for leases to end"
             ),
         ))
     }

@@ -57,6 +57,10 @@ struct Args {
     /// refuses new blocks with a clear error and keeps serving and renewing what it has.
     #[arg(long, default_value_t = 0)]
     capacity_mb: u64,
+    /// MiB of free space kept on the data directory's filesystem (at most a tenth of it):
+    /// new blocks are refused before the disk fills.
+    #[arg(long, default_value_t = 64)]
+    reserve_mb: u64,
     /// Keep the newest N versions of a tree alive (FSID:N; repeatable): this node renews
     /// their blocks' leases on all replicas, like a pinning service.
     #[arg(long = "keep", value_parser = keep_spec)]
@@ -170,6 +174,7 @@ async fn run(args: Args) -> Result<()> {
     }
     cfg.min_lease = Duration::from_secs(args.min_lease);
     cfg.capacity_bytes = args.capacity_mb << 20;
+    cfg.disk_reserve_bytes = args.reserve_mb << 20;
     // A secret per process: std's hasher keys are random.
     cfg.cache_seed = Some(std::hash::BuildHasher::hash_one(
         &std::collections::hash_map::RandomState::new(),

@@ -64,6 +64,10 @@ pub struct Config {
     /// Bytes of blocks the store may hold (0: no limit); past it new blocks are refused,
     /// never unexpired ones removed.
     pub capacity_bytes: u64,
+    /// Free bytes kept on the store's filesystem (at most a tenth of it): new blocks are
+    /// refused before the disk fills, since a store that hits ENOSPC cannot even write
+    /// the renewals and sweeps that would free room.
+    pub disk_reserve_bytes: u64,
     /// The unix time the node's clock starts at (None: the system clock at start). The
     /// node then counts time with `tokio::time`, so the simulator's leases run on its
     /// virtual clock.
@@ -96,6 +100,7 @@ impl Config {
             max_lease: Duration::from_secs(90 * 86_400),
             min_lease: Duration::from_secs(3600),
             capacity_bytes: 0,
+            disk_reserve_bytes: 64 << 20,
             clock_base: None,
         }
     }
@@ -424,10 +429,11 @@ impl<T: Transport> Node<T> {
         let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
         let mut todo = Vec::with_capacity(blocks.len());
         let mut room = Room::new(&self.inner.incoming);
+        let space = self.inner.store.space();
         for (i, b) in blocks.into_iter().enumerate() {
             let until = self.lease_until(now, b.lease);
             let held = || matches!(self.inner.store.held(b.kind, b.key), Ok(Some(_)));
-            if let Err(e) = self.check_room(&mut room, b.bytes.len() as u64, held) {
+            if let Err(e) = self.check_room(&mut room, b.bytes.len() as u64, space, held) {
                 answers[i] = Some(Err(e));
                 continue;
             }

@@ -108,6 +108,10 @@ pub trait BlockStore: Send + Sync + 'static {
     fn stage_charge(&self, bucket: &[u8], charge: Vec<u8>);
     /// (blocks, bytes) held.
     fn usage(&self) -> (u64, u64);
+    /// (free, total) bytes of the filesystem the store lives on, if it has one.
+    fn space(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// The lease a block gets from a put or renewal: the later of what is held and what is
@@ -414,6 +418,8 @@ type Pending = (
 /// put waiting at that moment in one transaction: one fsync per batch, not per block.
 pub struct RedbStore {
     db: std::sync::Arc<redb::Database>,
+    /// The directory holding the file, for free-space checks.
+    dir: std::path::PathBuf,
     /// Charges to write with the next commit.
     staged: std::sync::Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>,
     writer: Mutex<Option<mpsc::SyncSender<Pending>>>,
@@ -526,6 +532,9 @@ impl RedbStore {
             .map_err(io)?;
         Ok(RedbStore {
             db,
+            dir: path
+                .parent()
+                .map_or_else(|| std::path::PathBuf::from("."), Path::to_path_buf),
             staged,
             writer: Mutex::new(Some(tx)),
             thread: Some(thread),
@@ -974,6 +983,18 @@ impl BlockStore for RedbStore {
 
     fn usage(&self) -> (u64, u64) {
         *self.usage.lock().unwrap()
+    }
+
+    fn space(&self) -> Option<(u64, u64)> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).ok()?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a zeroed struct for the kernel to fill.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        let frag = st.f_frsize as u64;
+        Some((st.f_bavail as u64 * frag, st.f_blocks as u64 * frag))
     }
 }
 

@@ -41,6 +41,8 @@ pub trait Hosts: Send {
     fn heal(&mut self) -> Result<()>;
     fn cap(&mut self, i: usize, rate: &str) -> Result<()>;
     fn uncap(&mut self, i: usize) -> Result<()>;
+    fn fill(&mut self, i: usize) -> Result<()>;
+    fn unfill(&mut self, i: usize) -> Result<()>;
     /// Start the workload (`f`) on a thread where a client of this ring lives: on
     /// loopback anywhere, on a testnet inside host 1's namespace.
     fn spawn_client(
@@ -202,6 +204,12 @@ impl Hosts for LocalRing {
     fn uncap(&mut self, _: usize) -> Result<()> {
         Ok(())
     }
+    fn fill(&mut self, _: usize) -> Result<()> {
+        Err(HostsError::NeedsTestnet("a full disk"))
+    }
+    fn unfill(&mut self, _: usize) -> Result<()> {
+        Ok(())
+    }
     fn spawn_client(
         &self,
         f: Box<dyn FnOnce() + Send + 'static>,
@@ -262,6 +270,12 @@ impl Hosts for Testnet {
     fn uncap(&mut self, i: usize) -> Result<()> {
         Ok(Testnet::uncap(self, i)?)
     }
+    fn fill(&mut self, i: usize) -> Result<()> {
+        Ok(Testnet::fill(self, i)?)
+    }
+    fn unfill(&mut self, i: usize) -> Result<()> {
+        Ok(Testnet::unfill(self, i)?)
+    }
     fn spawn_client(
         &self,
         f: Box<dyn FnOnce() + Send + 'static>,
@@ -281,6 +295,7 @@ impl Hosts for Testnet {
             if self.hosts[i].rate.is_some() {
                 let _ = Testnet::uncap(self, i);
             }
+            let _ = Testnet::unfill(self, i);
         }
     }
 }

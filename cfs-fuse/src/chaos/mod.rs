@@ -235,6 +235,7 @@ fn run_schedule(hosts: &mut dyn Hosts, opts: &ChaosOpts, shared: &Shared) -> Vec
                     (FaultKind::Cap, Some(n)) => {
                         (vec![n], hosts.cap(n, f.rate.as_deref().unwrap_or("10mbit")))
                     }
+                    (FaultKind::Fill, Some(n)) => (vec![n], hosts.fill(n)),
                 };
                 let kind = format!("{:?}", f.kind).to_lowercase();
                 let nodes = if f.kind == FaultKind::Partition {
@@ -260,13 +261,7 @@ fn run_schedule(hosts: &mut dyn Hosts, opts: &ChaosOpts, shared: &Shared) -> Vec
             }
             Ev::Undo(i) => {
                 let f = &runs[i].1;
-                let r = match (f.kind, f.node) {
-                    (FaultKind::Kill, Some(n)) => hosts.restart(n),
-                    (FaultKind::Pause, Some(n)) => hosts.resume(n),
-                    (FaultKind::Partition, _) => hosts.heal(),
-                    (FaultKind::Cap, Some(n)) => hosts.uncap(n),
-                    _ => Ok(()),
-                };
+                let r = undo(hosts, f);
                 runs[i].0.until = Some(t);
                 if let Err(e) = r {
                     runs[i].0.error = Some(format!("undoing: {e}"));
@@ -277,18 +272,24 @@ fn run_schedule(hosts: &mut dyn Hosts, opts: &ChaosOpts, shared: &Shared) -> Vec
     // Faults still in force at the end are undone, so the settle can count repairs.
     for (run, f) in &mut runs {
         if run.until.is_none() && f.hold.is_some() {
-            let _ = match (f.kind, f.node) {
-                (FaultKind::Kill, Some(n)) => hosts.restart(n),
-                (FaultKind::Pause, Some(n)) => hosts.resume(n),
-                (FaultKind::Partition, _) => hosts.heal(),
-                (FaultKind::Cap, Some(n)) => hosts.uncap(n),
-                _ => Ok(()),
-            };
+            let _ = undo(hosts, f);
             run.until = Some(shared.now());
         }
     }
     pb.finish_and_clear();
     runs.into_iter().map(|(r, _)| r).collect()
+}
+
+/// Undo a fault that has a hold: restart, resume, heal, uncap, empty the disk.
+fn undo(hosts: &mut dyn Hosts, f: &Fault) -> Result<(), hosts::HostsError> {
+    match (f.kind, f.node) {
+        (FaultKind::Kill, Some(n)) => hosts.restart(n),
+        (FaultKind::Pause, Some(n)) => hosts.resume(n),
+        (FaultKind::Partition, _) => hosts.heal(),
+        (FaultKind::Cap, Some(n)) => hosts.uncap(n),
+        (FaultKind::Fill, Some(n)) => hosts.unfill(n),
+        _ => Ok(()),
+    }
 }
 
 fn progress_bar(opts: &ChaosOpts) -> indicatif::ProgressBar {

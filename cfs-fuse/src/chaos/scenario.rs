@@ -22,6 +22,8 @@ pub enum FaultKind {
     Replace,
     Partition,
     Cap,
+    /// Fill a host's disk (a testnet with its own disks).
+    Fill,
 }
 
 /// One fault as written in a scenario file.
@@ -33,7 +35,8 @@ pub struct FaultSpec {
     pub kind: FaultKind,
     /// Node number (from 1), or none for a random live one.
     pub node: Option<usize>,
-    /// Undo after this long (kill: restart; pause: resume; partition: heal; cap: uncap).
+    /// Undo after this long (kill: restart; pause: resume; partition: heal; cap: uncap;
+    /// fill: empty).
     #[serde(rename = "for")]
     pub hold: Option<String>,
     /// Partition groups of node numbers.
