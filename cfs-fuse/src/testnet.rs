@@ -311,7 +311,11 @@ impl Testnet {
             .open(&log_path)
             .map_err(io("opening", &log_path))?;
         let mut cmd = self.command(i, &self.cfsd);
+        // Listening on every address of the host and advertising its own, as a node
+        // behind a wildcard bind (or port forwarding) runs.
         cmd.arg("--listen")
+            .arg(format!("0.0.0.0:{}", h.port))
+            .arg("--advertise")
             .arg(SocketAddr::new(h.ip.into(), h.port).to_string())
             .arg("--data")
             .arg(&h.data);

@@ -145,15 +145,17 @@ pub fn gc(c: &crate::experiments::Common, a: &GcArgs) -> Result<GcReport, SimErr
                     kept.into_iter().map(|k| (BlockKind::Data, k, 0)).collect();
                 let _ = p.client.lease_everywhere(&items, lease).await;
             }
-            let expired_before: u64 = live
-                .iter()
-                .map(|&i| {
-                    sim.node(i)
-                        .metrics()
-                        .expired_blocks
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                })
-                .sum();
+            let expired = |sim: &Sim| -> u64 {
+                live.iter()
+                    .map(|&i| {
+                        sim.node(i)
+                            .metrics()
+                            .expired_blocks
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                    })
+                    .sum()
+            };
+            let expired_before = expired(&sim);
             let step = Duration::from_secs(DAY / a.rounds_per_day.max(1) as u64);
             for _ in 0..a.rounds_per_day.max(1) {
                 tokio::time::sleep(step).await;
@@ -163,15 +165,7 @@ pub fn gc(c: &crate::experiments::Common, a: &GcArgs) -> Result<GcReport, SimErr
                 });
                 cfsd::net::join_all(rounds).await;
             }
-            let expired_after: u64 = live
-                .iter()
-                .map(|&i| {
-                    sim.node(i)
-                        .metrics()
-                        .expired_blocks
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                })
-                .sum();
+            let expired_after = expired(&sim);
             let holders = sim.holders();
             let per: Vec<u64> = sim.blocks_per_node();
             let kept: BTreeSet<Id> = pubs

@@ -1145,6 +1145,21 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A block as formats 1 and 2 stored it: bytes, and a 16-byte index entry.
+    fn legacy_put(tx: &redb::WriteTransaction, a: &Verified) {
+        let k = db_key(a.kind(), a.key());
+        tx.open_table(BLOCKS)
+            .unwrap()
+            .insert(k.as_slice(), a.bytes())
+            .unwrap();
+        let mut v = [0u8; 16];
+        v[8..].copy_from_slice(&(a.bytes().len() as u64).to_be_bytes());
+        tx.open_table(INDEX)
+            .unwrap()
+            .insert(k.as_slice(), v.as_slice())
+            .unwrap();
+    }
+
     #[test]
     fn a_format_2_store_is_migrated_with_leases_and_charges() {
         let dir = std::env::temp_dir().join(format!("cfs-store-v2-{}", std::process::id()));
@@ -1155,17 +1170,7 @@ mod tests {
             // Format 2: blocks, 16-byte index entries, byte charges, meta.
             let db = redb::Database::create(&path).unwrap();
             let tx = db.begin_write().unwrap();
-            let k = db_key(a.kind(), a.key());
-            tx.open_table(BLOCKS)
-                .unwrap()
-                .insert(k.as_slice(), a.bytes())
-                .unwrap();
-            let mut v = [0u8; 16];
-            v[8..].copy_from_slice(&(a.bytes().len() as u64).to_be_bytes());
-            tx.open_table(INDEX)
-                .unwrap()
-                .insert(k.as_slice(), v.as_slice())
-                .unwrap();
+            legacy_put(&tx, &a);
             tx.open_table(CHARGES_V2)
                 .unwrap()
                 .insert([127u8, 0, 0, 1].as_slice(), 4096u64)
@@ -1205,17 +1210,7 @@ mod tests {
             let db = redb::Database::create(&path).unwrap();
             let tx = db.begin_write().unwrap();
             for a in &blocks {
-                let k = db_key(a.kind(), a.key());
-                tx.open_table(BLOCKS)
-                    .unwrap()
-                    .insert(k.as_slice(), a.bytes())
-                    .unwrap();
-                let mut v = [0u8; 16];
-                v[8..].copy_from_slice(&(a.bytes().len() as u64).to_be_bytes());
-                tx.open_table(INDEX)
-                    .unwrap()
-                    .insert(k.as_slice(), v.as_slice())
-                    .unwrap();
+                legacy_put(&tx, a);
             }
             tx.commit().unwrap();
         }

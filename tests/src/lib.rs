@@ -241,14 +241,28 @@ fn read_addr(data: &Path) -> SocketAddr {
 impl Cluster {
     /// `cfs publish DIR --key KEY` through node `node`; returns (fsid, version).
     pub fn publish(&self, dir: &Path, key: &Path, node: usize) -> (String, u64) {
-        let out = cfs_ok(&[
+        self.publish_with(dir, key, node, &[])
+    }
+
+    /// `publish` with more flags (`--lease 10s`, `-q`).
+    pub fn publish_with(
+        &self,
+        dir: &Path,
+        key: &Path,
+        node: usize,
+        extra: &[&str],
+    ) -> (String, u64) {
+        let addr = self.addr(node);
+        let mut args = vec![
             "publish",
             dir.to_str().unwrap(),
             "--key",
             key.to_str().unwrap(),
             "--node",
-            &self.addr(node),
-        ]);
+            &addr,
+        ];
+        args.extend_from_slice(extra);
+        let out = cfs_ok(&args);
         let mut it = out.split_whitespace();
         let fsid = it.next().unwrap().to_string();
         let version = it.next().unwrap().parse().unwrap();

@@ -46,18 +46,7 @@ fn file_len(p: &Path) -> u64 {
 
 /// `cfs publish` with a lease; returns the FSID.
 fn publish(c: &Cluster, dir: &Path, key: &Path, lease: &str) -> String {
-    let out = cfs_ok(&[
-        "publish",
-        dir.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--node",
-        &c.addr(0),
-        "--lease",
-        lease,
-        "-q",
-    ]);
-    out.split_whitespace().next().unwrap().to_string()
+    c.publish_with(dir, key, 0, &["--lease", lease, "-q"]).0
 }
 
 fn get(c: &Cluster, spec: &str) -> Option<Vec<u8>> {
