@@ -506,3 +506,48 @@ fn a_node_on_a_filling_disk_refuses_new_blocks_keeps_serving_and_recovers_as_lea
         assert!(matches!(gone, Ok(Response::Block(None))), "{gone:?}");
     });
 }
+
+#[test]
+fn a_node_started_with_keep_keeps_a_tree_alive_past_its_publishers_lease() {
+    // The FSID is known before anything is published: it is the key's.
+    let dir = tempfile::Builder::new()
+        .prefix("cfs-keep-")
+        .tempdir()
+        .unwrap();
+    let key = dir.path().join("k.key");
+    let fsid = cfs_ok(&["keygen", key.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let keep = format!("{fsid}:1");
+    let c = Cluster::start(
+        3,
+        &[
+            FLAGS,
+            &["--keep", &keep, "--keep-lease", "1h", "--keep-every", "1s"][..],
+        ]
+        .concat(),
+    );
+    c.wait_ring(Duration::from_secs(30));
+    let tree = c.dir.path().join("kept");
+    std::fs::create_dir_all(&tree).unwrap();
+    let body = bytes(77, 40_000);
+    std::fs::write(tree.join("a.bin"), &body).unwrap();
+    assert_eq!(publish(&c, &tree, &key, "4s"), fsid);
+    // The nodes renew it to an hour, on every replica, well before the 4 s run out.
+    eventually(
+        Duration::from_secs(30),
+        "the keeping nodes to renew the tree",
+        || {
+            c.addrs()
+                .iter()
+                .all(|a| lease_left(*a, BlockKind::Data, Id::hash(&body)).is_some_and(|l| l > 3000))
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(5)); // past the publisher's lease, by design
+    assert_eq!(
+        get(&c, &format!("{fsid}:/a.bin")).as_deref(),
+        Some(&body[..])
+    );
+    assert_eq!(counter(c.nodes[0].addr, "expired_blocks"), 0);
+}
