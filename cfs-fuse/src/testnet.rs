@@ -474,16 +474,7 @@ impl Testnet {
             TestnetError::Param("fill needs a testnet with its own disks (--disk-mb)".into())
         })?;
         let filler = disk.join("filler");
-        let free = {
-            use std::os::unix::ffi::OsStrExt;
-            let c = std::ffi::CString::new(disk.as_os_str().as_bytes()).expect("a path");
-            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-            // SAFETY: a NUL-terminated path and a zeroed struct for the kernel to fill.
-            if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-                return Err(io("measuring", &disk)(std::io::Error::last_os_error()));
-            }
-            st.f_bavail as u64 * st.f_frsize as u64
-        };
+        let (free, _) = cfsd::store::fs_space(&disk).map_err(io("measuring", &disk))?;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -94,6 +94,16 @@ fn index(net: &Testnet, host: usize) -> Result<usize> {
     Ok(host - 1)
 }
 
+/// Apply a fault to host number `host` (from 1).
+fn on_host(
+    mut net: Testnet,
+    host: usize,
+    fault: impl FnOnce(&mut Testnet, usize) -> Result<(), testnet::TestnetError>,
+) -> Result<()> {
+    let i = index(&net, host)?;
+    Ok(fault(&mut net, i)?)
+}
+
 pub fn run(args: TestnetArgs) -> Result<()> {
     let dir = args
         .dir
@@ -158,31 +168,11 @@ pub fn run(args: TestnetArgs) -> Result<()> {
             println!("testnet {} removed", args.name);
         }
         TestnetCmd::Status => print_status(&load()?),
-        TestnetCmd::Kill { host } => {
-            let mut n = load()?;
-            let i = index(&n, host)?;
-            n.kill(i)?
-        }
-        TestnetCmd::Pause { host } => {
-            let mut n = load()?;
-            let i = index(&n, host)?;
-            n.pause(i)?
-        }
-        TestnetCmd::Resume { host } => {
-            let mut n = load()?;
-            let i = index(&n, host)?;
-            n.resume(i)?
-        }
-        TestnetCmd::Restart { host } => {
-            let mut n = load()?;
-            let i = index(&n, host)?;
-            n.restart(i)?
-        }
-        TestnetCmd::Replace { host } => {
-            let mut n = load()?;
-            let i = index(&n, host)?;
-            n.replace(i)?
-        }
+        TestnetCmd::Kill { host } => on_host(load()?, host, Testnet::kill)?,
+        TestnetCmd::Pause { host } => on_host(load()?, host, Testnet::pause)?,
+        TestnetCmd::Resume { host } => on_host(load()?, host, Testnet::resume)?,
+        TestnetCmd::Restart { host } => on_host(load()?, host, Testnet::restart)?,
+        TestnetCmd::Replace { host } => on_host(load()?, host, Testnet::replace)?,
         TestnetCmd::Partition { groups } => {
             let mut n = load()?;
             let mut gs = Vec::new();
@@ -200,26 +190,10 @@ pub fn run(args: TestnetArgs) -> Result<()> {
             n.partition(&gs)?
         }
         TestnetCmd::Heal => load()?.heal()?,
-        TestnetCmd::Cap { host, rate } => {
-            let mut n = load()?;
-            let i = index(&n, host)?;
-            n.cap(i, &rate)?
-        }
-        TestnetCmd::Uncap { host } => {
-            let mut n = load()?;
-            let i = index(&n, host)?;
-            n.uncap(i)?
-        }
-        TestnetCmd::Fill { host } => {
-            let mut n = load()?;
-            let i = index(&n, host)?;
-            n.fill(i)?
-        }
-        TestnetCmd::Unfill { host } => {
-            let mut n = load()?;
-            let i = index(&n, host)?;
-            n.unfill(i)?
-        }
+        TestnetCmd::Cap { host, rate } => on_host(load()?, host, |n, i| n.cap(i, &rate))?,
+        TestnetCmd::Uncap { host } => on_host(load()?, host, Testnet::uncap)?,
+        TestnetCmd::Fill { host } => on_host(load()?, host, Testnet::fill)?,
+        TestnetCmd::Unfill { host } => on_host(load()?, host, Testnet::unfill)?,
         TestnetCmd::Exec { host, command } => {
             let n = load()?;
             let i = index(&n, host)?;

@@ -91,7 +91,25 @@ struct Walk<'a, T: Transport> {
     found: Option<Vec<(BlockKind, Id, u64, u64)>>,
 }
 
-impl<T: Transport> Walk<'_, T> {
+impl<'a, T: Transport> Walk<'a, T> {
+    fn new(
+        client: &'a Client<T>,
+        lease: u64,
+        dry_run: bool,
+        progress: &'a (dyn Fn(&KeepReceipt) + Sync),
+    ) -> Walk<'a, T> {
+        Walk {
+            client,
+            lease,
+            dry_run,
+            seen: HashSet::new(),
+            pending: Vec::new(),
+            receipt: KeepReceipt::default(),
+            progress,
+            found: None,
+        }
+    }
+
     /// Count a reachable block once; queue it for renewal.
     async fn reach(
         &mut self,
@@ -241,16 +259,7 @@ pub async fn keep<T: Transport>(
             Versions::Since(t) => *i == 0 || r.published_at >= t,
         })
         .count();
-    let mut w = Walk {
-        client,
-        lease,
-        dry_run,
-        seen: HashSet::new(),
-        pending: Vec::new(),
-        receipt: KeepReceipt::default(),
-        progress,
-        found: None,
-    };
+    let mut w = Walk::new(client, lease, dry_run, progress);
     for (i, (root, link)) in chain[..kept].iter().enumerate() {
         w.receipt.versions.push(root.version);
         if i == 0 {
@@ -296,27 +305,17 @@ pub async fn blocks_of<T: Transport>(
     client: &Client<T>,
     fsid: Id,
 ) -> Result<Vec<(BlockKind, Id, u64, u64)>, KeepError> {
-    let got = client
-        .get_root(fsid)
-        .await
-        .map_err(|source| KeepError::Ring { key: fsid, source })?
-        .ok_or(KeepError::NoSuchTree(fsid))?;
-    let root = got.root().ok_or(KeepError::BadRoot(fsid))?;
-    let mut w = Walk {
-        client,
-        lease: 0,
-        dry_run: true,
-        seen: HashSet::new(),
-        pending: Vec::new(),
-        receipt: KeepReceipt::default(),
-        progress: &|_| {},
-        found: Some(Vec::new()),
-    };
+    let (root, _) = root_chain(client, fsid, 1)
+        .await?
+        .pop()
+        .expect("a chain has its newest root");
+    let mut w = Walk::new(client, 0, true, &|_| {});
+    w.found = Some(Vec::new());
     w.reach(
         BlockKind::Root,
         fsid,
         root.version,
-        got.bytes().len() as u64,
+        root.encode().len() as u64,
     )
     .await?;
     w.tree(root.top).await?;

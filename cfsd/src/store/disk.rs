@@ -680,14 +680,20 @@ impl BlockStore for RedbStore {
     }
 
     fn space(&self) -> Option<(u64, u64)> {
-        use std::os::unix::ffi::OsStrExt;
-        let c = std::ffi::CString::new(self.dir.as_os_str().as_bytes()).ok()?;
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a NUL-terminated path and a zeroed struct for the kernel to fill.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return None;
-        }
-        let frag = st.f_frsize as u64;
-        Some((st.f_bavail as u64 * frag, st.f_blocks as u64 * frag))
+        fs_space(&self.dir).ok()
     }
+}
+
+/// (free, total) bytes of the filesystem holding `dir`, as an unprivileged writer sees it.
+pub fn fs_space(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a zeroed struct for the kernel to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frag = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * frag, st.f_blocks as u64 * frag))
 }

@@ -6,7 +6,7 @@
 mod disk;
 mod mem;
 
-pub use disk::{RedbStore, MIGRATED_LEASE, REDB_CACHE_BYTES, STORE_FORMAT};
+pub use disk::{fs_space, RedbStore, MIGRATED_LEASE, REDB_CACHE_BYTES, STORE_FORMAT};
 pub use mem::MemStore;
 
 use cfs_core::{BlockKind, Id, Verified};
