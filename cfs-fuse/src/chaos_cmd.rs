@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use cfs_fuse::chaos::hosts::{Hosts, LocalRing};
+use cfs_fuse::chaos::readers::ReadVia;
 use cfs_fuse::chaos::scenario::{kill_every, ScenarioFile};
 use cfs_fuse::chaos::{self, ChaosOpts};
 use cfs_fuse::testnet::Testnet;
@@ -55,6 +56,10 @@ pub struct ChaosArgs {
     /// The cfsd to run (loopback; default: next to this cfs).
     #[arg(long)]
     cfsd: Option<PathBuf>,
+    /// How readers read: through a FUSE `mount` (the default where /dev/fuse and
+    /// fusermount3 exist) or the reader `library` (what `cfs get` uses).
+    #[arg(long, value_parser = ["mount", "library"])]
+    read_via: Option<String>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -135,6 +140,11 @@ pub fn run(a: ChaosArgs) -> Result<i32> {
         out: a.out.clone(),
         seed: a.seed,
         progress: !a.quiet,
+        read_via: match a.read_via.as_deref() {
+            Some("library") => ReadVia::Library,
+            Some(_) => ReadVia::Mount { cfs: cfs_exe()? },
+            None => ReadVia::best(cfs_exe()?),
+        },
     };
     let mode = if a.testnet.is_some() {
         "testnet"
@@ -152,4 +162,9 @@ pub fn run(a: ChaosArgs) -> Result<i32> {
     std::fs::write(&svg, report.svg()).with_context(|| format!("writing {}", svg.display()))?;
     println!("report: {} and {}", json.display(), svg.display());
     Ok(if report.ok() { 0 } else { 1 })
+}
+
+/// This `cfs`, which the readers' mount runs as.
+fn cfs_exe() -> Result<PathBuf> {
+    std::env::current_exe().context("finding the cfs binary for the readers' mount")
 }

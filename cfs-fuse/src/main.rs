@@ -120,6 +120,10 @@ enum Cmd {
         /// Read every file through cfs, without the on-disk file cache.
         #[arg(long, conflicts_with = "file_cache")]
         no_file_cache: bool,
+        /// Direct I/O: no kernel page cache, so every read reaches cfs (with --cache-mb 0
+        /// and --no-file-cache, the ring). For tests and failure injection.
+        #[arg(long)]
+        direct: bool,
     },
     /// Serve published trees over HTTP: /FSID/PATH (newest version) and
     /// /FSID@VERSION/PATH (immutable). Prints its address, then serves until stopped.
@@ -367,6 +371,7 @@ async fn run(cli: Cli) -> Result<()> {
             file_cache,
             file_cache_mb,
             no_file_cache,
+            direct,
         } => {
             let fsid = parse_key(&fsid)?;
             let deadline = Duration::from_secs_f64(timeout.max(0.5));
@@ -378,6 +383,7 @@ async fn run(cli: Cli) -> Result<()> {
                 version,
                 allow_other,
                 poll_interval: Duration::from_secs_f64(poll.max(0.1)),
+                direct_io: direct,
                 ..MountOpts::default()
             };
             opts.reader.cache_bytes = cache_mb << 20;

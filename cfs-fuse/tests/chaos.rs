@@ -74,6 +74,13 @@ fn chaos_on_a_loopback_ring_passes_with_kills_and_fails_when_data_is_lost() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(r["verdict"], "ok");
     assert_eq!(r["mode"], "loopback");
+    // Readers go through a real FUSE mount where this machine has FUSE.
+    let fuse = Path::new("/dev/fuse").exists()
+        && std::process::Command::new("fusermount3")
+            .arg("--version")
+            .output()
+            .is_ok();
+    assert_eq!(r["readers"], if fuse { "mount" } else { "library" });
     let faults = r["faults"].as_array().unwrap();
     assert_eq!(faults.len(), 3, "kills at 3, 6 and 9 s");
     for (i, f) in faults.iter().enumerate() {

@@ -61,6 +61,34 @@ fn ring_ips(net: &Testnet, host: usize) -> Option<BTreeSet<IpAddr>> {
     )
 }
 
+/// Poll `f` until it holds or `deadline` passes; whether it held.
+fn poll(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Every host's view of its neighbours, for a failure message.
+fn dump_rings(net: &Testnet) {
+    for h in 0..net.hosts.len() {
+        let out = cfs_in(net, h, &["status", "--node", &net.addr(h).to_string()]);
+        eprintln!(
+            "--- host {} ({}):\n{}{}",
+            h,
+            net.addr(h),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 fn node_id(net: &Testnet, host: usize) -> Option<String> {
     let out = cfs_in(
         net,
@@ -226,27 +254,27 @@ fn a_testnet_of_real_hosts_places_replicas_on_distinct_hosts_and_survives_every_
     net.partition(&[vec![0, 1, 2], vec![3, 4]]).unwrap();
     let left: BTreeSet<IpAddr> = (0..3).map(|i| net.addr(i).ip()).collect();
     let right: BTreeSet<IpAddr> = (3..5).map(|i| net.addr(i).ip()).collect();
-    eventually(
-        Duration::from_secs(60),
-        "each side of the partition to form its own ring",
-        || {
-            (ring_ips(&net, 0).as_ref() == Some(&left)
-                && ring_ips(&net, 3).as_ref() == Some(&right))
-            .then_some(())
-        },
+    let t0 = std::time::Instant::now();
+    let split = poll(Duration::from_secs(60), || {
+        ring_ips(&net, 0).as_ref() == Some(&left) && ring_ips(&net, 3).as_ref() == Some(&right)
+    });
+    if !split {
+        dump_rings(&net);
+        panic!("each side of the partition did not form its own ring within 60 s");
+    }
+    eprintln!(
+        "TESTNET split: two rings {:?} after the partition",
+        t0.elapsed()
     );
     assert!(readable(&net, 0), "the larger side still reads every block");
     net.heal().unwrap();
     let t0 = std::time::Instant::now();
-    eventually(
-        Duration::from_secs(90),
-        "the two rings to merge after the heal",
-        || {
-            (0..5)
-                .all(|h| ring_ips(&net, h).as_ref() == Some(&all))
-                .then_some(())
-        },
-    );
+    if !poll(Duration::from_secs(90), || {
+        (0..5).all(|h| ring_ips(&net, h).as_ref() == Some(&all))
+    }) {
+        dump_rings(&net);
+        panic!("the two rings did not merge within 90 s of the heal");
+    }
     eprintln!("TESTNET merge: one ring {:?} after the heal", t0.elapsed());
     assert!(
         readable(&net, 3),

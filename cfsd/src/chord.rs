@@ -11,6 +11,7 @@ use cfs_core::ring::{clean_succ_list, estimate_size, MIN_ENTRIES_FOR_ESTIMATE};
 use cfs_core::wire::{Request, Response, Step, MAX_REFS};
 use cfs_core::{Id, NodeRef};
 use rand::Rng;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -111,7 +112,7 @@ impl<T: Transport> Node<T> {
         }
         out.extend(self.inner.seen.lock().unwrap().iter().copied());
         let me = self.inner.cfg.addr;
-        let mut seen = std::collections::BTreeSet::new();
+        let mut seen = BTreeSet::new();
         out.retain(|a| *a != me && seen.insert(*a));
         out
     }
@@ -447,31 +448,80 @@ impl<T: Transport> Node<T> {
         r
     }
 
-    /// Look our own id up through a remembered peer: if it knows a closer successor,
-    /// take it, so rings split by a partition merge after it heals.
-    pub(crate) async fn rejoin(&self) {
-        let peer = {
-            let s = self.inner.seen.lock().unwrap();
-            if s.is_empty() {
-                return;
-            }
-            let i = self.inner.rng.lock().unwrap().random_range(0..s.len());
-            *s.iter().nth(i).unwrap()
+    /// A remembered peer to probe for a merge: one outside our ring view (successors,
+    /// predecessors, fingers) when there is one, since a peer we remember but no longer
+    /// see is how a ring split by a partition finds its other half.
+    fn remembered_peer(&self) -> Option<SocketAddr> {
+        let mut view = BTreeSet::new();
+        for vn in &self.inner.vnodes {
+            let vn = vn.lock().unwrap();
+            view.extend(vn.succs.iter().map(|n| n.addr));
+            view.extend(vn.pred.iter().map(|n| n.addr));
+            view.extend(vn.fingers.iter().flatten().map(|n| n.addr));
+        }
+        let seen = self.inner.seen.lock().unwrap();
+        let outside: Vec<SocketAddr> = seen.iter().filter(|a| !view.contains(a)).copied().collect();
+        let pool: Vec<SocketAddr> = if outside.is_empty() {
+            seen.iter().copied().collect()
+        } else {
+            outside
         };
+        if pool.is_empty() {
+            return None;
+        }
+        let i = self.inner.rng.lock().unwrap().random_range(0..pool.len());
+        Some(pool[i])
+    }
+
+    /// Merge rings split by a partition once it heals. Probe a remembered peer: its own
+    /// vnodes (their ids follow from its address, so nothing rests on its word) and the
+    /// successor a lookup of our id through it finds; any that lies between one of our
+    /// vnodes and its successor, and answers, becomes that vnode's successor. A lookup
+    /// alone is not enough: after a heal the two rings can interleave into one loopy
+    /// ring, where a lookup stays in the half it started in.
+    pub(crate) async fn rejoin(&self) {
+        let Some(peer) = self.remembered_peer() else {
+            return;
+        };
+        let Ok(Response::Pong { vnodes }) = self.inner.net.call(peer, Request::Ping).await else {
+            return;
+        };
+        let theirs: Vec<NodeRef> = (0..vnodes.min(self.inner.cfg.max_vnodes))
+            .map(|pv| NodeRef::new(peer, pv))
+            .collect();
         for v in 0..self.inner.cfg.vnodes {
             let me = self.ids()[v as usize];
-            let Ok(l) = self
-                .inner
-                .net
-                .lookup(vec![NodeRef::new(peer, 0)], me.id, None)
-                .await
-            else {
-                return;
+            let succ = self.successors(v)[0];
+            let closer = |c: &NodeRef| *c != me && (succ == me || c.id.in_open(me.id, succ.id));
+            let direct = theirs
+                .iter()
+                .filter(|c| closer(c))
+                .min_by(|a, b| {
+                    me.id
+                        .distance_frac(a.id)
+                        .total_cmp(&me.id.distance_frac(b.id))
+                })
+                .copied();
+            let cand = match direct {
+                Some(c) => Some(c),
+                None => {
+                    let Ok(l) = self
+                        .inner
+                        .net
+                        .lookup(vec![NodeRef::new(peer, 0)], me.id, None)
+                        .await
+                    else {
+                        return;
+                    };
+                    l.succs
+                        .iter()
+                        .find(|n| **n != me)
+                        .copied()
+                        .filter(|c| closer(c))
+                }
             };
-            let cand = l.succs.iter().find(|n| **n != me).copied();
             if let Some(c) = cand {
-                let succ = self.successors(v)[0];
-                if (succ == me || c.id.in_open(me.id, succ.id)) && self.alive(c).await {
+                if direct.is_some() || self.alive(c).await {
                     tracing::info!(vnode = v, new_succ = ?c, "found a closer successor through a remembered peer");
                     let rest = self.successors(v);
                     self.adopt_checked(v, c, &rest).await;

@@ -11,6 +11,7 @@ mod maintain;
 pub mod metrics;
 pub mod net;
 pub mod node;
+mod peers;
 pub mod quota;
 pub mod server;
 pub mod store;

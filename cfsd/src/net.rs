@@ -9,9 +9,9 @@ use cfs_core::wire::{
     Holding, RemoteError, Request, Response, Step, MAX_BATCH, MAX_FRAME_BYTES, MAX_REFS,
 };
 use cfs_core::{Id, NodeRef};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -96,7 +96,7 @@ pub struct Net<T: Transport> {
     pub server_selection: bool,
     /// Our own address, if we are a ring member: calls to it are not hops.
     pub me: Option<SocketAddr>,
-    rtt: Arc<Mutex<BTreeMap<SocketAddr, f64>>>,
+    peers: crate::peers::Peers,
     /// Ring-size estimate: the node's own (from its successor list) when it has one,
     /// else the latest hint a lookup step reported (clients). The first hop of a lookup
     /// needs it to weigh progress against RTT; `Done` answers are checked against it.
@@ -105,9 +105,6 @@ pub struct Net<T: Transport> {
     own_n_est: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Most peers whose RTT is remembered: a flood of unreachable candidates cannot grow it.
-const MAX_RTT_ENTRIES: usize = 4096;
-
 impl<T: Transport> Net<T> {
     pub fn new(transport: T, timeouts: Timeouts, me: Option<SocketAddr>) -> Net<T> {
         Net {
@@ -115,7 +112,7 @@ impl<T: Transport> Net<T> {
             timeouts,
             server_selection: true,
             me,
-            rtt: Arc::default(),
+            peers: Default::default(),
             n_est: Arc::new(std::sync::atomic::AtomicU32::new(1)),
             own_n_est: Arc::default(),
         }
@@ -123,33 +120,11 @@ impl<T: Transport> Net<T> {
 
     pub async fn call(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
         let t0 = Instant::now();
+        let _in_flight = self.peers.begin(to);
         let r = self.transport.call(to, req, self.timeouts.rpc).await;
-        let mut m = self.rtt.lock().unwrap();
-        if matches!(r, Err(ref e) if e.is_failure()) {
-            // A failed peer looks slow, so lookups and reads try it last.
-            let penalty = self.timeouts.rpc.as_secs_f64() * 1e6;
-            let e = m.entry(to).or_insert(penalty);
-            *e = e.max(penalty);
-        } else {
-            let us = t0.elapsed().as_secs_f64() * 1e6;
-            let e = m.entry(to).or_insert(us);
-            *e = 0.8 * *e + 0.2 * us;
-        }
-        if m.len() > MAX_RTT_ENTRIES {
-            // Bounded: forget the slowest peer that has not failed (a failure's penalty is
-            // what lets callers skip and replace it), or any if all have failed.
-            let penalty = self.timeouts.rpc.as_secs_f64() * 1e6;
-            let worst = m
-                .iter()
-                .filter(|(k, v)| **v < penalty && **k != to)
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .or_else(|| m.iter().find(|(k, _)| **k != to))
-                .map(|(k, _)| *k);
-            if let Some(k) = worst {
-                m.remove(&k);
-            }
-        }
-        drop(m);
+        let failed = matches!(r, Err(ref e) if e.is_failure());
+        self.peers
+            .record(to, t0.elapsed(), failed, self.timeouts.rpc);
         r
     }
 
@@ -171,25 +146,16 @@ impl<T: Transport> Net<T> {
 
     /// Smoothed RTT in microseconds, if measured.
     pub fn rtt_us(&self, addr: SocketAddr) -> Option<f64> {
-        self.rtt.lock().unwrap().get(&addr).copied()
+        self.peers.rtt_us(addr)
     }
 
-    /// Order nodes by measured RTT, unmeasured last: the replica to ask first.
+    /// Order replicas to ask: by expected wait (RTT and calls already in flight).
     pub fn nearest_first(&self, nodes: &mut [NodeRef]) {
-        nodes.sort_by(|a, b| {
-            let ra = self.rtt_us(a.addr).unwrap_or(f64::MAX);
-            let rb = self.rtt_us(b.addr).unwrap_or(f64::MAX);
-            ra.total_cmp(&rb)
-        });
+        self.peers.least_loaded_first(nodes);
     }
 
     fn mean_rtt_us(&self) -> f64 {
-        let m = self.rtt.lock().unwrap();
-        if m.is_empty() {
-            1000.0
-        } else {
-            m.values().sum::<f64>() / m.len() as f64
-        }
+        self.peers.mean_rtt_us()
     }
 
     /// Iterative lookup of `key`, starting from `start` (closest first). The caller asks

@@ -7,10 +7,10 @@
 //! back to an older version.
 
 pub mod hosts;
+pub mod readers;
 pub mod report;
 pub mod scenario;
 
-use crate::fsread::{Reader, ReaderOpts};
 use crate::netring::NetRing;
 use crate::publish::{keygen, load_key, publish, PublishOpts};
 use cfs_core::block::BlockKind;
@@ -42,6 +42,8 @@ pub enum ChaosError {
     NoRing { seen: usize, want: usize },
     #[error("the first publish failed: {0}")]
     Publish(String),
+    #[error("mounting the tree for the readers: {0}")]
+    Mount(String),
     #[error("the workload thread failed: {0}")]
     Workload(String),
 }
@@ -62,6 +64,7 @@ pub struct ChaosOpts {
     pub out: PathBuf,
     pub seed: u64,
     pub progress: bool,
+    pub read_via: readers::ReadVia,
 }
 
 /// What the workload shares with the fault schedule.
@@ -164,7 +167,7 @@ pub fn run(hosts: &mut dyn Hosts, opts: &ChaosOpts, mode: &str) -> Result<Report
         .unwrap()
         .map(|f| f.to_hex())
         .unwrap_or_default();
-    Ok(report::build(
+    let mut report = report::build(
         mode,
         hosts.len(),
         opts.replicas,
@@ -177,7 +180,9 @@ pub fn run(hosts: &mut dyn Hosts, opts: &ChaosOpts, mode: &str) -> Result<Report
             versions_published: log.versions,
             version_regressions: log.regressions,
         },
-    ))
+    );
+    report.readers = opts.read_via.name().into();
+    Ok(report)
 }
 
 /// Apply the faults at their times (undoing those with a hold), until the duration.
@@ -393,15 +398,40 @@ impl Workload {
         let census_keys = Arc::new(Mutex::new(blocks));
         *self.shared.fsid.lock().unwrap() = Some(fsid);
         self.shared.log.lock().unwrap().versions = 1;
+        let (source, _mounted) = match &self.opts.read_via {
+            readers::ReadVia::Mount { cfs } => {
+                let (cfs, node, out) = (cfs.clone(), self.addrs[0], self.opts.out.clone());
+                let m = tokio::task::spawn_blocking(move || {
+                    readers::Mounted::start(&cfs, fsid, node, &out)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+                match m {
+                    Ok(m) => (readers::Source::Mount(m.dir.clone()), Some(m)),
+                    Err(e) => {
+                        let _ = ready.send(Err(ChaosError::Mount(e)));
+                        return;
+                    }
+                }
+            }
+            readers::ReadVia::Library => (
+                readers::Source::Library {
+                    ring: ring.clone(),
+                    fsid,
+                },
+                None,
+            ),
+        };
+        let source = Arc::new(source);
         *self.shared.t0.lock().unwrap() = Some(Instant::now());
         let _ = ready.send(Ok(()));
 
         let mut tasks = tokio::task::JoinSet::new();
         for r in 0..self.opts.readers.max(1) {
-            tasks.spawn(reader(
+            tasks.spawn(readers::reader(
                 r as u64,
-                ring.clone(),
-                fsid,
+                source.clone(),
                 self.expected.clone(),
                 self.shared.clone(),
                 self.opts.seed,
@@ -436,94 +466,6 @@ impl Workload {
             Some(settle),
         )
         .await;
-    }
-}
-
-/// Read random files of the newest version, whole, and check every byte.
-async fn reader(
-    id: u64,
-    ring: Arc<NetRing>,
-    fsid: Id,
-    expected: Arc<HashMap<String, Vec<u8>>>,
-    shared: Arc<Shared>,
-    seed: u64,
-) {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed.wrapping_add(id + 1));
-    let names: Vec<String> = {
-        let mut n: Vec<String> = expected.keys().cloned().collect();
-        n.sort();
-        n.push("version.txt".into());
-        n
-    };
-    let opts = ReaderOpts {
-        deadline: Duration::from_secs(5),
-        ..ReaderOpts::default()
-    };
-    let mut highest = 0u64;
-    while !shared.stop.load(Ordering::SeqCst) {
-        let name = names[rng.random_range(0..names.len())].clone();
-        let t = shared.now();
-        let started = Instant::now();
-        // A fresh reader per read: nothing cached from before the fault.
-        let r = Reader::new(ring.clone(), opts.clone());
-        let got: Result<(u64, Vec<u8>), String> = async {
-            let root = r.root(fsid, None).await.map_err(|e| e.to_string())?;
-            let (_, inode) = r
-                .resolve(root.top, name.as_bytes())
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut out = Vec::new();
-            r.copy_to(&inode, &mut out)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok((root.version, out))
-        }
-        .await;
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let read = match got {
-            Ok((version, bytes)) => {
-                let want = match expected.get(&name) {
-                    Some(b) => b.clone(),
-                    None => version.to_string().into_bytes(),
-                };
-                let wrong = bytes != want;
-                let mut log = shared.log.lock().unwrap();
-                if version < highest {
-                    log.regressions += 1;
-                }
-                highest = highest.max(version);
-                drop(log);
-                Read {
-                    t,
-                    ms,
-                    ok: !wrong,
-                    bytes: bytes.len() as u64,
-                    version,
-                    wrong,
-                    error: wrong.then(|| format!("{name}: wrong bytes")),
-                }
-            }
-            Err(e) => Read {
-                t,
-                ms,
-                ok: false,
-                bytes: 0,
-                version: 0,
-                wrong: false,
-                error: Some(format!("{name}: {e}")),
-            },
-        };
-        let counter = if read.ok {
-            &shared.ok_reads
-        } else {
-            &shared.failed_reads
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let failed = !read.ok;
-        shared.log.lock().unwrap().reads.push(read);
-        if failed {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 }
 

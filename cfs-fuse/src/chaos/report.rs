@@ -70,6 +70,8 @@ pub struct FaultStats {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub mode: String,
+    /// How readers read: "mount" or "library".
+    pub readers: String,
     pub nodes: usize,
     pub replicas: usize,
     pub duration_s: f64,
@@ -213,6 +215,7 @@ pub fn build(
     }
     Report {
         mode: mode.into(),
+        readers: String::new(),
         nodes,
         replicas,
         duration_s: duration,
@@ -244,8 +247,9 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "cfs chaos ({}): {} nodes, r = {}, {:.0} s; {} versions published; {} reads ({} failed), {:.1} MiB verified",
+            "cfs chaos ({}, reads through {}): {} nodes, r = {}, {:.0} s; {} versions published; {} reads ({} failed), {:.1} MiB verified",
             self.mode,
+            self.readers,
             self.nodes,
             self.replicas,
             self.duration_s,

@@ -24,6 +24,7 @@ use std::time::SystemTime;
 pub(super) struct FuseFs<R> {
     pub(super) fs: Arc<Fs<R>>,
     pub(super) stack_depth: u32,
+    pub(super) direct_io: bool,
 }
 
 fn errno(op: &str, e: &OpError) -> Errno {
@@ -98,6 +99,9 @@ impl<R: BlockService> Filesystem for FuseFs<R> {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         match self.fs.open(ino.0, write, |f| reply.open_backing(f)) {
+            Ok(Opened::Normal(fh)) if self.direct_io => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+            }
             // The number changes with the content, so cached pages stay valid.
             Ok(Opened::Normal(fh)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             // The kernel refuses cache flags on a passthrough open (it reads the backing

@@ -55,6 +55,9 @@ pub struct MountOpts {
     /// Keep fully read files on local disk and serve them by FUSE passthrough; None
     /// (the default) keeps every read on the normal path.
     pub file_cache: Option<FileCacheOpts>,
+    /// Direct I/O: the kernel keeps no page cache of files, so every read reaches the
+    /// mount (and, with no memory budget, the ring): for tests and failure injection.
+    pub direct_io: bool,
 }
 
 impl Default for MountOpts {
@@ -71,6 +74,7 @@ impl Default for MountOpts {
             ttl_immutable: Duration::from_secs(3600),
             ttl_mutable: Duration::from_secs(30),
             file_cache: None,
+            direct_io: false,
         }
     }
 }
@@ -272,6 +276,7 @@ pub async fn spawn_mount<R: BlockService>(
     let mp = mountpoint.to_path_buf();
     let fs = fuse::FuseFs {
         fs: shared.clone(),
+        direct_io: opts.direct_io,
         stack_depth: opts
             .file_cache
             .as_ref()

@@ -1,0 +1,199 @@
+//! What this process measured of its peers: a smoothed RTT per address (a failure counts
+//! as a long one) and the calls now in flight to each. Only our own measurements count;
+//! a peer's word on latency is never used.
+//!
+//! Replica choice weighs both: a replica's expected wait is its RTT times one plus the
+//! calls already waiting on it. By RTT alone every read of a window goes to the replica
+//! that looked fastest when the window started, and one link carries what the r replicas
+//! of consecutive blocks (different machines) could carry together.
+
+use cfs_core::NodeRef;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Most peers remembered: a flood of unreachable candidates cannot grow the table.
+const MAX_ENTRIES: usize = 4096;
+
+#[derive(Clone, Copy, Default)]
+struct Peer {
+    /// Smoothed RTT in microseconds; None until a call finished.
+    rtt_us: Option<f64>,
+    /// The last call failed.
+    failed: bool,
+    in_flight: u32,
+}
+
+/// Shared by every clone of a `Net`.
+#[derive(Clone, Default)]
+pub struct Peers {
+    map: Arc<Mutex<BTreeMap<SocketAddr, Peer>>>,
+}
+
+/// A call in flight to one peer; dropping it (the call finished or was abandoned)
+/// takes it off the peer's count.
+pub struct InFlight {
+    peers: Peers,
+    to: SocketAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(p) = self.peers.map.lock().unwrap().get_mut(&self.to) {
+            p.in_flight = p.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl Peers {
+    /// A call to `to` starts.
+    pub fn begin(&self, to: SocketAddr) -> InFlight {
+        let mut m = self.map.lock().unwrap();
+        m.entry(to).or_default().in_flight += 1;
+        Self::bound(&mut m, to);
+        InFlight {
+            peers: self.clone(),
+            to,
+        }
+    }
+
+    /// A call to `to` took `took`, or failed: a failed peer looks as slow as `penalty`,
+    /// so lookups and reads try it last.
+    pub fn record(&self, to: SocketAddr, took: Duration, failed: bool, penalty: Duration) {
+        let mut m = self.map.lock().unwrap();
+        let p = m.entry(to).or_default();
+        let penalty = penalty.as_secs_f64() * 1e6;
+        p.failed = failed;
+        p.rtt_us = Some(match (failed, p.rtt_us) {
+            (true, r) => r.unwrap_or(penalty).max(penalty),
+            (false, None) => took.as_secs_f64() * 1e6,
+            (false, Some(r)) => 0.8 * r + 0.2 * took.as_secs_f64() * 1e6,
+        });
+        Self::bound(&mut m, to);
+    }
+
+    /// Past the bound, forget the slowest peer with nothing in flight that has not failed
+    /// (a failure's penalty is what lets callers skip and replace it), else any idle one.
+    fn bound(m: &mut BTreeMap<SocketAddr, Peer>, keep: SocketAddr) {
+        if m.len() <= MAX_ENTRIES {
+            return;
+        }
+        let idle = |k: &SocketAddr, p: &Peer| *k != keep && p.in_flight == 0;
+        let worst = m
+            .iter()
+            .filter(|(k, p)| idle(k, p) && !p.failed)
+            .max_by(|a, b| {
+                let r = |p: &Peer| p.rtt_us.unwrap_or(0.0);
+                r(a.1).total_cmp(&r(b.1))
+            })
+            .or_else(|| m.iter().find(|(k, p)| idle(k, p)))
+            .map(|(k, _)| *k);
+        if let Some(k) = worst {
+            m.remove(&k);
+        }
+    }
+
+    /// Smoothed RTT in microseconds, if measured.
+    pub fn rtt_us(&self, addr: SocketAddr) -> Option<f64> {
+        self.map.lock().unwrap().get(&addr).and_then(|p| p.rtt_us)
+    }
+
+    /// Mean of the measured RTTs (1 ms before any).
+    pub fn mean_rtt_us(&self) -> f64 {
+        let m = self.map.lock().unwrap();
+        let (sum, n) = m
+            .values()
+            .filter_map(|p| p.rtt_us)
+            .fold((0.0, 0usize), |(s, n), r| (s + r, n + 1));
+        if n == 0 {
+            1000.0
+        } else {
+            sum / n as f64
+        }
+    }
+
+    /// Order replicas by expected wait: RTT (the mean for one never measured, so new
+    /// replicas get tried) times one plus the calls already in flight to it.
+    pub fn least_loaded_first(&self, nodes: &mut [NodeRef]) {
+        let mean = self.mean_rtt_us();
+        let m = self.map.lock().unwrap();
+        let cost = |n: &NodeRef| {
+            let p = m.get(&n.addr).copied().unwrap_or_default();
+            p.rtt_us.unwrap_or(mean) * (1.0 + p.in_flight as f64)
+        };
+        nodes.sort_by(|a, b| cost(a).total_cmp(&cost(b)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(port: u16) -> NodeRef {
+        NodeRef::new(SocketAddr::from(([127, 0, 0, 1], port)), 0)
+    }
+
+    #[test]
+    fn calls_in_flight_spread_reads_over_replicas_of_equal_rtt() {
+        let p = Peers::default();
+        let (a, b, c) = (node(1), node(2), node(3));
+        for n in [a, b, c] {
+            p.record(
+                n.addr,
+                Duration::from_millis(1),
+                false,
+                Duration::from_secs(3),
+            );
+        }
+        // Three reads issued at once go to three different replicas.
+        let mut held = Vec::new();
+        let mut chosen = Vec::new();
+        for _ in 0..3 {
+            let mut order = vec![a, b, c];
+            p.least_loaded_first(&mut order);
+            chosen.push(order[0].addr.port());
+            held.push(p.begin(order[0].addr));
+        }
+        chosen.sort();
+        assert_eq!(chosen, vec![1, 2, 3]);
+        // Finished calls no longer count.
+        held.clear();
+        let mut order = vec![c, b, a];
+        p.least_loaded_first(&mut order);
+        assert_eq!(order[0].addr.port(), 3, "ties keep the given order");
+    }
+
+    #[test]
+    fn a_failed_peer_goes_last_and_an_unmeasured_one_is_tried() {
+        let p = Peers::default();
+        let (a, b, c) = (node(1), node(2), node(3));
+        p.record(
+            a.addr,
+            Duration::from_millis(2),
+            false,
+            Duration::from_secs(3),
+        );
+        p.record(b.addr, Duration::ZERO, true, Duration::from_secs(3));
+        let mut order = vec![b, a, c];
+        p.least_loaded_first(&mut order);
+        assert_eq!(order[2], b);
+        assert_eq!(p.rtt_us(b.addr), Some(3e6));
+        // c is unmeasured: it costs the mean, (2 ms + 3 s) / 2, more than a but less than b.
+        assert_eq!(order, vec![a, c, b]);
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_keeps_peers_with_calls_in_flight() {
+        let p = Peers::default();
+        let busy = SocketAddr::from(([10, 0, 0, 1], 1));
+        let _g = p.begin(busy);
+        for i in 0..(MAX_ENTRIES as u32 + 50) {
+            let a = SocketAddr::from((std::net::Ipv4Addr::from(0x0b00_0000 + i), 1));
+            p.record(a, Duration::from_millis(1), false, Duration::from_secs(3));
+        }
+        let m = p.map.lock().unwrap();
+        assert!(m.len() <= MAX_ENTRIES + 1);
+        assert!(m.contains_key(&busy));
+    }
+}
