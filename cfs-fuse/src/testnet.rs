@@ -18,7 +18,7 @@ pub enum TestnetError {
     NotRoot,
     #[error("`{cmd}` failed: {stderr}")]
     Command { cmd: String, stderr: String },
-    #[error("cannot run `{cmd}` (is iproute2 / util-linux installed?)")]
+    #[error("cannot run `{cmd}` (are iproute2, util-linux and nftables installed?)")]
     Spawn {
         cmd: String,
         #[source]
@@ -128,6 +128,49 @@ fn ip(args: &[&str]) -> Result<String> {
 
 fn tc(ns: &str, args: &[&str]) -> Result<String> {
     run(Command::new("tc").arg("-n").arg(ns).args(args))
+}
+
+/// Why a testnet cannot run here (not root, or a tool missing), if it cannot: tests skip
+/// with this message.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("a testnet needs root".into());
+    }
+    let missing: Vec<&str> = [
+        ("ip", "-V"),
+        ("tc", "-V"),
+        ("nsenter", "--version"),
+        ("nft", "--version"),
+    ]
+    .into_iter()
+    .filter(|(tool, arg)| {
+        Command::new(tool)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+    })
+    .map(|(tool, _)| tool)
+    .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "a testnet needs {} (iproute2, util-linux, nftables)",
+            missing.join(", ")
+        )
+    })
+}
+
+/// The nftables table a partition adds in each host's namespace.
+const NFT_TABLE: &str = "cfs_partition";
+
+/// `nft` inside namespace `ns` (nsenter: the namespace's rules, nothing else changes).
+fn nft(ns: &str, args: &[&str]) -> Result<String> {
+    run(Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("nft")
+        .args(args))
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TestnetError + 'a {
@@ -402,8 +445,9 @@ impl Testnet {
     }
 
     /// Cut the testnet into `groups` (host indexes; hosts in no group are cut from all):
-    /// every host drops packets to hosts outside its group (blackhole routes in its own
-    /// namespace), so traffic between groups fails both ways.
+    /// each host's namespace gets an nftables table that drops every packet to and from
+    /// hosts outside its group, as a real partition does: nothing is refused, packets
+    /// vanish, and connections hang until their timeouts.
     pub fn partition(&mut self, groups: &[Vec<usize>]) -> Result<()> {
         self.heal()?;
         for g in groups {
@@ -413,11 +457,34 @@ impl Testnet {
         }
         let group_of = |i: usize| groups.iter().position(|g| g.contains(&i));
         for i in 0..self.hosts.len() {
-            for j in 0..self.hosts.len() {
-                if i != j && (group_of(i).is_none() || group_of(i) != group_of(j)) {
-                    let to = format!("{}/32", self.hosts[j].ip);
-                    ip(&["-n", &self.hosts[i].ns, "route", "add", "blackhole", &to])?;
-                }
+            let others: Vec<String> = (0..self.hosts.len())
+                .filter(|&j| i != j && (group_of(i).is_none() || group_of(i) != group_of(j)))
+                .map(|j| self.hosts[j].ip.to_string())
+                .collect();
+            if others.is_empty() {
+                continue;
+            }
+            let set = format!("{{ {} }}", others.join(", "));
+            let ns = &self.hosts[i].ns;
+            nft(ns, &["add", "table", "inet", NFT_TABLE])?;
+            for (chain, hook, dir) in [("in", "input", "saddr"), ("out", "output", "daddr")] {
+                nft(
+                    ns,
+                    &[
+                        "add",
+                        "chain",
+                        "inet",
+                        NFT_TABLE,
+                        chain,
+                        &format!("{{ type filter hook {hook} priority 0; policy accept; }}"),
+                    ],
+                )?;
+                nft(
+                    ns,
+                    &[
+                        "add", "rule", "inet", NFT_TABLE, chain, "ip", dir, &set, "drop",
+                    ],
+                )?;
             }
         }
         self.partition = groups.to_vec();
@@ -427,13 +494,8 @@ impl Testnet {
     /// Undo `partition`.
     pub fn heal(&mut self) -> Result<()> {
         for h in &self.hosts {
-            let routes =
-                ip(&["-n", &h.ns, "route", "show", "type", "blackhole"]).unwrap_or_default();
-            for r in routes.lines() {
-                if let Some(dst) = r.split_whitespace().nth(1) {
-                    let _ = ip(&["-n", &h.ns, "route", "del", "blackhole", dst]);
-                }
-            }
+            // Absent when this host was never cut off.
+            let _ = nft(&h.ns, &["delete", "table", "inet", NFT_TABLE]);
         }
         self.partition.clear();
         self.save()

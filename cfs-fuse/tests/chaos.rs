@@ -159,11 +159,8 @@ impl Drop for Guard {
 
 #[test]
 fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0
-        || std::process::Command::new("ip").arg("-V").output().is_err()
-    {
-        eprintln!("SKIPPED: chaos on a testnet needs root and iproute2");
+    if let Some(why) = testnet::unavailable() {
+        eprintln!("SKIPPED: {why}");
         return;
     }
     let tmp = TempDir::new("chaos-net");

@@ -27,17 +27,13 @@ impl Drop for Guard {
 }
 
 fn can_run() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tools = std::process::Command::new("ip").arg("-V").output().is_ok()
-        && std::process::Command::new("nsenter")
-            .arg("--version")
-            .output()
-            .is_ok();
-    if !(root && tools) {
-        eprintln!("SKIPPED: testnet tests need root, iproute2 and nsenter");
+    match testnet::unavailable() {
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+        None => true,
     }
-    root && tools
 }
 
 fn cfs_in(net: &Testnet, host: usize, args: &[&str]) -> Output {

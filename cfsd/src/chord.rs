@@ -247,15 +247,25 @@ impl<T: Transport> Node<T> {
         } else {
             match self.neighbors(succ).await {
                 None => {
+                    // The successor is gone; the others may be too (a partition takes
+                    // many at once), so ask them all at once rather than one per round.
+                    let rest: Vec<NodeRef> = self.successors(v).into_iter().skip(1).collect();
+                    let answers = crate::net::join_all(rest.iter().map(|n| self.alive(*n))).await;
+                    let dead: Vec<NodeRef> = std::iter::once(succ)
+                        .chain(
+                            rest.iter()
+                                .zip(answers)
+                                .filter(|(_, ok)| !ok)
+                                .map(|(n, _)| *n),
+                        )
+                        .collect();
                     let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
-                    if vn.succs.first() == Some(&succ) {
-                        vn.succs.remove(0);
-                        if vn.succs.is_empty() {
-                            vn.succs.push(me);
-                        }
+                    vn.succs.retain(|n| !dead.contains(n));
+                    if vn.succs.is_empty() {
+                        vn.succs.push(me);
                     }
                     for f in vn.fingers.iter_mut() {
-                        if *f == Some(succ) {
+                        if f.is_some_and(|f| dead.contains(&f)) {
                             *f = None;
                         }
                     }

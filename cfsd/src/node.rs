@@ -293,8 +293,19 @@ impl<T: Transport> Node<T> {
                 loop {
                     n.stabilize(v).await;
                     n.check_predecessor(v).await;
-                    n.fix_finger(v).await;
                     tokio::time::sleep(n.inner.cfg.stabilize_every).await;
+                }
+            }));
+            // Fingers on a loop of their own: a finger lookup through peers that
+            // vanished (a partition drops packets) can take the whole lookup deadline,
+            // and the successor list must not wait for it.
+            let n = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let jitter = n.jitter(n.inner.cfg.fix_fingers_every);
+                tokio::time::sleep(jitter).await;
+                loop {
+                    n.fix_finger(v).await;
+                    tokio::time::sleep(n.inner.cfg.fix_fingers_every).await;
                 }
             }));
         }
