@@ -299,6 +299,7 @@ async fn serve_metrics(l: tokio::net::TcpListener, node: Node<TcpTransport>) {
                 ("bytes", st.bytes),
                 ("cache_blocks", st.cache_blocks),
                 ("cache_bytes", st.cache_bytes),
+                ("blocks_below_r", node.blocks_below_r()),
             ]);
             let resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

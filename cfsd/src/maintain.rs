@@ -125,6 +125,7 @@ impl<T: Transport> Node<T> {
             h.round += 1;
         }
         let mut cursor: Option<StoreKey> = None;
+        let mut below_r = 0;
         loop {
             let Ok(chunk) = self.inner.store.list_after(cursor, CHUNK) else {
                 return;
@@ -138,18 +139,25 @@ impl<T: Transport> Node<T> {
                 .map(|(kind, key, h)| (kind, key, h.version, h.expires))
                 .collect();
             if !live.is_empty() {
-                self.maintain_chunk(&live).await;
+                below_r += self.maintain_chunk(&live).await;
             }
         }
+        self.inner
+            .below_r
+            .store(below_r, std::sync::atomic::Ordering::Relaxed);
         let mut h = self.inner.handoffs.lock().unwrap();
         let round = h.round;
         h.sets.retain(|_, (_, last)| *last == round);
         Metrics::inc(&self.inner.metrics.maintain_rounds);
     }
 
-    async fn maintain_chunk(&self, list: &[Entry]) {
+    /// Repair, sync and hand off one chunk of held blocks; returns how many of them this
+    /// node counts as below r (found on fewer than r replicas before the repair, and
+    /// this node their first holder in replica order, or no replica holds them).
+    async fn maintain_chunk(&self, list: &[Entry]) -> u64 {
         let r = self.inner.cfg.replicas;
         let me = self.inner.cfg.addr;
+        let mut below_r = 0;
         let mut i = 0;
         while i < list.len() {
             let key = list[i].1;
@@ -172,10 +180,25 @@ impl<T: Transport> Node<T> {
             let inside = set.iter().any(|n| n.addr == me);
             let items: Vec<(BlockKind, Id)> = group.iter().map(|e| (e.0, e.1)).collect();
             let mut confirmed = vec![0usize; group.len()];
-            for target in set.iter().filter(|n| n.addr != me) {
+            // Per block: replicas holding it before any push, and the first of them.
+            let my_index = set.iter().position(|n| n.addr == me);
+            let mut holders = vec![usize::from(inside); group.len()];
+            let mut first = vec![my_index; group.len()];
+            for (t, target) in set.iter().enumerate().filter(|(_, n)| n.addr != me) {
                 let Ok(have) = self.inner.net.has(target.addr, &items).await else {
                     continue;
                 };
+                for (j, &(_, _, ver, _)) in group.iter().enumerate() {
+                    if have
+                        .get(j)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|h| h.version >= ver)
+                    {
+                        holders[j] += 1;
+                        first[j] = Some(first[j].map_or(t, |f| f.min(t)));
+                    }
+                }
                 let now = self.now_unix();
                 let mut missing = Vec::new();
                 let mut short = Vec::new();
@@ -224,11 +247,15 @@ impl<T: Transport> Node<T> {
                     self.push_batch(*target, last, &mut confirmed).await;
                 }
             }
+            below_r += (0..group.len())
+                .filter(|&j| holders[j] < r && (first[j] == my_index || first[j].is_none()))
+                .count() as u64;
             if inside || set.len() < r {
                 continue;
             }
             self.hand_off(group, &set, &confirmed).await;
         }
+        below_r
     }
 
     /// Push one batch of blocks (with their index in the group) to `target` as a ring

@@ -124,6 +124,9 @@ pub(crate) struct Inner<T: Transport> {
     pub(crate) scrub_cursor: Mutex<Option<StoreKey>>,
     /// Hand-offs waiting out their grace period, by replica set.
     pub(crate) handoffs: Mutex<crate::maintain::Handoffs>,
+    /// Blocks the last finished maintenance round found on fewer than r replicas, each
+    /// counted by its first holder in replica order only, so a ring's nodes add up.
+    pub(crate) below_r: std::sync::atomic::AtomicU64,
     /// Until it has joined, a node answers no ring requests: its lone successor list
     /// would claim the whole ring.
     pub(crate) joined: std::sync::atomic::AtomicBool,
@@ -181,6 +184,7 @@ impl<T: Transport> Node<T> {
                 seen: Mutex::default(),
                 scrub_cursor: Mutex::new(None),
                 handoffs: Mutex::default(),
+                below_r: Default::default(),
                 joined: std::sync::atomic::AtomicBool::new(false),
                 rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)),
                 incoming: std::sync::atomic::AtomicU64::new(0),
@@ -381,9 +385,17 @@ impl<T: Transport> Node<T> {
             counters: {
                 let mut c = self.inner.metrics.snapshot();
                 c.push(("started_unix".into(), self.inner.started));
+                c.push(("blocks_below_r".into(), self.blocks_below_r()));
                 c
             },
         }
+    }
+
+    /// Blocks this node counted below r in its last finished maintenance round.
+    pub fn blocks_below_r(&self) -> u64 {
+        self.inner
+            .below_r
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn vnode(&self, v: u16) -> Result<&Mutex<Vnode>, RemoteError> {

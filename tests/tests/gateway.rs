@@ -398,6 +398,43 @@ fn status_page_lists_every_node_and_shows_a_killed_one_as_gone() {
     assert!(page.contains(&gone) && page.contains("gone"), "{page}");
     let m = String::from_utf8(curl(&format!("{url}/-/metrics"), &[]).body).unwrap();
     assert!(m.contains("cfs_gets_served"), "{m}");
+    assert!(m.contains("# TYPE cfs_blocks_below_r gauge"), "{m}");
+
+    // Replica health: a tree on the four that are left is on r = 3 replicas; with two
+    // more nodes killed, two remain, and every block is counted below r (once each);
+    // with them back, repairs bring the count to 0 again.
+    let src = cluster.dir.path().join("health");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..4 {
+        std::fs::write(src.join(format!("f{i}")), vec![i as u8 + 1; 300_000]).unwrap();
+    }
+    let key = cluster.keygen();
+    cluster.publish(&src, &key, 0);
+    let below = |j: &serde_json::Value| j["blocks_below_r"].as_u64().unwrap();
+    eventually(Duration::from_secs(30), "every block on r replicas", || {
+        (below(&ring()) == 0).then_some(())
+    });
+    cluster.kill(1);
+    cluster.kill(2);
+    let short = eventually(Duration::from_secs(40), "blocks counted below r", || {
+        let j = ring();
+        (j["up"] == 2 && below(&j) > 0).then(|| below(&j))
+    });
+    // At least the 4 files' data blocks (2 each) and their inodes, the directory, the
+    // root: every one counted, and each only once.
+    assert!((13..=20).contains(&short), "{short} blocks below r");
+    let page = String::from_utf8(curl(&format!("{url}/"), &[]).body).unwrap();
+    assert!(page.contains(&format!("{short} blocks below r")), "{page}");
+    cluster.restart(1);
+    cluster.restart(2);
+    eventually(
+        Duration::from_secs(60),
+        "repairs to bring every block back to r",
+        || {
+            let j = ring();
+            (j["up"] == 4 && below(&j) == 0).then_some(())
+        },
+    );
     // The killed node's gateway went with it.
     eventually(
         Duration::from_secs(10),

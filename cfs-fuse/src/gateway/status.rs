@@ -19,6 +19,8 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 /// A report is reused this long: the page must not make the gateway ask every node per
 /// request.
 const REPORT_TTL: Duration = Duration::from_secs(2);
+/// Status values that are levels, not counts since start.
+const GAUGES: [&str; 2] = ["started_unix", "blocks_below_r"];
 /// Nodes asked per report at most.
 const MAX_ASKED: usize = 256;
 
@@ -35,6 +37,9 @@ pub struct NodeReport {
     pub repairs_sent: u64,
     /// Hand-offs waiting for replicas to confirm.
     pub drops_deferred: u64,
+    /// Blocks this node found below r in its last maintenance round (each block is
+    /// counted by one node: its first holder in replica order).
+    pub blocks_below_r: u64,
 }
 
 #[derive(Clone, Serialize)]
@@ -43,6 +48,8 @@ pub struct RingReport {
     pub nodes: Vec<NodeReport>,
     pub up: usize,
     pub gone: usize,
+    /// Blocks on fewer than r replicas, summed over the nodes that are up.
+    pub blocks_below_r: u64,
 }
 
 pub struct RingStatus {
@@ -122,6 +129,7 @@ impl RingStatus {
                             last_heard_unix: t,
                             repairs_sent: counter("repairs_sent"),
                             drops_deferred: counter("drops_deferred"),
+                            blocks_below_r: counter("blocks_below_r"),
                         },
                     );
                 }
@@ -146,6 +154,11 @@ impl RingStatus {
             entry: self.entry.to_string(),
             gone: nodes.len() - up,
             up,
+            blocks_below_r: nodes
+                .iter()
+                .filter(|n| n.up)
+                .map(|n| n.blocks_below_r)
+                .sum(),
             nodes,
         }
     }
@@ -158,7 +171,12 @@ impl RingStatus {
             .ok()?;
         let mut out = String::new();
         for (k, v) in &s.counters {
-            let _ = writeln!(out, "# TYPE cfs_{k} counter\ncfs_{k} {v}");
+            let kind = if GAUGES.contains(&k.as_str()) {
+                "gauge"
+            } else {
+                "counter"
+            };
+            let _ = writeln!(out, "# TYPE cfs_{k} {kind}\ncfs_{k} {v}");
         }
         let _ = writeln!(out, "# TYPE cfs_blocks gauge\ncfs_blocks {}", s.blocks);
         let _ = writeln!(out, "# TYPE cfs_bytes gauge\ncfs_bytes {}", s.bytes);
@@ -173,21 +191,24 @@ pub fn html(r: &RingReport) -> String {
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>cfs ring</title>\
          <style>body{{font-family:sans-serif;margin:2em}}td{{padding:0 1em}}\
          .gone{{color:#a00}}.up{{color:#070}}</style></head><body>\
-         <h1>cfs ring</h1><p>entry node {}: {} up, {} gone. \
+         <h1>cfs ring</h1><p>entry node {}: {} up, {} gone; \
+         <span class=\"{}\">{} blocks below r</span> (last maintenance round). \
          <a href=\"/-/ring?format=json\">json</a> · <a href=\"/-/metrics\">metrics</a></p>\
          <table><tr><th>address</th><th>state</th><th>blocks</th><th>bytes</th>\
          <th>up since (UTC)</th><th>last heard (UTC)</th><th>repairs sent</th>\
-         <th>hand-offs waiting</th><th>ids</th></tr>",
+         <th>hand-offs waiting</th><th>below r</th><th>ids</th></tr>",
         escape(&r.entry),
         r.up,
-        r.gone
+        r.gone,
+        if r.blocks_below_r == 0 { "up" } else { "gone" },
+        r.blocks_below_r
     );
     for n in &r.nodes {
         let (class, state) = if n.up { ("up", "up") } else { ("gone", "gone") };
         let _ = write!(
             s,
             "<tr class=\"{class}\"><td>{}</td><td>{state}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
             escape(&n.addr),
             n.blocks,
             n.bytes,
@@ -195,6 +216,7 @@ pub fn html(r: &RingReport) -> String {
             utc(n.last_heard_unix as i64),
             n.repairs_sent,
             n.drops_deferred,
+            n.blocks_below_r,
             n.ids.iter().map(|i| &i[..12]).collect::<Vec<_>>().join(" ")
         );
     }
