@@ -569,13 +569,28 @@ impl Testnet {
 }
 
 /// Wait briefly for a killed child of ours (a zombie otherwise); others are not ours.
+/// Wait (at most 5 s) until `pid`, just sent SIGKILL, is gone, so its sockets are
+/// released before a new node binds the same port. Our own child is reaped; a node that
+/// another `cfs` started (a testnet loaded from its state file) is not our child, and is
+/// gone once it no longer exists or is a zombie (which holds no sockets).
 fn reap(pid: u32) {
-    for _ in 0..100 {
+    for _ in 0..500 {
         let mut status = 0;
         // SAFETY: waitpid on a pid; WNOHANG never blocks, ECHILD when not our child.
         let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
-        if r != 0 {
+        if r > 0 {
             return;
+        }
+        if r < 0 {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+            // The state follows the parenthesised command name.
+            let dead = state
+                .as_deref()
+                .and_then(|s| s.rsplit_once(')'))
+                .is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']));
+            if dead {
+                return;
+            }
         }
         std::thread::sleep(Duration::from_millis(10));
     }
