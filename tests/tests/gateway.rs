@@ -518,3 +518,57 @@ const PNG_1X1: &[u8] = &[
     0x1f, 0x00, 0x05, 0x00, 0x01, 0xff, 0x89, 0x99, 0x3d, 0x1d, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45,
     0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
 ];
+
+/// A transfer cut by the ring mid-stream is an error for the client, never a complete-
+/// looking 200: the gateway has begun a 32 MiB body (its memory budget of 1 MiB keeps it
+/// from reading far ahead) when every node is killed; curl must fail, and the bytes it
+/// did receive must be a true prefix of the file.
+#[test]
+fn a_transfer_cut_mid_stream_is_an_error_never_a_short_200() {
+    let mut cluster = Cluster::start(3, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let src = cluster.dir.path().join("cut");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = pattern(32 << 20, 7);
+    std::fs::write(src.join("big"), &data).unwrap();
+    let key = cluster.keygen();
+    let fsid = cluster.publish(&src, &key, 0).0;
+    let gw = Gateway::start(&cluster.addr(0), &["--cache-mb", "1", "--timeout", "3"]);
+    let out = cluster.dir.path().join("got");
+    // 4 MiB/s: the whole file would take 8 s.
+    let mut curl = Command::new("curl")
+        .args(["-sS", "--limit-rate", "4M", "--max-time", "60", "-o"])
+        .arg(&out)
+        .arg(format!("{}/{fsid}/big", gw.url))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running curl");
+    eventually(Duration::from_secs(20), "the transfer to begin", || {
+        (std::fs::metadata(&out).map_or(0, |m| m.len()) >= 2 * BS as u64).then_some(())
+    });
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    let status = curl.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut curl.stderr.take().unwrap(), &mut err).unwrap();
+    let got = std::fs::read(&out).unwrap();
+    assert!(
+        !status.success(),
+        "curl succeeded with {} of {} bytes",
+        got.len(),
+        data.len()
+    );
+    assert!(got.len() < data.len(), "{err}");
+    assert_eq!(
+        got[..],
+        data[..got.len()],
+        "the bytes received are the file's"
+    );
+    eprintln!(
+        "cut after {} of {} bytes; curl: {}",
+        got.len(),
+        data.len(),
+        err.trim()
+    );
+}
