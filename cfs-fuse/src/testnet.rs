@@ -494,8 +494,14 @@ impl Testnet {
     /// Undo `partition`.
     pub fn heal(&mut self) -> Result<()> {
         for h in &self.hosts {
-            // Absent when this host was never cut off.
-            let _ = nft(&h.ns, &["delete", "table", "inet", NFT_TABLE]);
+            match nft(&h.ns, &["delete", "table", "inet", NFT_TABLE]) {
+                // Absent when this host was never cut off.
+                Err(TestnetError::Command { ref stderr, .. })
+                    if stderr.contains("No such file or directory") => {}
+                r => {
+                    r?;
+                }
+            }
         }
         self.partition.clear();
         self.save()
@@ -568,7 +574,6 @@ impl Testnet {
     }
 }
 
-/// Wait briefly for a killed child of ours (a zombie otherwise); others are not ours.
 /// Wait (at most 5 s) until `pid`, just sent SIGKILL, is gone, so its sockets are
 /// released before a new node binds the same port. Our own child is reaped; a node that
 /// another `cfs` started (a testnet loaded from its state file) is not our child, and is

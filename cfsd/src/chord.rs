@@ -16,6 +16,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// One ring position.
+/// Remembered peers per host (an address on loopback, an IP elsewhere).
+const MAX_SEEN_PER_HOST: usize = 2;
+
 pub(crate) struct Vnode {
     pub(crate) me: NodeRef,
     pub(crate) pred: Option<NodeRef>,
@@ -120,7 +123,13 @@ impl<T: Transport> Node<T> {
     pub(crate) fn note_seen(&self, addrs: impl IntoIterator<Item = SocketAddr>) {
         let mut s = self.inner.seen.lock().unwrap();
         for a in addrs {
-            if a != self.inner.cfg.addr {
+            // A few addresses per host: one machine on many ports cannot fill the set
+            // and make itself the peer every merge probe asks.
+            let same = s
+                .iter()
+                .filter(|x| cfs_core::ring::same_host(**x, a))
+                .count();
+            if a != self.inner.cfg.addr && same < MAX_SEEN_PER_HOST {
                 s.insert(a);
             }
         }
@@ -251,11 +260,14 @@ impl<T: Transport> Node<T> {
                     // many at once), so ask them all at once rather than one per round.
                     let rest: Vec<NodeRef> = self.successors(v).into_iter().skip(1).collect();
                     let answers = crate::net::join_all(rest.iter().map(|n| self.alive(*n))).await;
+                    // If none answers, the fault is more likely our own link: drop only
+                    // the successor, as one round always did, and look for the ring.
+                    let isolated = !rest.is_empty() && answers.iter().all(|ok| !ok);
                     let dead: Vec<NodeRef> = std::iter::once(succ)
                         .chain(
                             rest.iter()
                                 .zip(answers)
-                                .filter(|(_, ok)| !ok)
+                                .filter(|(_, ok)| !ok && !isolated)
                                 .map(|(n, _)| *n),
                         )
                         .collect();
@@ -471,7 +483,10 @@ impl<T: Transport> Node<T> {
         }
         let seen = self.inner.seen.lock().unwrap();
         let outside: Vec<SocketAddr> = seen.iter().filter(|a| !view.contains(a)).copied().collect();
-        let pool: Vec<SocketAddr> = if outside.is_empty() {
+        // Half the time any remembered peer: whoever got outside our view does not
+        // decide alone which peers are probed.
+        let any = self.inner.rng.lock().unwrap().random_bool(0.5);
+        let pool: Vec<SocketAddr> = if outside.is_empty() || any {
             seen.iter().copied().collect()
         } else {
             outside
@@ -521,7 +536,7 @@ impl<T: Transport> Node<T> {
                         .lookup(vec![NodeRef::new(peer, 0)], me.id, None)
                         .await
                     else {
-                        return;
+                        continue;
                     };
                     l.succs
                         .iter()

@@ -137,14 +137,18 @@ async fn run(args: Args) -> Result<()> {
     }
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating data directory {}", args.data.display()))?;
-    let store = RedbStore::open(&args.data.join("blocks.redb")).with_context(|| {
-        format!(
-            "opening the block store in {} (is another cfsd using it?)",
-            args.data.display()
-        )
-    })?;
+    // A node restarted right after a kill may find the old process still exiting, its
+    // store lock and port not yet released: both are retried for a few seconds.
+    let store = retry_while_busy(|| RedbStore::open(&args.data.join("blocks.redb"))).with_context(
+        || {
+            format!(
+                "opening the block store in {} (is another cfsd using it?)",
+                args.data.display()
+            )
+        },
+    )?;
     let listen = resolve(&args.listen)?;
-    let listener = cfsd::server::listen(listen)
+    let listener = retry_while_busy(|| cfsd::server::listen(listen))
         .with_context(|| format!("binding {listen}: is the port in use?"))?;
     let bound = listener.local_addr()?;
     let addr = match &args.advertise {
@@ -307,5 +311,18 @@ async fn serve_metrics(l: tokio::net::TcpListener, node: Node<TcpTransport>) {
             );
             let _ = s.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+/// Retry `f` for up to 5 s while it fails (the previous process on this data directory
+/// and port may still be exiting); the last error if it never succeeds.
+fn retry_while_busy<T, E>(mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
     }
 }

@@ -152,8 +152,8 @@ impl<T: Transport> Node<T> {
     }
 
     /// Repair, sync and hand off one chunk of held blocks; returns how many of them this
-    /// node counts as below r (found on fewer than r replicas before the repair, and
-    /// this node their first holder in replica order, or no replica holds them).
+    /// node counts as below r (found on fewer than r replicas before the repair, this
+    /// node a replica and their first holder in replica order).
     async fn maintain_chunk(&self, list: &[Entry]) -> u64 {
         let r = self.inner.cfg.replicas;
         let me = self.inner.cfg.addr;
@@ -247,9 +247,14 @@ impl<T: Transport> Node<T> {
                     self.push_batch(*target, last, &mut confirmed).await;
                 }
             }
-            below_r += (0..group.len())
-                .filter(|&j| holders[j] < r && (first[j] == my_index || first[j].is_none()))
-                .count() as u64;
+            // Only a replica counts, and only the first holder among the replicas, so
+            // each block is counted once. A block that only nodes outside its replica
+            // set hold is pushed to the set this round and counted by it after.
+            if my_index.is_some() {
+                below_r += (0..group.len())
+                    .filter(|&j| holders[j] < r && first[j] == my_index)
+                    .count() as u64;
+            }
             if inside || set.len() < r {
                 continue;
             }

@@ -110,8 +110,11 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         // SIGTERM: the mount unmounts itself; a lazy unmount if it does not in time.
-        // SAFETY: kill has no memory preconditions; the pid is our own child's.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // Only while the child is unreaped: a reaped pid may belong to another process.
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill has no memory preconditions; the pid is our unreaped child's.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {

@@ -40,6 +40,9 @@ pub struct NodeReport {
     /// Blocks this node found below r in its last maintenance round (each block is
     /// counted by one node: its first holder in replica order).
     pub blocks_below_r: u64,
+    /// Whether the node has finished a maintenance round since it started (before
+    /// that its count means nothing).
+    pub measured: bool,
 }
 
 #[derive(Clone, Serialize)]
@@ -48,8 +51,10 @@ pub struct RingReport {
     pub nodes: Vec<NodeReport>,
     pub up: usize,
     pub gone: usize,
-    /// Blocks on fewer than r replicas, summed over the nodes that are up.
+    /// Blocks on fewer than r replicas, summed over the nodes that are up and measured.
     pub blocks_below_r: u64,
+    /// Nodes up that have not finished a maintenance round yet.
+    pub unmeasured: usize,
 }
 
 pub struct RingStatus {
@@ -130,6 +135,7 @@ impl RingStatus {
                             repairs_sent: counter("repairs_sent"),
                             drops_deferred: counter("drops_deferred"),
                             blocks_below_r: counter("blocks_below_r"),
+                            measured: counter("maintain_rounds") > 0,
                         },
                     );
                 }
@@ -154,11 +160,13 @@ impl RingStatus {
             entry: self.entry.to_string(),
             gone: nodes.len() - up,
             up,
+            // Nodes report their own counts: a liar's u64::MAX must not overflow the sum.
             blocks_below_r: nodes
                 .iter()
-                .filter(|n| n.up)
+                .filter(|n| n.up && n.measured)
                 .map(|n| n.blocks_below_r)
-                .sum(),
+                .fold(0, u64::saturating_add),
+            unmeasured: nodes.iter().filter(|n| n.up && !n.measured).count(),
             nodes,
         }
     }
@@ -192,7 +200,7 @@ pub fn html(r: &RingReport) -> String {
          <style>body{{font-family:sans-serif;margin:2em}}td{{padding:0 1em}}\
          .gone{{color:#a00}}.up{{color:#070}}</style></head><body>\
          <h1>cfs ring</h1><p>entry node {}: {} up, {} gone; \
-         <span class=\"{}\">{} blocks below r</span> (last maintenance round). \
+         <span class=\"{}\">{} blocks below r</span> (last maintenance round{}). \
          <a href=\"/-/ring?format=json\">json</a> · <a href=\"/-/metrics\">metrics</a></p>\
          <table><tr><th>address</th><th>state</th><th>blocks</th><th>bytes</th>\
          <th>up since (UTC)</th><th>last heard (UTC)</th><th>repairs sent</th>\
@@ -201,7 +209,11 @@ pub fn html(r: &RingReport) -> String {
         r.up,
         r.gone,
         if r.blocks_below_r == 0 { "up" } else { "gone" },
-        r.blocks_below_r
+        r.blocks_below_r,
+        match r.unmeasured {
+            0 => String::new(),
+            n => format!("; {n} nodes not measured yet"),
+        }
     );
     for n in &r.nodes {
         let (class, state) = if n.up { ("up", "up") } else { ("gone", "gone") };
