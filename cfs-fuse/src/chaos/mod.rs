@@ -258,6 +258,14 @@ fn run_schedule(hosts: &mut dyn Hosts, opts: &ChaosOpts, shared: &Shared) -> Vec
                         t,
                         kind,
                         nodes,
+                        groups: if f.kind == FaultKind::Partition {
+                            f.groups
+                                .iter()
+                                .map(|g| g.iter().map(|n| n + 1).collect())
+                                .collect()
+                        } else {
+                            Vec::new()
+                        },
                         until: None,
                         error: r.err().map(|e| e.to_string()),
                     },

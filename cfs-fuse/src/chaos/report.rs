@@ -38,6 +38,9 @@ pub struct FaultRun {
     pub kind: String,
     /// Nodes (from 1) it hit.
     pub nodes: Vec<usize>,
+    /// A partition's groups (nodes from 1); empty for other faults.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<Vec<usize>>,
     /// When it was undone, if it was.
     pub until: Option<f64>,
     pub error: Option<String>,
@@ -264,13 +267,29 @@ impl Report {
             "at (s)", "fault", "nodes", "undone", "failed", "stall (s)", "back to r (s)"
         );
         for f in &self.faults {
-            let nodes: Vec<String> = f.fault.nodes.iter().map(|n| n.to_string()).collect();
+            let join = |ns: &[usize]| {
+                ns.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            // A partition shows its cut: 1,2,3|4,5.
+            let shown = if f.fault.groups.is_empty() {
+                join(&f.fault.nodes)
+            } else {
+                f.fault
+                    .groups
+                    .iter()
+                    .map(|g| join(g))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            };
             let _ = writeln!(
                 s,
                 "{:>7.1}  {:<10} {:<10} {:>8} {:>6} {:>10.2} {:>12}",
                 f.fault.t,
                 f.fault.kind,
-                nodes.join(","),
+                shown,
                 f.fault.until.map_or("-".into(), |u| format!("{u:.1}")),
                 f.reads_failed,
                 f.longest_stall_s,
@@ -491,6 +510,7 @@ mod tests {
             t: 3.0,
             kind: "kill".into(),
             nodes: vec![2],
+            groups: Vec::new(),
             until: Some(5.0),
             error: None,
         }];
@@ -521,6 +541,7 @@ mod tests {
             t: 0.5,
             kind: "pause".into(),
             nodes: vec![1],
+            groups: Vec::new(),
             until: Some(1.0),
             error: None,
         }];
