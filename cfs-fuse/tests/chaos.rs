@@ -271,7 +271,10 @@ fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
     for f in r["faults"].as_array().unwrap() {
         assert!(f["error"].is_null(), "{f}");
     }
-    assert_eq!(r["faults"][4]["groups"], serde_json::json!([[1, 2, 3], [4, 5]]));
+    assert_eq!(
+        r["faults"][4]["groups"],
+        serde_json::json!([[1, 2, 3], [4, 5]])
+    );
     check_sums(&r);
 
     // What the test sees for itself: the processes that were restarted or replaced are

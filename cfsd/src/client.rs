@@ -154,6 +154,8 @@ impl<T: Transport> Client<T> {
                         return Ok(v);
                     }
                 }
+                // A quick answer without the block must not make this replica first.
+                self.net.missed(n.addr);
             }
             self.forget_range(key);
         }

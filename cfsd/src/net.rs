@@ -154,6 +154,11 @@ impl<T: Transport> Net<T> {
         self.peers.least_loaded_first(nodes);
     }
 
+    /// `addr` answered a read without the block (or with bad bytes): asked later.
+    pub fn missed(&self, addr: SocketAddr) {
+        self.peers.missed(addr);
+    }
+
     fn mean_rtt_us(&self) -> f64 {
         self.peers.mean_rtt_us()
     }
@@ -427,10 +432,16 @@ impl<T: Transport> Net<T> {
                                         }
                                         return Ok((v, l));
                                     }
-                                    Err(e) => last = format!("{}: {e}", n.addr),
+                                    Err(e) => {
+                                        self.peers.missed(n.addr);
+                                        last = format!("{}: {e}", n.addr)
+                                    }
                                 }
                             }
-                            Ok(Response::Block(None)) => last = format!("{}: not found", n.addr),
+                            Ok(Response::Block(None)) => {
+                                self.peers.missed(n.addr);
+                                last = format!("{}: not found", n.addr)
+                            }
                             Ok(other) => last = format!("{}: unexpected {other:?}", n.addr),
                             Err(e) => last = format!("{}: {e}", n.addr),
                         }

@@ -73,6 +73,17 @@ impl Peers {
         Self::bound(&mut m, to);
     }
 
+    /// `to` answered, but without what was asked (no block, bad bytes): a fast answer
+    /// like that must not make it the replica asked first, so its RTT counts as at
+    /// least twice the mean; a few good answers bring it back.
+    pub fn missed(&self, to: SocketAddr) {
+        let floor = 2.0 * self.mean_rtt_us();
+        let mut m = self.map.lock().unwrap();
+        if let Some(p) = m.get_mut(&to) {
+            p.rtt_us = Some(p.rtt_us.unwrap_or(floor).max(floor));
+        }
+    }
+
     /// Past the bound, forget the slowest peer with nothing in flight that has not failed
     /// (a failure's penalty is what lets callers skip and replace it), else any idle one.
     fn bound(m: &mut BTreeMap<SocketAddr, Peer>, keep: SocketAddr) {
@@ -181,6 +192,30 @@ mod tests {
         assert_eq!(p.rtt_us(b.addr), Some(3e6));
         // c is unmeasured: it costs the mean, (2 ms + 3 s) / 2, more than a but less than b.
         assert_eq!(order, vec![a, c, b]);
+    }
+
+    #[test]
+    fn a_replica_that_answers_without_the_block_is_asked_later() {
+        let p = Peers::default();
+        let (a, b) = (node(1), node(2));
+        p.record(
+            a.addr,
+            Duration::from_micros(100),
+            false,
+            Duration::from_secs(3),
+        );
+        p.record(
+            b.addr,
+            Duration::from_millis(1),
+            false,
+            Duration::from_secs(3),
+        );
+        let mut order = vec![a, b];
+        p.least_loaded_first(&mut order);
+        assert_eq!(order[0], a);
+        p.missed(a.addr);
+        p.least_loaded_first(&mut order);
+        assert_eq!(order, vec![b, a]);
     }
 
     #[test]
