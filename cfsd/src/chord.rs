@@ -15,10 +15,10 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// One ring position.
 /// Remembered peers per host (an address on loopback, an IP elsewhere).
 const MAX_SEEN_PER_HOST: usize = 2;
 
+/// One ring position.
 pub(crate) struct Vnode {
     pub(crate) me: NodeRef,
     pub(crate) pred: Option<NodeRef>,
