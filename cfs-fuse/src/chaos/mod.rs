@@ -243,10 +243,19 @@ fn run_schedule(hosts: &mut dyn Hosts, opts: &ChaosOpts, shared: &Shared) -> Vec
                     (FaultKind::Fill, Some(n)) => (vec![n], hosts.fill(n)),
                 };
                 let kind = format!("{:?}", f.kind).to_lowercase();
-                let nodes = if f.kind == FaultKind::Partition {
-                    f.groups.iter().flatten().map(|n| n + 1).collect()
+                // Hosts from 1, as the scenario and the report count them.
+                let groups: Vec<Vec<usize>> = if f.kind == FaultKind::Partition {
+                    f.groups
+                        .iter()
+                        .map(|g| g.iter().map(|n| n + 1).collect())
+                        .collect()
                 } else {
+                    Vec::new()
+                };
+                let nodes = if groups.is_empty() {
                     nodes.iter().map(|n| n + 1).collect()
+                } else {
+                    groups.concat()
                 };
                 let mut fault = f.clone();
                 fault.node = node;
@@ -258,14 +267,7 @@ fn run_schedule(hosts: &mut dyn Hosts, opts: &ChaosOpts, shared: &Shared) -> Vec
                         t,
                         kind,
                         nodes,
-                        groups: if f.kind == FaultKind::Partition {
-                            f.groups
-                                .iter()
-                                .map(|g| g.iter().map(|n| n + 1).collect())
-                                .collect()
-                        } else {
-                            Vec::new()
-                        },
+                        groups,
                         until: None,
                         error: r.err().map(|e| e.to_string()),
                     },
