@@ -6,6 +6,8 @@
 //! over. Pure logic: the reader issues the fetches.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Tuning of a stream's window, in blocks.
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +38,8 @@ pub struct Stream {
     /// Blocks before this index were already asked for.
     issued_to: u64,
     started: bool,
+    /// `next`, shared with the fetches ahead: a block wholly behind it was read already.
+    front: Arc<AtomicU64>,
 }
 
 impl Stream {
@@ -47,7 +51,13 @@ impl Stream {
             window: opts.initial.max(1),
             issued_to: 0,
             started: false,
+            front: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// How far the stream has read (bytes), as it moves.
+    pub fn front(&self) -> Arc<AtomicU64> {
+        self.front.clone()
     }
 
     pub fn window(&self) -> u64 {
@@ -84,6 +94,7 @@ impl Stream {
             self.window = (self.window / 2).max(1);
         }
         self.started = true;
+        self.front.store(self.next, Ordering::Relaxed);
         let start = self.issued_to.max(last + 1);
         let end = (last + 1 + self.window).min(blocks);
         if start >= end {

@@ -48,7 +48,7 @@ fn read_all(fs: &Fs<MemRing>, ino: u64) -> Vec<u8> {
     };
     let out = fs.rt().block_on(fs.read(fh, 0, 1 << 20)).unwrap();
     fs.release(fh);
-    out.data
+    out.data.into_vec()
 }
 
 /// Look a path up name by name, as the kernel would; returns every number looked up.
@@ -222,7 +222,7 @@ async fn a_file_read_in_parts_fills_the_cache_across_opens() {
         let read = |fh: u64, off: usize, len: usize| {
             let out = fs.rt().block_on(fs.read(fh, off as u64, len as u32));
             out.map(|o| {
-                let d = o.data.clone();
+                let d = o.data.as_slice().to_vec();
                 fs.after_reply(o, off as u64);
                 d
             })
@@ -280,6 +280,71 @@ async fn a_file_read_in_parts_fills_the_cache_across_opens() {
         );
         ring.offline.store(false, Ordering::SeqCst);
         fs.release(fh);
+    })
+    .await
+    .unwrap();
+}
+
+/// A file read through once, as the kernel reads it (1 MiB requests in order, each first
+/// polled once on the FUSE thread and, when it would wait, asked again from a task), costs
+/// one fetch per block and leaves no data block in memory: the kernel's page cache holds
+/// what was read, and the freed buffers serve the next fetches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_through_is_fetched_once_and_not_kept() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let src = TempDir::new("mfs-stream");
+    let bs = cfs_tests::tree::BS;
+    let blocks = 40;
+    let data = cfs_tests::tree::pattern(blocks * bs + 7, 9);
+    std::fs::write(src.path().join("big"), &data).unwrap();
+    let ring = Arc::new(MemRing::new());
+    let key = SigningKey::from_bytes(&[9u8; 32]);
+    let fsid = publish_quiet(&ring, src.path(), &key).await;
+    let fs = open_fs(ring.clone(), fsid, MountOpts::default())
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        let ino = fs.lookup(ROOT_INO, b"big").unwrap().0;
+        let Opened::Normal(fh) = fs
+            .open(ino, false, |_| Err(std::io::Error::other("no FUSE")))
+            .unwrap()
+        else {
+            panic!("no passthrough without a file cache")
+        };
+        let before = ring.gets.load(Ordering::SeqCst);
+        let (chunk, mut got) = (1usize << 20, Vec::new());
+        for off in (0..data.len()).step_by(chunk) {
+            let first = {
+                let _rt = fs.rt().enter();
+                let mut read = std::pin::pin!(fs.read(fh, off as u64, chunk as u32));
+                match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                    Poll::Ready(r) => Some(r),
+                    Poll::Pending => None,
+                }
+            };
+            let out = match first {
+                Some(r) => r,
+                None => fs.rt().block_on(fs.read(fh, off as u64, chunk as u32)),
+            }
+            .unwrap();
+            got.extend_from_slice(out.data.as_slice());
+            fs.after_reply(out, off as u64);
+        }
+        assert!(got == data, "the bytes read are the file");
+        let gets = ring.gets.load(Ordering::SeqCst) - before;
+        // Each data block once, and the indirect block(s) above them.
+        assert!(
+            gets <= blocks as u64 + 1 + 2,
+            "{gets} fetches for {} blocks",
+            blocks + 1
+        );
+        fs.release(fh);
+        assert!(
+            fs.memory_in_use() < bs,
+            "{} bytes still held after the read",
+            fs.memory_in_use()
+        );
     })
     .await
     .unwrap();

@@ -382,7 +382,7 @@ async fn many_streams_share_one_memory_budget() {
                     .read_streamed(&f, got.len() as u64, chunk, Some(&stream))
                     .await
                     .unwrap();
-                got.extend_from_slice(&b);
+                got.extend_from_slice(b.as_slice());
             }
             assert!(got == pattern(24 * bs + 7, i), "f{i} reads back");
         }));

@@ -8,6 +8,7 @@ use cfs_core::fs::{self, spans, tree_path, EntryKind, FileData, Inode, InodeBody
 use cfs_core::{BlockKind, Id};
 use std::io::Write;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Entries of one listing whose inodes are fetched ahead, at most.
@@ -29,6 +30,13 @@ impl Piece {
         match self {
             Piece::Block(b, r) => &b[r.clone()],
             Piece::Owned(v) => v,
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Piece::Owned(v) => v,
+            p => p.as_slice().to_vec(),
         }
     }
 }
@@ -61,29 +69,33 @@ impl<R: BlockService> Reader<R> {
     /// Bytes [offset, offset+len) of a file (clipped at end of file), without
     /// read-ahead.
     pub async fn read(&self, file: &Inode, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
-        self.read_streamed(file, offset, len, None).await
+        Ok(self
+            .read_streamed(file, offset, len, None)
+            .await?
+            .into_vec())
     }
 
     /// Bytes [offset, offset+len) of a file (clipped at end of file); the read is part
-    /// of `stream`, whose window decides which blocks to fetch ahead.
+    /// of `stream`, whose window decides which blocks to fetch ahead. A read within one
+    /// block is that block's range, shared: the reply goes out without a copy.
     pub async fn read_streamed(
         &self,
         file: &Inode,
         offset: u64,
         len: u64,
         stream: Option<&Mutex<Stream>>,
-    ) -> Result<Vec<u8>, FsError> {
+    ) -> Result<Piece, FsError> {
         let mut pieces = self.read_pieces(file, offset, len, stream).await?;
-        if let [Piece::Owned(_)] = pieces.as_slice() {
-            if let Some(Piece::Owned(v)) = pieces.pop() {
-                return Ok(v);
+        if pieces.len() == 1 {
+            if let Some(p) = pieces.pop() {
+                return Ok(p);
             }
         }
         let mut out = Vec::with_capacity(pieces.iter().map(|p| p.as_slice().len()).sum());
         for p in &pieces {
             out.extend_from_slice(p.as_slice());
         }
-        Ok(out)
+        Ok(Piece::Owned(out))
     }
 
     /// The same bytes as [`Reader::read_streamed`], as pieces: ranges of cached blocks
@@ -125,18 +137,21 @@ impl<R: BlockService> Reader<R> {
         }
         if let (Some(stream), false) = (stream, sp.is_empty()) {
             let short = self.short_of_memory();
-            let ahead = stream.lock().unwrap().on_read(
+            let mut st = stream.lock().unwrap();
+            let ahead = st.on_read(
                 offset,
                 len.min(*size - offset),
                 fs::block_count(*size, block_size),
                 short,
             );
+            let front = st.front();
+            drop(st);
             if !ahead.is_empty() {
-                self.read_ahead(*size, block_size, depth, root, ahead);
+                self.read_ahead(*size, block_size, depth, root, ahead, front);
             }
         }
         let mut out = Vec::with_capacity(sp.len());
-        for (s, p) in sp.iter().zip(ptrs) {
+        for (s, p) in sp.iter().zip(ptrs.iter().copied()) {
             match p {
                 None => out.push(Piece::Owned(vec![0; s.end - s.start])),
                 Some(k) => {
@@ -152,6 +167,15 @@ impl<R: BlockService> Reader<R> {
                         });
                     }
                     out.push(Piece::Block(d, s.start..s.end));
+                }
+            }
+        }
+        // Only once the read is whole: a read cut short (a first poll that would wait) is
+        // asked again and needs its blocks still there.
+        if stream.is_some() && self.inner.opts.forget_streamed {
+            for (s, p) in sp.iter().zip(&ptrs) {
+                if let (Some(k), true) = (p, s.end == s.block_len) {
+                    self.cache_forget(BlockKind::Data, *k);
                 }
             }
         }
@@ -226,10 +250,15 @@ impl<R: BlockService> Reader<R> {
         depth: u8,
         root: Option<Id>,
         range: Range<u64>,
+        front: Arc<AtomicU64>,
     ) {
         let me = self.clone();
         tokio::spawn(async move {
             for i in range {
+                // Read (and perhaps forgotten) before its turn came: not fetched again.
+                if (i + 1).saturating_mul(u64::from(block_size)) <= front.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let Ok(Some(k)) = me.block_ptr(depth, root, i).await else {
                     continue;
                 };
@@ -299,11 +328,12 @@ impl<R: BlockService> Reader<R> {
         let stream = self.stream_for(file);
         let mut off = 0;
         while off < size {
-            let b = self.read_streamed(file, off, chunk, Some(&stream)).await?;
+            let p = self.read_streamed(file, off, chunk, Some(&stream)).await?;
+            let b = p.as_slice();
             if b.is_empty() {
                 break;
             }
-            out.write_all(&b)?;
+            out.write_all(b)?;
             off += b.len() as u64;
         }
         out.flush()?;

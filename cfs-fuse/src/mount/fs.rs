@@ -6,7 +6,7 @@ use super::file_cache::{read_range, FileCache, Fill};
 use super::handles::{FileRefs, Handles, Listing, Open, OpenFile};
 use super::inodes::{InodeTable, ROOT_INO};
 use super::MountOpts;
-use crate::fsread::{FsError, MemoryHold, Reader};
+use crate::fsread::{FsError, MemoryHold, Piece, Reader};
 use crate::ring::BlockService;
 use cfs_core::block::Totals;
 use cfs_core::fs::{EntryKind, Inode, InodeBody};
@@ -78,7 +78,7 @@ pub enum Opened {
 /// Bytes of one read, and the cache fill they go to once the reply is sent; they count
 /// against the reader's memory budget until then (or until written to the fill).
 pub struct ReadOut<R> {
-    pub data: Vec<u8>,
+    pub data: Piece,
     fill: Option<Arc<Fill>>,
     _hold: MemoryHold<R>,
 }
@@ -133,6 +133,11 @@ impl<R: BlockService> Fs<R> {
     /// The runtime the blocking operations run their fetches on.
     pub fn rt(&self) -> &Handle {
         &self.rt
+    }
+
+    /// Bytes of the reader's memory budget in use (cached blocks, fetches, replies).
+    pub fn memory_in_use(&self) -> usize {
+        self.reader.memory_in_use()
     }
 
     pub fn version(&self) -> u64 {
@@ -414,7 +419,7 @@ impl<R: BlockService> Fs<R> {
             let end = offset.saturating_add(size as u64).min(inode.size());
             let data = read_range(&f, offset, end).map_err(|e| OpError::Read(FsError::Io(e)))?;
             return Ok(ReadOut {
-                data,
+                data: Piece::Owned(data),
                 fill: None,
                 _hold: hold,
             });
@@ -424,7 +429,7 @@ impl<R: BlockService> Fs<R> {
             let end = offset.saturating_add(size as u64);
             if let Some(data) = f.read_covered(offset, end) {
                 return Ok(ReadOut {
-                    data,
+                    data: Piece::Owned(data),
                     fill: None,
                     _hold: hold,
                 });
@@ -450,7 +455,7 @@ impl<R: BlockService> Fs<R> {
             return;
         };
         let (data, hold) = (out.data, out._hold);
-        let permit = u32::try_from(data.len().max(1))
+        let permit = u32::try_from(data.as_slice().len().max(1))
             .ok()
             .and_then(|n| fc.write_budget.clone().try_acquire_many_owned(n).ok());
         match permit {
@@ -459,7 +464,7 @@ impl<R: BlockService> Fs<R> {
                 let s = self.clone();
                 self.rt.spawn_blocking(move || {
                     if let Some(fc) = &s.files {
-                        fc.write(&fill, offset, Some(&data));
+                        fc.write(&fill, offset, Some(data.as_slice()));
                     }
                     drop((permit, hold));
                 });

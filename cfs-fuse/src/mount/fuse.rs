@@ -132,7 +132,7 @@ impl<R: BlockService> Filesystem for FuseFs<R> {
             if let Poll::Ready(r) = read.as_mut().poll(&mut cx) {
                 return match r {
                     Ok(out) => {
-                        reply.data(&out.data);
+                        reply.data(out.data.as_slice());
                         self.fs.after_reply(out, offset);
                     }
                     Err(e) => reply.error(errno("read", &e)),
@@ -144,7 +144,7 @@ impl<R: BlockService> Filesystem for FuseFs<R> {
         self.fs.rt.spawn(async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(out) => {
-                    reply.data(&out.data);
+                    reply.data(out.data.as_slice());
                     fs.after_reply(out, offset);
                 }
                 Err(e) => reply.error(errno("read", &e)),

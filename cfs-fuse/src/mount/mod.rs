@@ -220,7 +220,14 @@ pub async fn open_fs<R: BlockService>(
     opts: MountOpts,
 ) -> Result<Arc<Fs<R>>, MountError> {
     let rt = Handle::current();
-    let reader = Reader::new(ring, opts.reader.clone());
+    // Without direct I/O the kernel keeps what a stream read in its page cache.
+    let reader = Reader::new(
+        ring,
+        ReaderOpts {
+            forget_streamed: !opts.direct_io,
+            ..opts.reader.clone()
+        },
+    );
     let root = reader.root(fsid, opts.version).await?;
     // Fetch the top inode now: a missing tree fails here, not in the first `ls`.
     reader.inode(root.top).await?;
