@@ -400,3 +400,48 @@ async fn many_streams_share_one_memory_budget() {
         "peak {peak} above budget {budget} + demand {demand}"
     );
 }
+
+/// A stream that reads a file alone lets each block go once read (its buffer serves the
+/// next fetch); while a second stream reads the same file, the blocks stay for it, so a
+/// second download of a popular file costs the ring nothing.
+#[tokio::test]
+async fn blocks_read_by_a_lone_stream_leave_the_cache_and_shared_ones_stay() {
+    let bs = cfs_tests::tree::BS;
+    let src = TempDir::new("pr-forget");
+    let data = pattern(12 * bs, 4);
+    std::fs::write(src.path().join("f"), &data).unwrap();
+    let ring = Arc::new(MemRing::new());
+    let r = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    let reader = Reader::new(ring.clone(), ReaderOpts::default());
+    let root = reader.root(r.fsid, None).await.unwrap();
+    let (_, f) = reader.resolve(root.top, b"f").await.unwrap();
+    async fn read_through(
+        reader: &Reader<MemRing>,
+        f: &cfs_core::fs::Inode,
+        s: &cfs_fuse::fsread::FileStream,
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        while (got.len() as u64) < f.size() {
+            let p = reader
+                .read_streamed(f, got.len() as u64, cfs_tests::tree::BS as u64, Some(s))
+                .await
+                .unwrap();
+            got.extend_from_slice(p.as_slice());
+        }
+        got
+    }
+    // Alone: nothing of the file stays.
+    let lone = reader.stream_for(&f);
+    assert!(read_through(&reader, &f, &lone).await == data);
+    drop(lone);
+    assert!(reader.memory_in_use() < bs, "{} bytes kept", reader.memory_in_use());
+    // Two readers: the first one's blocks stay for the second, which fetches nothing.
+    let (a, b) = (reader.stream_for(&f), reader.stream_for(&f));
+    assert!(read_through(&reader, &f, &a).await == data);
+    assert!(reader.memory_in_use() >= data.len(), "kept for the other reader");
+    let before = ring.gets.load(Ordering::SeqCst);
+    assert!(read_through(&reader, &f, &b).await == data);
+    assert_eq!(ring.gets.load(Ordering::SeqCst), before, "the second read fetched");
+}

@@ -1,11 +1,12 @@
 //! Reading files: block pointers, ranges with read-ahead, fetching a listing's entries
 //! ahead, checking a local copy, and `cfs get`.
 
-use super::{Cached, FsError, Reader, ReaderOpts};
+use super::{Cached, Forget, FsError, Reader, ReaderOpts};
 use crate::prefetch::Stream;
 use crate::ring::BlockService;
 use cfs_core::fs::{self, spans, tree_path, EntryKind, FileData, Inode, InodeBody, Meta};
 use cfs_core::{BlockKind, Id};
+use std::collections::HashMap;
 use std::io::Write;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,36 @@ impl Piece {
         match self {
             Piece::Owned(v) => v,
             p => p.as_slice().to_vec(),
+        }
+    }
+}
+
+/// The read-ahead window of one reader of a file (an open file, an HTTP response).
+pub struct FileStream {
+    window: Mutex<Stream>,
+    /// The file's tree root and the reader's count of streams per file.
+    sharing: Option<(Id, Arc<Mutex<HashMap<Id, usize>>>)>,
+}
+
+impl FileStream {
+    /// No other stream reads the same file now.
+    fn alone(&self) -> bool {
+        self.sharing
+            .as_ref()
+            .is_some_and(|(r, m)| m.lock().unwrap().get(r).copied() == Some(1))
+    }
+}
+
+impl Drop for FileStream {
+    fn drop(&mut self) {
+        if let Some((r, m)) = &self.sharing {
+            let mut m = m.lock().unwrap();
+            if let Some(n) = m.get_mut(r) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(r);
+                }
+            }
         }
     }
 }
@@ -83,7 +114,7 @@ impl<R: BlockService> Reader<R> {
         file: &Inode,
         offset: u64,
         len: u64,
-        stream: Option<&Mutex<Stream>>,
+        stream: Option<&FileStream>,
     ) -> Result<Piece, FsError> {
         let mut pieces = self.read_pieces(file, offset, len, stream).await?;
         if pieces.len() == 1 {
@@ -105,7 +136,7 @@ impl<R: BlockService> Reader<R> {
         file: &Inode,
         offset: u64,
         len: u64,
-        stream: Option<&Mutex<Stream>>,
+        stream: Option<&FileStream>,
     ) -> Result<Vec<Piece>, FsError> {
         let InodeBody::File { size, data } = &file.body else {
             return Err(FsError::IsDir(String::new()));
@@ -137,7 +168,7 @@ impl<R: BlockService> Reader<R> {
         }
         if let (Some(stream), false) = (stream, sp.is_empty()) {
             let short = self.short_of_memory();
-            let mut st = stream.lock().unwrap();
+            let mut st = stream.window.lock().unwrap();
             let ahead = st.on_read(
                 offset,
                 len.min(*size - offset),
@@ -172,7 +203,12 @@ impl<R: BlockService> Reader<R> {
         }
         // Only once the read is whole: a read cut short (a first poll that would wait) is
         // asked again and needs its blocks still there.
-        if stream.is_some() && self.inner.opts.forget_streamed {
+        let forget = stream.is_some_and(|s| match self.inner.opts.forget {
+            Forget::Never => false,
+            Forget::WhenAlone => s.alone(),
+            Forget::Always => true,
+        });
+        if forget {
             for (s, p) in sp.iter().zip(&ptrs) {
                 if let (Some(k), true) = (p, s.end == s.block_len) {
                     self.cache_forget(BlockKind::Data, *k);
@@ -229,16 +265,26 @@ impl<R: BlockService> Reader<R> {
         }
     }
 
-    /// A read-ahead stream for sequential reads of `file`.
-    pub fn stream_for(&self, file: &Inode) -> Mutex<Stream> {
-        let block_size = match &file.body {
+    /// A read-ahead stream for sequential reads of `file`, counted among the file's
+    /// readers while it lives.
+    pub fn stream_for(&self, file: &Inode) -> FileStream {
+        let (block_size, root) = match &file.body {
             InodeBody::File {
-                data: FileData::Tree { block_size, .. },
+                data: FileData::Tree {
+                    block_size, root, ..
+                },
                 ..
-            } => *block_size,
-            _ => fs::BLOCK_SIZE as u32,
+            } => (*block_size, *root),
+            _ => (fs::BLOCK_SIZE as u32, None),
         };
-        Mutex::new(Stream::new(block_size, self.inner.opts.window))
+        let sharing = root.map(|r| {
+            *self.inner.streams.lock().unwrap().entry(r).or_insert(0) += 1;
+            (r, self.inner.streams.clone())
+        });
+        FileStream {
+            window: Mutex::new(Stream::new(block_size, self.inner.opts.window)),
+            sharing,
+        }
     }
 
     /// Fetch blocks `range` in the background, at most `prefetch_parallel` at once,

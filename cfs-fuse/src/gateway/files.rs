@@ -111,7 +111,10 @@ fn body_stream<R: BlockService>(
                 return None;
             }
             let n = CHUNK.min(end - off);
-            let item = match reader.read_pieces(&inode, off, n, Some(&ahead)).await {
+            let item = match reader
+                .read_pieces(&inode, off, n, Some(ahead.as_ref()))
+                .await
+            {
                 Ok(ps) if ps.iter().map(|p| p.as_slice().len() as u64).sum::<u64>() == n => Ok(ps
                     .into_iter()
                     .map(|p| match p {

@@ -437,7 +437,7 @@ impl<R: BlockService> Fs<R> {
         }
         let data = self
             .reader
-            .read_streamed(&inode, offset, size as u64, Some(&stream))
+            .read_streamed(&inode, offset, size as u64, Some(stream.as_ref()))
             .await?;
         // Announced before the reply, so a release right after it keeps the fill.
         let fill = fill.filter(|f| FileCache::begin_write(f));

@@ -23,7 +23,7 @@ pub use fs::{Fs, OpError, Opened};
 pub use inodes::ROOT_INO;
 pub use version::Invalidations;
 
-use crate::fsread::{FsError, Reader, ReaderOpts};
+use crate::fsread::{Forget, FsError, Reader, ReaderOpts};
 use crate::ring::BlockService;
 use cfs_core::Id;
 use file_cache::{stack_depth_for, FileCache};
@@ -224,7 +224,11 @@ pub async fn open_fs<R: BlockService>(
     let reader = Reader::new(
         ring,
         ReaderOpts {
-            forget_streamed: !opts.direct_io,
+            forget: if opts.direct_io {
+                Forget::WhenAlone
+            } else {
+                Forget::Always
+            },
             ..opts.reader.clone()
         },
     );
