@@ -4,6 +4,7 @@
 now() { date +%s.%N; }
 calc() { echo "scale=3; $1" | bc -l; }
 median() { printf "%s\n" "$@" | sort -g | sed -n "$(( ($# + 1) / 2 ))p"; }
+best() { printf "%s\n" "$@" | sort -g | head -1; }
 timed() { local t0=$(now); eval "$1" > /dev/null; local t1=$(now); calc "$t1 - $t0"; }
 
 # The disk quiet, then the page cache dropped. With online discard (ext4 -o discard) a
