@@ -40,6 +40,8 @@ pub struct Stream {
     started: bool,
     /// `next`, shared with the fetches ahead: a block wholly behind it was read already.
     front: Arc<AtomicU64>,
+    /// Where the current sequential run began (bytes).
+    run_start: u64,
 }
 
 impl Stream {
@@ -52,7 +54,13 @@ impl Stream {
             issued_to: 0,
             started: false,
             front: Arc::new(AtomicU64::new(0)),
+            run_start: 0,
         }
+    }
+
+    /// Where the current sequential run began: what lies between it and `next` was read.
+    pub fn run_start(&self) -> u64 {
+        self.run_start
     }
 
     /// How far the stream has read (bytes), as it moves.
@@ -89,6 +97,7 @@ impl Stream {
             self.window = self.opts.initial.max(1);
             self.issued_to = first;
             self.next = offset + len;
+            self.run_start = offset;
         }
         if short {
             self.window = (self.window / 2).max(1);

@@ -401,47 +401,74 @@ async fn many_streams_share_one_memory_budget() {
     );
 }
 
-/// A stream that reads a file alone lets each block go once read (its buffer serves the
-/// next fetch); while a second stream reads the same file, the blocks stay for it, so a
-/// second download of a popular file costs the ring nothing.
+/// With `forget_streamed` (the mount, `cfs get`), what a stream read through leaves the
+/// cache, each block fetched once; a block a stream read only in part stays, and so does
+/// the block of a one-block file (identical small files share it).
 #[tokio::test]
-async fn blocks_read_by_a_lone_stream_leave_the_cache_and_shared_ones_stay() {
+async fn what_a_stream_read_through_leaves_the_cache_and_partly_read_blocks_stay() {
     let bs = cfs_tests::tree::BS;
     let src = TempDir::new("pr-forget");
     let data = pattern(12 * bs, 4);
     std::fs::write(src.path().join("f"), &data).unwrap();
+    std::fs::write(src.path().join("small"), pattern(bs / 2, 5)).unwrap();
     let ring = Arc::new(MemRing::new());
     let r = publish(ring.clone(), src.path(), &key(), &quiet())
         .await
         .unwrap();
-    let reader = Reader::new(ring.clone(), ReaderOpts::default());
+    let opts = ReaderOpts {
+        forget_streamed: true,
+        ..ReaderOpts::default()
+    };
+    let reader = Reader::new(ring.clone(), opts);
     let root = reader.root(r.fsid, None).await.unwrap();
     let (_, f) = reader.resolve(root.top, b"f").await.unwrap();
-    async fn read_through(
-        reader: &Reader<MemRing>,
-        f: &cfs_core::fs::Inode,
-        s: &cfs_fuse::fsread::FileStream,
-    ) -> Vec<u8> {
-        let mut got = Vec::new();
-        while (got.len() as u64) < f.size() {
+    let (_, small) = reader.resolve(root.top, b"small").await.unwrap();
+    let gets = || ring.gets.load(Ordering::SeqCst);
+    let read = |f, stream, off: usize, len: usize| {
+        let reader = reader.clone();
+        async move {
             let p = reader
-                .read_streamed(f, got.len() as u64, cfs_tests::tree::BS as u64, Some(s))
+                .read_streamed(f, off as u64, len as u64, Some(stream))
                 .await
                 .unwrap();
-            got.extend_from_slice(p.as_slice());
+            p.as_slice().to_vec()
         }
-        got
+    };
+    // Read through: nothing of it stays, and no block was fetched twice.
+    let before = gets();
+    let stream = reader.stream_for(&f);
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        got.extend(read(&f, &stream, got.len(), bs).await);
     }
-    // Alone: nothing of the file stays.
-    let lone = reader.stream_for(&f);
-    assert!(read_through(&reader, &f, &lone).await == data);
-    drop(lone);
-    assert!(reader.memory_in_use() < bs, "{} bytes kept", reader.memory_in_use());
-    // Two readers: the first one's blocks stay for the second, which fetches nothing.
-    let (a, b) = (reader.stream_for(&f), reader.stream_for(&f));
-    assert!(read_through(&reader, &f, &a).await == data);
-    assert!(reader.memory_in_use() >= data.len(), "kept for the other reader");
-    let before = ring.gets.load(Ordering::SeqCst);
-    assert!(read_through(&reader, &f, &b).await == data);
-    assert_eq!(ring.gets.load(Ordering::SeqCst), before, "the second read fetched");
+    assert!(got == data);
+    assert!(
+        gets() - before <= 12 + 1,
+        "{} fetches for 12 blocks",
+        gets() - before
+    );
+    assert!(
+        reader.memory_in_use() < bs,
+        "{} bytes kept",
+        reader.memory_in_use()
+    );
+    // A read from the middle of block 3 to its end: block 3 stays for its first half.
+    let stream = reader.stream_for(&f);
+    let tail = read(&f, &stream, 3 * bs + bs / 2, bs / 2).await;
+    assert!(tail == data[3 * bs + bs / 2..4 * bs]);
+    let before = gets();
+    let stream = reader.stream_for(&f);
+    assert!(read(&f, &stream, 3 * bs, bs / 2).await == data[3 * bs..3 * bs + bs / 2]);
+    assert_eq!(
+        gets(),
+        before,
+        "the first half of block 3 was fetched again"
+    );
+    // A one-block file read through stays.
+    let stream = reader.stream_for(&small);
+    assert_eq!(read(&small, &stream, 0, bs).await.len(), bs / 2);
+    let before = gets();
+    let stream = reader.stream_for(&small);
+    read(&small, &stream, 0, bs).await;
+    assert_eq!(gets(), before, "a one-block file was fetched again");
 }

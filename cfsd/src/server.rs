@@ -107,10 +107,10 @@ pub fn raise_fd_limit() -> u64 {
                     rlim_max: l.rlim_max,
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                    return want.rlim_cur;
+                    return want.rlim_cur as u64;
                 }
             }
-            return l.rlim_cur;
+            return l.rlim_cur as u64;
         }
     }
     1024

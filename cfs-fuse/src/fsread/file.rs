@@ -1,12 +1,11 @@
 //! Reading files: block pointers, ranges with read-ahead, fetching a listing's entries
 //! ahead, checking a local copy, and `cfs get`.
 
-use super::{Cached, Forget, FsError, Reader, ReaderOpts};
+use super::{Cached, FsError, Reader, ReaderOpts};
 use crate::prefetch::Stream;
 use crate::ring::BlockService;
 use cfs_core::fs::{self, spans, tree_path, EntryKind, FileData, Inode, InodeBody, Meta};
 use cfs_core::{BlockKind, Id};
-use std::collections::HashMap;
 use std::io::Write;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,36 +37,6 @@ impl Piece {
         match self {
             Piece::Owned(v) => v,
             p => p.as_slice().to_vec(),
-        }
-    }
-}
-
-/// The read-ahead window of one reader of a file (an open file, an HTTP response).
-pub struct FileStream {
-    window: Mutex<Stream>,
-    /// The file's tree root and the reader's count of streams per file.
-    sharing: Option<(Id, Arc<Mutex<HashMap<Id, usize>>>)>,
-}
-
-impl FileStream {
-    /// No other stream reads the same file now.
-    fn alone(&self) -> bool {
-        self.sharing
-            .as_ref()
-            .is_some_and(|(r, m)| m.lock().unwrap().get(r).copied() == Some(1))
-    }
-}
-
-impl Drop for FileStream {
-    fn drop(&mut self) {
-        if let Some((r, m)) = &self.sharing {
-            let mut m = m.lock().unwrap();
-            if let Some(n) = m.get_mut(r) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(r);
-                }
-            }
         }
     }
 }
@@ -114,7 +83,7 @@ impl<R: BlockService> Reader<R> {
         file: &Inode,
         offset: u64,
         len: u64,
-        stream: Option<&FileStream>,
+        stream: Option<&Mutex<Stream>>,
     ) -> Result<Piece, FsError> {
         let mut pieces = self.read_pieces(file, offset, len, stream).await?;
         if pieces.len() == 1 {
@@ -136,7 +105,7 @@ impl<R: BlockService> Reader<R> {
         file: &Inode,
         offset: u64,
         len: u64,
-        stream: Option<&FileStream>,
+        stream: Option<&Mutex<Stream>>,
     ) -> Result<Vec<Piece>, FsError> {
         let InodeBody::File { size, data } = &file.body else {
             return Err(FsError::IsDir(String::new()));
@@ -166,9 +135,12 @@ impl<R: BlockService> Reader<R> {
             }
             ptrs.push(p);
         }
+        // Where the stream's current sequential run began: only blocks it read whole
+        // may leave the cache.
+        let mut run_start = None;
         if let (Some(stream), false) = (stream, sp.is_empty()) {
             let short = self.short_of_memory();
-            let mut st = stream.window.lock().unwrap();
+            let mut st = stream.lock().unwrap();
             let ahead = st.on_read(
                 offset,
                 len.min(*size - offset),
@@ -176,6 +148,7 @@ impl<R: BlockService> Reader<R> {
                 short,
             );
             let front = st.front();
+            run_start = Some(st.run_start());
             drop(st);
             if !ahead.is_empty() {
                 self.read_ahead(*size, block_size, depth, root, ahead, front);
@@ -202,15 +175,13 @@ impl<R: BlockService> Reader<R> {
             }
         }
         // Only once the read is whole: a read cut short (a first poll that would wait) is
-        // asked again and needs its blocks still there.
-        let forget = stream.is_some_and(|s| match self.inner.opts.forget {
-            Forget::Never => false,
-            Forget::WhenAlone => s.alone(),
-            Forget::Always => true,
-        });
-        if forget {
+        // asked again and needs its blocks still there. Blocks the run read from their
+        // start to their end; not a one-block file's (identical small files share it).
+        if let (Some(run), true) = (run_start, self.inner.opts.forget_streamed && sp.len() > 0) {
+            let multi = *size > u64::from(block_size);
             for (s, p) in sp.iter().zip(&ptrs) {
-                if let (Some(k), true) = (p, s.end == s.block_len) {
+                let whole = s.index * u64::from(block_size) >= run && s.end == s.block_len;
+                if let (Some(k), true) = (p, multi && whole) {
                     self.cache_forget(BlockKind::Data, *k);
                 }
             }
@@ -265,26 +236,16 @@ impl<R: BlockService> Reader<R> {
         }
     }
 
-    /// A read-ahead stream for sequential reads of `file`, counted among the file's
-    /// readers while it lives.
-    pub fn stream_for(&self, file: &Inode) -> FileStream {
-        let (block_size, root) = match &file.body {
+    /// A read-ahead stream for sequential reads of `file`.
+    pub fn stream_for(&self, file: &Inode) -> Mutex<Stream> {
+        let block_size = match &file.body {
             InodeBody::File {
-                data: FileData::Tree {
-                    block_size, root, ..
-                },
+                data: FileData::Tree { block_size, .. },
                 ..
-            } => (*block_size, *root),
-            _ => (fs::BLOCK_SIZE as u32, None),
+            } => *block_size,
+            _ => fs::BLOCK_SIZE as u32,
         };
-        let sharing = root.map(|r| {
-            *self.inner.streams.lock().unwrap().entry(r).or_insert(0) += 1;
-            (r, self.inner.streams.clone())
-        });
-        FileStream {
-            window: Mutex::new(Stream::new(block_size, self.inner.opts.window)),
-            sharing,
-        }
+        Mutex::new(Stream::new(block_size, self.inner.opts.window))
     }
 
     /// Fetch blocks `range` in the background, at most `prefetch_parallel` at once,
@@ -314,6 +275,10 @@ impl<R: BlockService> Reader<R> {
                 let Ok(permit) = me.inner.prefetch.clone().acquire_owned().await else {
                     return;
                 };
+                // The stream may have read it meanwhile, while this waited for a permit.
+                if (i + 1).saturating_mul(u64::from(block_size)) <= front.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let len = (size - i * block_size as u64).min(block_size as u64) as usize;
                 let Some(mut rx) = me.start(BlockKind::Data, k, len, false) else {
                     return;
@@ -367,20 +332,23 @@ impl<R: BlockService> Reader<R> {
         Ok(true)
     }
 
-    /// Stream a whole file to `out`, a window of blocks in flight at a time.
+    /// Stream a whole file to `out`, a window of blocks in flight at a time; cached
+    /// blocks are written as they are.
     pub async fn copy_to<W: Write>(&self, file: &Inode, out: &mut W) -> Result<u64, FsError> {
         let size = file.size();
         let chunk = (fs::BLOCK_SIZE as u64) * 4;
         let stream = self.stream_for(file);
         let mut off = 0;
         while off < size {
-            let p = self.read_streamed(file, off, chunk, Some(&stream)).await?;
-            let b = p.as_slice();
-            if b.is_empty() {
+            let pieces = self.read_pieces(file, off, chunk, Some(&stream)).await?;
+            let n: usize = pieces.iter().map(|p| p.as_slice().len()).sum();
+            if n == 0 {
                 break;
             }
-            out.write_all(b)?;
-            off += b.len() as u64;
+            for p in &pieces {
+                out.write_all(p.as_slice())?;
+            }
+            off += n as u64;
         }
         out.flush()?;
         Ok(off)
@@ -406,7 +374,12 @@ pub async fn get<R: BlockService, W: Write>(
     path: &str,
     out: &mut W,
 ) -> Result<u64, FsError> {
-    let reader = Reader::new(ring, ReaderOpts::default());
+    // One pass over one file: what was written out is not read again.
+    let opts = ReaderOpts {
+        forget_streamed: true,
+        ..ReaderOpts::default()
+    };
+    let reader = Reader::new(ring, opts);
     let root = reader.root(fsid, version).await?;
     let (_, inode) = reader.resolve(root.top, path.as_bytes()).await?;
     match inode.kind() {

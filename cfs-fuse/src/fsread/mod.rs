@@ -4,7 +4,7 @@
 
 mod file;
 
-pub use file::{get, parse_get_spec, FileStream, Piece};
+pub use file::{get, parse_get_spec, Piece};
 
 use crate::prefetch::WindowOpts;
 use crate::ring::{BlockService, RingError};
@@ -102,22 +102,12 @@ pub struct ReaderOpts {
     pub prefetch_parallel: usize,
     /// A block not obtained within this time fails the read (EIO), never a hang.
     pub deadline: Duration,
-    /// When a data block a sequential stream has read to its end leaves the cache.
-    pub forget: Forget,
-}
-
-/// When a data block a sequential stream has read to its end leaves the cache. Its
-/// buffer then serves the next fetch, instead of fresh memory (a page fault per 4 KiB,
-/// a seventh of the mount's CPU on a cold read when the cache held every block).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Forget {
-    /// Kept until evicted.
-    Never,
-    /// When no other stream reads the same file now: a second download of a popular
-    /// file still finds the blocks the first one fetched (the gateway, `cfs get`).
-    WhenAlone,
-    /// Always: the mount, where the kernel's page cache holds what was read.
-    Always,
+    /// A data block of a multi-block file that a sequential stream has read through
+    /// leaves the cache, its buffer reused by the next fetch instead of fresh memory (a
+    /// page fault per 4 KiB: a seventh of the mount's CPU on a cold read when the cache
+    /// kept every block). For readers whose reads are kept elsewhere: the mount (the
+    /// kernel's page cache; `open_fs` sets it unless direct I/O) and `cfs get` (one pass).
+    pub forget_streamed: bool,
 }
 
 impl Default for ReaderOpts {
@@ -127,7 +117,7 @@ impl Default for ReaderOpts {
             window: WindowOpts::default(),
             prefetch_parallel: 32,
             deadline: Duration::from_secs(30),
-            forget: Forget::WhenAlone,
+            forget_streamed: false,
         }
     }
 }
@@ -142,8 +132,6 @@ struct Lru {
 }
 
 struct Inner<R> {
-    /// Streams open per file (keyed by its tree's root block).
-    streams: Arc<Mutex<HashMap<Id, usize>>>,
     ring: Arc<R>,
     opts: ReaderOpts,
     cache: Mutex<Lru>,
@@ -181,7 +169,6 @@ impl<R: BlockService> Reader<R> {
         let prefetch = Arc::new(Semaphore::new(opts.prefetch_parallel.max(1)));
         Reader {
             inner: Arc::new(Inner {
-                streams: Arc::default(),
                 ring,
                 opts,
                 cache: Mutex::new(Lru {

@@ -454,7 +454,13 @@ impl<R: BlockService> Fs<R> {
         let (Some(fc), Some(fill)) = (self.files.as_ref(), out.fill) else {
             return;
         };
-        let (data, hold) = (out.data, out._hold);
+        // Part of a block waits as its own bytes: the whole block would stay alive
+        // beyond what the hold counts.
+        let data = match out.data {
+            Piece::Block(b, r) if r.len() < b.len() => Piece::Owned(b[r].to_vec()),
+            d => d,
+        };
+        let hold = out._hold;
         let permit = u32::try_from(data.as_slice().len().max(1))
             .ok()
             .and_then(|n| fc.write_budget.clone().try_acquire_many_owned(n).ok());

@@ -23,7 +23,7 @@ pub use fs::{Fs, OpError, Opened};
 pub use inodes::ROOT_INO;
 pub use version::Invalidations;
 
-use crate::fsread::{Forget, FsError, Reader, ReaderOpts};
+use crate::fsread::{FsError, Reader, ReaderOpts};
 use crate::ring::BlockService;
 use cfs_core::Id;
 use file_cache::{stack_depth_for, FileCache};
@@ -42,6 +42,8 @@ pub struct MountOpts {
     pub version: Option<u64>,
     /// How often to ask for a new root.
     pub poll_interval: Duration,
+    /// The reader's tuning; `forget_streamed` follows `direct_io` (the kernel keeps what
+    /// was read unless direct I/O).
     pub reader: ReaderOpts,
     /// fuser worker threads.
     pub threads: usize,
@@ -224,11 +226,7 @@ pub async fn open_fs<R: BlockService>(
     let reader = Reader::new(
         ring,
         ReaderOpts {
-            forget: if opts.direct_io {
-                Forget::WhenAlone
-            } else {
-                Forget::Always
-            },
+            forget_streamed: !opts.direct_io,
             ..opts.reader.clone()
         },
     );
