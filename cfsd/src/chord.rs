@@ -425,6 +425,17 @@ impl<T: Transport> Node<T> {
             return;
         };
         let f = l.succs[0];
+        // A lookup that began before `f` was found dead can still name it (the answer
+        // is another node's word): a node whose last call failed is made a finger only
+        // if it answers a ping now; else this finger waits for the next round.
+        if f != me
+            && self.inner.net.failed_last(f.addr)
+            && self.inner.net.call(f.addr, Request::Ping).await.is_err()
+        {
+            let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
+            vn.next_finger = (i + 1) % 160;
+            return;
+        }
         let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
         let mut j = i;
         while j < 160 && (me.id.add_pow2(j) == f.id || me.id.add_pow2(j).in_open(me.id, f.id)) {

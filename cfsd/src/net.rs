@@ -149,6 +149,11 @@ impl<T: Transport> Net<T> {
         self.peers.rtt_us(addr)
     }
 
+    /// The last call to `addr` failed (it timed out or was refused a connection).
+    pub fn failed_last(&self, addr: SocketAddr) -> bool {
+        self.peers.failed_last(addr)
+    }
+
     /// Order replicas to ask: by expected wait (RTT and calls already in flight).
     pub fn nearest_first(&self, nodes: &mut [NodeRef]) {
         self.peers.least_loaded_first(nodes);

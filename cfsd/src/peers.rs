@@ -105,6 +105,15 @@ impl Peers {
         }
     }
 
+    /// The last call to `addr` failed.
+    pub fn failed_last(&self, addr: SocketAddr) -> bool {
+        self.map
+            .lock()
+            .unwrap()
+            .get(&addr)
+            .is_some_and(|p| p.failed)
+    }
+
     /// Smoothed RTT in microseconds, if measured.
     pub fn rtt_us(&self, addr: SocketAddr) -> Option<f64> {
         self.map.lock().unwrap().get(&addr).and_then(|p| p.rtt_us)
