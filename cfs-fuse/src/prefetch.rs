@@ -9,6 +9,9 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Cap on the read length that widens the tolerance behind the front.
+const MAX_READ_TOLERANCE: u64 = 16 << 20;
+
 /// Tuning of a stream's window, in blocks.
 #[derive(Clone, Copy, Debug)]
 pub struct WindowOpts {
@@ -42,6 +45,9 @@ pub struct Stream {
     front: Arc<AtomicU64>,
     /// Where the current sequential run began (bytes).
     run_start: u64,
+    /// The longest read seen (bytes, capped): reads behind the front by up to twice
+    /// that still count as sequential.
+    max_len: u64,
 }
 
 impl Stream {
@@ -55,6 +61,7 @@ impl Stream {
             started: false,
             front: Arc::new(AtomicU64::new(0)),
             run_start: 0,
+            max_len: 0,
         }
     }
 
@@ -74,7 +81,10 @@ impl Stream {
 
     fn sequential(&self, offset: u64) -> bool {
         let span = self.window * self.block_size;
-        let back = self.next.saturating_sub(span);
+        // Behind the front by a window, or by two reads: the kernel's parallel reads
+        // arrive out of order, and a read cut short is asked again at the same offset
+        // (a 1 MiB read is four blocks, more than a young window).
+        let back = self.next.saturating_sub(span.max(2 * self.max_len));
         let fwd = self
             .next
             .saturating_add(span.saturating_mul(self.opts.forward_windows));
@@ -87,7 +97,9 @@ impl Stream {
     pub fn on_read(&mut self, offset: u64, len: u64, blocks: u64, short: bool) -> Range<u64> {
         let first = offset / self.block_size;
         let last = (offset + len.max(1) - 1) / self.block_size;
-        if self.sequential(offset) {
+        let sequential = self.sequential(offset);
+        self.max_len = self.max_len.max(len.min(MAX_READ_TOLERANCE));
+        if sequential {
             // Reads behind the front (parallel kernel read-ahead) neither grow nor reset.
             if offset >= self.next {
                 self.window = (self.window * 2).min(self.opts.max.max(1));
@@ -167,5 +179,21 @@ mod tests {
         assert_eq!(s.window(), 32);
         let mut t = Stream::new(BS as u32, WindowOpts::default());
         assert_eq!(t.on_read(0, 3 * BS, 3, false), 3..3, "nothing past the end");
+    }
+
+    #[test]
+    fn a_read_asked_again_keeps_the_run() {
+        // 1 MiB reads over small blocks: a read cut short on the FUSE thread is asked
+        // again at the same offset, behind the front by more than a young window.
+        let mut s = Stream::new(BS as u32, WindowOpts::default());
+        let mib = 4 * BS + 100;
+        s.on_read(0, mib, 1000, false);
+        s.on_read(mib, mib, 1000, false);
+        s.on_read(mib, mib, 1000, false);
+        assert_eq!(s.run_start(), 0, "the run goes on");
+        assert!(s.window() >= 2, "the window was not reset: {}", s.window());
+        // A far seek still starts a new run.
+        s.on_read(500 * BS, mib, 1000, false);
+        assert_eq!(s.run_start(), 500 * BS);
     }
 }
