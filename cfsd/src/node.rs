@@ -286,72 +286,83 @@ impl<T: Transport> Node<T> {
         }
     }
 
+    /// Run `work` forever on its own task: first after `first`, then each time after
+    /// `pause` (asked anew, so it can carry fresh jitter).
+    fn periodic<F, Fut>(
+        &self,
+        first: Duration,
+        pause: impl Fn(&Self) -> Duration + Send + 'static,
+        work: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Self) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let n = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(first).await;
+            loop {
+                work(n.clone()).await;
+                tokio::time::sleep(pause(&n)).await;
+            }
+        })
+    }
+
     /// Spawn the periodic maintenance tasks on the current tokio runtime.
     pub fn start(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let cfg = &self.inner.cfg;
         let mut tasks = Vec::new();
-        for v in 0..self.inner.cfg.vnodes {
-            let n = self.clone();
-            tasks.push(tokio::spawn(async move {
-                let jitter = n.jitter(n.inner.cfg.stabilize_every);
-                tokio::time::sleep(jitter).await;
-                loop {
+        for v in 0..cfg.vnodes {
+            let every = cfg.stabilize_every;
+            tasks.push(self.periodic(
+                self.jitter(every),
+                move |_| every,
+                move |n| async move {
                     n.stabilize(v).await;
                     n.check_predecessor(v).await;
-                    tokio::time::sleep(n.inner.cfg.stabilize_every).await;
-                }
-            }));
+                },
+            ));
             // Fingers on a loop of their own: a finger lookup through peers that
             // vanished (a partition drops packets) can take the whole lookup deadline,
             // and the successor list must not wait for it.
-            let n = self.clone();
-            tasks.push(tokio::spawn(async move {
-                let jitter = n.jitter(n.inner.cfg.fix_fingers_every);
-                tokio::time::sleep(jitter).await;
-                loop {
-                    n.fix_finger(v).await;
-                    tokio::time::sleep(n.inner.cfg.fix_fingers_every).await;
-                }
-            }));
+            let every = cfg.fix_fingers_every;
+            tasks.push(self.periodic(
+                self.jitter(every),
+                move |_| every,
+                move |n| async move { n.fix_finger(v).await },
+            ));
         }
-        let n = self.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(
-                    n.inner.cfg.maintain_every + n.jitter(n.inner.cfg.maintain_every / 4),
-                )
-                .await;
-                n.maintain().await;
-            }
-        }));
-        let n = self.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(
-                    n.inner.cfg.rejoin_every + n.jitter(n.inner.cfg.rejoin_every / 4),
-                )
-                .await;
-                n.rejoin().await;
-            }
-        }));
-        if let Some(every) = self.inner.cfg.scrub_every {
-            let n = self.clone();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every + n.jitter(every / 4)).await;
-                    n.scrub().await;
-                }
-            }));
+        // The slower rounds: a period plus up to a quarter of it at random each time.
+        let spread = |every: Duration| move |n: &Self| every + n.jitter(every / 4);
+        let every = cfg.maintain_every;
+        tasks.push(
+            self.periodic(spread(every)(self), spread(every), |n| async move {
+                n.maintain().await
+            }),
+        );
+        let every = cfg.rejoin_every;
+        tasks.push(
+            self.periodic(spread(every)(self), spread(every), |n| async move {
+                n.rejoin().await
+            }),
+        );
+        if let Some(every) = cfg.scrub_every {
+            tasks.push(
+                self.periodic(spread(every)(self), spread(every), |n| async move {
+                    n.scrub().await
+                }),
+            );
         }
-        let n = self.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(CHARGES_SAVE_EVERY).await;
+        tasks.push(self.periodic(
+            CHARGES_SAVE_EVERY,
+            |_| CHARGES_SAVE_EVERY,
+            |n| async move {
                 let store = n.inner.store.clone();
                 let m = n.clone();
                 let now = n.now_unix();
                 let _ = n.blocking(move || m.inner.quota.save(&*store, now)).await;
-            }
-        }));
+            },
+        ));
         tasks
     }
 
