@@ -39,6 +39,14 @@ async fn publish_quiet(ring: &Arc<MemRing>, src: &Path, key: &SigningKey) -> cfs
     publish(ring.clone(), src, key, &opts).await.unwrap().fsid
 }
 
+/// A ring in memory holding `src`, published with the key of `seed`.
+async fn published(src: &Path, seed: u8) -> (Arc<MemRing>, SigningKey, cfs_core::Id) {
+    let ring = Arc::new(MemRing::new());
+    let key = SigningKey::from_bytes(&[seed; 32]);
+    let fsid = publish_quiet(&ring, src, &key).await;
+    (ring, key, fsid)
+}
+
 fn read_all(fs: &Fs<MemRing>, ino: u64) -> Vec<u8> {
     let Opened::Normal(fh) = fs
         .open(ino, false, |_| Err(std::io::Error::other("no FUSE")))
@@ -66,9 +74,7 @@ fn walk(fs: &Fs<MemRing>, path: &str) -> Vec<u64> {
 async fn forget_bounds_the_table_and_a_version_costs_only_changed_held_paths() {
     let src = TempDir::new("mfs");
     build(src.path(), 1);
-    let ring = Arc::new(MemRing::new());
-    let key = SigningKey::from_bytes(&[3u8; 32]);
-    let fsid = publish_quiet(&ring, src.path(), &key).await;
+    let (ring, key, fsid) = published(src.path(), 3).await;
     let fs = open_fs(ring.clone(), fsid, MountOpts::default())
         .await
         .unwrap();
@@ -136,9 +142,7 @@ async fn forget_bounds_the_table_and_a_version_costs_only_changed_held_paths() {
 async fn errors_are_typed() {
     let src = TempDir::new("mfs-err");
     build(src.path(), 1);
-    let ring = Arc::new(MemRing::new());
-    let key = SigningKey::from_bytes(&[4u8; 32]);
-    let fsid = publish_quiet(&ring, src.path(), &key).await;
+    let (ring, _, fsid) = published(src.path(), 4).await;
     let opts = MountOpts {
         reader: ReaderOpts {
             deadline: Duration::from_millis(300),
@@ -197,9 +201,7 @@ async fn a_file_read_in_parts_fills_the_cache_across_opens() {
     let bs = cfs_tests::tree::BS;
     let data = cfs_tests::tree::pattern(6 * bs + 99, 5);
     std::fs::write(src.path().join("big"), &data).unwrap();
-    let ring = Arc::new(MemRing::new());
-    let key = SigningKey::from_bytes(&[6u8; 32]);
-    let fsid = publish_quiet(&ring, src.path(), &key).await;
+    let (ring, _, fsid) = published(src.path(), 6).await;
     let cache = TempDir::new("mfs-part-cache");
     let opts = MountOpts {
         file_cache: Some(cfs_fuse::mount::FileCacheOpts::new(
@@ -298,9 +300,7 @@ async fn a_file_read_through_is_fetched_once_and_not_kept() {
     let blocks = 40;
     let data = cfs_tests::tree::pattern(blocks * bs + 7, 9);
     std::fs::write(src.path().join("big"), &data).unwrap();
-    let ring = Arc::new(MemRing::new());
-    let key = SigningKey::from_bytes(&[9u8; 32]);
-    let fsid = publish_quiet(&ring, src.path(), &key).await;
+    let (ring, _, fsid) = published(src.path(), 9).await;
     let fs = open_fs(ring.clone(), fsid, MountOpts::default())
         .await
         .unwrap();
