@@ -472,3 +472,68 @@ async fn what_a_stream_read_through_leaves_the_cache_and_partly_read_blocks_stay
     read(&small, &stream, 0, bs).await;
     assert_eq!(gets(), before, "a one-block file was fetched again");
 }
+
+/// With `forget_large_scans` (the gateway), a file larger than a quarter of the budget
+/// read through by a stream alone leaves the cache (a long download neither flushes the
+/// cache nor grows it); read by two streams at once, it stays for the second; a smaller
+/// file stays for the next reader.
+#[tokio::test]
+async fn a_large_file_read_alone_leaves_the_cache_and_shared_or_small_ones_stay() {
+    let bs = cfs_tests::tree::BS;
+    let src = TempDir::new("pr-scan");
+    let big = pattern(12 * bs, 6);
+    let small = pattern(3 * bs, 7);
+    std::fs::write(src.path().join("big"), &big).unwrap();
+    std::fs::write(src.path().join("small"), &small).unwrap();
+    let ring = Arc::new(MemRing::new());
+    let r = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    // A quarter of the budget is 10 blocks: "big" is larger, "small" is not.
+    let opts = ReaderOpts {
+        cache_bytes: 40 * bs,
+        forget_large_scans: true,
+        ..ReaderOpts::default()
+    };
+    let reader = Reader::new(ring.clone(), opts);
+    let root = reader.root(r.fsid, None).await.unwrap();
+    async fn read_through(
+        reader: &Reader<MemRing>,
+        f: &cfs_core::fs::Inode,
+        s: &cfs_fuse::fsread::FileStream,
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        while (got.len() as u64) < f.size() {
+            let p = reader
+                .read_streamed(f, got.len() as u64, cfs_tests::tree::BS as u64, Some(s))
+                .await
+                .unwrap();
+            got.extend_from_slice(p.as_slice());
+        }
+        got
+    }
+    let (_, f) = reader.resolve(root.top, b"big").await.unwrap();
+    let gets = || ring.gets.load(Ordering::SeqCst);
+    // Alone: nothing of it stays.
+    let lone = reader.stream_for(&f);
+    assert!(read_through(&reader, &f, &lone).await == big);
+    drop(lone);
+    assert!(
+        reader.memory_in_use() < bs,
+        "{} bytes kept",
+        reader.memory_in_use()
+    );
+    // Two readers at once: what the first read stays for the second.
+    let (a, b) = (reader.stream_for(&f), reader.stream_for(&f));
+    assert!(read_through(&reader, &f, &a).await == big);
+    let before = gets();
+    assert!(read_through(&reader, &f, &b).await == big);
+    assert_eq!(gets(), before, "the second reader fetched again");
+    drop((a, b));
+    // A file within a quarter of the budget stays for the next reader.
+    let (_, f) = reader.resolve(root.top, b"small").await.unwrap();
+    assert!(read_through(&reader, &f, &reader.stream_for(&f)).await == small);
+    let before = gets();
+    assert!(read_through(&reader, &f, &reader.stream_for(&f)).await == small);
+    assert_eq!(gets(), before, "a small file was fetched again");
+}

@@ -6,6 +6,7 @@ use crate::prefetch::Stream;
 use crate::ring::BlockService;
 use cfs_core::fs::{self, spans, tree_path, EntryKind, FileData, Inode, InodeBody, Meta};
 use cfs_core::{BlockKind, Id};
+use std::collections::HashMap;
 use std::io::Write;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,37 @@ impl Piece {
         match self {
             Piece::Owned(v) => v,
             p => p.as_slice().to_vec(),
+        }
+    }
+}
+
+/// The read-ahead window of one reader of a file (an open file, an HTTP response),
+/// counted among the file's readers while it lives.
+pub struct FileStream {
+    window: Mutex<Stream>,
+    /// The file's tree root, and the reader's count of streams per file.
+    file: Option<(Id, Arc<Mutex<HashMap<Id, usize>>>)>,
+}
+
+impl FileStream {
+    /// No other stream reads the same file now.
+    fn alone(&self) -> bool {
+        self.file
+            .as_ref()
+            .is_some_and(|(r, m)| m.lock().unwrap().get(r) == Some(&1))
+    }
+}
+
+impl Drop for FileStream {
+    fn drop(&mut self) {
+        if let Some((r, m)) = &self.file {
+            let mut m = m.lock().unwrap();
+            if let Some(n) = m.get_mut(r) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(r);
+                }
+            }
         }
     }
 }
@@ -83,7 +115,7 @@ impl<R: BlockService> Reader<R> {
         file: &Inode,
         offset: u64,
         len: u64,
-        stream: Option<&Mutex<Stream>>,
+        stream: Option<&FileStream>,
     ) -> Result<Piece, FsError> {
         let mut pieces = self.read_pieces(file, offset, len, stream).await?;
         if pieces.len() == 1 {
@@ -105,7 +137,7 @@ impl<R: BlockService> Reader<R> {
         file: &Inode,
         offset: u64,
         len: u64,
-        stream: Option<&Mutex<Stream>>,
+        stream: Option<&FileStream>,
     ) -> Result<Vec<Piece>, FsError> {
         let InodeBody::File { size, data } = &file.body else {
             return Err(FsError::IsDir(String::new()));
@@ -140,7 +172,7 @@ impl<R: BlockService> Reader<R> {
         let mut run_start = None;
         if let (Some(stream), false) = (stream, sp.is_empty()) {
             let short = self.short_of_memory();
-            let mut st = stream.lock().unwrap();
+            let mut st = stream.window.lock().unwrap();
             let ahead = st.on_read(
                 offset,
                 len.min(*size - offset),
@@ -177,7 +209,12 @@ impl<R: BlockService> Reader<R> {
         // Only once the read is whole: a read cut short (a first poll that would wait) is
         // asked again and needs its blocks still there. Blocks the run read from their
         // start to their end; not a one-block file's (identical small files share it).
-        if let (Some(run), true) = (run_start, self.inner.opts.forget_streamed && sp.len() > 0) {
+        let opts = &self.inner.opts;
+        let forget = opts.forget_streamed
+            || (opts.forget_large_scans
+                && *size > (opts.cache_bytes / 4) as u64
+                && stream.is_some_and(FileStream::alone));
+        if let (Some(run), true) = (run_start, forget && !sp.is_empty()) {
             let multi = *size > u64::from(block_size);
             for (s, p) in sp.iter().zip(&ptrs) {
                 let whole = s.index * u64::from(block_size) >= run && s.end == s.block_len;
@@ -236,16 +273,26 @@ impl<R: BlockService> Reader<R> {
         }
     }
 
-    /// A read-ahead stream for sequential reads of `file`.
-    pub fn stream_for(&self, file: &Inode) -> Mutex<Stream> {
-        let block_size = match &file.body {
+    /// A read-ahead stream for sequential reads of `file`, counted among the file's
+    /// readers while it lives.
+    pub fn stream_for(&self, file: &Inode) -> FileStream {
+        let (block_size, root) = match &file.body {
             InodeBody::File {
-                data: FileData::Tree { block_size, .. },
+                data: FileData::Tree {
+                    block_size, root, ..
+                },
                 ..
-            } => *block_size,
-            _ => fs::BLOCK_SIZE as u32,
+            } => (*block_size, *root),
+            _ => (fs::BLOCK_SIZE as u32, None),
         };
-        Mutex::new(Stream::new(block_size, self.inner.opts.window))
+        let file = root.map(|r| {
+            *self.inner.streams.lock().unwrap().entry(r).or_insert(0) += 1;
+            (r, self.inner.streams.clone())
+        });
+        FileStream {
+            window: Mutex::new(Stream::new(block_size, self.inner.opts.window)),
+            file,
+        }
     }
 
     /// Fetch blocks `range` in the background, at most `prefetch_parallel` at once,

@@ -4,7 +4,7 @@
 
 mod file;
 
-pub use file::{get, parse_get_spec, Piece};
+pub use file::{get, parse_get_spec, FileStream, Piece};
 
 use crate::prefetch::WindowOpts;
 use crate::ring::{BlockService, RingError};
@@ -108,6 +108,11 @@ pub struct ReaderOpts {
     /// kept every block). For readers whose reads are kept elsewhere: the mount (the
     /// kernel's page cache; `open_fs` sets it unless direct I/O) and `cfs get` (one pass).
     pub forget_streamed: bool,
+    /// The same for a file larger than a quarter of the budget, while no other stream
+    /// reads that file (the gateway): one long download neither pushes everything else
+    /// out of the cache nor grows it into fresh pages, and a popular file read by several
+    /// clients at once still shares its blocks.
+    pub forget_large_scans: bool,
 }
 
 impl Default for ReaderOpts {
@@ -118,6 +123,7 @@ impl Default for ReaderOpts {
             prefetch_parallel: 32,
             deadline: Duration::from_secs(30),
             forget_streamed: false,
+            forget_large_scans: false,
         }
     }
 }
@@ -132,6 +138,8 @@ struct Lru {
 }
 
 struct Inner<R> {
+    /// Streams open per file (keyed by its tree's root block).
+    streams: Arc<Mutex<HashMap<Id, usize>>>,
     ring: Arc<R>,
     opts: ReaderOpts,
     cache: Mutex<Lru>,
@@ -169,6 +177,7 @@ impl<R: BlockService> Reader<R> {
         let prefetch = Arc::new(Semaphore::new(opts.prefetch_parallel.max(1)));
         Reader {
             inner: Arc::new(Inner {
+                streams: Arc::default(),
                 ring,
                 opts,
                 cache: Mutex::new(Lru {

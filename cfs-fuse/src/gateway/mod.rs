@@ -58,7 +58,10 @@ impl Default for GatewayOpts {
         GatewayOpts {
             allow: None,
             poll: Duration::from_secs(2),
-            reader: ReaderOpts::default(),
+            reader: ReaderOpts {
+                forget_large_scans: true,
+                ..ReaderOpts::default()
+            },
             max_conns_per_ip: 64,
             rate_per_ip: 500.0,
             request_timeout: Duration::from_secs(30),

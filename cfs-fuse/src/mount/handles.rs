@@ -2,7 +2,7 @@
 //! passthrough from the file cache).
 
 use super::file_cache::Fill;
-use crate::prefetch::Stream;
+use crate::fsread::FileStream;
 use cfs_core::fs::Inode;
 use fuser::{BackingId, FileType};
 use std::collections::HashMap;
@@ -15,7 +15,7 @@ pub type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
 /// What a read of an open file needs.
 pub struct FileRefs {
     pub inode: Arc<Inode>,
-    pub stream: Arc<Mutex<Stream>>,
+    pub stream: Arc<FileStream>,
     pub fill: Option<Arc<Fill>>,
     pub local: Option<Arc<std::fs::File>>,
 }
@@ -28,7 +28,7 @@ pub enum Open {
 pub struct OpenFile {
     pub inode: Arc<Inode>,
     /// This handle's read-ahead window.
-    pub stream: Arc<Mutex<Stream>>,
+    pub stream: Arc<FileStream>,
     pub ino: u64,
     /// The cache file this handle's reads are written into.
     pub fill: Option<Arc<Fill>>,
