@@ -307,10 +307,14 @@ impl<R: BlockService> Reader<R> {
         front: Arc<AtomicU64>,
     ) {
         let me = self.clone();
+        // Block `i` lies wholly behind what the stream has read (and perhaps forgotten):
+        // not fetched again.
+        let read = move |i: u64| {
+            (i + 1).saturating_mul(u64::from(block_size)) <= front.load(Ordering::Relaxed)
+        };
         tokio::spawn(async move {
             for i in range {
-                // Read (and perhaps forgotten) before its turn came: not fetched again.
-                if (i + 1).saturating_mul(u64::from(block_size)) <= front.load(Ordering::Relaxed) {
+                if read(i) {
                     continue;
                 }
                 let Ok(Some(k)) = me.block_ptr(depth, root, i).await else {
@@ -322,8 +326,8 @@ impl<R: BlockService> Reader<R> {
                 let Ok(permit) = me.inner.prefetch.clone().acquire_owned().await else {
                     return;
                 };
-                // The stream may have read it meanwhile, while this waited for a permit.
-                if (i + 1).saturating_mul(u64::from(block_size)) <= front.load(Ordering::Relaxed) {
+                // Again: the stream may have read it while this waited for a permit.
+                if read(i) {
                     continue;
                 }
                 let len = (size - i * block_size as u64).min(block_size as u64) as usize;
