@@ -39,3 +39,13 @@ start_ring() {
   for i in $(seq 1 $((NODES-1))); do while [ ! -s $W/n$i/addr ]; do sleep 0.05; done; done
   until [ "$($B/cfs ring --node $A | wc -l)" = $NODES ]; do sleep 0.2; done
 }
+
+# floor BASELINE_READ: the time, cold, of the baseline's read of $W/src/big run at once
+# with the least work any cfs read of it must add (examples/floor.rs: the bytes cross a
+# loopback socket from another process, sent with sendfile, and are SHA-1'd on every
+# core; no lookups, protocol or cache). The baseline over this time is the highest ratio
+# cfs could reach on this machine.
+floor() {
+  drop
+  timed "($1 > /dev/null & $B/examples/floor $W/src/big > /dev/null & wait)"
+}
