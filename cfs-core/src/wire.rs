@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 /// 2: `Step::Done` names its range's start as an address-bound node, not a bare id, and
 /// `Step::Closer` carries no RTT hints. 3: leases: puts ask for one, blocks carry theirs,
 /// `Has` answers how long each block is leased, and `Renew` extends leases by key.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: `GetMany` fetches many small blocks in one exchange.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Hard limit on one frame: a largest block plus room for the envelope.
 pub const MAX_FRAME_BYTES: usize = MAX_BLOCK_BYTES + 64 * 1024;
 /// Most items in one batched request (Has), so that replies stay under the frame limit.
@@ -99,6 +100,11 @@ pub enum Request {
         bytes: Vec<u8>,
     },
     Status,
+    /// Fetch several blocks (a listing's inodes, small files) in one exchange: one round
+    /// trip and one frame instead of one per block. At most [`MAX_BATCH`] items.
+    GetMany {
+        items: Vec<(BlockKind, Id)>,
+    },
 }
 
 /// A block as carried in a batch, with the lease asked for it in seconds (a transfer's
@@ -164,7 +170,15 @@ pub enum Response {
         max_lease: u64,
         answers: Vec<Result<Option<u64>, RemoteError>>,
     },
+    /// The answer to a GetMany, in the order asked: None for an absent (or expired)
+    /// block. It may stop before the last item so that it fits [`GET_MANY_BYTES`]; the
+    /// caller asks again for the rest. Each block is unverified: the caller checks it.
+    Blocks(Vec<Option<serde_bytes::ByteBuf>>),
 }
+
+/// Most block bytes in one `Blocks` answer: with the envelope (at most a few bytes per
+/// item) it stays under [`MAX_FRAME_BYTES`].
+pub const GET_MANY_BYTES: usize = MAX_BLOCK_BYTES;
 
 /// Is a lease of `have` seconds as good as the `want` asked of a node whose longest
 /// lease is `max`? Within 1/64 of the target (for a 30-day lease, 11 hours) or 2 s counts,

@@ -73,6 +73,10 @@ impl BlockService for NetRing {
         })
     }
 
+    async fn get_many(&self, items: Vec<(BlockKind, Id)>) -> Vec<Option<Verified>> {
+        self.client.get_many(&items).await
+    }
+
     async fn put(&self, block: Verified) -> Result<PutReceipt, RingError> {
         let (kind, key) = (block.kind(), block.key());
         let r = self

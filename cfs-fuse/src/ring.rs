@@ -31,6 +31,15 @@ pub trait BlockService: Send + Sync + 'static {
         key: Id,
     ) -> impl Future<Output = Result<Verified, RingError>> + Send;
 
+    /// Many small blocks in few exchanges where the ring can batch them; None for each
+    /// one it did not bring (the caller then uses `get`, which tries every replica).
+    fn get_many(
+        &self,
+        items: Vec<(BlockKind, Id)>,
+    ) -> impl Future<Output = Vec<Option<Verified>>> + Send {
+        async move { items.iter().map(|_| None).collect() }
+    }
+
     /// Store on all r replicas (or as many live nodes as exist, said in the receipt).
     fn put(&self, block: Verified) -> impl Future<Output = Result<PutReceipt, RingError>> + Send;
 

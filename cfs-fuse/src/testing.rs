@@ -13,8 +13,10 @@ pub struct MemRing {
     blocks: Mutex<HashMap<(BlockKind, Id), Verified>>,
     /// Puts received (all kinds).
     pub puts: AtomicU64,
-    /// Gets received (all kinds).
+    /// Gets received (all kinds), one per block asked, alone or in a batch.
     pub gets: AtomicU64,
+    /// Batches received (`get_many` calls).
+    pub batches: AtomicU64,
     /// While set, every get fails as if no replica answered (to test EIO paths).
     pub offline: AtomicBool,
     /// While set, every get hangs (to test deadlines).
@@ -72,6 +74,25 @@ impl BlockService for MemRing {
             .get(&(kind, key))
             .cloned()
             .ok_or(RingError::Unavailable { kind, key })
+    }
+
+    /// One exchange for the batch: one delay, one stall; absent blocks are None.
+    async fn get_many(&self, items: Vec<(BlockKind, Id)>) -> Vec<Option<Verified>> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.gets.fetch_add(items.len() as u64, Ordering::SeqCst);
+        if self.stall.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        let offline = self.offline.load(Ordering::SeqCst);
+        let m = self.blocks.lock().unwrap();
+        items
+            .iter()
+            .map(|k| m.get(k).filter(|_| !offline).cloned())
+            .collect()
     }
 
     async fn put(&self, block: Verified) -> Result<PutReceipt, RingError> {

@@ -537,3 +537,55 @@ async fn a_large_file_read_alone_leaves_the_cache_and_shared_or_small_ones_stay(
     assert!(read_through(&reader, &f, &reader.stream_for(&f)).await == small);
     assert_eq!(gets(), before, "a small file was fetched again");
 }
+
+/// A listing's inodes, and the data block of each small file, are fetched ahead in
+/// batches (one exchange per batch of entries, not one per block), each block once;
+/// reading the files after the listing fetches nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_is_fetched_ahead_in_batches_and_each_block_once() {
+    let src = TempDir::new("pr-listing");
+    let n = 300usize;
+    for i in 0..n as u32 {
+        std::fs::write(src.path().join(format!("f{i}")), pattern(4096, 2 * i + 1)).unwrap();
+    }
+    let ring = Arc::new(MemRing::new());
+    let r = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    let reader = Reader::new(ring.clone(), ReaderOpts::default());
+    let root = reader.root(r.fsid, None).await.unwrap();
+    let top = reader.inode(root.top).await.unwrap();
+    let entries = reader.list(&top).await.unwrap();
+    assert_eq!(entries.len(), n);
+    let (gets, batches) = (
+        || ring.gets.load(Ordering::SeqCst),
+        || ring.batches.load(Ordering::SeqCst),
+    );
+    let before = gets();
+    reader.prefetch_entries(entries.iter().map(|e| e.key).collect());
+    // An inode and a data block per file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while gets() - before < 2 * n as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} fetched",
+            gets() - before
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let per_batch = 128;
+    // Inodes in batches of 128, then the data blocks each batch of inodes named.
+    assert_eq!(
+        batches(),
+        2 * n.div_ceil(per_batch) as u64,
+        "batches for {n} entries"
+    );
+    let fetched = gets();
+    for e in &entries {
+        let i: u32 = std::str::from_utf8(&e.name[1..]).unwrap().parse().unwrap();
+        let inode = reader.inode(e.key).await.unwrap();
+        let got = reader.read(&inode, 0, 8192).await.unwrap();
+        assert!(got == pattern(4096, 2 * i + 1), "f{i}");
+    }
+    assert_eq!(gets(), fetched, "a block was fetched twice");
+}

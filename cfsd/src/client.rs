@@ -6,7 +6,9 @@ use crate::transport::{CallError, TcpTransport, Transport};
 use cfs_core::block::{BlockKind, Verified};
 use cfs_core::id::MAX_VNODES;
 use cfs_core::ring::{clean_succ_list, estimate_size, MIN_ENTRIES_FOR_ESTIMATE};
-use cfs_core::wire::{leased_enough, Request, Response, StatusInfo, WireBlock, MAX_REFS};
+use cfs_core::wire::{
+    leased_enough, Request, Response, StatusInfo, WireBlock, MAX_BATCH, MAX_REFS,
+};
 use cfs_core::{Id, NodeRef};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -168,6 +170,77 @@ impl<T: Transport> Client<T> {
             self.remember_range(l.from, &l.succs);
         }
         Ok(v)
+    }
+
+    /// Many small blocks (a listing's inodes, small files) with one `GetMany` per
+    /// successor range and replica instead of one `Get` per block; each verified as `get`
+    /// does. None for a block no replica of its range returned: the caller fetches it
+    /// alone with `get`, which tries harder (other replicas, lookups, until the deadline).
+    pub async fn get_many(&self, items: &[(BlockKind, Id)]) -> Vec<Option<Verified>> {
+        let mut out: Vec<Option<Verified>> = items.iter().map(|_| None).collect();
+        let keys: Vec<Id> = items.iter().map(|i| i.1).collect();
+        let Ok(groups) = self.by_range(&keys).await else {
+            return out;
+        };
+        let calls = groups.into_iter().flat_map(|(set, group)| {
+            let chunks: Vec<Vec<usize>> = group.chunks(MAX_BATCH).map(<[usize]>::to_vec).collect();
+            chunks
+                .into_iter()
+                .map(move |chunk| self.get_from_set(set.clone(), items, chunk))
+        });
+        for got in crate::net::join_all(calls).await {
+            for (i, v) in got {
+                out[i] = Some(v);
+            }
+        }
+        out
+    }
+
+    /// The blocks `want` (indexes into `items`) from the replicas `set`, least loaded
+    /// first: each replica is asked for what the previous ones did not return, and again
+    /// while its answers stop short of the list (the frame limit) but bring something.
+    async fn get_from_set(
+        &self,
+        mut set: Vec<NodeRef>,
+        items: &[(BlockKind, Id)],
+        mut want: Vec<usize>,
+    ) -> Vec<(usize, Verified)> {
+        let mut got = Vec::new();
+        self.net.nearest_first(&mut set);
+        for n in set {
+            let mut missing = Vec::new();
+            while !want.is_empty() {
+                let req = Request::GetMany {
+                    items: want.iter().map(|&i| items[i]).collect(),
+                };
+                let Ok(Response::Blocks(answers)) = self.net.call(n.addr, req).await else {
+                    break;
+                };
+                if answers.is_empty() || answers.len() > want.len() {
+                    break;
+                }
+                let rest = want.split_off(answers.len());
+                for (i, b) in want.into_iter().zip(answers) {
+                    let (kind, key) = items[i];
+                    match b
+                        .and_then(|b| cfs_core::block::verify(kind, key, b.into_vec(), false).ok())
+                    {
+                        Some(v) => got.push((i, v)),
+                        None => missing.push(i),
+                    }
+                }
+                want = rest;
+            }
+            if !missing.is_empty() {
+                self.net.missed(n.addr);
+            }
+            missing.append(&mut want);
+            want = missing;
+            if want.is_empty() {
+                break;
+            }
+        }
+        got
     }
 
     fn known_range(&self, key: Id) -> Option<Vec<NodeRef>> {

@@ -13,8 +13,8 @@ use crate::transport::{Handler, Transport};
 use cfs_core::block::{verify, BlockKind, Verified};
 use cfs_core::ring::{in_replica_reach, same_host, source_bucket};
 use cfs_core::wire::{
-    ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, WireBlock, MAX_BATCH,
-    MAX_REFS,
+    ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, WireBlock,
+    GET_MANY_BYTES, MAX_BATCH, MAX_REFS,
 };
 use cfs_core::{Id, NodeRef};
 use rand::SeedableRng;
@@ -421,6 +421,17 @@ impl<T: Transport> Node<T> {
         e
     }
 
+    /// A batched request of `n` items is refused past [`MAX_BATCH`].
+    fn check_batch(&self, n: usize, what: &str) -> Result<(), RemoteError> {
+        if n > MAX_BATCH {
+            return Err(self.refuse(remote(
+                ErrorKind::BadRequest,
+                format!("at most {MAX_BATCH} items per {what}"),
+            )));
+        }
+        Ok(())
+    }
+
     /// Is `key` a ring transfer this node takes free of quota from `peer`? Only from a
     /// checked neighbour (a successor or the predecessor, which answered our pings; off
     /// loopback, where an address names a host) and only for a key this node plausibly
@@ -687,12 +698,7 @@ impl<T: Transport> Handler for Node<T> {
                     .map(|fresh| Response::Stored { fresh })
             }
             Request::PutMany { blocks, transfer } => {
-                if blocks.len() > MAX_BATCH {
-                    return Err(self.refuse(remote(
-                        ErrorKind::BadRequest,
-                        format!("at most {MAX_BATCH} blocks per PutMany"),
-                    )));
-                }
+                self.check_batch(blocks.len(), "PutMany")?;
                 Ok(Response::StoredMany(
                     self.put_many(peer, blocks, transfer).await,
                 ))
@@ -706,21 +712,11 @@ impl<T: Transport> Handler for Node<T> {
                 Ok(Response::Block(b))
             }
             Request::Has { items } => {
-                if items.len() > MAX_BATCH {
-                    return Err(self.refuse(remote(
-                        ErrorKind::BadRequest,
-                        format!("at most {MAX_BATCH} items per Has"),
-                    )));
-                }
+                self.check_batch(items.len(), "Has")?;
                 Ok(Response::Have(self.holdings(items).await?))
             }
             Request::Renew { items, lease, .. } => {
-                if items.len() > MAX_BATCH {
-                    return Err(self.refuse(remote(
-                        ErrorKind::BadRequest,
-                        format!("at most {MAX_BATCH} items per Renew"),
-                    )));
-                }
+                self.check_batch(items.len(), "Renew")?;
                 Ok(Response::Renewed {
                     max_lease: self.inner.cfg.max_lease.as_secs(),
                     answers: self.renew(peer, items, lease).await,
@@ -769,6 +765,26 @@ impl<T: Transport> Handler for Node<T> {
                 }
             }
             Request::Status => Ok(Response::Status(Box::new(self.status()))),
+            Request::GetMany { items } => {
+                self.check_batch(items.len(), "GetMany")?;
+                let mut out = Vec::with_capacity(items.len());
+                let mut bytes = 0;
+                for (kind, key) in items {
+                    Metrics::inc(&m.gets_served);
+                    let b = self.lookup_block(kind, key, peer.ip()).await;
+                    if b.is_none() {
+                        Metrics::inc(&m.gets_missed);
+                    }
+                    let len = b.as_ref().map_or(0, Vec::len);
+                    // The answer stops short rather than outgrow a frame.
+                    if bytes + len > GET_MANY_BYTES {
+                        break;
+                    }
+                    bytes += len;
+                    out.push(b.map(serde_bytes::ByteBuf::from));
+                }
+                Ok(Response::Blocks(out))
+            }
         }
     }
 

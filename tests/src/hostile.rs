@@ -107,6 +107,7 @@ pub fn req_name(r: &Request) -> &'static str {
         Request::Renew { .. } => "Renew",
         Request::Cache { .. } => "Cache",
         Request::Status => "Status",
+        Request::GetMany { .. } => "GetMany",
     }
 }
 

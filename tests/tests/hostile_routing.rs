@@ -131,6 +131,8 @@ impl Attacker {
                     .collect(),
             }),
             Request::Status => refuse("no status here"),
+            // Withholds from batches: readers must fall back to fetching alone.
+            Request::GetMany { items } => ok(Response::Blocks(vec![None; items.len()])),
         }
     }
 }

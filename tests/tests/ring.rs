@@ -490,3 +490,66 @@ fn a_ring_restarted_without_join_reassembles_from_remembered_peers() {
         }
     });
 }
+
+#[test]
+fn get_many_answers_in_order_within_a_frame_and_the_client_asks_again_for_the_rest() {
+    use cfs_core::wire::{ErrorKind, GET_MANY_BYTES, MAX_BATCH};
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let rt = rt();
+    let addr = cluster.nodes[0].addr;
+    let c = client(&rt, addr);
+    // Five blocks of 300 KiB: with r = 3 on three nodes every node holds them all.
+    let blocks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 300 << 10]).collect();
+    let keys: Vec<Id> = blocks
+        .iter()
+        .map(|b| cfs_tests::hostile::put_block(&rt, &c, b.clone()).0)
+        .collect();
+    let missing = Id::hash(b"never stored");
+    let mut asked: Vec<(BlockKind, Id)> = keys.iter().map(|&k| (BlockKind::Data, k)).collect();
+    asked.insert(1, (BlockKind::Data, missing));
+
+    rt.block_on(async {
+        // One node: answers in order, None for the absent block, and stops short of the
+        // frame limit (three blocks of 300 KiB fit 1 MiB, a fourth does not).
+        let r = c
+            .net
+            .call(
+                addr,
+                Request::GetMany {
+                    items: asked.clone(),
+                },
+            )
+            .await;
+        let Ok(Response::Blocks(got)) = r else {
+            panic!("GetMany answered {r:?}");
+        };
+        let fit = GET_MANY_BYTES / (300 << 10);
+        assert_eq!(got.len(), fit + 1, "the absent block plus {fit} that fit");
+        assert!(got[1].is_none());
+        for (i, b) in [0, 2, 3].into_iter().zip([0, 1, 2]) {
+            assert_eq!(
+                got[i].as_ref().map(|b| &b[..]),
+                Some(&blocks[b][..]),
+                "item {i}"
+            );
+        }
+
+        // Too many items: refused as a bad request, and the node keeps serving.
+        let many = vec![(BlockKind::Data, missing); MAX_BATCH + 1];
+        match c.net.call(addr, Request::GetMany { items: many }).await {
+            Err(cfsd::transport::CallError::Remote(e)) => assert_eq!(e.kind, ErrorKind::BadRequest),
+            other => panic!("an oversized GetMany got {other:?}"),
+        }
+
+        // The client asks again for what a short answer left out, and verifies each.
+        let got = c.get_many(&asked).await;
+        assert!(got[1].is_none(), "the absent block is None");
+        for (i, k) in asked.iter().enumerate().filter(|(i, _)| *i != 1) {
+            let v = got[i]
+                .as_ref()
+                .unwrap_or_else(|| panic!("item {i} missing"));
+            assert_eq!(v.key(), k.1);
+        }
+    });
+}

@@ -15,6 +15,10 @@ use std::sync::{Arc, Mutex};
 /// Entries of one listing whose inodes are fetched ahead, at most.
 const MAX_LISTING_PREFETCH: usize = 4096;
 
+/// Entries of a listing whose inodes are asked for in one batch: small enough that the
+/// first files' inodes arrive soon, large enough that a batch spans few exchanges.
+const LISTING_BATCH: usize = 128;
+
 /// Files up to this size have their data fetched with their inode after a listing.
 const SMALL_FILE_PREFETCH: u64 = 64 << 10;
 
@@ -228,49 +232,48 @@ impl<R: BlockService> Reader<R> {
 
     /// Fetch the inodes of entries just listed (and the one data block of each small
     /// file) in the background, as `cp -r` or `ls -l` will ask for them one by one next:
-    /// at most `prefetch_parallel` at once, data within the memory budget.
-    pub fn prefetch_entries(&self, keys: Vec<Id>) {
+    /// in batches of [`LISTING_BATCH`] (one exchange per replica range), at most
+    /// `prefetch_parallel` batches at once, data within the memory budget.
+    pub fn prefetch_entries(&self, mut keys: Vec<Id>) {
+        keys.truncate(MAX_LISTING_PREFETCH);
         let me = self.clone();
         tokio::spawn(async move {
-            for k in keys.into_iter().take(MAX_LISTING_PREFETCH) {
-                if me.cache_get(BlockKind::Meta, k).is_some() {
-                    continue;
-                }
+            for batch in keys.chunks(LISTING_BATCH) {
                 let Ok(permit) = me.inner.prefetch.clone().acquire_owned().await else {
                     return;
                 };
-                let Some(mut rx) = me.start(BlockKind::Meta, k, 0, false) else {
-                    return;
-                };
+                let batch: Vec<(Id, usize)> = batch.iter().map(|&k| (k, 0)).collect();
+                let slots = me.start_many(BlockKind::Meta, &batch);
                 let me = me.clone();
                 tokio::spawn(async move {
-                    let got = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
-                    if let Ok(Some(Ok(Cached::Inode(i)))) = got {
-                        me.prefetch_small_file(&i).await;
+                    let mut data = Vec::new();
+                    for mut rx in slots {
+                        let got = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
+                        if let Ok(Some(Ok(Cached::Inode(i)))) = got {
+                            data.extend(me.small_file_block(&i).await);
+                        }
                     }
+                    drop(me.start_many(BlockKind::Data, &data));
                     drop(permit);
                 });
             }
         });
     }
 
-    /// Start fetching the single data block of a small file.
-    async fn prefetch_small_file(&self, i: &Inode) {
+    /// The single data block of a small file, and its size.
+    async fn small_file_block(&self, i: &Inode) -> Option<(Id, usize)> {
         let InodeBody::File {
             size,
             data: FileData::Tree { depth, root, .. },
         } = &i.body
         else {
-            return;
+            return None;
         };
         if *size > SMALL_FILE_PREFETCH {
-            return;
+            return None;
         }
-        if let Ok(Some(k)) = self.block_ptr(*depth, *root, 0).await {
-            if self.cache_get(BlockKind::Data, k).is_none() {
-                drop(self.start(BlockKind::Data, k, *size as usize, false));
-            }
-        }
+        let k = self.block_ptr(*depth, *root, 0).await.ok().flatten()?;
+        Some((k, *size as usize))
     }
 
     /// A read-ahead stream for sequential reads of `file`, counted among the file's

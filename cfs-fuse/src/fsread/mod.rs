@@ -13,7 +13,7 @@ use cfs_core::fs::{
     self, decode_meta, find_entry, page_for, DirContent, DirEntry, EntryKind, Inode, InodeBody,
     Meta,
 };
-use cfs_core::{BlockKind, Id};
+use cfs_core::{BlockKind, Id, Verified};
 use lru::LruCache;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -296,14 +296,83 @@ impl<R: BlockService> Reader<R> {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let r = fetch(&inner, kind, key).await;
-            inner.cache.lock().unwrap().reserved -= reserve;
-            if let Ok((v, size)) = &r {
-                Self::cache_put(&inner, kind, key, v.clone(), *size);
-            }
-            inner.inflight.lock().unwrap().remove(&(kind, key));
-            let _ = tx.send(Some(r.map(|(v, _)| v)));
+            Self::finish(&inner, kind, key, reserve, tx, r);
         });
         Some(rx)
+    }
+
+    /// A fetch started by `start` or `start_many` is over: its reservation goes, the
+    /// block is cached, and its waiters get the result.
+    fn finish(
+        inner: &Inner<R>,
+        kind: BlockKind,
+        key: Id,
+        reserve: usize,
+        tx: watch::Sender<Option<Result<Cached, FetchErr>>>,
+        r: Result<(Cached, usize), FetchErr>,
+    ) {
+        inner.cache.lock().unwrap().reserved -= reserve;
+        if let Ok((v, size)) = &r {
+            Self::cache_put(inner, kind, key, v.clone(), *size);
+        }
+        inner.inflight.lock().unwrap().remove(&(kind, key));
+        let _ = tx.send(Some(r.map(|(v, _)| v)));
+    }
+
+    /// Start fetching many small blocks as one batch (`BlockService::get_many`: one
+    /// exchange per replica range instead of one per block), each with `reserve` bytes
+    /// of read-ahead budget (stops where the budget refuses). Every block gets its slot
+    /// as with `start`, so a demand read of one waits for the batch; a block the batch
+    /// did not bring is fetched alone. Returns the slots of blocks not yet cached.
+    fn start_many(&self, kind: BlockKind, keys: &[(Id, usize)]) -> Vec<Slot> {
+        let mut slots = Vec::new();
+        let mut mine = Vec::new();
+        {
+            let mut inf = self.inner.inflight.lock().unwrap();
+            for &(key, reserve) in keys {
+                if let Some(rx) = inf.get(&(kind, key)) {
+                    slots.push(rx.clone());
+                    continue;
+                }
+                if self.cache_get(kind, key).is_some() {
+                    continue;
+                }
+                if !self.reserve(reserve, false) {
+                    break;
+                }
+                let (tx, rx) = watch::channel(None);
+                inf.insert((kind, key), rx.clone());
+                slots.push(rx);
+                mine.push((key, reserve, tx));
+            }
+        }
+        if mine.is_empty() {
+            return slots;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let items = mine.iter().map(|(k, _, _)| (kind, *k)).collect();
+            let got = tokio::time::timeout(inner.opts.deadline, inner.ring.get_many(items))
+                .await
+                .unwrap_or_default();
+            let mut got = got.into_iter();
+            for (key, reserve, tx) in mine {
+                match got.next().flatten() {
+                    Some(v) => {
+                        let r = decode(kind, key, v);
+                        Self::finish(&inner, kind, key, reserve, tx, r);
+                    }
+                    None => {
+                        let inner = inner.clone();
+                        tokio::spawn(async move {
+                            let r = fetch(&inner, kind, key).await;
+                            Self::finish(&inner, kind, key, reserve, tx, r);
+                        });
+                    }
+                }
+            }
+        });
+        slots
     }
 
     async fn get(&self, kind: BlockKind, key: Id) -> Result<Cached, FsError> {
@@ -519,6 +588,11 @@ async fn fetch<R: BlockService>(
         Ok(Err(_)) => return Err(FetchErr::Unavailable(kind, key)),
         Ok(Ok(v)) => v,
     };
+    decode(kind, key, v)
+}
+
+/// A fetched block as the cache keeps it, and its size.
+fn decode(kind: BlockKind, key: Id, v: Verified) -> Result<(Cached, usize), FetchErr> {
     // The ring verifies, but a bad BlockService must not make us serve wrong bytes.
     if v.kind() != kind || v.key() != key {
         return Err(FetchErr::Corrupt(key, "ring returned another block".into()));
