@@ -21,6 +21,8 @@ pub struct MemRing {
     pub offline: AtomicBool,
     /// While set, every get hangs (to test deadlines).
     pub stall: AtomicBool,
+    /// While set, every batch (`get_many`) hangs; single gets answer.
+    pub stall_batches: AtomicBool,
     /// Every get takes this long (ms), as over a network.
     pub delay_ms: AtomicU64,
     /// While above zero, counts puts down; a put arriving at 1 fails, and every put
@@ -80,7 +82,7 @@ impl BlockService for MemRing {
     async fn get_many(&self, items: Vec<(BlockKind, Id)>) -> Vec<Option<Verified>> {
         self.batches.fetch_add(1, Ordering::SeqCst);
         self.gets.fetch_add(items.len() as u64, Ordering::SeqCst);
-        if self.stall.load(Ordering::SeqCst) {
+        if self.stall.load(Ordering::SeqCst) || self.stall_batches.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
         let delay = self.delay_ms.load(Ordering::SeqCst);

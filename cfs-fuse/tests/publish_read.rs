@@ -589,3 +589,37 @@ async fn a_listing_is_fetched_ahead_in_batches_and_each_block_once() {
     }
     assert_eq!(gets(), fetched, "a block was fetched twice");
 }
+
+/// A batch that never answers holds its blocks' readers for at most a third of the
+/// deadline: then each block is fetched alone, and a read waiting on the batch gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_batch_falls_back_to_single_fetches_within_the_deadline() {
+    let src = TempDir::new("pr-stall");
+    for i in 0..10u32 {
+        std::fs::write(src.path().join(format!("f{i}")), pattern(4096, 2 * i + 1)).unwrap();
+    }
+    let ring = Arc::new(MemRing::new());
+    let r = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    let deadline = Duration::from_secs(3);
+    let reader = Reader::new(
+        ring.clone(),
+        ReaderOpts {
+            deadline,
+            ..ReaderOpts::default()
+        },
+    );
+    let root = reader.root(r.fsid, None).await.unwrap();
+    let top = reader.inode(root.top).await.unwrap();
+    let entries = reader.list(&top).await.unwrap();
+    ring.stall_batches.store(true, Ordering::SeqCst);
+    reader.prefetch_entries(entries.iter().map(|e| e.key).collect());
+    let t0 = std::time::Instant::now();
+    for e in &entries {
+        let i: u32 = std::str::from_utf8(&e.name[1..]).unwrap().parse().unwrap();
+        let inode = reader.inode(e.key).await.unwrap();
+        assert!(reader.read(&inode, 0, 8192).await.unwrap() == pattern(4096, 2 * i + 1));
+    }
+    assert!(t0.elapsed() < deadline, "reads took {:?}", t0.elapsed());
+}

@@ -13,6 +13,15 @@ use cfs_core::{Id, NodeRef};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+/// `GetMany` exchanges in flight at once for one `get_many`.
+const PARALLEL_BATCHES: usize = 16;
+/// Lookups in flight at once while `get_many` places its keys, and rounds of them.
+const PARALLEL_LOOKUPS: usize = 16;
+const MAX_LOOKUP_WAVES: usize = 8;
+/// An honest replica stops short only past 1 MiB of blocks: a few asks cover a batch of
+/// small blocks, and a replica answering one block per ask cannot keep a batch waiting.
+const MAX_ASKS_PER_REPLICA: usize = 4;
+
 #[derive(Clone)]
 pub struct Client<T: Transport = TcpTransport> {
     pub net: Net<T>,
@@ -178,27 +187,76 @@ impl<T: Transport> Client<T> {
     /// alone with `get`, which tries harder (other replicas, lookups, until the deadline).
     pub async fn get_many(&self, items: &[(BlockKind, Id)]) -> Vec<Option<Verified>> {
         let mut out: Vec<Option<Verified>> = items.iter().map(|_| None).collect();
-        let keys: Vec<Id> = items.iter().map(|i| i.1).collect();
-        let Ok(groups) = self.by_range(&keys).await else {
-            return out;
-        };
-        let calls = groups.into_iter().flat_map(|(set, group)| {
-            let chunks: Vec<Vec<usize>> = group.chunks(MAX_BATCH).map(<[usize]>::to_vec).collect();
-            chunks
-                .into_iter()
-                .map(move |chunk| self.get_from_set(set.clone(), items, chunk))
-        });
-        for got in crate::net::join_all(calls).await {
-            for (i, v) in got {
-                out[i] = Some(v);
+        let groups = self.ranges_of(items).await;
+        let calls: Vec<_> = groups
+            .into_iter()
+            .flat_map(|(set, group)| {
+                let chunks: Vec<Vec<usize>> =
+                    group.chunks(MAX_BATCH).map(<[usize]>::to_vec).collect();
+                chunks.into_iter().map(move |c| (set.clone(), c))
+            })
+            .collect();
+        for wave in calls.chunks(PARALLEL_BATCHES) {
+            let gets = wave
+                .iter()
+                .map(|(set, chunk)| self.get_from_set(set.clone(), items, chunk.clone()));
+            for got in crate::net::join_all(gets).await {
+                for (i, v) in got {
+                    out[i] = Some(v);
+                }
             }
         }
         out
     }
 
+    /// The replica set of each item's successor range, with the items in it. Ranges
+    /// already known (`known_range`) cost nothing; the rest are looked up in waves of
+    /// parallel lookups, each for a key spread across those still unplaced, and
+    /// remembered. Items whose lookup fails are left out (their caller fetches them
+    /// alone).
+    async fn ranges_of(&self, items: &[(BlockKind, Id)]) -> Vec<(Vec<NodeRef>, Vec<usize>)> {
+        let mut placed: Vec<(Vec<NodeRef>, Vec<usize>)> = Vec::new();
+        let mut left: Vec<usize> = (0..items.len()).collect();
+        left.sort_by_key(|&i| items[i].1);
+        for _ in 0..MAX_LOOKUP_WAVES {
+            left.retain(|&i| match self.known_range(items[i].1) {
+                Some(succs) => {
+                    let set = crate::net::replica_set(&succs, self.replicas);
+                    match placed.iter_mut().find(|(s, _)| *s == set) {
+                        Some((_, g)) => g.push(i),
+                        None => placed.push((set, vec![i])),
+                    }
+                    false
+                }
+                None => true,
+            });
+            if left.is_empty() {
+                break;
+            }
+            let n = left.len().min(PARALLEL_LOOKUPS);
+            let probes = (0..n).map(|j| {
+                self.net
+                    .lookup(self.start(), items[left[j * left.len() / n]].1, None)
+            });
+            let mut any = false;
+            for l in crate::net::join_all(probes).await.into_iter().flatten() {
+                self.learn(l.succs.iter().copied());
+                if !l.succs.is_empty() {
+                    self.remember_range(l.from, &l.succs);
+                    any = true;
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        placed
+    }
+
     /// The blocks `want` (indexes into `items`) from the replicas `set`, least loaded
     /// first: each replica is asked for what the previous ones did not return, and again
-    /// while its answers stop short of the list (the frame limit) but bring something.
+    /// (a few times) while its answers stop short of the list (the frame limit) but bring
+    /// something. A replica that leaves anything missing counts as a miss.
     async fn get_from_set(
         &self,
         mut set: Vec<NodeRef>,
@@ -209,7 +267,10 @@ impl<T: Transport> Client<T> {
         self.net.nearest_first(&mut set);
         for n in set {
             let mut missing = Vec::new();
-            while !want.is_empty() {
+            for _ in 0..MAX_ASKS_PER_REPLICA {
+                if want.is_empty() {
+                    break;
+                }
                 let req = Request::GetMany {
                     items: want.iter().map(|&i| items[i]).collect(),
                 };
@@ -231,14 +292,12 @@ impl<T: Transport> Client<T> {
                 }
                 want = rest;
             }
-            if !missing.is_empty() {
-                self.net.missed(n.addr);
-            }
             missing.append(&mut want);
             want = missing;
             if want.is_empty() {
                 break;
             }
+            self.net.missed(n.addr);
         }
         got
     }

@@ -593,10 +593,42 @@ impl<T: Transport> Node<T> {
             .map_err(|e| remote(ErrorKind::Storage, e.to_string()))
     }
 
+    /// `GetMany`'s answer: blocks in the order asked (None if absent), stopping before
+    /// the answer would pass [`GET_MANY_BYTES`]. A stored block's size comes from the
+    /// index first, so one that does not fit is neither read nor counted.
+    fn blocks_within(
+        &self,
+        items: Vec<(BlockKind, Id)>,
+        requester: IpAddr,
+    ) -> Vec<Option<serde_bytes::ByteBuf>> {
+        let m = &self.inner.metrics;
+        let mut out = Vec::with_capacity(items.len());
+        let mut bytes = 0;
+        for (kind, key) in items {
+            let held = self.inner.store.held(kind, key).ok().flatten();
+            if bytes + held.map_or(0, |h| h.len as usize) > GET_MANY_BYTES {
+                break;
+            }
+            let b = self.lookup_block(kind, key, requester);
+            let len = b.as_ref().map_or(0, Vec::len);
+            // (A path-cache block's size is known only once read.)
+            if bytes + len > GET_MANY_BYTES {
+                break;
+            }
+            Metrics::inc(&m.gets_served);
+            if b.is_none() {
+                Metrics::inc(&m.gets_missed);
+            }
+            bytes += len;
+            out.push(b.map(serde_bytes::ByteBuf::from));
+        }
+        out
+    }
+
     /// A block from the permanent store, else the path cache. Read inline: blocks are
     /// mostly in the page cache, and a hop through the blocking pool measured slower
     /// (cold 256 MiB read 0.54 s inline vs 0.62 s through the pool).
-    async fn lookup_block(&self, kind: BlockKind, key: Id, requester: IpAddr) -> Option<Vec<u8>> {
+    fn lookup_block(&self, kind: BlockKind, key: Id, requester: IpAddr) -> Option<Vec<u8>> {
         if kind.is_content() {
             self.inner
                 .cache
@@ -637,7 +669,7 @@ impl<T: Transport> Handler for Node<T> {
                 self.check_joined()?;
                 Metrics::inc(&m.lookups_served);
                 if let Some(kind) = want.filter(|k| k.is_content()) {
-                    if let Some(b) = self.lookup_block(kind, key, peer.ip()).await {
+                    if let Some(b) = self.lookup_block(kind, key, peer.ip()) {
                         return Ok(Response::Step(Step::Found(b)));
                     }
                 }
@@ -705,7 +737,7 @@ impl<T: Transport> Handler for Node<T> {
             }
             Request::Get { kind, key } => {
                 Metrics::inc(&m.gets_served);
-                let b = self.lookup_block(kind, key, peer.ip()).await;
+                let b = self.lookup_block(kind, key, peer.ip());
                 if b.is_none() {
                     Metrics::inc(&m.gets_missed);
                 }
@@ -767,23 +799,11 @@ impl<T: Transport> Handler for Node<T> {
             Request::Status => Ok(Response::Status(Box::new(self.status()))),
             Request::GetMany { items } => {
                 self.check_batch(items.len(), "GetMany")?;
-                let mut out = Vec::with_capacity(items.len());
-                let mut bytes = 0;
-                for (kind, key) in items {
-                    Metrics::inc(&m.gets_served);
-                    let b = self.lookup_block(kind, key, peer.ip()).await;
-                    if b.is_none() {
-                        Metrics::inc(&m.gets_missed);
-                    }
-                    let len = b.as_ref().map_or(0, Vec::len);
-                    // The answer stops short rather than outgrow a frame.
-                    if bytes + len > GET_MANY_BYTES {
-                        break;
-                    }
-                    bytes += len;
-                    out.push(b.map(serde_bytes::ByteBuf::from));
-                }
-                Ok(Response::Blocks(out))
+                // Up to MAX_BATCH store reads: off the async workers, as `Has` does.
+                let (me, ip) = (self.clone(), peer.ip());
+                Ok(Response::Blocks(
+                    self.blocking(move || me.blocks_within(items, ip)).await?,
+                ))
             }
         }
     }

@@ -232,14 +232,23 @@ impl<R: BlockService> Reader<R> {
 
     /// Fetch the inodes of entries just listed (and the one data block of each small
     /// file) in the background, as `cp -r` or `ls -l` will ask for them one by one next:
-    /// in batches of [`LISTING_BATCH`] (one exchange per replica range), at most
-    /// `prefetch_parallel` batches at once, data within the memory budget.
+    /// in batches of [`LISTING_BATCH`] (one exchange per replica range), two batches at
+    /// once, data within the memory budget.
     pub fn prefetch_entries(&self, mut keys: Vec<Id>) {
         keys.truncate(MAX_LISTING_PREFETCH);
         let me = self.clone();
         tokio::spawn(async move {
+            // Half the read-ahead slots per batch: two batches in flight, each fetching
+            // what it did not bring at most that many at once.
+            let per_batch = (me.inner.opts.prefetch_parallel / 2).max(1) as u32;
             for batch in keys.chunks(LISTING_BATCH) {
-                let Ok(permit) = me.inner.prefetch.clone().acquire_owned().await else {
+                let Ok(permit) = me
+                    .inner
+                    .prefetch
+                    .clone()
+                    .acquire_many_owned(per_batch)
+                    .await
+                else {
                     return;
                 };
                 let batch: Vec<(Id, usize)> = batch.iter().map(|&k| (k, 0)).collect();

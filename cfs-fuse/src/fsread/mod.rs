@@ -351,25 +351,38 @@ impl<R: BlockService> Reader<R> {
         }
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            // One deadline for the batch and the fetches alone after it: a third of it
+            // for the batch, the rest for what the batch did not bring.
+            let deadline = inner.opts.deadline;
+            let end = tokio::time::Instant::now() + deadline;
             let items = mine.iter().map(|(k, _, _)| (kind, *k)).collect();
-            let got = tokio::time::timeout(inner.opts.deadline, inner.ring.get_many(items))
+            let got = tokio::time::timeout(deadline / 3, inner.ring.get_many(items))
                 .await
                 .unwrap_or_default();
             let mut got = got.into_iter();
+            let mut alone = Vec::new();
             for (key, reserve, tx) in mine {
                 match got.next().flatten() {
-                    Some(v) => {
-                        let r = decode(kind, key, v);
-                        Self::finish(&inner, kind, key, reserve, tx, r);
-                    }
-                    None => {
-                        let inner = inner.clone();
-                        tokio::spawn(async move {
-                            let r = fetch(&inner, kind, key).await;
-                            Self::finish(&inner, kind, key, reserve, tx, r);
-                        });
-                    }
+                    Some(v) => Self::finish(&inner, kind, key, reserve, tx, decode(kind, key, v)),
+                    None => alone.push((key, reserve, tx)),
                 }
+            }
+            // At most as many at once as read-ahead fetches, as before batches.
+            let mut alone = alone.into_iter().peekable();
+            while alone.peek().is_some() {
+                let wave: Vec<_> = alone
+                    .by_ref()
+                    .take(inner.opts.prefetch_parallel.max(1))
+                    .collect();
+                let fetches = wave.into_iter().map(|(key, reserve, tx)| {
+                    let inner = &inner;
+                    async move {
+                        let left = end.saturating_duration_since(tokio::time::Instant::now());
+                        let r = fetch_within(inner, kind, key, left).await;
+                        Self::finish(inner, kind, key, reserve, tx, r);
+                    }
+                });
+                futures_util::future::join_all(fetches).await;
             }
         });
         slots
@@ -582,7 +595,15 @@ async fn fetch<R: BlockService>(
     kind: BlockKind,
     key: Id,
 ) -> Result<(Cached, usize), FetchErr> {
-    let deadline = inner.opts.deadline;
+    fetch_within(inner, kind, key, inner.opts.deadline).await
+}
+
+async fn fetch_within<R: BlockService>(
+    inner: &Inner<R>,
+    kind: BlockKind,
+    key: Id,
+    deadline: Duration,
+) -> Result<(Cached, usize), FetchErr> {
     let v = match tokio::time::timeout(deadline, inner.ring.get(kind, key)).await {
         Err(_) => return Err(FetchErr::Timeout(key, deadline.as_secs())),
         Ok(Err(_)) => return Err(FetchErr::Unavailable(kind, key)),
