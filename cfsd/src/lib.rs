@@ -13,6 +13,7 @@ pub mod net;
 pub mod node;
 mod peers;
 pub mod quota;
+mod serve;
 pub mod server;
 pub mod store;
 pub mod transport;

@@ -10,11 +10,11 @@ use crate::net::{LookupError, Net, Timeouts};
 use crate::quota::{Charge, Quota};
 use crate::store::{BlockStore, PutOutcome, StoreError, StoreKey};
 use crate::transport::{Handler, Transport};
-use cfs_core::block::{verify, BlockKind, Verified};
+use cfs_core::block::{verify, Verified};
 use cfs_core::ring::{in_replica_reach, same_host, source_bucket};
 use cfs_core::wire::{
-    ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, WireBlock,
-    GET_MANY_BYTES, MAX_BATCH, MAX_REFS,
+    ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, WireBlock, MAX_BATCH,
+    MAX_REFS,
 };
 use cfs_core::{Id, NodeRef};
 use rand::SeedableRng;
@@ -591,65 +591,6 @@ impl<T: Transport> Node<T> {
         tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| remote(ErrorKind::Storage, e.to_string()))
-    }
-
-    /// `GetMany`'s answer: blocks in the order asked (None if absent), stopping before
-    /// the answer would pass [`GET_MANY_BYTES`]. A stored block's size comes from the
-    /// index first, so one that does not fit is neither read nor counted.
-    fn blocks_within(
-        &self,
-        items: Vec<(BlockKind, Id)>,
-        requester: IpAddr,
-    ) -> Vec<Option<serde_bytes::ByteBuf>> {
-        let m = &self.inner.metrics;
-        let mut out = Vec::with_capacity(items.len());
-        let mut bytes = 0;
-        for (kind, key) in items {
-            let held = self.inner.store.held(kind, key).ok().flatten();
-            if bytes + held.map_or(0, |h| h.len as usize) > GET_MANY_BYTES {
-                break;
-            }
-            let b = self.lookup_block(kind, key, requester);
-            let len = b.as_ref().map_or(0, Vec::len);
-            // (A path-cache block's size is known only once read.)
-            if bytes + len > GET_MANY_BYTES {
-                break;
-            }
-            Metrics::inc(&m.gets_served);
-            if b.is_none() {
-                Metrics::inc(&m.gets_missed);
-            }
-            bytes += len;
-            out.push(b.map(serde_bytes::ByteBuf::from));
-        }
-        out
-    }
-
-    /// A block from the permanent store, else the path cache. Read inline: blocks are
-    /// mostly in the page cache, and a hop through the blocking pool measured slower
-    /// (cold 256 MiB read 0.54 s inline vs 0.62 s through the pool).
-    fn lookup_block(&self, kind: BlockKind, key: Id, requester: IpAddr) -> Option<Vec<u8>> {
-        if kind.is_content() {
-            self.inner
-                .cache
-                .lock()
-                .unwrap()
-                .record_request(key, &source_bucket(requester));
-        }
-        // An expired block is gone even before the sweep removes it.
-        if let Ok(Some((b, expires))) = self.inner.store.get(kind, key) {
-            if expires > self.now_unix() {
-                return Some(b);
-            }
-        }
-        let hit = self.inner.cache.lock().unwrap().lru.get(kind, key);
-        let m = &self.inner.metrics;
-        Metrics::inc(if hit.is_some() {
-            &m.cache_hits
-        } else {
-            &m.cache_misses
-        });
-        hit
     }
 }
 
