@@ -89,6 +89,17 @@ enum Cached {
 }
 
 type Slot = watch::Receiver<Option<Result<Cached, FetchErr>>>;
+type SlotSender = watch::Sender<Option<Result<Cached, FetchErr>>>;
+
+/// What `Reader::claim` found for a fetch about to start.
+enum Claim {
+    /// The block is already on its way: wait on its slot.
+    Joined(Slot),
+    /// A new fetch, registered: finish it through the sender.
+    Mine(SlotSender, Slot),
+    /// Read-ahead refused for lack of budget.
+    Refused,
+}
 
 /// Tuning of the read path.
 #[derive(Clone, Debug)]
@@ -284,21 +295,40 @@ impl<R: BlockService> Reader<R> {
     /// refused for lack of budget.
     fn start(&self, kind: BlockKind, key: Id, reserve: usize, force: bool) -> Option<Slot> {
         let mut inf = self.inner.inflight.lock().unwrap();
-        if let Some(rx) = inf.get(&(kind, key)) {
-            return Some(rx.clone());
+        match self.claim(&mut inf, kind, key, reserve, force) {
+            Claim::Joined(rx) => Some(rx),
+            Claim::Refused => None,
+            Claim::Mine(tx, rx) => {
+                drop(inf);
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    let r = fetch(&inner, kind, key).await;
+                    Self::finish(&inner, kind, key, reserve, tx, r);
+                });
+                Some(rx)
+            }
+        }
+    }
+
+    /// Join the fetch of a block already on its way, or reserve `reserve` bytes and
+    /// register a new one (whose sender must be given to `finish`).
+    fn claim(
+        &self,
+        inflight: &mut HashMap<(BlockKind, Id), Slot>,
+        kind: BlockKind,
+        key: Id,
+        reserve: usize,
+        force: bool,
+    ) -> Claim {
+        if let Some(rx) = inflight.get(&(kind, key)) {
+            return Claim::Joined(rx.clone());
         }
         if !self.reserve(reserve, force) {
-            return None;
+            return Claim::Refused;
         }
         let (tx, rx) = watch::channel(None);
-        inf.insert((kind, key), rx.clone());
-        drop(inf);
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let r = fetch(&inner, kind, key).await;
-            Self::finish(&inner, kind, key, reserve, tx, r);
-        });
-        Some(rx)
+        inflight.insert((kind, key), rx.clone());
+        Claim::Mine(tx, rx)
     }
 
     /// A fetch started by `start` or `start_many` is over: its reservation goes, the
@@ -308,7 +338,7 @@ impl<R: BlockService> Reader<R> {
         kind: BlockKind,
         key: Id,
         reserve: usize,
-        tx: watch::Sender<Option<Result<Cached, FetchErr>>>,
+        tx: SlotSender,
         r: Result<(Cached, usize), FetchErr>,
     ) {
         inner.cache.lock().unwrap().reserved -= reserve;
@@ -330,20 +360,17 @@ impl<R: BlockService> Reader<R> {
         {
             let mut inf = self.inner.inflight.lock().unwrap();
             for &(key, reserve) in keys {
-                if let Some(rx) = inf.get(&(kind, key)) {
-                    slots.push(rx.clone());
-                    continue;
-                }
                 if self.cache_get(kind, key).is_some() {
                     continue;
                 }
-                if !self.reserve(reserve, false) {
-                    break;
+                match self.claim(&mut inf, kind, key, reserve, false) {
+                    Claim::Joined(rx) => slots.push(rx),
+                    Claim::Refused => break,
+                    Claim::Mine(tx, rx) => {
+                        slots.push(rx);
+                        mine.push((key, reserve, tx));
+                    }
                 }
-                let (tx, rx) = watch::channel(None);
-                inf.insert((kind, key), rx.clone());
-                slots.push(rx);
-                mine.push((key, reserve, tx));
             }
         }
         if mine.is_empty() {
