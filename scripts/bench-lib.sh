@@ -41,11 +41,11 @@ start_ring() {
 }
 
 # floor BASELINE_READ: the time, cold, of the baseline's read of $W/src/big run at once
-# with the least work any cfs read of it must add (examples/floor.rs: the bytes cross a
+# with the least work any cfs read of it must add (tests/src/bin/floor.rs: the bytes cross a
 # loopback socket from another process, sent with sendfile, and are SHA-1'd on every
 # core; no lookups, protocol or cache). The baseline over this time is the highest ratio
 # cfs could reach on this machine.
 floor() {
   drop
-  timed "($1 > /dev/null & $B/examples/floor $W/src/big > /dev/null & wait)"
+  timed "($1 > /dev/null & $B/floor $W/src/big > /dev/null & wait)"
 }

@@ -1,19 +1,7 @@
-//! The cfs client library: publishing a tree, reading it (`cfs get`), and the FUSE mount.
+//! The read-only FUSE mount of a published cfs tree, over the `cfs-tree` reader. Only the
+//! mount: the reader, publish and keep live in `cfs-tree`, the gateway in `cfs-gateway`,
+//! the `cfs` command in `cfs-cli`.
 
-pub mod chaos;
-pub mod fsread;
-pub mod gateway;
 pub mod mount;
-pub mod netring;
-pub mod prefetch;
-pub mod publish;
-pub mod ring;
-pub mod testing;
-pub mod testnet;
-
-pub use fsread::{get, parse_get_spec, FsError, Reader, ReaderOpts};
 
 pub use mount::{mount, open_fs, spawn_mount, MountHandle, MountOpts};
-pub use publish::{
-    fsid_of, keygen, load_key, publish, KeyError, PublishError, PublishOpts, Receipt,
-};

@@ -3,9 +3,9 @@
 //! mounted by number, then unmounted. A guard clears the mount even if the test fails.
 
 use cfs_fuse::mount::{spawn_mount, MountOpts};
-use cfs_fuse::publish::{publish, PublishOpts};
-use cfs_fuse::testing::MemRing;
 use cfs_tests::tree::{compare_trees, sample_tree, TempDir};
+use cfs_tree::publish::{publish, PublishOpts};
+use cfs_tree::service::mem::MemRing;
 use ed25519_dalek::SigningKey;
 use std::ffi::CString;
 use std::fs;

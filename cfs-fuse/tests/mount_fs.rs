@@ -1,12 +1,12 @@
 //! The mount's filesystem layer without FUSE: lookup counts and `forget`, the cost of
 //! applying a new version, and typed errors.
 
-use cfs_fuse::fsread::{FsError, ReaderOpts};
 use cfs_fuse::mount::{open_fs, Fs, MountOpts, OpError, Opened, ROOT_INO};
-use cfs_fuse::publish::{publish, PublishOpts};
-use cfs_fuse::ring::RingError;
-use cfs_fuse::testing::MemRing;
 use cfs_tests::tree::TempDir;
+use cfs_tree::publish::{publish, PublishOpts};
+use cfs_tree::reader::{FsError, ReaderOpts};
+use cfs_tree::service::mem::MemRing;
+use cfs_tree::service::RingError;
 use ed25519_dalek::SigningKey;
 use std::path::Path;
 use std::sync::atomic::Ordering;

@@ -7,13 +7,13 @@
 //!
 //! A tree is modelled as its set of blocks (the walk that finds them, `cfs_core::walk`,
 //! is tested on real processes); puts, renewals, sweeps, repairs and hand-offs are the
-//! node's own code through `cfsd::client::Client`.
+//! node's own code through `cfs_net::client::Client`.
 
 use crate::sim::{make_block, mean, r4, run, Sim, SimError};
 use crate::transport::{sim_addr, SimTransport};
 use cfs_core::block::BlockKind;
 use cfs_core::Id;
-use cfsd::client::Client;
+use cfs_net::client::Client;
 use rand::Rng;
 use serde::Serialize;
 use std::collections::{BTreeSet, VecDeque};
@@ -163,7 +163,7 @@ pub fn gc(c: &crate::experiments::Common, a: &GcArgs) -> Result<GcReport, SimErr
                     let n = sim.node(i).clone();
                     async move { n.maintain().await }
                 });
-                cfsd::net::join_all(rounds).await;
+                cfs_net::net::join_all(rounds).await;
             }
             let expired_after = expired(&sim);
             let holders = sim.holders();

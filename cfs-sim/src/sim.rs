@@ -4,7 +4,7 @@
 use crate::transport::{NetParams, SimNet, SimNode, SimTransport};
 use cfs_core::block::{verify, BlockKind, Verified};
 use cfs_core::{Id, NodeRef};
-use cfsd::net::Timeouts;
+use cfs_net::net::Timeouts;
 use cfsd::node::{Config, Node};
 use cfsd::store::MemStore;
 use rand::rngs::SmallRng;

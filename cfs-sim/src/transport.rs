@@ -3,8 +3,8 @@
 //! trace, so two runs of one seed can be compared byte for byte.
 
 use cfs_core::wire::{self, Request, RequestFrame, Response, ResponseFrame, PROTOCOL_VERSION};
+use cfs_net::transport::{CallError, Handler, Transport};
 use cfsd::node::Node;
-use cfsd::transport::{CallError, Handler, Transport};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sha1::{Digest, Sha1};
@@ -372,6 +372,6 @@ impl Transport for SimTransport {
         req: Request,
         timeout: Duration,
     ) -> Result<Response, CallError> {
-        cfsd::transport::bounded(timeout, self.exchange(to, req)).await
+        cfs_net::transport::bounded(timeout, self.exchange(to, req)).await
     }
 }

@@ -3,13 +3,13 @@
 //! peer claims enters these tables unchecked: see `stabilize` and `rectify`.
 
 use crate::metrics::Metrics;
-use crate::net::{Lookup, LookupError, CLOSER_COUNT};
 use crate::node::Node;
-use crate::transport::Transport;
 use cfs_core::block::BlockKind;
 use cfs_core::ring::{clean_succ_list, estimate_size, MIN_ENTRIES_FOR_ESTIMATE};
 use cfs_core::wire::{Request, Response, Step, MAX_REFS};
 use cfs_core::{Id, NodeRef};
+use cfs_net::net::{Lookup, LookupError, CLOSER_COUNT};
+use cfs_net::transport::Transport;
 use rand::Rng;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -214,7 +214,7 @@ impl<T: Transport> Node<T> {
             .filter(|n| **n != first && (!current.contains(n) || !walk.contains(n)))
             .copied()
             .collect();
-        let answers = crate::net::join_all(to_ping.iter().map(|n| self.alive(*n))).await;
+        let answers = cfs_net::net::join_all(to_ping.iter().map(|n| self.alive(*n))).await;
         // New entries that do not answer are refused; omitted ones that do not answer
         // are dead and leave, as Zave's adoption would drop them.
         let dead: Vec<NodeRef> = to_ping
@@ -259,7 +259,7 @@ impl<T: Transport> Node<T> {
                     // The successor is gone; the others may be too (a partition takes
                     // many at once), so ask them all at once rather than one per round.
                     let rest: Vec<NodeRef> = self.successors(v).into_iter().skip(1).collect();
-                    let answers = crate::net::join_all(rest.iter().map(|n| self.alive(*n))).await;
+                    let answers = cfs_net::net::join_all(rest.iter().map(|n| self.alive(*n))).await;
                     // If none answers, the fault is more likely our own link: drop only
                     // the successor, as one round always did, and look for the ring.
                     let isolated = !rest.is_empty() && answers.iter().all(|ok| !ok);

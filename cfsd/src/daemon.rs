@@ -2,8 +2,9 @@
 //! one process).
 
 use crate::node::{Config, Node};
+use crate::server::{serve, ServerLimits};
 use crate::store::BlockStore;
-use crate::transport::{serve, ServerLimits, TcpTransport};
+use cfs_net::transport::TcpTransport;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -6,11 +6,11 @@
 use crate::metrics::Metrics;
 use crate::node::{remote, Node};
 use crate::quota::{Charge, Quota, QuotaError};
-use crate::transport::Transport;
 use cfs_core::block::BlockKind;
 use cfs_core::ring::source_bucket;
 use cfs_core::wire::{ErrorKind, Holding, RemoteError};
 use cfs_core::Id;
+use cfs_net::transport::Transport;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,9 +1,9 @@
 //! `cfsd`: one cfs node process.
 
 use anyhow::{bail, Context, Result};
+use cfs_net::transport::TcpTransport;
 use cfsd::node::{Config, Node};
 use cfsd::store::RedbStore;
-use cfsd::transport::TcpTransport;
 use clap::Parser;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -38,8 +38,8 @@ struct Args {
     /// Serve Prometheus metrics over HTTP at this address.
     #[arg(long)]
     metrics: Option<String>,
-    /// Also serve published trees over HTTP at this address: runs `cfs gateway` (the `cfs`
-    /// next to this binary, or on PATH) against this node, stopped with it. Its URL is
+    /// Also serve published trees over HTTP at this address, in this process (the
+    /// gateway of `cfs gateway`, entered at this node), stopped with it. Its URL is
     /// written to DIR/gateway.
     #[arg(long)]
     gateway: Option<String>,
@@ -101,7 +101,7 @@ struct Args {
 }
 
 fn keep_spec(s: &str) -> Result<(cfs_core::Id, u64), String> {
-    cfsd::keep::parse_keep_spec(s)
+    cfs_tree::keep::parse_keep_spec(s)
 }
 
 fn resolve(s: &str) -> Result<SocketAddr> {
@@ -214,11 +214,11 @@ async fn run(args: Args) -> Result<()> {
         tokio::spawn(serve_metrics(l, node.clone()));
     }
     let gateway = match &args.gateway {
-        Some(g) => Some(start_gateway(g, addr, &args.data)?),
+        Some(g) => Some(start_gateway(g, addr, &args.data).await?),
         None => None,
     };
     if !args.keep.is_empty() {
-        let mut client = cfsd::client::Client::tcp(addr);
+        let mut client = cfs_net::client::Client::tcp(addr);
         client.lease = args.keep_lease;
         let every = Duration::from_secs(args.keep_every.unwrap_or(args.keep_lease / 4).max(1));
         let specs = args.keep.clone();
@@ -228,62 +228,47 @@ async fn run(args: Args) -> Result<()> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             let lease = client.lease;
-            cfsd::keep::keep_loop(client, specs, lease, every).await
+            cfs_tree::keep::keep_loop(client, specs, lease, every).await
         });
     }
     tracing::info!(%addr, ids = ?node.ids(), "cfsd running");
     cfsd::daemon::wait_for_signal().await;
     tracing::info!("shutting down");
-    if let Some(mut g) = gateway {
-        let _ = g.kill();
-        let _ = g.wait();
+    if let Some(g) = gateway {
+        g.abort();
     }
     Ok(())
 }
 
-/// `cfs gateway --listen LISTEN --node ADDR` as a child that dies with this process (the
-/// gateway needs the client's reader, which links `cfsd`, so it runs as its own binary).
-/// Its URL goes to DIR/gateway once it listens.
-fn start_gateway(
+/// The HTTP gateway in this process, over a client of this node (its newest roots kept
+/// in DIR/gateway-roots); its URL goes to DIR/gateway once it listens. Stops with the node.
+async fn start_gateway(
     listen: &str,
     node: SocketAddr,
     data: &std::path::Path,
-) -> Result<std::process::Child> {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let sibling = std::env::current_exe()?.with_file_name("cfs");
-    let cfs = if sibling.exists() {
-        sibling
-    } else {
-        PathBuf::from("cfs")
-    };
-    let mut cmd = std::process::Command::new(&cfs);
-    cmd.args(["gateway", "--listen", listen, "--node", &node.to_string()])
-        .stdout(std::process::Stdio::piped());
-    // SAFETY: prctl is async-signal-safe; it only asks for SIGTERM when the parent dies.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {} gateway (is cfs installed?)", cfs.display()))?;
-    let out = child.stdout.take().expect("piped");
+) -> Result<tokio::task::JoinHandle<()>> {
+    let at = resolve(listen)?;
+    let l = tokio::net::TcpListener::bind(at)
+        .await
+        .with_context(|| format!("binding the gateway's address {at}"))?;
+    let url = format!("http://{}/", l.local_addr()?);
+    let mut client = cfs_net::client::Client::tcp(node);
+    client
+        .connect()
+        .await
+        .context("the gateway's client could not reach this node")?;
     let file = data.join("gateway");
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        if std::io::BufReader::new(out).read_line(&mut line).is_ok() {
-            if let Some(url) = line.trim().strip_prefix("gateway listening on ") {
-                let tmp = file.with_extension("tmp");
-                if std::fs::write(&tmp, format!("{url}\n")).is_ok() {
-                    let _ = std::fs::rename(&tmp, &file);
-                }
-            }
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, format!("{url}\n"))?;
+    std::fs::rename(&tmp, &file)?;
+    let state = Some(data.join("gateway-roots"));
+    let opts = cfs_gateway::GatewayOpts::default().with_deadline(Duration::from_secs(30));
+    Ok(tokio::spawn(async move {
+        let stop = cfsd::daemon::wait_for_signal();
+        if let Err(e) = cfs_gateway::serve_ring(client, node, state, l, opts, stop).await {
+            tracing::error!(error = %e, "the gateway stopped");
         }
-    });
-    Ok(child)
+    }))
 }
 
 /// A minimal HTTP endpoint: any request gets the Prometheus text.

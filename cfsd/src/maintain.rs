@@ -3,14 +3,14 @@
 //! Both walk the store in bounded chunks, never a list of every key.
 
 use crate::metrics::Metrics;
-use crate::net::Batcher;
 use crate::node::Node;
 use crate::store::StoreKey;
-use crate::transport::Transport;
 use cfs_core::block::{verify, BlockKind};
 use cfs_core::ring::{run_in_range, same_host};
 use cfs_core::wire::{leased_enough, Request, Response, WireBlock};
 use cfs_core::{Id, NodeRef};
+use cfs_net::net::Batcher;
+use cfs_net::transport::Transport;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 

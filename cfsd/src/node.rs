@@ -6,10 +6,8 @@ use crate::cache::{CacheLimits, PathCache, Refusal};
 use crate::chord::Vnode;
 use crate::lease::Room;
 use crate::metrics::Metrics;
-use crate::net::{LookupError, Net, Timeouts};
 use crate::quota::{Charge, Quota};
 use crate::store::{BlockStore, PutOutcome, StoreError, StoreKey};
-use crate::transport::{Handler, Transport};
 use cfs_core::block::{verify, Verified};
 use cfs_core::ring::{in_replica_reach, same_host, source_bucket};
 use cfs_core::wire::{
@@ -17,6 +15,8 @@ use cfs_core::wire::{
     MAX_REFS,
 };
 use cfs_core::{Id, NodeRef};
+use cfs_net::net::{LookupError, Net, Timeouts};
+use cfs_net::transport::{Handler, Transport};
 use rand::SeedableRng;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};

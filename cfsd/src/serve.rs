@@ -4,11 +4,11 @@
 
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::transport::Transport;
 use cfs_core::block::BlockKind;
 use cfs_core::ring::source_bucket;
 use cfs_core::wire::GET_MANY_BYTES;
 use cfs_core::Id;
+use cfs_net::transport::Transport;
 use std::net::IpAddr;
 
 impl<T: Transport> Node<T> {

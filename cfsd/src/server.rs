@@ -12,8 +12,8 @@
 //!   wait for it. A frame must arrive at a minimum rate and a reply must be taken within a
 //!   write timeout, so silence and unread replies free their connection.
 
-use crate::transport::{read_body, read_prefix, Handler};
 use cfs_core::wire::{self, RemoteError, RequestFrame, Response, ResponseFrame, PROTOCOL_VERSION};
+use cfs_net::transport::{read_body, read_prefix, Handler};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -528,7 +528,7 @@ pub fn true_replicas(members: &[NodeRef], key: Id, r: usize) -> Vec<NodeRef> {
     let succs: Vec<NodeRef> = (0..ring.len())
         .map(|i| ring[(first + i) % ring.len()])
         .collect();
-    cfsd::net::replica_set(&succs, r)
+    cfs_net::net::replica_set(&succs, r)
 }
 
 /// The member whose id follows `id` (its successor), and the one before (its predecessor).
@@ -687,7 +687,7 @@ pub fn members(cluster: &crate::Cluster) -> Vec<NodeRef> {
 /// Put a valid data block through the honest client; how many replicas stored it.
 pub fn put_block(
     rt: &tokio::runtime::Runtime,
-    c: &cfsd::client::Client,
+    c: &cfs_net::client::Client,
     bytes: Vec<u8>,
 ) -> (Id, usize) {
     rt.block_on(async {

@@ -17,7 +17,7 @@ pub fn bin(name: &str) -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--bins", "-p", "cfsd", "-p", "cfs-fuse"]);
+        cmd.args(["build", "--quiet", "--bins", "-p", "cfsd", "-p", "cfs-cli"]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
@@ -43,9 +43,9 @@ pub fn rt() -> tokio::runtime::Runtime {
 }
 
 /// A client of the ring through `addr`, connected (it knows r).
-pub fn client(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> cfsd::client::Client {
+pub fn client(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> cfs_net::client::Client {
     rt.block_on(async {
-        let mut c = cfsd::client::Client::tcp(addr);
+        let mut c = cfs_net::client::Client::tcp(addr);
         c.connect().await.unwrap();
         c
     })
@@ -384,7 +384,7 @@ impl Cluster {
     }
 
     async fn neighbours_consistent(&self) -> Option<()> {
-        let c = cfsd::client::Client::tcp(self.addrs()[0]);
+        let c = cfs_net::client::Client::tcp(self.addrs()[0]);
         let mut statuses = Vec::new();
         for a in self.addrs() {
             statuses.push(c.status(a).await.ok()?);

@@ -316,7 +316,7 @@ fn missing_fsid_is_a_clear_error_and_corrupt_replicas_are_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     eventually(Duration::from_secs(60), "corrupt replicas repaired", || {
         rt.block_on(async {
-            let c = cfsd::client::Client::tcp(cluster.nodes[0].addr);
+            let c = cfs_net::client::Client::tcp(cluster.nodes[0].addr);
             let mut good = 0;
             for h in &holders {
                 let req = cfs_core::wire::Request::Get {

@@ -29,7 +29,7 @@ impl Gateway {
                 "0.3",
             ])
             .args(extra)
-            .env("RUST_LOG", "cfs_fuse::gateway=debug")
+            .env("RUST_LOG", "cfs_gateway=debug")
             .stdout(Stdio::piped())
             .stderr(log.reopen().unwrap())
             .spawn()

@@ -3,9 +3,9 @@
 use cfs_core::block::{verify, BlockKind, RootBlock, Totals};
 use cfs_core::wire::{Request, Response};
 use cfs_core::{Id, NodeRef};
+use cfs_net::client::Client;
+use cfs_net::net::replica_set;
 use cfs_tests::{cfs, cfs_ok, client, eventually, rt, Cluster};
-use cfsd::client::Client;
-use cfsd::net::replica_set;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -538,7 +538,9 @@ fn get_many_answers_in_order_within_a_frame_and_the_client_asks_again_for_the_re
         // Too many items: refused as a bad request, and the node keeps serving.
         let many = vec![(BlockKind::Data, missing); MAX_BATCH + 1];
         match c.net.call(addr, Request::GetMany { items: many }).await {
-            Err(cfsd::transport::CallError::Remote(e)) => assert_eq!(e.kind, ErrorKind::BadRequest),
+            Err(cfs_net::transport::CallError::Remote(e)) => {
+                assert_eq!(e.kind, ErrorKind::BadRequest)
+            }
             other => panic!("an oversized GetMany got {other:?}"),
         }
 

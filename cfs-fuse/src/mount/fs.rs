@@ -2,15 +2,16 @@
 //! handles, returning typed errors. `fuse.rs` only translates; tests call this directly
 //! over an in-memory ring.
 
+use super::errno::ToErrno;
 use super::file_cache::{read_range, FileCache, Fill};
 use super::handles::{FileRefs, Handles, Listing, Open, OpenFile};
 use super::inodes::{InodeTable, ROOT_INO};
 use super::MountOpts;
-use crate::fsread::{FsError, MemoryHold, Piece, Reader};
-use crate::ring::BlockService;
 use cfs_core::block::Totals;
 use cfs_core::fs::{EntryKind, Inode, InodeBody};
 use cfs_core::Id;
+use cfs_tree::reader::{FsError, MemoryHold, Piece, Reader};
+use cfs_tree::service::BlockService;
 use fuser::{BackingId, FileAttr, FileType, INodeNo};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};

@@ -5,7 +5,7 @@
 //! answered from a spawned task so many run in parallel.
 
 use super::fs::{Fs, OpError, Opened};
-use crate::ring::BlockService;
+use cfs_tree::service::BlockService;
 use fuser::{
     AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,

@@ -2,8 +2,8 @@
 //! passthrough from the file cache).
 
 use super::file_cache::Fill;
-use crate::fsread::FileStream;
 use cfs_core::fs::Inode;
+use cfs_tree::reader::FileStream;
 use fuser::{BackingId, FileType};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -7,10 +7,12 @@
 //! - `handles.rs`: open handles and each number's open mode;
 //! - `version.rs`: the poller and the diff that applies a new version;
 //! - `file_cache.rs`: verified whole files on local disk, served by passthrough;
+//! - `errno.rs`: the errno of each read-path error;
 //! - this file: options, mounting and unmounting.
 //!
 //! Every block fetch has a deadline, after which the request fails (EIO, or ETIMEDOUT).
 
+pub mod errno;
 mod file_cache;
 pub mod fs;
 mod fuse;
@@ -18,14 +20,15 @@ mod handles;
 mod inodes;
 mod version;
 
+pub use errno::ToErrno;
 pub use file_cache::FileCacheOpts;
 pub use fs::{Fs, OpError, Opened};
 pub use inodes::ROOT_INO;
 pub use version::Invalidations;
 
-use crate::fsread::{FsError, Reader, ReaderOpts};
-use crate::ring::BlockService;
 use cfs_core::Id;
+use cfs_tree::reader::{FsError, Reader, ReaderOpts};
+use cfs_tree::service::BlockService;
 use file_cache::{stack_depth_for, FileCache};
 use fuser::{Config, MountOption, SessionACL};
 use std::path::{Path, PathBuf};

@@ -10,11 +10,11 @@
 
 use super::fs::Fs;
 use super::inodes::ROOT_INO;
-use crate::fsread::{FsError, Reader};
-use crate::ring::BlockService;
 use cfs_core::block::RootBlock;
 use cfs_core::fs::{DirEntry, EntryKind};
 use cfs_core::Id;
+use cfs_tree::reader::{FsError, Reader};
+use cfs_tree::service::BlockService;
 use fuser::{INodeNo, Notifier};
 use std::collections::HashMap;
 use std::ffi::OsStr;

@@ -2,8 +2,8 @@
 //! `cargo run --release -p cfs-tests --bin lookup-bench [-- NODES LOOKUPS]`
 
 use cfs_core::{Id, NodeRef};
+use cfs_net::client::Client;
 use cfs_tests::{eventually, Cluster};
-use cfsd::client::Client;
 use std::time::{Duration, Instant};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {

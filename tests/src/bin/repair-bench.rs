@@ -3,8 +3,8 @@
 
 use cfs_core::block::{verify, BlockKind};
 use cfs_core::Id;
+use cfs_net::client::Client;
 use cfs_tests::{eventually, Cluster};
-use cfsd::client::Client;
 use std::time::{Duration, Instant};
 
 fn main() {

@@ -1,0 +1,663 @@
+//! Publishing a directory tree: walk, chunk, insert the blocks the ring lacks with
+//! bounded parallelism, then sign and put the root last, so an interrupted publish
+//! leaves the previous version intact. Also the publisher's key file.
+
+use crate::service::{BlockService, PutReceipt, RingError};
+use cfs_core::block::{root_key, verify, RootBlock, Totals, Verified};
+use cfs_core::fs::{
+    build_dir, build_file_tree, build_symlink, chunk_block, DirEntry, EntryKind, FileData, Inode,
+    InodeBody, LayoutError, Meta, NewBlock, BLOCK_SIZE, INLINE_MAX,
+};
+use cfs_core::{BlockKind, Id};
+use ed25519_dalek::SigningKey;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_bytes::ByteBuf;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::fs::File;
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Layout {
+        path: PathBuf,
+        #[source]
+        source: LayoutError,
+    },
+    #[error("{0} is not a directory; publish takes a directory")]
+    NotDir(PathBuf),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error("the ring holds version {have} of this filesystem, which does not decode: {msg}")]
+    BadRoot { have: u64, msg: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
+    move |source| PublishError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Options of [`publish`].
+#[derive(Clone, Debug)]
+pub struct PublishOpts {
+    /// Puts in flight at most.
+    pub parallelism: usize,
+    /// Blocks asked about in one `has_everywhere` round.
+    pub batch: usize,
+    /// Show a progress bar (only drawn when stderr is a terminal).
+    pub progress: bool,
+    /// Data block size (tests use small ones).
+    pub block_size: usize,
+}
+
+impl Default for PublishOpts {
+    fn default() -> Self {
+        PublishOpts {
+            parallelism: 32,
+            batch: 256,
+            progress: true,
+            block_size: BLOCK_SIZE,
+        }
+    }
+}
+
+/// What a publish did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub fsid: Id,
+    pub version: u64,
+    /// Distinct blocks of this version (data, metadata; not the root).
+    pub blocks_total: u64,
+    /// Blocks the ring did not have, which this publish sent.
+    pub blocks_new: u64,
+    /// Blocks confirmed (asked after the puts) to be on all r replicas.
+    pub blocks_on_all: u64,
+    /// Replicas per block the ring wanted (r), as the puts reported.
+    pub replicas: usize,
+    pub files: u64,
+    pub bytes: u64,
+    /// Entries skipped (sockets, devices, fifos), with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl fmt::Display for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "published version {} of {}: {} files, {} bytes",
+            self.version, self.fsid, self.files, self.bytes
+        )?;
+        writeln!(
+            f,
+            "blocks: {} total, {} new, {} confirmed on {r} of {r} replicas",
+            self.blocks_total,
+            self.blocks_new,
+            self.blocks_on_all,
+            r = self.replicas
+        )?;
+        if !self.skipped.is_empty() {
+            writeln!(
+                f,
+                "skipped {} entries (not files, directories or symlinks)",
+                self.skipped.len()
+            )?;
+        }
+        write!(f, "FSID {}\nversion {}", self.fsid, self.version)
+    }
+}
+
+/// The tree as scanned before anything is sent.
+enum Node {
+    File {
+        path: PathBuf,
+        devino: (u64, u64),
+        mode: u32,
+        mtime: (i64, u32),
+    },
+    Symlink {
+        path: PathBuf,
+        target: Vec<u8>,
+        mode: u32,
+        mtime: (i64, u32),
+    },
+    Dir {
+        path: PathBuf,
+        mode: u32,
+        mtime: (i64, u32),
+        children: Vec<(Vec<u8>, Node)>,
+    },
+}
+
+struct Scan {
+    bytes: u64,
+    links: HashMap<(u64, u64), u32>,
+    skipped: Vec<(PathBuf, String)>,
+}
+
+fn mtime(m: &std::fs::Metadata) -> (i64, u32) {
+    (m.mtime(), m.mtime_nsec().clamp(0, 999_999_999) as u32)
+}
+
+fn scan(path: &Path, md: &std::fs::Metadata, s: &mut Scan) -> Result<Option<Node>, PublishError> {
+    let ft = md.file_type();
+    let mode = md.mode() & 0o7777;
+    if ft.is_symlink() {
+        let target = std::fs::read_link(path).map_err(io_err(path))?;
+        return Ok(Some(Node::Symlink {
+            path: path.to_path_buf(),
+            target: target.as_os_str().as_bytes().to_vec(),
+            mode,
+            mtime: mtime(md),
+        }));
+    }
+    if ft.is_file() {
+        let devino = (md.dev(), md.ino());
+        let n = s.links.entry(devino).or_insert(0);
+        if *n == 0 {
+            s.bytes += md.len();
+        }
+        *n += 1;
+        return Ok(Some(Node::File {
+            path: path.to_path_buf(),
+            devino,
+            mode,
+            mtime: mtime(md),
+        }));
+    }
+    if ft.is_dir() {
+        let mut children = Vec::new();
+        for e in std::fs::read_dir(path).map_err(io_err(path))? {
+            let e = e.map_err(io_err(path))?;
+            let p = e.path();
+            let cmd = std::fs::symlink_metadata(&p).map_err(io_err(&p))?;
+            if let Some(n) = scan(&p, &cmd, s)? {
+                children.push((e.file_name().as_bytes().to_vec(), n));
+            }
+        }
+        children.sort_by(|a, b| a.0.cmp(&b.0));
+        return Ok(Some(Node::Dir {
+            path: path.to_path_buf(),
+            mode,
+            mtime: mtime(md),
+            children,
+        }));
+    }
+    let what = if ft.is_socket() {
+        "socket"
+    } else {
+        "device or fifo"
+    };
+    tracing::warn!(
+        "skipping {} ({what}): only files, directories and symlinks are published",
+        path.display()
+    );
+    s.skipped.push((path.to_path_buf(), what.to_string()));
+    Ok(None)
+}
+
+/// Blocks up to this size are sent in batches (`put_many`).
+const SMALL_BLOCK: usize = 64 * 1024;
+/// Most blocks and bytes in one batch.
+const SMALL_BATCH: usize = 256;
+const SMALL_BATCH_BYTES: usize = 768 * 1024;
+
+/// Sends blocks: dedups within the publish, asks the ring in batches which it lacks,
+/// and keeps at most `parallelism` puts in flight.
+struct Uploader<R: BlockService> {
+    ring: Arc<R>,
+    opts: PublishOpts,
+    sem: Arc<Semaphore>,
+    pending: Vec<NewBlock>,
+    pending_bytes: usize,
+    seen: HashSet<(BlockKind, Id)>,
+    all: Vec<(BlockKind, Id)>,
+    tasks: JoinSet<Result<Vec<PutReceipt>, RingError>>,
+    new: u64,
+    replicas: usize,
+    pb: ProgressBar,
+}
+
+impl<R: BlockService> Uploader<R> {
+    async fn add(&mut self, b: NewBlock) -> Result<(), PublishError> {
+        if !self.seen.insert((b.kind, b.key)) {
+            return Ok(());
+        }
+        self.all.push((b.kind, b.key));
+        self.pending_bytes += b.bytes.len();
+        self.pending.push(b);
+        if self.pending.len() >= self.opts.batch || self.pending_bytes >= 16 << 20 {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), PublishError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let have = self
+            .ring
+            .has_everywhere(batch.iter().map(|b| (b.kind, b.key)).collect())
+            .await?;
+        // Small blocks (inodes, directory pages, small files) travel in batches: one
+        // request and one commit per replica instead of one per block.
+        let mut small: Vec<Verified> = Vec::new();
+        let mut small_bytes = 0;
+        for (b, h) in batch
+            .into_iter()
+            .zip(have.into_iter().chain(std::iter::repeat(false)))
+        {
+            if h {
+                continue;
+            }
+            self.new += 1;
+            let v = b.into_verified();
+            if v.bytes().len() <= SMALL_BLOCK {
+                small_bytes += v.bytes().len();
+                small.push(v);
+                if small.len() >= SMALL_BATCH || small_bytes >= SMALL_BATCH_BYTES {
+                    self.spawn_many(std::mem::take(&mut small)).await?;
+                    small_bytes = 0;
+                }
+                continue;
+            }
+            self.spawn_many(vec![v]).await?;
+        }
+        if !small.is_empty() {
+            self.spawn_many(small).await?;
+        }
+        self.pb
+            .set_message(format!("{} blocks, {} new", self.all.len(), self.new));
+        Ok(())
+    }
+
+    /// Put `blocks` in a task of its own, at most `parallelism` tasks in flight.
+    async fn spawn_many(&mut self, blocks: Vec<Verified>) -> Result<(), PublishError> {
+        let permit = self
+            .sem
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        let ring = self.ring.clone();
+        self.tasks.spawn(async move {
+            let r = ring.put_many(blocks).await;
+            drop(permit);
+            r
+        });
+        while let Some(r) = self.tasks.try_join_next() {
+            self.reap(r)?;
+        }
+        Ok(())
+    }
+
+    fn reap(
+        &mut self,
+        r: Result<Result<Vec<PutReceipt>, RingError>, tokio::task::JoinError>,
+    ) -> Result<(), PublishError> {
+        let rcs = r.map_err(|e| RingError::Unreachable(format!("put task failed: {e}")))??;
+        for rc in rcs {
+            self.replicas = self.replicas.max(rc.wanted);
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), PublishError> {
+        self.flush().await?;
+        while let Some(r) = self.tasks.join_next().await {
+            self.reap(r)?;
+        }
+        Ok(())
+    }
+
+    /// Ask again, after the puts, which blocks are on all r replicas.
+    async fn confirm(&self) -> Result<u64, PublishError> {
+        let mut n = 0;
+        for chunk in self.all.chunks(1024) {
+            n += self
+                .ring
+                .has_everywhere(chunk.to_vec())
+                .await?
+                .iter()
+                .filter(|&&b| b)
+                .count() as u64;
+        }
+        Ok(n)
+    }
+}
+
+struct Walk<'a, R: BlockService> {
+    up: Uploader<R>,
+    scan: &'a Scan,
+    /// Hard links: one inode per (dev, ino).
+    linked: HashMap<(u64, u64), Id>,
+    files: u64,
+}
+
+impl<R: BlockService> Walk<'_, R> {
+    async fn inode(&mut self, inode: Inode) -> Result<Id, PublishError> {
+        let b = NewBlock::meta(&Meta::Inode(inode));
+        let k = b.key;
+        self.up.add(b).await?;
+        self.files += 1;
+        Ok(k)
+    }
+
+    async fn node(&mut self, node: &Node) -> Result<(Id, EntryKind), PublishError> {
+        match node {
+            Node::Symlink {
+                path,
+                target,
+                mode,
+                mtime,
+            } => {
+                let i = build_symlink(target, *mode, *mtime).map_err(|source| {
+                    PublishError::Layout {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                Ok((self.inode(i).await?, EntryKind::Symlink))
+            }
+            Node::File {
+                path,
+                devino,
+                mode,
+                mtime,
+            } => {
+                if let Some(k) = self.linked.get(devino) {
+                    return Ok((*k, EntryKind::File));
+                }
+                let nlink = self.scan.links.get(devino).copied().unwrap_or(1);
+                let i = self.file(path, *mode, *mtime, nlink).await?;
+                let k = self.inode(i).await?;
+                self.linked.insert(*devino, k);
+                Ok((k, EntryKind::File))
+            }
+            Node::Dir {
+                path,
+                mode,
+                mtime,
+                children,
+            } => {
+                let mut entries = Vec::with_capacity(children.len());
+                for (name, child) in children {
+                    let (key, kind) = Box::pin(self.node(child)).await?;
+                    entries.push(DirEntry {
+                        name: ByteBuf::from(name.clone()),
+                        key,
+                        kind,
+                    });
+                }
+                let (inode, pages) =
+                    build_dir(entries, *mode, *mtime).map_err(|source| PublishError::Layout {
+                        path: path.clone(),
+                        source,
+                    })?;
+                for p in pages {
+                    self.up.add(p).await?;
+                }
+                Ok((self.inode(inode).await?, EntryKind::Dir))
+            }
+        }
+    }
+
+    /// Chunk one file, sending its data and indirect blocks; returns its inode. The size
+    /// is what was actually read, so a file changing under us stays self-consistent.
+    async fn file(
+        &mut self,
+        path: &Path,
+        mode: u32,
+        mtime: (i64, u32),
+        nlink: u32,
+    ) -> Result<Inode, PublishError> {
+        let bs = self.up.opts.block_size;
+        let mut f = File::open(path).map_err(io_err(path))?;
+        let mut buf = vec![0u8; bs];
+        let mut ptrs = Vec::new();
+        let mut size = 0u64;
+        let mut inline = None;
+        loop {
+            let n = read_full(&mut f, &mut buf).map_err(io_err(path))?;
+            if ptrs.is_empty() && n <= INLINE_MAX && n < bs {
+                inline = Some(buf[..n].to_vec());
+                size = n as u64;
+                self.up.pb.inc(n as u64);
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            let b = chunk_block(&buf[..n]);
+            ptrs.push(b.as_ref().map(|b| b.key));
+            if let Some(b) = b {
+                self.up.add(b).await?;
+            }
+            self.up.pb.inc(n as u64);
+            if n < bs {
+                break;
+            }
+        }
+        let data = match inline {
+            Some(b) => FileData::Inline(ByteBuf::from(b)),
+            None => {
+                let (d, ind) = build_file_tree(size, bs as u32, &ptrs);
+                for b in ind {
+                    self.up.add(b).await?;
+                }
+                d
+            }
+        };
+        Ok(Inode {
+            mode,
+            mtime_sec: mtime.0,
+            mtime_nsec: mtime.1,
+            nlink,
+            body: InodeBody::File { size, data },
+        })
+    }
+}
+
+/// Read until `buf` is full or end of file.
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn progress_bar(total: u64, show: bool) -> ProgressBar {
+    if !show || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    pb
+}
+
+/// Publish `dir` as the next version of the filesystem signed by `key`.
+pub async fn publish<R: BlockService>(
+    ring: Arc<R>,
+    dir: &Path,
+    key: &SigningKey,
+    opts: &PublishOpts,
+) -> Result<Receipt, PublishError> {
+    let md = std::fs::metadata(dir).map_err(io_err(dir))?;
+    if !md.is_dir() {
+        return Err(PublishError::NotDir(dir.to_path_buf()));
+    }
+    let mut s = Scan {
+        bytes: 0,
+        links: HashMap::new(),
+        skipped: Vec::new(),
+    };
+    let tree = scan(dir, &md, &mut s)?.expect("a directory scans to a node");
+    let fsid = root_key(&key.verifying_key().to_bytes());
+    // Ask for the current root first: a ring we cannot reach must not get a version 1.
+    let prev = ring.get_root(fsid).await?;
+
+    let pb = progress_bar(s.bytes, opts.progress);
+    let up = Uploader {
+        ring: ring.clone(),
+        opts: opts.clone(),
+        sem: Arc::new(Semaphore::new(opts.parallelism.max(1))),
+        pending: Vec::new(),
+        pending_bytes: 0,
+        seen: HashSet::new(),
+        all: Vec::new(),
+        tasks: JoinSet::new(),
+        new: 0,
+        replicas: 0,
+        pb: pb.clone(),
+    };
+    let mut w = Walk {
+        up,
+        scan: &s,
+        linked: HashMap::new(),
+        files: 0,
+    };
+    let (top, _) = w.node(&tree).await?;
+    let blocks_total = w.up.all.len() as u64;
+
+    // The previous root, kept as an immutable block so old versions stay mountable.
+    let (version, prev_key) = match &prev {
+        None => (1, None),
+        Some(v) => {
+            let r = v.root().ok_or(PublishError::BadRoot {
+                have: v.version(),
+                msg: "undecodable".into(),
+            })?;
+            let b = NewBlock {
+                kind: BlockKind::Meta,
+                key: Id::hash(v.bytes()),
+                bytes: v.bytes().to_vec(),
+            };
+            let k = b.key;
+            w.up.add(b).await?;
+            (r.version + 1, Some(k))
+        }
+    };
+    w.up.finish().await?;
+    pb.set_message("confirming replicas");
+    let blocks_on_all = w.up.confirm().await?;
+
+    let totals = Totals {
+        files: w.files,
+        bytes: s.bytes,
+        blocks: blocks_total,
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let root = RootBlock::sign(key, version, top, totals, prev_key, now);
+    let rv = verify(BlockKind::Root, fsid, root.encode(), false).expect("own root verifies");
+    let rc = ring.put(rv).await?;
+    pb.finish_and_clear();
+    Ok(Receipt {
+        fsid,
+        version,
+        blocks_total,
+        blocks_new: w.up.new,
+        blocks_on_all: blocks_on_all.min(blocks_total),
+        replicas: w.up.replicas.max(rc.wanted),
+        files: w.files,
+        bytes: s.bytes,
+        skipped: s.skipped,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0} already exists; refusing to overwrite a signing key (choose another file)")]
+    Exists(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not a cfs key file (expected 64 hex digits)")]
+    Format(PathBuf),
+}
+
+/// Create a new signing key at `path` (mode 0600, never overwriting); returns the FSID.
+/// The file holds the 32-byte secret as 64 hex digits and a newline.
+pub fn keygen(path: &Path) -> Result<Id, KeyError> {
+    let ioe = |source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut seed = [0u8; 32];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(ioe)?;
+    let key = SigningKey::from_bytes(&seed);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => KeyError::Exists(path.to_path_buf()),
+            _ => ioe(e),
+        })?;
+    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    f.write_all(format!("{hex}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(ioe)?;
+    Ok(root_key(&key.verifying_key().to_bytes()))
+}
+
+/// Read a key written by [`keygen`].
+pub fn load_key(path: &Path) -> Result<SigningKey, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let t = text.trim();
+    if t.len() != 64 || !t.is_ascii() {
+        return Err(KeyError::Format(path.to_path_buf()));
+    }
+    let mut seed = [0u8; 32];
+    for (i, b) in seed.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16)
+            .map_err(|_| KeyError::Format(path.to_path_buf()))?;
+    }
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// The FSID of a signing key.
+pub fn fsid_of(key: &SigningKey) -> Id {
+    root_key(&key.verifying_key().to_bytes())
+}
