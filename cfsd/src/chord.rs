@@ -3,12 +3,13 @@
 //! peer claims enters these tables unchecked: see `stabilize` and `rectify`.
 
 use crate::metrics::Metrics;
-use crate::node::Node;
+use crate::state::Node;
+use crate::vnode::{RECTIFY_FAILED_FOR, RECTIFY_FAILED_MAX};
 use cfs_core::block::BlockKind;
-use cfs_core::ring::{clean_succ_list, estimate_size, MIN_ENTRIES_FOR_ESTIMATE};
-use cfs_core::wire::{Request, Response, Step, MAX_REFS};
+use cfs_core::ring::clean_succ_list;
+use cfs_core::wire::{Request, Response, Step};
 use cfs_core::{Id, NodeRef};
-use cfs_net::net::{Lookup, LookupError, CLOSER_COUNT};
+use cfs_net::net::{Lookup, LookupError};
 use cfs_net::transport::Transport;
 use rand::Rng;
 use std::collections::BTreeSet;
@@ -17,93 +18,6 @@ use std::time::Duration;
 
 /// Remembered peers per host (an address on loopback, an IP elsewhere).
 const MAX_SEEN_PER_HOST: usize = 2;
-
-/// One ring position.
-pub(crate) struct Vnode {
-    pub(crate) me: NodeRef,
-    pub(crate) pred: Option<NodeRef>,
-    /// Never empty: a ring of one has itself as successor. Every other entry was valid,
-    /// in clockwise order and answered a ping when it entered.
-    pub(crate) succs: Vec<NodeRef>,
-    pub(crate) fingers: Vec<Option<NodeRef>>,
-    next_finger: u32,
-    /// The best pending rectify candidate (closest before us), and whether a task is
-    /// checking candidates: at most one dial per vnode at a time, however many arrive.
-    rectify_next: Option<NodeRef>,
-    rectifying: bool,
-    /// Candidates that did not answer, and when: not dialled again for a while, so a
-    /// flood of dead candidates cannot keep the queue from the true predecessor.
-    rectify_failed: std::collections::VecDeque<(NodeRef, tokio::time::Instant)>,
-}
-
-/// How long a rectify candidate that did not answer is ignored, and how many are kept.
-const RECTIFY_FAILED_FOR: Duration = Duration::from_secs(30);
-const RECTIFY_FAILED_MAX: usize = 256;
-
-impl Vnode {
-    pub(crate) fn new(me: NodeRef) -> Vnode {
-        Vnode {
-            me,
-            pred: None,
-            succs: vec![me],
-            fingers: vec![None; 160],
-            next_finger: 0,
-            rectify_next: None,
-            rectifying: false,
-            rectify_failed: Default::default(),
-        }
-    }
-
-    /// The nodes we know that precede `key`, closest to it first.
-    fn closer(&self, key: Id) -> Vec<NodeRef> {
-        // Distances computed once per entry, not per comparison: this runs on every
-        // lookup step and the finger table repeats its entries (same order as before).
-        let mut v: Vec<(f64, NodeRef)> = self
-            .fingers
-            .iter()
-            .flatten()
-            .chain(self.succs.iter())
-            .chain(self.pred.iter())
-            .filter(|n| n.id.in_open(self.me.id, key))
-            .map(|n| (n.id.distance_frac(key), *n))
-            .collect();
-        v.sort_by(|a, b| a.0.total_cmp(&b.0));
-        v.dedup_by_key(|(_, n)| (n.addr, n.vnode));
-        v.truncate(CLOSER_COUNT);
-        v.into_iter().map(|(_, n)| n).collect()
-    }
-
-    /// Ring size estimate from the successor list's density: the node's own measurement,
-    /// None while the list is too short for it to mean much.
-    pub(crate) fn n_est(&self) -> Option<u32> {
-        let last = *self.succs.last().unwrap();
-        (self.succs.len() >= MIN_ENTRIES_FOR_ESTIMATE && last != self.me)
-            .then(|| estimate_size(self.succs.len(), self.me.id.distance_frac(last.id)))
-    }
-
-    /// Answer one lookup step.
-    pub(crate) fn step(&self, key: Id) -> Step {
-        if let Some(p) = self.pred {
-            if key.in_half_open(p.id, self.me.id) {
-                let mut succs = vec![self.me];
-                succs.extend(self.succs.iter().filter(|n| **n != self.me));
-                succs.truncate(MAX_REFS);
-                return Step::Done { from: p, succs };
-            }
-        }
-        let succ = self.succs[0];
-        if succ == self.me || key.in_half_open(self.me.id, succ.id) {
-            return Step::Done {
-                from: self.me,
-                succs: self.succs.iter().take(MAX_REFS).copied().collect(),
-            };
-        }
-        Step::Closer {
-            nodes: self.closer(key),
-            n_est: self.n_est().unwrap_or(self.succs.len() as u32 + 1),
-        }
-    }
-}
 
 impl<T: Transport> Node<T> {
     /// Peers this node has heard of, successors first: what a restart can rejoin through.

@@ -4,8 +4,8 @@
 //! and an expired block is gone: not served, not reported, not pushed to replicas.
 
 use crate::metrics::Metrics;
-use crate::node::{remote, Node};
 use crate::quota::{Charge, Quota, QuotaError};
+use crate::state::{remote, Node};
 use cfs_core::block::BlockKind;
 use cfs_core::ring::source_bucket;
 use cfs_core::wire::{ErrorKind, Holding, RemoteError};

@@ -3,7 +3,9 @@
 
 pub mod cache;
 mod chord;
+pub mod config;
 pub mod daemon;
+mod handoffs;
 mod lease;
 mod maintain;
 pub mod metrics;
@@ -11,4 +13,6 @@ pub mod node;
 pub mod quota;
 mod serve;
 pub mod server;
+mod state;
 pub mod store;
+mod vnode;

@@ -3,7 +3,7 @@
 //! Both walk the store in bounded chunks, never a list of every key.
 
 use crate::metrics::Metrics;
-use crate::node::Node;
+use crate::state::Node;
 use crate::store::StoreKey;
 use cfs_core::block::{verify, BlockKind};
 use cfs_core::ring::{run_in_range, same_host};
@@ -12,54 +12,12 @@ use cfs_core::{Id, NodeRef};
 use cfs_net::net::Batcher;
 use cfs_net::transport::Transport;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 
 /// A held block as maintenance walks it: kind, key, version, lease end.
 type Entry = (BlockKind, Id, u64, u64);
 
 /// Keys read from the store at a time by maintenance and the scrub.
 const CHUNK: usize = 4096;
-
-/// Replica sets whose hand-off is being timed, at most (one per successor range seen).
-const MAX_HANDOFF_SETS: usize = 16384;
-
-/// Hand-offs waiting out their grace period: per replica set (its sorted addresses), how
-/// many maintenance rounds in a row found the hand-off safe, and the last such round.
-#[derive(Default)]
-pub(crate) struct Handoffs {
-    round: u64,
-    sets: BTreeMap<Vec<SocketAddr>, (u32, u64)>,
-}
-
-/// A replica set as a map key: its addresses, sorted.
-fn set_key(set: &[NodeRef]) -> Vec<SocketAddr> {
-    let mut k: Vec<SocketAddr> = set.iter().map(|n| n.addr).collect();
-    k.sort();
-    k
-}
-
-impl Handoffs {
-    /// Count this round for `set` (once per round); the rounds in a row so far.
-    fn touch(&mut self, set: &[NodeRef]) -> u32 {
-        let k = set_key(set);
-        let round = self.round;
-        if !self.sets.contains_key(&k) && self.sets.len() >= MAX_HANDOFF_SETS {
-            return 0;
-        }
-        let e = self.sets.entry(k).or_insert((0, 0));
-        if e.1 != round {
-            e.0 = if e.1 + 1 == round { e.0 + 1 } else { 1 };
-            e.1 = round;
-        }
-        e.0
-    }
-    /// A holder failed to serve verified bytes: the count starts again next round.
-    fn reset(&mut self, set: &[NodeRef]) {
-        if let Some(e) = self.sets.get_mut(&set_key(set)) {
-            e.0 = 0;
-        }
-    }
-}
 
 impl<T: Transport> Node<T> {
     /// Re-verify stored blocks (with collision detection), resuming where the last round
@@ -120,10 +78,7 @@ impl<T: Transport> Node<T> {
     pub async fn maintain(&self) {
         // Expired blocks go first, so nothing below pushes or counts them.
         self.sweep().await;
-        {
-            let mut h = self.inner.handoffs.lock().unwrap();
-            h.round += 1;
-        }
+        self.inner.handoffs.lock().unwrap().begin_round();
         let mut cursor: Option<StoreKey> = None;
         let mut below_r = 0;
         loop {
@@ -145,9 +100,7 @@ impl<T: Transport> Node<T> {
         self.inner
             .below_r
             .store(below_r, std::sync::atomic::Ordering::Relaxed);
-        let mut h = self.inner.handoffs.lock().unwrap();
-        let round = h.round;
-        h.sets.retain(|_, (_, last)| *last == round);
+        self.inner.handoffs.lock().unwrap().end_round();
         Metrics::inc(&self.inner.metrics.maintain_rounds);
     }
 

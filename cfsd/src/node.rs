@@ -2,12 +2,15 @@
 //! reads time only through `tokio::time` and randomness only from a seeded RNG, so the
 //! simulator runs this same code.
 
-use crate::cache::{CacheLimits, PathCache, Refusal};
-use crate::chord::Vnode;
+use crate::cache::Refusal;
+pub use crate::config::Config;
 use crate::lease::Room;
 use crate::metrics::Metrics;
-use crate::quota::{Charge, Quota};
-use crate::store::{BlockStore, PutOutcome, StoreError, StoreKey};
+use crate::quota::Charge;
+use crate::state::remote;
+pub use crate::state::Node;
+use crate::store::{PutOutcome, StoreError};
+use crate::vnode::Vnode;
 use cfs_core::block::{verify, Verified};
 use cfs_core::ring::{in_replica_reach, same_host, source_bucket};
 use cfs_core::wire::{
@@ -15,225 +18,16 @@ use cfs_core::wire::{
     MAX_REFS,
 };
 use cfs_core::{Id, NodeRef};
-use cfs_net::net::{LookupError, Net, Timeouts};
+use cfs_net::net::LookupError;
 use cfs_net::transport::{Handler, Transport};
-use rand::SeedableRng;
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
-
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// The address peers reach this process at; node ids derive from it.
-    pub addr: SocketAddr,
-    pub replicas: usize,
-    pub vnodes: u16,
-    pub max_vnodes: u16,
-    pub succ_list_len: usize,
-    pub cache_bytes: usize,
-    pub stabilize_every: Duration,
-    pub fix_fingers_every: Duration,
-    pub maintain_every: Duration,
-    /// How often to look our own id up through a remembered peer, to merge split rings.
-    pub rejoin_every: Duration,
-    /// How often to re-verify stored blocks (None: never), and how many bytes a round
-    /// checks, so a scrub never hogs the disk.
-    pub scrub_every: Option<Duration>,
-    pub scrub_bytes: u64,
-    pub timeouts: Timeouts,
-    /// Bytes a source prefix (/24, /48; one address on loopback) may store.
-    pub quota_bytes: u64,
-    pub server_selection: bool,
-    pub path_caching: bool,
-    /// Run hashing and store calls on the async task instead of tokio's blocking pool:
-    /// the simulator needs this, since paused time may advance while a blocking task runs.
-    pub inline_blocking: bool,
-    pub cache_limits: CacheLimits,
-    /// Seed of the path cache's frequency sketch; the daemon sets a secret one (the
-    /// default derives from the address, for the simulator's repeatability).
-    pub cache_seed: Option<u64>,
-    /// Maintenance rounds in a row that must find a copy's hand-off safe before the copy
-    /// is dropped (the grace period).
-    pub handoff_rounds: u32,
-    /// The longest lease a put or renewal gets (longer asks are capped).
-    pub max_lease: Duration,
-    /// The shortest: shorter asks (0 included) get and pay for this much, so a flood of
-    /// blocks that expire at once cannot store for free.
-    pub min_lease: Duration,
-    /// Bytes of blocks the store may hold (0: no limit); past it new blocks are refused,
-    /// never unexpired ones removed.
-    pub capacity_bytes: u64,
-    /// Free bytes kept on the store's filesystem (at most a tenth of it): new blocks are
-    /// refused before the disk fills, since a store that hits ENOSPC cannot even write
-    /// the renewals and sweeps that would free room.
-    pub disk_reserve_bytes: u64,
-    /// The unix time the node's clock starts at (None: the system clock at start). The
-    /// node then counts time with `tokio::time`, so the simulator's leases run on its
-    /// virtual clock.
-    pub clock_base: Option<u64>,
-}
-
-impl Config {
-    pub fn new(addr: SocketAddr) -> Config {
-        Config {
-            addr,
-            replicas: 3,
-            vnodes: 1,
-            max_vnodes: cfs_core::id::MAX_VNODES,
-            succ_list_len: 16,
-            cache_bytes: 64 << 20,
-            stabilize_every: Duration::from_millis(500),
-            fix_fingers_every: Duration::from_millis(500),
-            maintain_every: Duration::from_secs(5),
-            rejoin_every: Duration::from_secs(20),
-            scrub_every: Some(Duration::from_secs(60)),
-            scrub_bytes: 64 << 20,
-            timeouts: Timeouts::default(),
-            quota_bytes: 64 << 30,
-            server_selection: true,
-            path_caching: true,
-            inline_blocking: false,
-            cache_limits: CacheLimits::default(),
-            cache_seed: None,
-            handoff_rounds: 3,
-            max_lease: Duration::from_secs(90 * 86_400),
-            min_lease: Duration::from_secs(3600),
-            capacity_bytes: 0,
-            disk_reserve_bytes: 64 << 20,
-            clock_base: None,
-        }
-    }
-}
-
-pub(crate) struct Inner<T: Transport> {
-    pub(crate) cfg: Config,
-    pub(crate) net: Net<T>,
-    pub(crate) store: Arc<dyn BlockStore>,
-    pub(crate) cache: Mutex<PathCache>,
-    pub(crate) vnodes: Vec<Mutex<Vnode>>,
-    pub(crate) metrics: Metrics,
-    /// When this node started, seconds since the epoch (for status pages and leases).
-    pub(crate) started: u64,
-    /// `tokio::time` at `started`: the node's clock is `started` plus the time since.
-    pub(crate) clock: tokio::time::Instant,
-    /// Peers that answered this node (never names merely claimed in a peer's answer), for
-    /// re-looking ourselves up after a partition heals and for the saved peers file.
-    pub(crate) seen: Mutex<BTreeSet<SocketAddr>>,
-    pub(crate) quota: Quota,
-    pub(crate) scrub_cursor: Mutex<Option<StoreKey>>,
-    /// Hand-offs waiting out their grace period, by replica set.
-    pub(crate) handoffs: Mutex<crate::maintain::Handoffs>,
-    /// Blocks the last finished maintenance round found on fewer than r replicas, each
-    /// counted by its first holder in replica order only, so a ring's nodes add up.
-    pub(crate) below_r: std::sync::atomic::AtomicU64,
-    /// Until it has joined, a node answers no ring requests: its lone successor list
-    /// would claim the whole ring.
-    pub(crate) joined: std::sync::atomic::AtomicBool,
-    pub(crate) rng: Mutex<rand::rngs::SmallRng>,
-    /// Bytes of puts admitted under the capacity but not yet stored.
-    pub(crate) incoming: std::sync::atomic::AtomicU64,
-}
-
-/// A node; clones share state.
-pub struct Node<T: Transport> {
-    pub(crate) inner: Arc<Inner<T>>,
-}
-
-impl<T: Transport> Clone for Node<T> {
-    fn clone(&self) -> Self {
-        Node {
-            inner: self.inner.clone(),
-        }
-    }
-}
 
 /// How often changed storage charges are written to the store.
 const CHARGES_SAVE_EVERY: Duration = Duration::from_secs(2);
 
-pub(crate) fn remote(kind: ErrorKind, msg: impl Into<String>) -> RemoteError {
-    RemoteError::new(kind, msg)
-}
-
 impl<T: Transport> Node<T> {
-    pub fn new(cfg: Config, transport: T, store: Arc<dyn BlockStore>) -> Node<T> {
-        let mut net = Net::new(transport, cfg.timeouts, Some(cfg.addr));
-        net.server_selection = cfg.server_selection;
-        let vnodes = (0..cfg.vnodes)
-            .map(|v| Mutex::new(Vnode::new(NodeRef::new(cfg.addr, v))))
-            .collect();
-        let seed = cfs_core::id::node_id(cfg.addr, 0).prefix_u64();
-        Node {
-            inner: Arc::new(Inner {
-                cache: Mutex::new(PathCache::new(
-                    cfg.cache_bytes,
-                    cfg.cache_seed.unwrap_or(seed),
-                    cfg.cache_limits,
-                )),
-                net,
-                quota: Quota::load(cfg.quota_bytes, cfg.max_lease.as_secs(), &*store),
-                store,
-                vnodes,
-                metrics: Metrics::default(),
-                started: cfg.clock_base.unwrap_or_else(|| {
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs())
-                }),
-                clock: tokio::time::Instant::now(),
-                seen: Mutex::default(),
-                scrub_cursor: Mutex::new(None),
-                handoffs: Mutex::default(),
-                below_r: Default::default(),
-                joined: std::sync::atomic::AtomicBool::new(false),
-                rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)),
-                incoming: std::sync::atomic::AtomicU64::new(0),
-                cfg,
-            }),
-        }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.inner.cfg.addr
-    }
-    /// The node's clock, unix seconds (leases are kept in it).
-    pub fn now_unix(&self) -> u64 {
-        self.inner.started + self.inner.clock.elapsed().as_secs()
-    }
-    pub fn config(&self) -> &Config {
-        &self.inner.cfg
-    }
-    pub fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
-    }
-    pub fn net(&self) -> &Net<T> {
-        &self.inner.net
-    }
-    pub fn store(&self) -> &Arc<dyn BlockStore> {
-        &self.inner.store
-    }
-
-    /// Ring ids of this process's vnodes.
-    pub fn ids(&self) -> Vec<NodeRef> {
-        self.inner
-            .vnodes
-            .iter()
-            .map(|v| v.lock().unwrap().me)
-            .collect()
-    }
-
-    pub fn successors(&self, vnode: u16) -> Vec<NodeRef> {
-        self.inner.vnodes[vnode as usize]
-            .lock()
-            .unwrap()
-            .succs
-            .clone()
-    }
-
-    pub fn predecessor(&self, vnode: u16) -> Option<NodeRef> {
-        self.inner.vnodes[vnode as usize].lock().unwrap().pred
-    }
-
     /// Join the ring through `bootstrap` (any member), or start a new ring if None.
     /// Vnodes after the first join through the first.
     pub async fn join(&self, bootstrap: Option<SocketAddr>) -> Result<(), LookupError> {
@@ -578,19 +372,6 @@ impl<T: Transport> Node<T> {
             .into_iter()
             .map(|a| a.unwrap_or_else(|| Err(remote(ErrorKind::Storage, "block not processed"))))
             .collect()
-    }
-
-    /// Run CPU- or disk-bound work off the async workers (or inline, see `Config`).
-    pub(crate) async fn blocking<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> Result<R, RemoteError> {
-        if self.inner.cfg.inline_blocking {
-            return Ok(f());
-        }
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| remote(ErrorKind::Storage, e.to_string()))
     }
 }
 

@@ -3,7 +3,7 @@
 //! frame limit.
 
 use crate::metrics::Metrics;
-use crate::node::Node;
+use crate::state::Node;
 use cfs_core::block::BlockKind;
 use cfs_core::ring::source_bucket;
 use cfs_core::wire::GET_MANY_BYTES;
