@@ -10,6 +10,33 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// A node serving over TCP, with what it takes to stop it cleanly.
+pub struct RunningNode {
+    pub node: Node<TcpTransport>,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Stop cleanly: accept no more connections, answer the requests being handled
+    /// (within `server::DRAIN`), stop the periodic tasks, and write the storage charges.
+    /// The store is closed (its writer finishes every commit) when the last handle to
+    /// the node is dropped.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.node.save_charges().await;
+    }
+}
 
 /// Serve `listener`, join the ring through `join` (retrying until it works), and start
 /// the maintenance tasks. Returns once the node has joined. With `peers_file`, the peers
@@ -22,23 +49,25 @@ pub async fn start_node(
     join: Option<SocketAddr>,
     peers_file: Option<PathBuf>,
     limits: ServerLimits,
-) -> Node<TcpTransport> {
+) -> RunningNode {
     let addr = cfg.addr;
     let node = Node::new(cfg, TcpTransport::new(Some(addr)), store);
     let limits = limits.fit_fds(crate::server::raise_fd_limit());
-    tokio::spawn(serve(listener, Arc::new(node.clone()), limits));
+    let (stop, stopped) = watch::channel(false);
+    let server = tokio::spawn(serve(listener, Arc::new(node.clone()), limits, stopped));
     let join = match join {
         Some(j) => Some(j),
         None => rejoin_target(&node, peers_file.as_deref()).await,
     };
+    let mut tasks = Vec::new();
     if let Some(p) = peers_file {
         let n = node.clone();
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PEERS_SAVE_EVERY).await;
                 save_peers(&p, &n.known_peers());
             }
-        });
+        }));
     }
     let mut delay = Duration::from_millis(200);
     loop {
@@ -51,8 +80,13 @@ pub async fn start_node(
             }
         }
     }
-    node.start();
-    node
+    tasks.extend(node.start());
+    RunningNode {
+        node,
+        stop,
+        server,
+        tasks,
+    }
 }
 
 /// Logs to stderr, quiet (warnings) unless `RUST_LOG` says otherwise.
@@ -66,14 +100,19 @@ pub fn init_logging() {
         .init();
 }
 
-/// Until SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled, so a signal that arrives in between is not lost (and
+/// does not kill the process with the default action).
+pub fn wait_for_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        biased;
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
+    async move {
+        tokio::select! {
+            biased;
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
 
@@ -130,4 +169,29 @@ async fn rejoin_target(node: &Node<TcpTransport>, path: Option<&Path>) -> Option
         }
     }
     None
+}
+
+/// Tell systemd (where it started us with `Type=notify`) how we are: `READY=1` once the
+/// ring is joined, `STOPPING=1` when a stop begins. Does nothing without NOTIFY_SOCKET.
+pub fn notify_systemd(state: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let sock = UnixDatagram::unbound()?;
+        let bytes = path.as_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)?;
+        } else {
+            sock.send_to(state.as_bytes(), Path::new(&path))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "telling systemd {state} failed");
+    }
 }

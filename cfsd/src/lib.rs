@@ -4,6 +4,7 @@
 pub mod cache;
 mod chord;
 pub mod config;
+pub mod config_file;
 pub mod daemon;
 mod handoffs;
 mod lease;

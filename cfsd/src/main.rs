@@ -14,6 +14,10 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
+    /// A TOML file of settings: keys are these flags' names (`max_lease = "30d"`); a flag
+    /// given here overrides the file.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port and writes it to DIR/addr.
     #[arg(long)]
     listen: String,
@@ -114,12 +118,35 @@ fn resolve(s: &str) -> Result<SocketAddr> {
 fn main() -> Result<()> {
     cfsd::daemon::init_logging();
     cfsd::daemon::tune_allocator();
-    let args = Args::parse();
+    let args = parse_args()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run(args))
+    let r = rt.block_on(run(args));
+    // Tasks still holding the node (and so the store) end here; the store's writer then
+    // finishes its last commit and the file is closed cleanly.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    r
+}
+
+/// The command line, after the `--config` file's settings (the command line wins).
+fn parse_args() -> Result<Args> {
+    use clap::CommandFactory;
+    let cmd = Args::command();
+    let mut flags = std::collections::HashSet::new();
+    let mut switches = std::collections::HashSet::new();
+    for a in cmd.get_arguments() {
+        if let Some(long) = a.get_long() {
+            flags.insert(long.to_string());
+            if !a.get_action().takes_values() {
+                switches.insert(long.to_string());
+            }
+        }
+    }
+    let argv =
+        cfsd::config_file::merge_config_file(std::env::args_os().collect(), &flags, &switches)?;
+    Ok(Args::parse_from(argv))
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -147,6 +174,10 @@ async fn run(args: Args) -> Result<()> {
             )
         },
     )?;
+    let repaired = store.was_repaired();
+    if repaired {
+        tracing::warn!("the block store had not been closed cleanly and was repaired");
+    }
     let listen = resolve(&args.listen)?;
     let listener = retry_while_busy(|| cfsd::server::listen(listen))
         .with_context(|| format!("binding {listen}: is the port in use?"))?;
@@ -197,15 +228,28 @@ async fn run(args: Args) -> Result<()> {
     let tmp = args.data.join("addr.tmp");
     std::fs::write(&tmp, format!("{addr}\n"))?;
     std::fs::rename(&tmp, args.data.join("addr"))?;
-    let node = cfsd::daemon::start_node(
+    // From here a SIGTERM is a clean stop, even one that comes while the node joins.
+    let mut stop = Box::pin(cfsd::daemon::wait_for_signal());
+    let start = cfsd::daemon::start_node(
         cfg,
         listener,
         Arc::new(store),
         join,
         Some(args.data.join("peers")),
         limits,
-    )
-    .await;
+    );
+    // A node that cannot join yet (its ring unreachable) still stops when told to.
+    let running = tokio::select! {
+        r = start => r,
+        _ = &mut stop => {
+            tracing::info!("stopped before joining the ring");
+            return Ok(());
+        }
+    };
+    let node = running.node.clone();
+    if repaired {
+        cfsd::metrics::Metrics::inc(&node.metrics().store_repaired);
+    }
     if let Some(m) = &args.metrics {
         let m = resolve(m)?;
         let l = tokio::net::TcpListener::bind(m)
@@ -232,11 +276,15 @@ async fn run(args: Args) -> Result<()> {
         });
     }
     tracing::info!(%addr, ids = ?node.ids(), "cfsd running");
-    cfsd::daemon::wait_for_signal().await;
-    tracing::info!("shutting down");
+    cfsd::daemon::notify_systemd("READY=1");
+    stop.await;
+    cfsd::daemon::notify_systemd("STOPPING=1");
+    tracing::info!("stopping: answering the requests in flight, then closing the store");
     if let Some(g) = gateway {
         g.abort();
     }
+    drop(node);
+    running.stop().await;
     Ok(())
 }
 
@@ -271,17 +319,11 @@ async fn start_gateway(
     }))
 }
 
-/// A minimal HTTP endpoint: any request gets the Prometheus text.
+/// Prometheus text at every path of `l`.
 async fn serve_metrics(l: tokio::net::TcpListener, node: Node<TcpTransport>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut s, _)) = l.accept().await else {
-            continue;
-        };
+    let app = axum::Router::new().fallback(move || {
         let node = node.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+        async move {
             let st = node.status();
             let body = node.metrics().prometheus(&[
                 ("blocks", st.blocks),
@@ -290,12 +332,17 @@ async fn serve_metrics(l: tokio::net::TcpListener, node: Node<TcpTransport>) {
                 ("cache_bytes", st.cache_bytes),
                 ("blocks_below_r", node.blocks_below_r()),
             ]);
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        });
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4",
+                )],
+                body,
+            )
+        }
+    });
+    if let Err(e) = axum::serve(l, app).await {
+        tracing::warn!(error = %e, "the metrics endpoint stopped");
     }
 }
 

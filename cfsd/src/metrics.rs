@@ -38,6 +38,7 @@ counters! {
     slow_frames: "connections closed for sending a frame too slowly or not reading replies",
     rectify_dropped: "rectify candidates ignored (not between predecessor and us, or superseded)",
     claims_refused: "successor-list entries refused (invalid, out of order, or not answering a ping)",
+    store_repaired: "1 when the block store had not been closed cleanly (a crash or kill) and was repaired when this process opened it",
     drops_deferred: "hand-offs of copies not done this round (grace period, own view disagrees, or a holder did not serve verified bytes)",
     repairs_sent: "blocks pushed to replicas by maintenance",
     handoffs_dropped: "blocks dropped after their replicas confirmed holding them",

@@ -150,14 +150,19 @@ impl<T: Transport> Node<T> {
         tasks.push(self.periodic(
             CHARGES_SAVE_EVERY,
             |_| CHARGES_SAVE_EVERY,
-            |n| async move {
-                let store = n.inner.store.clone();
-                let m = n.clone();
-                let now = n.now_unix();
-                let _ = n.blocking(move || m.inner.quota.save(&*store, now)).await;
-            },
+            |n| async move { n.save_charges().await },
         ));
         tasks
+    }
+
+    /// Write the storage charges that changed since the last save.
+    pub async fn save_charges(&self) {
+        let store = self.inner.store.clone();
+        let m = self.clone();
+        let now = self.now_unix();
+        let _ = self
+            .blocking(move || m.inner.quota.save(&*store, now))
+            .await;
     }
 
     pub fn status(&self) -> StatusInfo {

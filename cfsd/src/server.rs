@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 
 /// Limits of the server; every one is a `cfsd` flag.
@@ -202,13 +202,35 @@ impl Registry {
     }
 }
 
-/// Accept connections forever, each served on its own task. A bad frame closes only that
-/// connection.
-pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: ServerLimits) {
+/// How long a stopping server waits for requests being handled to be answered.
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+/// Resolves once `stop` says true; never if its sender is dropped without saying so.
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Accept connections, each served on its own task, until `stop` turns true. A bad frame
+/// closes only that connection. Once stopping, no connection is accepted, an idle one
+/// closes, and a request being handled is answered first; after `DRAIN` the rest are cut.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    limits: ServerLimits,
+    mut stop: watch::Receiver<bool>,
+) {
     let registry: Arc<Mutex<Registry>> = Arc::default();
     let budget = Arc::new(Budget::new(limits.max_inflight_bytes));
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopping(&mut stop) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -223,7 +245,8 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: S
         }
         let _ = stream.set_nodelay(true);
         let (handler, registry, budget) = (handler.clone(), registry.clone(), budget.clone());
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        conns.spawn(async move {
             let conn = ConnCtx {
                 id,
                 peer,
@@ -231,6 +254,7 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: S
                 limits,
                 registry: &registry,
                 budget: &budget,
+                stop,
             };
             tokio::select! {
                 biased;
@@ -239,6 +263,15 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: S
             }
             registry.lock().unwrap().remove(id);
         });
+    }
+    drop(listener);
+    let drained =
+        tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = conns.len(),
+            "stopping: requests still unanswered after {DRAIN:?} are cut"
+        );
     }
 }
 
@@ -296,21 +329,29 @@ struct ConnCtx<'a> {
     limits: ServerLimits,
     registry: &'a Mutex<Registry>,
     budget: &'a Budget,
+    stop: watch::Receiver<bool>,
 }
 
 impl ConnCtx<'_> {
     async fn serve<H: Handler>(&self, mut stream: TcpStream, handler: &H) {
         let (peer, limits) = (self.peer, self.limits);
+        let mut stop = self.stop.clone();
         loop {
-            let len =
-                match tokio::time::timeout(limits.idle_timeout, read_prefix(&mut stream)).await {
-                    Err(_) | Ok(Ok(None)) => return,
-                    Ok(Err(e)) => {
-                        handler.refused_input(peer, &e.to_string());
-                        return;
-                    }
-                    Ok(Ok(Some(len))) => len,
-                };
+            // Between requests a stopping server closes the connection; a request that
+            // has begun to arrive is read, handled and answered first.
+            let next = tokio::select! {
+                biased;
+                _ = stopping(&mut stop) => return,
+                n = tokio::time::timeout(limits.idle_timeout, read_prefix(&mut stream)) => n,
+            };
+            let len = match next {
+                Err(_) | Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    handler.refused_input(peer, &e.to_string());
+                    return;
+                }
+                Ok(Ok(Some(len))) => len,
+            };
             self.registry.lock().unwrap().touch(self.id);
             // One of the source bucket's request slots from here until the request is
             // answered: a source gets no more of the node than its share of requests,

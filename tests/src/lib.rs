@@ -337,6 +337,40 @@ impl Cluster {
         }
     }
 
+    /// `kill -TERM` node i and wait (up to `deadline`) for it to exit; its exit status.
+    /// Panics, after a `kill -9`, if it does not stop in time.
+    pub fn terminate(&mut self, i: usize, deadline: Duration) -> std::process::ExitStatus {
+        let mut c = self.nodes[i].child.take().expect("node is running");
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(st) = c.try_wait().expect("waiting for cfsd") {
+                return st;
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("node {i} did not stop within {deadline:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A counter from node i's `cfs status` (None while it does not answer).
+    pub fn counter(&self, i: usize, name: &str) -> Option<u64> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr = self.nodes[i].addr;
+        let st = rt
+            .block_on(cfs_net::client::Client::tcp(addr).status(addr))
+            .ok()?;
+        st.counters.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
     /// Start node i again on its data directory and address, joining a live node.
     pub fn restart(&mut self, i: usize) {
         let join = self.nodes.iter().find(|n| n.alive()).map(|n| n.addr);

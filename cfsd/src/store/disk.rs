@@ -119,6 +119,7 @@ pub struct RedbStore {
     writer: Mutex<Option<mpsc::SyncSender<Pending>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     usage: std::sync::Arc<Mutex<(u64, u64)>>,
+    repaired: bool,
 }
 
 impl Drop for RedbStore {
@@ -198,8 +199,13 @@ impl RedbStore {
 
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         // redb's own page cache is bounded so node memory does not grow with the store.
+        // redb repairs a file that was not closed cleanly (a crash, a kill -9) on open;
+        // a clean stop never needs it, so it is reported.
+        let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = repaired.clone();
         let db = redb::Builder::new()
             .set_cache_size(REDB_CACHE_BYTES)
+            .set_repair_callback(move |_| flag.store(true, std::sync::atomic::Ordering::Relaxed))
             .create(path)
             .map_err(io)?;
         migrate(&db)?;
@@ -233,7 +239,13 @@ impl RedbStore {
             writer: Mutex::new(Some(tx)),
             thread: Some(thread),
             usage,
+            repaired: repaired.load(std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// Whether the file had not been closed cleanly and was repaired when opened.
+    pub fn was_repaired(&self) -> bool {
+        self.repaired
     }
 }
 
