@@ -143,12 +143,13 @@ enum Cmd {
         /// Memory budget in MiB for cached blocks and fetches in flight.
         #[arg(long, default_value_t = 256)]
         cache_mb: usize,
-        /// Connections per client address at once.
-        #[arg(long, default_value_t = 64)]
-        max_conns_per_ip: usize,
-        /// Requests per second per client address (twice as many in a burst).
-        #[arg(long, default_value_t = 500.0)]
-        rate_per_ip: f64,
+        /// Connections at once per client prefix (/24, /48; one address on loopback).
+        #[arg(long, alias = "max-conns-per-ip", default_value_t = 64)]
+        max_conns_per_prefix: usize,
+        /// Requests per second per client prefix (twice as many in a burst; a client
+        /// above it is slowed down, then refused with 429 and Retry-After).
+        #[arg(long, alias = "rate-per-ip", default_value_t = 500.0)]
+        rate_per_prefix: f64,
         /// Seconds until a response's headers (504 after); also the limit per block.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
@@ -406,8 +407,8 @@ async fn run(cli: Cli) -> Result<()> {
             allow,
             poll,
             cache_mb,
-            max_conns_per_ip,
-            rate_per_ip,
+            max_conns_per_prefix,
+            rate_per_prefix,
             timeout,
         } => {
             let allow = if allow.is_empty() {
@@ -419,8 +420,8 @@ async fn run(cli: Cli) -> Result<()> {
             let mut opts = cfs_gateway::GatewayOpts {
                 allow,
                 poll: Duration::from_secs_f64(poll.max(0.1)),
-                max_conns_per_ip,
-                rate_per_ip,
+                max_conns_per_prefix,
+                rate_per_prefix,
                 ..Default::default()
             }
             .with_deadline(deadline);

@@ -7,23 +7,25 @@
 //! their `index.html` when they have one, else a listing (`index.rs`). Symlinks are
 //! followed by the reader's rules: relative only, never above the tree's top.
 //!
-//! Limits: connections per client address (more are closed at once), a request rate per
-//! address (429 beyond), a deadline until the response headers (504), the reader's one
+//! Limits (`limits.rs`): connections per client prefix (more are closed at once), a
+//! request rate per prefix (paced, then 429 with Retry-After), a deadline until the
+//! response headers (504), the reader's one
 //! memory budget for blocks, and bodies that are read from the ring only as the client
 //! takes them. The gateway remembers the highest version it has seen of each tree and
 //! never serves an older root as the newest.
 
 mod files;
 mod index;
+mod limits;
 mod status;
 
 pub use status::RingStatus;
 
+use limits::{Admit, ClientAddr, Limited, Rates};
+
 use axum::body::Body;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, Method, Response, StatusCode, Uri};
-use axum::serve::{IncomingStream, Listener};
 use cfs_core::block::RootBlock;
 use cfs_core::fs::EntryKind;
 use cfs_core::Id;
@@ -32,14 +34,11 @@ use cfs_tree::reader::{FsError, Reader, ReaderOpts};
 use cfs_tree::service::net::NetRing;
 use cfs_tree::service::{BlockService, RingError};
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// Options of a gateway.
 #[derive(Clone, Debug)]
@@ -49,10 +48,11 @@ pub struct GatewayOpts {
     /// How long the newest root of a tree is used before it is fetched again.
     pub poll: Duration,
     pub reader: ReaderOpts,
-    /// Connections per client address at once.
-    pub max_conns_per_ip: usize,
-    /// Requests per second per client address (sustained; twice as many in a burst).
-    pub rate_per_ip: f64,
+    /// Connections at once per client prefix (/24, /48; one address on loopback).
+    pub max_conns_per_prefix: usize,
+    /// Requests per second per client prefix, sustained; twice as many in a burst, and
+    /// a client above it is slowed down before it is refused (see `limits.rs`).
+    pub rate_per_prefix: f64,
     /// Until the response's headers; a body then streams at the client's pace.
     pub request_timeout: Duration,
 }
@@ -96,22 +96,15 @@ impl Default for GatewayOpts {
                 forget_large_scans: true,
                 ..ReaderOpts::default()
             },
-            max_conns_per_ip: 64,
-            rate_per_ip: 500.0,
+            max_conns_per_prefix: 64,
+            rate_per_prefix: 500.0,
             request_timeout: Duration::from_secs(30),
         }
     }
 }
 
-/// Client addresses whose token buckets are kept at most (least recently seen go).
-const MAX_TRACKED: usize = 16_384;
 /// Pinned-version roots kept.
 const MAX_PINNED: usize = 1024;
-
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
 
 struct Gateway<R> {
     reader: Reader<R>,
@@ -119,108 +112,10 @@ struct Gateway<R> {
     /// The newest root of each tree and when it was fetched; its version is also the
     /// highest seen, below which no root is taken.
     newest: Mutex<HashMap<Id, (RootBlock, Instant)>>,
-    rates: Mutex<lru::LruCache<IpAddr, Bucket>>,
+    rates: Rates,
     /// Roots of pinned versions: they never change, and each costs a walk of the chain.
     pinned: Mutex<lru::LruCache<(Id, u64), RootBlock>>,
     status: Option<RingStatus>,
-}
-
-/// The client's address, from the accepting listener.
-#[derive(Clone, Copy, Debug)]
-struct ClientAddr(SocketAddr);
-
-impl Connected<IncomingStream<'_, Limited>> for ClientAddr {
-    fn connect_info(s: IncomingStream<'_, Limited>) -> Self {
-        ClientAddr(*s.remote_addr())
-    }
-}
-
-/// A listener that admits at most `max` connections per client address at once.
-struct Limited {
-    inner: TcpListener,
-    max: usize,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-/// A connection that gives its address's slot back when it closes.
-struct Counted {
-    io: TcpStream,
-    ip: IpAddr,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        let mut o = self.open.lock().unwrap();
-        if let Some(n) = o.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                o.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-impl Listener for Limited {
-    type Io = Counted;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Counted, SocketAddr) {
-        loop {
-            let (io, addr) = match self.inner.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of fds or the like: wait instead of spinning.
-                    tracing::warn!("gateway accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let ip = addr.ip();
-            {
-                let mut o = self.open.lock().unwrap();
-                let n = o.entry(ip).or_insert(0);
-                if *n >= self.max {
-                    tracing::debug!(%ip, "gateway: too many connections from one address");
-                    continue;
-                }
-                *n += 1;
-            }
-            let _ = io.set_nodelay(true);
-            let open = self.open.clone();
-            return (Counted { io, ip, open }, addr);
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
 }
 
 /// Serve on `listener` until the future completes with an error (or forever); `status`
@@ -235,20 +130,14 @@ pub async fn serve<R: BlockService>(
         status,
         reader: Reader::new(ring, opts.reader.clone()),
         newest: Mutex::new(HashMap::new()),
-        rates: Mutex::new(lru::LruCache::new(
-            std::num::NonZeroUsize::new(MAX_TRACKED).expect("non-zero"),
-        )),
+        rates: Rates::new(opts.rate_per_prefix),
         pinned: Mutex::new(lru::LruCache::new(
             std::num::NonZeroUsize::new(MAX_PINNED).expect("non-zero"),
         )),
         opts: opts.clone(),
     });
     let app = axum::Router::new().fallback(handle::<R>).with_state(gw);
-    let listener = Limited {
-        inner: listener,
-        max: opts.max_conns_per_ip.max(1),
-        open: Arc::new(Mutex::new(HashMap::new())),
-    };
+    let listener = Limited::new(listener, opts.max_conns_per_prefix);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<ClientAddr>(),
@@ -284,23 +173,6 @@ fn error_response(e: &FsError) -> Response<Body> {
 }
 
 impl<R: BlockService> Gateway<R> {
-    fn admit(&self, ip: IpAddr) -> bool {
-        let rate = self.opts.rate_per_ip;
-        let now = Instant::now();
-        let mut rates = self.rates.lock().unwrap();
-        let b = rates.get_or_insert_mut(ip, || Bucket {
-            tokens: 2.0 * rate,
-            at: now,
-        });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(2.0 * rate);
-        b.at = now;
-        if b.tokens < 1.0 {
-            return false;
-        }
-        b.tokens -= 1.0;
-        true
-    }
-
     /// The root to serve: version `v`, or the newest, fetched again after `poll` and
     /// never older than the highest version seen.
     async fn root(&self, fsid: Id, v: Option<u64>) -> Result<RootBlock, FsError> {
@@ -509,11 +381,20 @@ async fn handle<R: BlockService>(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response<Body> {
-    if !gw.admit(addr.ip()) {
-        return text(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many requests from this address",
-        );
+    match gw.rates.admit(addr.ip()) {
+        Admit::Now => {}
+        Admit::After(wait) => tokio::time::sleep(wait).await,
+        Admit::Refuse { retry_after } => {
+            let mut r = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests from your network; retry after the time in Retry-After",
+            );
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+            return r;
+        }
     }
     let deadline = gw.opts.request_timeout;
     let (m, path) = (method.clone(), uri.path().to_string());

@@ -1,4 +1,5 @@
-//! Issue 15: `cfs gateway` against a real ring, checked with curl and wget.
+//! The HTTP gateway (`cfs gateway`, and `cfsd --gateway` inside the node) against a real
+//! ring, checked with curl, wget and a browser.
 
 use cfs_tests::tree::{assert_diff_r, pattern};
 use cfs_tests::{bin, eventually, Cluster};
@@ -45,6 +46,22 @@ impl Gateway {
             .trim_end_matches('/')
             .to_string();
         Gateway { child, url, log }
+    }
+
+    /// Status codes of every request in the access log.
+    fn statuses_all(&self) -> Vec<u16> {
+        let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+        strip_ansi(&text)
+            .lines()
+            .filter_map(|l| {
+                l.split("status=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
     }
 
     /// Status codes the access log recorded for GET `path`.
@@ -140,7 +157,31 @@ fn curl(url: &str, args: &[&str]) -> Got {
 
 #[test]
 fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
-    let mut cluster = Cluster::start(3, &[]);
+    serves_files_ranges_directories_and_sites(false);
+}
+
+/// The same, against the gateway `cfsd --gateway` serves inside the node's process.
+#[test]
+fn the_gateway_inside_cfsd_serves_the_same() {
+    serves_files_ranges_directories_and_sites(true);
+}
+
+/// The gateway's URL in node i's data directory (`cfsd --gateway`).
+fn node_gateway(cluster: &Cluster, i: usize) -> String {
+    let f = cluster.nodes[i].data.join("gateway");
+    eventually(Duration::from_secs(20), "cfsd's gateway to listen", || {
+        let u = std::fs::read_to_string(&f).ok()?;
+        Some(u.trim().trim_end_matches('/').to_string())
+    })
+}
+
+fn serves_files_ranges_directories_and_sites(in_node: bool) {
+    let extra: &[&str] = if in_node {
+        &["--gateway", "127.0.0.1:0"]
+    } else {
+        &[]
+    };
+    let mut cluster = Cluster::start(3, extra);
     cluster.wait_ring(Duration::from_secs(30));
     let src = cluster.dir.path().join("src");
     let five = pattern(5 << 20, 1);
@@ -165,8 +206,15 @@ fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
     std::os::unix::fs::symlink("/etc/passwd", src.join("bad/escape")).unwrap();
     let key = cluster.keygen();
     let fsid = cluster.publish(&src, &key, 0).0;
-    let gw = Gateway::start(&cluster.addr(1), &["--timeout", "3"]);
-    let u = |p: &str| format!("{}/{fsid}/{p}", gw.url);
+    // `cfs gateway` as a process of its own, or the node's own.
+    let (_gw, url) = if in_node {
+        (None, node_gateway(&cluster, 1))
+    } else {
+        let gw = Gateway::start(&cluster.addr(1), &["--timeout", "3"]);
+        let url = gw.url.clone();
+        (Some(gw), url)
+    };
+    let u = |p: &str| format!("{url}/{fsid}/{p}");
 
     // Whole files, byte for byte, with their type and length.
     for (name, want) in [("empty", &b""[..]), ("edge", &edge), ("five", &five)] {
@@ -233,7 +281,9 @@ fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
     );
     let etag = g.header("etag").unwrap().to_string();
     assert_eq!(etag.len(), 42, "the inode key, quoted");
-    assert!(g.header("cache-control").unwrap().contains("max-age=1"));
+    // As long as the newest root is used: the poll (0.3 s here, cfsd's default 2 s).
+    let max_age = if in_node { "max-age=2" } else { "max-age=1" };
+    assert!(g.header("cache-control").unwrap().contains(max_age));
     let g = curl(&u("five"), &["-H", &format!("If-None-Match: {etag}")]);
     assert_eq!((g.status, g.body.len()), (304, 0));
     // A range of another version than the client holds is not spliced: the whole file.
@@ -244,7 +294,7 @@ fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
         &["-r", "0-9", "-H", &format!("If-Range: {etag}")],
     );
     assert!(g.status == 206 && g.body == five[..10]);
-    let pinned = format!("{}/{fsid}@1/five", gw.url);
+    let pinned = format!("{url}/{fsid}@1/five");
     let g = curl(&pinned, &["-I"]);
     assert!(g.header("cache-control").unwrap().contains("immutable"));
 
@@ -278,9 +328,9 @@ fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
     assert_eq!(curl(&u("bad/escape"), &[]).status, 404);
     // Unknown things are 404.
     assert_eq!(curl(&u("missing"), &[]).status, 404);
-    let g = curl(&format!("{}/{}/x", gw.url, "00".repeat(20)), &[]);
+    let g = curl(&format!("{url}/{}/x", "00".repeat(20)), &[]);
     assert_eq!(g.status, 404);
-    assert_eq!(curl(&format!("{}/{fsid}@9/five", gw.url), &[]).status, 404);
+    assert_eq!(curl(&format!("{url}/{fsid}@9/five"), &[]).status, 404);
 
     // `wget --mirror` of the tree equals the tree (listing pages aside).
     let mirror = cluster.dir.path().join("mirror");
@@ -314,6 +364,10 @@ fn gateway_serves_files_ranges_directories_and_sites_and_says_what_failed() {
         (curl(&u("five"), &[]).body == b"version two").then_some(())
     });
     assert!(curl(&pinned, &[]).body == five);
+    if in_node {
+        // A node's own gateway stops with the node.
+        return;
+    }
 
     // The ring gone: a block no replica returns is a 504 that names it.
     for i in 0..3 {
@@ -353,14 +407,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 fn status_page_lists_every_node_and_shows_a_killed_one_as_gone() {
     let mut cluster = Cluster::start(5, &["--gateway", "127.0.0.1:0"]);
     cluster.wait_ring(Duration::from_secs(30));
-    let url_of = |i: usize| {
-        let f = cluster.nodes[i].data.join("gateway");
-        eventually(Duration::from_secs(20), "cfsd's gateway to listen", || {
-            let u = std::fs::read_to_string(&f).ok()?;
-            Some(u.trim().trim_end_matches('/').to_string())
-        })
-    };
-    let (url, url3) = (url_of(0), url_of(3));
+    let (url, url3) = (node_gateway(&cluster, 0), node_gateway(&cluster, 3));
     let ring = || {
         let g = curl(&format!("{url}/-/ring?format=json"), &[]);
         assert_eq!(g.status, 200);
@@ -576,4 +623,72 @@ fn a_transfer_cut_mid_stream_is_an_error_never_a_short_200() {
         data.len(),
         err.trim()
     );
+}
+
+/// `wget --mirror` of a directory of 1,500 small files through a gateway with its default
+/// limits gets every file: a client over the rate is slowed down, not refused (wget does
+/// not retry a 429).
+#[test]
+fn a_mirror_of_a_wide_directory_gets_every_file_with_default_limits() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_ring(Duration::from_secs(30));
+    let src = cluster.dir.path().join("wide");
+    std::fs::create_dir_all(src.join("w")).unwrap();
+    for i in 0..1500 {
+        std::fs::write(src.join(format!("w/f{i:04}")), format!("file {i}\n")).unwrap();
+    }
+    let key = cluster.keygen();
+    let fsid = cluster.publish_with(&src, &key, 0, &["-q"]).0;
+    let gw = Gateway::start(&cluster.addr(1), &[]);
+    let mirror = cluster.dir.path().join("wide-mirror");
+    let t = std::time::Instant::now();
+    let st = Command::new("wget")
+        .args([
+            "-q",
+            "--mirror",
+            "-np",
+            "-nH",
+            "--cut-dirs=1",
+            "-e",
+            "robots=off",
+        ])
+        .args(["--reject-regex", "[?]"])
+        .arg("-P")
+        .arg(&mirror)
+        .arg(format!("{}/{fsid}/w/", gw.url))
+        .status()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(st.success(), "wget: {st}");
+    std::fs::remove_file(mirror.join("w/index.html")).unwrap();
+    assert_diff_r(&src, &mirror, &[]);
+    let refused = gw.statuses_all().iter().filter(|s| **s == 429).count();
+    assert_eq!(refused, 0, "no request refused");
+    eprintln!("GATEWAY mirror: 1,500 files by wget --mirror in {took:?}, none refused");
+    // Well over a low rate, the mirror is slowed down to it, never refused.
+    let slow = Gateway::start(&cluster.addr(1), &["--rate-per-prefix", "300"]);
+    let mirror = cluster.dir.path().join("wide-mirror-2");
+    let t = std::time::Instant::now();
+    let st = Command::new("wget")
+        .args([
+            "-q",
+            "--mirror",
+            "-np",
+            "-nH",
+            "--cut-dirs=1",
+            "-e",
+            "robots=off",
+        ])
+        .args(["--reject-regex", "[?]"])
+        .arg("-P")
+        .arg(&mirror)
+        .arg(format!("{}/{fsid}/w/", slow.url))
+        .status()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(st.success(), "wget: {st}");
+    std::fs::remove_file(mirror.join("w/index.html")).unwrap();
+    assert_diff_r(&src, &mirror, &[]);
+    assert!(!slow.statuses_all().contains(&429));
+    eprintln!("GATEWAY mirror at --rate-per-prefix 300: {took:?}, none refused");
 }
