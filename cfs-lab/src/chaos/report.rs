@@ -241,6 +241,32 @@ pub fn build(
     }
 }
 
+/// Height of a row of fault labels in the timeline.
+const LABEL_ROW: f64 = 11.0;
+/// Width of a character of the timeline's 11 px sans-serif, a little generous.
+const CHAR_W: f64 = 6.5;
+
+/// A row for each label (its start x and length in characters, in time order): the
+/// first row whose last label ends before this one starts.
+fn label_rows(labels: &[(f64, usize)]) -> Vec<usize> {
+    let mut ends: Vec<f64> = Vec::new();
+    labels
+        .iter()
+        .map(|&(x, chars)| {
+            let row = ends
+                .iter()
+                .position(|&e| e + 4.0 <= x)
+                .unwrap_or(ends.len());
+            let end = x + CHAR_W * chars as f64;
+            match ends.get_mut(row) {
+                Some(e) => *e = end,
+                None => ends.push(end),
+            }
+            row
+        })
+        .collect()
+}
+
 impl Report {
     pub fn ok(&self) -> bool {
         self.verdict == "ok"
@@ -317,10 +343,30 @@ impl Report {
     pub fn svg(&self) -> String {
         let (w, left, right) = (960.0, 70.0, 20.0);
         let panel_h = 140.0;
-        let tops = [40.0, 210.0, 380.0];
-        let h = 560.0;
         let dur = self.duration_s.max(1.0);
         let x = |t: f64| left + (w - left - right) * t / dur;
+        // Fault labels go in rows above the panels, each in the first row where it does
+        // not run into the one before it (faults close in time would print on top of
+        // each other), and the panels move down by the rows used.
+        let labels: Vec<String> = self
+            .faults
+            .iter()
+            .map(|f| {
+                let nodes: Vec<String> = f.fault.nodes.iter().map(|n| n.to_string()).collect();
+                format!("{} {}", f.fault.kind, nodes.join(","))
+            })
+            .collect();
+        let rows = label_rows(
+            &self
+                .faults
+                .iter()
+                .zip(&labels)
+                .map(|(f, l)| (x(f.fault.t) + 2.0, l.chars().count()))
+                .collect::<Vec<_>>(),
+        );
+        let band = LABEL_ROW * rows.iter().map(|r| r + 1).max().unwrap_or(1) as f64;
+        let tops = [40.0 + band, 210.0 + band, 380.0 + band];
+        let h = 560.0 + band;
         let mut s = String::new();
         let _ = write!(
             s,
@@ -330,22 +376,17 @@ impl Report {
             esc(&self.verdict),
             self.mode
         );
-        for f in &self.faults {
+        for ((f, label), row) in self.faults.iter().zip(&labels).zip(&rows) {
             let end = f.fault.until.unwrap_or(f.fault.t + dur / 200.0);
             let _ = write!(
                 s,
-                r##"<rect x="{:.1}" y="30" width="{:.1}" height="{:.1}" fill="#f4a261" fill-opacity="0.25"/><text x="{:.1}" y="36" fill="#b5651d">{} {}</text>"##,
+                r##"<rect x="{:.1}" y="26" width="{:.1}" height="{:.1}" fill="#f4a261" fill-opacity="0.25"/><text x="{:.1}" y="{:.1}" fill="#b5651d">{}</text>"##,
                 x(f.fault.t),
                 (x(end) - x(f.fault.t)).max(1.5),
-                tops[2] + panel_h - 30.0,
+                tops[2] + panel_h - 26.0,
                 x(f.fault.t) + 2.0,
-                esc(&f.fault.kind),
-                f.fault
-                    .nodes
-                    .iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
+                34.0 + LABEL_ROW * *row as f64,
+                esc(label),
             );
         }
         let panels: [(&str, Vec<(&str, &str, Vec<(f64, f64)>)>); 3] = [
@@ -465,6 +506,15 @@ fn esc(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fault_labels_close_in_time_go_to_rows_of_their_own() {
+        // "kill 8" and "kill 9" a second apart on a 150 s axis, then one far later.
+        let rows = label_rows(&[(100.0, 6), (105.0, 6), (112.0, 10), (400.0, 2)]);
+        assert_eq!(rows, vec![0, 1, 2, 0]);
+        // Far apart: one row.
+        assert_eq!(label_rows(&[(10.0, 6), (200.0, 6)]), vec![0, 0]);
+    }
 
     fn read(t: f64, ok: bool) -> Read {
         Read {
