@@ -48,11 +48,12 @@ impl Gateway {
         Gateway { child, url, log }
     }
 
-    /// Status codes of every request in the access log.
-    fn statuses_all(&self) -> Vec<u16> {
+    /// Status codes of the requests in the access log whose line passes `pick`.
+    fn statuses_where(&self, pick: impl Fn(&str) -> bool) -> Vec<u16> {
         let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
         strip_ansi(&text)
             .lines()
+            .filter(|l| pick(l))
             .filter_map(|l| {
                 l.split("status=")
                     .nth(1)?
@@ -64,24 +65,16 @@ impl Gateway {
             .collect()
     }
 
+    /// Status codes of every request in the access log.
+    fn statuses_all(&self) -> Vec<u16> {
+        self.statuses_where(|_| true)
+    }
+
     /// Status codes the access log recorded for GET `path`.
     fn statuses(&self, path: &str) -> Vec<u16> {
-        let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
-        let plain = strip_ansi(&text);
-        plain
-            .lines()
-            .filter(|l| {
-                l.contains(&format!("path=\"{path}\"")) || l.contains(&format!("path={path} "))
-            })
-            .filter_map(|l| {
-                l.split("status=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect()
+        self.statuses_where(|l| {
+            l.contains(&format!("path=\"{path}\"")) || l.contains(&format!("path={path} "))
+        })
     }
 }
 
@@ -334,22 +327,7 @@ fn serves_files_ranges_directories_and_sites(in_node: bool) {
 
     // `wget --mirror` of the tree equals the tree (listing pages aside).
     let mirror = cluster.dir.path().join("mirror");
-    let st = Command::new("wget")
-        .args([
-            "-q",
-            "--mirror",
-            "-np",
-            "-nH",
-            "--cut-dirs=1",
-            "-e",
-            "robots=off",
-        ])
-        .args(["--reject-regex", "[?]", "-X", &format!("/{fsid}/bad")])
-        .arg("-P")
-        .arg(&mirror)
-        .arg(u(""))
-        .status()
-        .unwrap();
+    let st = wget_mirror(&u(""), &mirror, &["-X", &format!("/{fsid}/bad")]);
     assert!(st.success() || st.code() == Some(8), "wget: {st}");
     // Listing pages were saved as index.html; the site's own index.html is compared.
     for d in ["", "dir", "dir/sub"] {
@@ -625,6 +603,39 @@ fn a_transfer_cut_mid_stream_is_an_error_never_a_short_200() {
     );
 }
 
+/// `wget --mirror` of `url` into `dir` (listing URLs with a query left out).
+fn wget_mirror(url: &str, dir: &std::path::Path, extra: &[&str]) -> std::process::ExitStatus {
+    Command::new("wget")
+        .args([
+            "-q",
+            "--mirror",
+            "-np",
+            "-nH",
+            "--cut-dirs=1",
+            "-e",
+            "robots=off",
+        ])
+        .args(["--reject-regex", "[?]"])
+        .args(extra)
+        .arg("-P")
+        .arg(dir)
+        .arg(url)
+        .status()
+        .unwrap()
+}
+
+/// `wget --mirror` of the directory `w` at `url` into `dir`, compared with `src`
+/// afterwards; how long it took.
+fn mirror_equals(url: &str, dir: &std::path::Path, src: &std::path::Path) -> Duration {
+    let t = std::time::Instant::now();
+    let st = wget_mirror(url, dir, &[]);
+    let took = t.elapsed();
+    assert!(st.success(), "wget: {st}");
+    std::fs::remove_file(dir.join("w/index.html")).unwrap();
+    assert_diff_r(src, dir, &[]);
+    took
+}
+
 /// `wget --mirror` of a directory of 1,500 small files through a gateway with its default
 /// limits gets every file: a client over the rate is slowed down, not refused (wget does
 /// not retry a 429).
@@ -640,55 +651,14 @@ fn a_mirror_of_a_wide_directory_gets_every_file_with_default_limits() {
     let key = cluster.keygen();
     let fsid = cluster.publish_with(&src, &key, 0, &["-q"]).0;
     let gw = Gateway::start(&cluster.addr(1), &[]);
-    let mirror = cluster.dir.path().join("wide-mirror");
-    let t = std::time::Instant::now();
-    let st = Command::new("wget")
-        .args([
-            "-q",
-            "--mirror",
-            "-np",
-            "-nH",
-            "--cut-dirs=1",
-            "-e",
-            "robots=off",
-        ])
-        .args(["--reject-regex", "[?]"])
-        .arg("-P")
-        .arg(&mirror)
-        .arg(format!("{}/{fsid}/w/", gw.url))
-        .status()
-        .unwrap();
-    let took = t.elapsed();
-    assert!(st.success(), "wget: {st}");
-    std::fs::remove_file(mirror.join("w/index.html")).unwrap();
-    assert_diff_r(&src, &mirror, &[]);
-    let refused = gw.statuses_all().iter().filter(|s| **s == 429).count();
-    assert_eq!(refused, 0, "no request refused");
+    let dir = cluster.dir.path().join("wide-mirror");
+    let took = mirror_equals(&format!("{}/{fsid}/w/", gw.url), &dir, &src);
+    assert!(!gw.statuses_all().contains(&429), "no request refused");
     eprintln!("GATEWAY mirror: 1,500 files by wget --mirror in {took:?}, none refused");
     // Well over a low rate, the mirror is slowed down to it, never refused.
     let slow = Gateway::start(&cluster.addr(1), &["--rate-per-prefix", "300"]);
-    let mirror = cluster.dir.path().join("wide-mirror-2");
-    let t = std::time::Instant::now();
-    let st = Command::new("wget")
-        .args([
-            "-q",
-            "--mirror",
-            "-np",
-            "-nH",
-            "--cut-dirs=1",
-            "-e",
-            "robots=off",
-        ])
-        .args(["--reject-regex", "[?]"])
-        .arg("-P")
-        .arg(&mirror)
-        .arg(format!("{}/{fsid}/w/", slow.url))
-        .status()
-        .unwrap();
-    let took = t.elapsed();
-    assert!(st.success(), "wget: {st}");
-    std::fs::remove_file(mirror.join("w/index.html")).unwrap();
-    assert_diff_r(&src, &mirror, &[]);
+    let dir = cluster.dir.path().join("wide-mirror-2");
+    let took = mirror_equals(&format!("{}/{fsid}/w/", slow.url), &dir, &src);
     assert!(!slow.statuses_all().contains(&429));
     eprintln!("GATEWAY mirror at --rate-per-prefix 300: {took:?}, none refused");
 }

@@ -4,8 +4,21 @@
 use cfs_tests::tree::{pattern, TempDir};
 use cfs_tests::{bin, cfs, eventually, Cluster};
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// `cfs publish DIR` through `node`, running; its output piped.
+fn publish_in_background(dir: &Path, key: &Path, node: &str) -> Child {
+    Command::new(bin("cfs"))
+        .args(["publish", dir.to_str().unwrap(), "--key"])
+        .arg(key)
+        .args(["--node", node, "-q"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
 
 /// A publish and a read are running when a node gets SIGTERM: the node stops cleanly
 /// within its drain bound, both clients succeed, nothing published is lost, and the
@@ -22,14 +35,7 @@ fn sigterm_during_a_read_and_a_publish_loses_nothing_and_the_store_reopens_clean
     // node 1 (a replica of many blocks) is told to stop.
     std::fs::write(src.path().join("second"), pattern(24 << 20, 2)).unwrap();
     let node = c.addr(0);
-    let publish = Command::new(bin("cfs"))
-        .args(["publish", src.path().to_str().unwrap(), "--key"])
-        .arg(&key)
-        .args(["--node", &node, "-q"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let publish = publish_in_background(src.path(), &key, &node);
     let reader = {
         let (fsid, node) = (fsid.clone(), node.clone());
         std::thread::spawn(move || {
@@ -82,14 +88,7 @@ fn sigterm_during_a_read_and_a_publish_loses_nothing_and_the_store_reopens_clean
     eprintln!("SERVICE: SIGTERM during a read and a publish: stopped in {stop_took:?}, exit 0, both clients succeeded, store reopened without repair");
     // For contrast: a kill -9 in the middle of writes leaves a store redb must repair.
     std::fs::write(src.path().join("third"), pattern(16 << 20, 3)).unwrap();
-    let mut publish = Command::new(bin("cfs"))
-        .args(["publish", src.path().to_str().unwrap(), "--key"])
-        .arg(&key)
-        .args(["--node", &node, "-q"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut publish = publish_in_background(src.path(), &key, &node);
     std::thread::sleep(Duration::from_millis(400));
     c.kill(1);
     let _ = publish.wait();
@@ -142,18 +141,16 @@ fn a_config_file_sets_every_flag_and_the_command_line_overrides_it() {
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["replicas"], 2, "{st}");
     // Without the override the file's bad value is refused, and so is an unknown key.
-    let out = Command::new(bin("cfsd"))
-        .arg("--config")
-        .arg(&conf)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let with_file = || {
+        Command::new(bin("cfsd"))
+            .arg("--config")
+            .arg(&conf)
+            .output()
+            .unwrap()
+    };
+    assert!(!with_file().status.success());
     std::fs::write(&conf, "lisen = \"127.0.0.1:0\"\n").unwrap();
-    let out = Command::new(bin("cfsd"))
-        .arg("--config")
-        .arg(&conf)
-        .output()
-        .unwrap();
+    let out = with_file();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("lisen"));
 }
