@@ -1,7 +1,8 @@
 //! `cfs testnet ...`: the command line over `cfs_lab::testnet`.
 
 use anyhow::{bail, Context, Result};
-use cfs_lab::testnet::{self, Spec, Testnet};
+use cfs_lab::testnet::{self, Spec, Testnet, WanSpec};
+use cfs_lab::wan::RttModel;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -34,6 +35,20 @@ enum TestnetCmd {
         /// Give every host a disk of its own (a tmpfs of this many MiB), for `fill`.
         #[arg(long)]
         disk_mb: Option<u64>,
+        /// Wide-area round trips between hosts, emulated in user space: `60ms`, a range
+        /// `20ms-200ms` (hosts placed as cfs-sim places nodes, from --seed) or a CSV file
+        /// of round trips in milliseconds (a row per host).
+        #[arg(long)]
+        rtt: Option<String>,
+        /// With --rtt: up to this much more one-way delay per packet (e.g. 5ms).
+        #[arg(long, default_value = "0ms")]
+        jitter: String,
+        /// With --rtt: the share of packets lost, in percent.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// With --rtt: places the hosts of a range model.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         /// The cfsd to run (default: the one next to this cfs, else PATH).
         #[arg(long)]
         cfsd: Option<PathBuf>,
@@ -67,6 +82,9 @@ enum TestnetCmd {
     Fill { host: usize },
     /// Empty a filled disk again.
     Unfill { host: usize },
+    /// The wide-area link emulator of the testnet in --dir (started by `up --rtt`).
+    #[command(hide = true)]
+    Emulate,
     /// Run a command inside a host's network namespace (a client, a mount).
     Exec {
         host: usize,
@@ -125,6 +143,10 @@ pub fn run(args: TestnetArgs) -> Result<()> {
             port,
             rate,
             disk_mb,
+            rtt,
+            jitter,
+            loss,
+            seed,
             cfsd,
             cfsd_args,
         } => {
@@ -145,6 +167,22 @@ pub fn run(args: TestnetArgs) -> Result<()> {
                 cfsd_args,
                 rate,
                 disk_mb,
+                wan: match rtt {
+                    None => None,
+                    Some(m) => {
+                        if !(0.0..100.0).contains(&loss) {
+                            bail!("--loss is a percentage from 0 to 100");
+                        }
+                        Some(WanSpec {
+                            rtt: RttModel::parse(&m)?,
+                            jitter: cfs_lab::wan::parse_duration(&jitter)?,
+                            loss: loss / 100.0,
+                            seed,
+                            emulator: std::env::current_exe()
+                                .context("finding this cfs binary for the link emulator")?,
+                        })
+                    }
+                },
             };
             let net = match Testnet::up(&spec) {
                 Ok(n) => n,
@@ -168,6 +206,7 @@ pub fn run(args: TestnetArgs) -> Result<()> {
             println!("testnet {} removed", args.name);
         }
         TestnetCmd::Status => print_status(&load()?),
+        TestnetCmd::Emulate => cfs_lab::wan::run(&dir)?,
         TestnetCmd::Kill { host } => on_host(load()?, host, Testnet::kill)?,
         TestnetCmd::Pause { host } => on_host(load()?, host, Testnet::pause)?,
         TestnetCmd::Resume { host } => on_host(load()?, host, Testnet::resume)?,

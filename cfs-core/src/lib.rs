@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod fs;
+pub mod geo;
 pub mod id;
 pub mod ring;
 pub mod units;

@@ -5,3 +5,4 @@
 
 pub mod chaos;
 pub mod testnet;
+pub mod wan;

@@ -6,6 +6,7 @@
 //! index. Everything made is recorded in a state file, so `down` removes it after a
 //! crash too. Needs root, `ip` and `tc` (iproute2) and `nsenter` (util-linux).
 
+use crate::wan::{self, RttModel, WanConfig, WanHost};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -67,6 +68,23 @@ pub struct Spec {
     /// Give every host a disk of its own: a tmpfs of this many MiB for its data, which
     /// the `fill` fault fills up.
     pub disk_mb: Option<u64>,
+    /// Wide-area links (delay, jitter, loss) through the user-space emulator instead of
+    /// the bridge (`wan.rs`).
+    pub wan: Option<WanSpec>,
+}
+
+/// The wide-area model of a testnet.
+#[derive(Clone, Debug)]
+pub struct WanSpec {
+    pub rtt: RttModel,
+    /// Up to this much more one-way delay per packet, at random.
+    pub jitter: Duration,
+    /// Probability that a packet is lost.
+    pub loss: f64,
+    /// Places the hosts of a `Range` model.
+    pub seed: u64,
+    /// The `cfs` binary, which runs the emulator (`cfs testnet emulate DIR`).
+    pub emulator: PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -100,6 +118,9 @@ pub struct Testnet {
     /// The groups of the current partition (host indexes), empty when whole.
     #[serde(default)]
     pub partition: Vec<Vec<usize>>,
+    /// The link emulator's process, when the hosts are linked through it.
+    #[serde(default)]
+    pub wan_pid: Option<u32>,
 }
 
 const STATE: &str = "testnet.json";
@@ -226,13 +247,16 @@ impl Testnet {
             cfsd_args: spec.cfsd_args.clone(),
             hosts: Vec::new(),
             partition: Vec::new(),
+            wan_pid: None,
         };
         // Recorded before anything is made, so a failure half-way is cleaned by `down`.
         net.save()?;
-        ip(&["netns", "add", &bridge_ns])?;
-        ip(&["-n", &bridge_ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &bridge_ns, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &bridge_ns, "link", "set", "br0", "up"])?;
+        if spec.wan.is_none() {
+            ip(&["netns", "add", &bridge_ns])?;
+            ip(&["-n", &bridge_ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &bridge_ns, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", &bridge_ns, "link", "set", "br0", "up"])?;
+        }
         for k in 1..=spec.hosts {
             let ns = format!("{}-h{k}", spec.name);
             let host_ip = Ipv4Addr::new(198, 18, spec.subnet, k as u8);
@@ -262,6 +286,10 @@ impl Testnet {
                 net.save()?;
             }
             ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            if spec.wan.is_some() {
+                continue;
+            }
             let side = format!("v{k}");
             // Both ends are made inside namespaces: nothing appears in the root one.
             ip(&[
@@ -271,7 +299,6 @@ impl Testnet {
             ip(&[
                 "-n", &bridge_ns, "link", "set", &side, "master", "br0", "up",
             ])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&[
                 "-n",
                 &ns,
@@ -285,6 +312,9 @@ impl Testnet {
             if let Some(rate) = &spec.rate {
                 net.cap(k - 1, rate)?;
             }
+        }
+        if let Some(w) = &spec.wan {
+            net.start_wan(w, spec.rate.as_deref())?;
         }
         for i in 0..net.hosts.len() {
             net.start(i)?;
@@ -507,9 +537,77 @@ impl Testnet {
         self.save()
     }
 
+    /// Link the hosts through the emulator: its config, the process (detached, so it
+    /// outlives `up`), and each host's TUN device addressed once the emulator has made it.
+    fn start_wan(&mut self, w: &WanSpec, rate: Option<&str>) -> Result<()> {
+        let rate_bps = rate.map(wan::parse_rate).transpose()?;
+        let cfg = WanConfig {
+            hosts: self
+                .hosts
+                .iter()
+                .map(|h| WanHost {
+                    netns: PathBuf::from("/run/netns").join(&h.ns),
+                    ip: h.ip,
+                    rate_bps,
+                })
+                .collect(),
+            rtt_ms: w.rtt.matrix(self.hosts.len(), w.seed)?,
+            jitter_ms: w.jitter.as_secs_f64() * 1e3,
+            loss: w.loss,
+            seed: w.seed,
+        };
+        cfg.save(&self.dir)?;
+        let _ = std::fs::remove_file(self.dir.join(wan::READY));
+        let log = self.dir.join("wan.log");
+        let log_file = std::fs::File::create(&log).map_err(io("creating", &log))?;
+        let mut cmd = Command::new(&w.emulator);
+        cmd.args(["testnet", "emulate", "--dir"])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().map_err(|source| TestnetError::Spawn {
+            cmd: format!("{} testnet emulate", w.emulator.display()),
+            source,
+        })?;
+        self.wan_pid = Some(child.id());
+        self.save()?;
+        let ready = self.dir.join(wan::READY);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            if Instant::now() > end {
+                return Err(TestnetError::Command {
+                    cmd: "cfs testnet emulate".into(),
+                    stderr: format!("the link emulator did not start; see {}", log.display()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for h in &self.hosts {
+            let addr = format!("{}/24", h.ip);
+            ip(&["-n", &h.ns, "addr", "add", &addr, "dev", wan::DEVICE])?;
+            ip(&["-n", &h.ns, "link", "set", wan::DEVICE, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// A new rate (None: none) for host `i` in the emulator's links; it rereads them.
+    fn wan_rate(&mut self, i: usize, rate: Option<&str>) -> Result<()> {
+        let mut cfg = WanConfig::load(&self.dir)?;
+        cfg.hosts[i].rate_bps = rate.map(wan::parse_rate).transpose()?;
+        cfg.save(&self.dir)?;
+        self.hosts[i].rate = rate.map(str::to_string);
+        self.save()
+    }
+
     /// Cap host `i`'s link to `rate` (tc syntax: `200mbit`) in both directions: a TBF on
-    /// its own interface and on the bridge's side of its link.
+    /// its own interface and on the bridge's side of its link, or the emulator's rate.
     pub fn cap(&mut self, i: usize, rate: &str) -> Result<()> {
+        if self.wan_pid.is_some() {
+            self.host(i)?;
+            return self.wan_rate(i, Some(rate));
+        }
         let ns = self.host(i)?.ns.clone();
         let tbf = [
             "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "256kb",
@@ -525,6 +623,10 @@ impl Testnet {
     }
 
     pub fn uncap(&mut self, i: usize) -> Result<()> {
+        if self.wan_pid.is_some() {
+            self.host(i)?;
+            return self.wan_rate(i, None);
+        }
         let ns = self.host(i)?.ns.clone();
         let _ = tc(&ns, &["qdisc", "del", "dev", "eth0", "root"]);
         let _ = tc(
@@ -621,6 +723,13 @@ pub fn down(name: &str, dir: &Path) -> Result<()> {
         }
         for d in net.hosts.iter().filter_map(|h| h.disk.as_ref()) {
             let _ = run(Command::new("umount").arg("-l").arg(d));
+        }
+        if let Some(p) = net.wan_pid {
+            // SAFETY: as above; the emulator's devices go with it.
+            unsafe {
+                libc::kill(p as i32, libc::SIGKILL);
+            }
+            reap(p);
         }
     }
     // Any process still in one of our namespaces (a node started by a crashed run).

@@ -183,6 +183,7 @@ fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
             .collect(),
         rate: None,
         disk_mb: Some(64),
+        wan: None,
     })
     .expect("testnet up");
     let pids_before: Vec<Option<u32>> = net.hosts.iter().map(|h| h.pid).collect();

@@ -127,6 +127,7 @@ fn a_testnet_of_real_hosts_places_replicas_on_distinct_hosts_and_survives_every_
         .collect(),
         rate: None,
         disk_mb: None,
+        wan: None,
     };
     let mut net = Testnet::up(&spec).expect("testnet up");
     let all: BTreeSet<IpAddr> = (0..5).map(|i| net.addr(i).ip()).collect();

@@ -132,13 +132,9 @@ impl SimNet {
         let mut slots = self.slots.write().unwrap();
         while slots.len() <= i {
             let j = slots.len() as u64;
-            // Position from the seed and the index alone, so it does not depend on the
-            // order nodes are created in.
-            let mut r =
-                SmallRng::seed_from_u64(self.params.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ j);
             slots.push(Slot {
                 node: None,
-                pos: (r.random::<f64>(), r.random::<f64>()),
+                pos: cfs_core::geo::position(self.params.seed, j),
                 dead: false,
             });
         }
@@ -172,12 +168,8 @@ impl SimNet {
         let (Some(pa), Some(pb)) = (slots.get(a), slots.get(b)) else {
             return self.params.max_rtt / 2;
         };
-        let d = ((pa.pos.0 - pb.pos.0).powi(2) + (pa.pos.1 - pb.pos.1).powi(2)).sqrt()
-            / std::f64::consts::SQRT_2;
-        let min = self.params.min_rtt.as_secs_f64();
-        let span = (self.params.max_rtt.as_secs_f64() - min).max(0.0);
         // Whole microseconds keep the clock free of float drift.
-        Duration::from_micros(((min + span * d) * 1e6 / 2.0).round() as u64)
+        cfs_core::geo::one_way(self.params.min_rtt, self.params.max_rtt, pa.pos, pb.pos)
     }
 
     fn lost(&self) -> bool {
