@@ -762,4 +762,9 @@ impl<T: Transport> Handler for Node<T> {
         Metrics::inc(&self.inner.metrics.slow_frames);
         tracing::debug!(%peer, why, "closed connection");
     }
+
+    fn dropped_reply(&self, peer: SocketAddr, why: &str) {
+        Metrics::inc(&self.inner.metrics.replies_busy);
+        tracing::debug!(%peer, why, "answered busy");
+    }
 }

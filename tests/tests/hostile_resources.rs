@@ -567,3 +567,150 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
         "the popular block was evicted from X's cache by the flood"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. Unread replies
+// ---------------------------------------------------------------------------------------
+
+/// Has the node closed `p` (reset, or a FIN), by the socket's TCP state? Nothing is
+/// read: reading would take the node's replies at a rate of our own.
+fn closed_by_node(p: &RawPeer) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            p.stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // tcpi_state is the first byte; 1 is TCP_ESTABLISHED.
+    r != 0 || info[0] != 1
+}
+
+#[test]
+fn unread_replies_do_not_pin_memory() {
+    let _serial = one_at_a_time();
+    raise_nofile();
+    let cluster = Cluster::start(3, &node_flags(&[]));
+    cluster.wait_ring(Duration::from_secs(30));
+    let n = cluster.nodes[0].addr;
+    let pid = cluster.nodes[0].pid().unwrap();
+    let rt = rt();
+    let c = client(&rt, n);
+    let (key, bytes) = data_block(70, 0, 512 << 10);
+    let (_, on) = put_block(&rt, &c, bytes.clone());
+    assert_eq!(on, R);
+    // Warm the node's read path, so the baseline holds what serving one block costs.
+    let (t, out) = cfs_within(
+        &["block", "get", &key.to_hex(), "--node", &n.to_string()],
+        Duration::from_secs(25),
+    );
+    assert!(out.is_some_and(|o| o.stdout == bytes), "get before: {t:?}");
+    let rss0 = node_rss_bytes(pid);
+    let slow0 = counter(n, "slow_frames");
+
+    // The peak RSS, sampled while the attack runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(rss0 as usize));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(node_rss_bytes(pid) as usize, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // 300 connections from 4 addresses (4 source buckets on loopback), each asking for
+    // the 512 KiB block 16 times and never reading, with a small receive buffer. The
+    // node's kernel takes the first few MiB of replies per connection (loopback send
+    // buffers grow to 4 MiB); the rest back up in the node.
+    const CONNS: usize = 300;
+    const GETS: usize = 16;
+    let t0 = Instant::now();
+    let conns = rt.block_on(async {
+        let mut conns = Vec::new();
+        for i in 0..CONNS {
+            let ip = lo(2 + (i % 4) as u8);
+            let mut p = RawPeer::connect_with(Some(ip), n, Some(4096))
+                .await
+                .unwrap();
+            for _ in 0..GETS {
+                let get = Request::Get {
+                    kind: BlockKind::Data,
+                    key,
+                };
+                p.send(get).await.unwrap();
+            }
+            conns.push(p);
+        }
+        conns
+    });
+    // Honest clients (127.0.0.1, a bucket of its own) while the replies wait.
+    let (status_t, status_all, status_err) = cfs_times(
+        &["status", "--node", &n.to_string()],
+        3,
+        Duration::from_secs(10),
+    );
+    let (get_t, get_all, get_err) = cfs_times(
+        &["block", "get", &key.to_hex(), "--node", &n.to_string()],
+        3,
+        Duration::from_secs(25),
+    );
+    // The node must drop connections that do not read their replies: the first wave
+    // (each bucket's request slots) within the grace plus 512 KiB at the minimum rate.
+    let first_wave = 4 * 8;
+    let mut closed_by = (0, t0.elapsed());
+    let end = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < end {
+        let closed = conns.iter().filter(|p| closed_by_node(p)).count();
+        closed_by = (closed, t0.elapsed());
+        if closed >= first_wave {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed) as u64;
+    let rss1 = node_rss_bytes(pid);
+    let slow = counter(n, "slow_frames") - slow0;
+    eprintln!(
+        "HOSTILE unread_replies: {CONNS} connections x {GETS} Gets of 512 KiB, never read: node \
+         RSS before {} MiB, peak {} MiB, after {} MiB; cfs status worst {status_t:?} of \
+         {status_all:?} ({status_err}); cfs block get worst {get_t:?} of {get_all:?} \
+         ({get_err}); {} connections closed by the node after {:?}; slow_frames +{slow}",
+        rss0 >> 20,
+        peak >> 20,
+        rss1 >> 20,
+        closed_by.0,
+        closed_by.1,
+    );
+    drop(conns);
+    let slack = if cfg!(debug_assertions) { 5 } else { 1 };
+    assert!(
+        peak < rss0 + (100 << 20),
+        "node RSS grew from {} to {} MiB",
+        rss0 >> 20,
+        peak >> 20
+    );
+    assert!(
+        status_t.is_some_and(|t| t <= Duration::from_secs(slack)),
+        "cfs status not served within {slack} s every time: {status_all:?} {status_err}"
+    );
+    assert!(
+        get_t.is_some_and(|t| t <= Duration::from_secs(2 * slack)),
+        "cfs block get not served within {} s every time: {get_all:?} {get_err}",
+        2 * slack
+    );
+    assert!(
+        closed_by.0 >= first_wave,
+        "only {} connections closed by the node",
+        closed_by.0
+    );
+    assert!(slow >= first_wave as u64, "slow_frames rose by {slow}");
+}
