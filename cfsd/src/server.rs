@@ -426,42 +426,48 @@ impl ConnCtx<'_> {
                     return;
                 }
             };
-            let frame: RequestFrame = match wire::decode(&body) {
-                Ok(f) => f,
-                Err(e) => {
-                    handler.refused_input(peer, &e.to_string());
-                    return;
-                }
+            // The version and id come first in every frame, so a peer of another
+            // version gets a clear answer even when the rest of its frame does not
+            // decode here.
+            let frame = match postcard::take_from_bytes::<(u16, u64)>(&body) {
+                Ok(((protocol, id), _)) if protocol != PROTOCOL_VERSION => Err((protocol, id)),
+                _ => match wire::decode::<RequestFrame>(&body) {
+                    Ok(f) => Ok(f),
+                    Err(e) => {
+                        handler.refused_input(peer, &e.to_string());
+                        return;
+                    }
+                },
             };
             drop(body);
+            let id = match &frame {
+                Ok(f) => f.id,
+                Err((_, id)) => *id,
+            };
             // A request that may answer with blocks reserves a largest reply first, so
             // its reply is never built outside the budget.
-            let reserved = !may_answer_blocks(&frame.req)
+            let reserved = frame.as_ref().map_or(true, |f| !may_answer_blocks(&f.req))
                 || held.hold(charged_kib(REPLY_RESERVE), BUDGET_WAIT).await;
-            let resp = if !reserved {
-                handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
-                Err(busy())
-            } else if frame.protocol != PROTOCOL_VERSION {
-                handler.refused_input(peer, "protocol version");
-                Err(RemoteError::new(
-                    wire::ErrorKind::BadRequest,
-                    format!(
-                        "protocol {} not supported; this node speaks {PROTOCOL_VERSION}: run the same cfs release on every node and client",
-                        frame.protocol
-                    ),
-                ))
-            } else {
-                handler.handle(peer, frame.from, frame.req).await
+            let resp = match frame {
+                _ if !reserved => {
+                    handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
+                    Err(busy())
+                }
+                Err((protocol, _)) => {
+                    handler.refused_input(peer, "protocol version");
+                    Err(RemoteError::new(
+                        wire::ErrorKind::BadRequest,
+                        format!(
+                            "protocol {protocol} not supported; this node speaks {PROTOCOL_VERSION}: run the same cfs release on every node and client"
+                        ),
+                    ))
+                }
+                Ok(f) => handler.handle(peer, f.from, f.req).await,
             };
             // A block is written after its header, not copied into a frame first.
             let (out, mut block) = match resp {
-                Ok(Response::Block(Some(b))) => {
-                    (wire::block_response_prefix(frame.id, b.len()), Some(b))
-                }
-                resp => (
-                    wire::encode_frame(&ResponseFrame { id: frame.id, resp }),
-                    None,
-                ),
+                Ok(Response::Block(Some(b))) => (wire::block_response_prefix(id, b.len()), Some(b)),
+                resp => (wire::encode_frame(&ResponseFrame { id, resp }), None),
             };
             let mut out = match out {
                 Ok(o) => o,
@@ -475,7 +481,7 @@ impl ConnCtx<'_> {
             if !held.hold(charged_kib(size), REPLY_WAIT).await {
                 handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
                 let resp = Err(busy());
-                let Ok(o) = wire::encode_frame(&ResponseFrame { id: frame.id, resp }) else {
+                let Ok(o) = wire::encode_frame(&ResponseFrame { id, resp }) else {
                     return;
                 };
                 (out, block) = (o, None);
