@@ -4,13 +4,14 @@
 use crate::block::{BlockKind, MAX_BLOCK_BYTES};
 use crate::id::{Id, NodeRef};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// 2: `Step::Done` names its range's start as an address-bound node, not a bare id, and
 /// `Step::Closer` carries no RTT hints. 3: leases: puts ask for one, blocks carry theirs,
 /// `Has` answers how long each block is leased, and `Renew` extends leases by key.
-/// 4: `GetMany` fetches many small blocks in one exchange.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// 4: `GetMany` fetches many small blocks in one exchange. 5: a block in a batch names
+/// the source whose storage a ring transfer of it is charged to (`WireBlock::source`).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Hard limit on one frame: a largest block plus room for the envelope.
 pub const MAX_FRAME_BYTES: usize = MAX_BLOCK_BYTES + 64 * 1024;
 /// Most items in one batched request (Has), so that replies stay under the frame limit.
@@ -116,6 +117,11 @@ pub struct WireBlock {
     #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
     pub lease: u64,
+    /// In a transfer (replica maintenance): the source address whose storage paid for
+    /// the sender's copy, so the copy it creates here is charged to the same source, not
+    /// to the sender. A receiver takes it only from a checked neighbour, for a key it
+    /// replicates; otherwise it charges the sender. None in a client's put.
+    pub source: Option<IpAddr>,
 }
 
 /// A held block as `Has` reports it.

@@ -495,6 +495,7 @@ impl<T: Transport> Client<T> {
                         key: blocks[g].key(),
                         bytes: blocks[g].bytes().to_vec(),
                         lease: self.lease,
+                        source: None,
                     })
                     .collect();
                 let calls = set.iter().map(|n| {

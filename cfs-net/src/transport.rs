@@ -64,6 +64,11 @@ pub trait Handler: Send + Sync + 'static {
     fn slow_peer(&self, peer: SocketAddr, why: &str) {
         self.refused_input(peer, why);
     }
+
+    /// A request was answered Busy: the in-flight budget had no room for its reply.
+    fn dropped_reply(&self, peer: SocketAddr, why: &str) {
+        self.slow_peer(peer, why);
+    }
 }
 
 /// TCP transport: one request at a time per connection, idle connections pooled per peer.

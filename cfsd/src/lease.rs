@@ -60,7 +60,7 @@ impl<T: Transport> Node<T> {
         self.inner
             .quota
             .reserve(bucket, Quota::cost(len as usize), now, until)
-            .map_err(|e @ QuotaError::Exceeded { .. }| {
+            .map_err(|e: QuotaError| {
                 Metrics::inc(&self.inner.metrics.refused_quota);
                 remote(ErrorKind::Quota, e.to_string())
             })

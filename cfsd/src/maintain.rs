@@ -186,11 +186,13 @@ impl<T: Transport> Node<T> {
                         continue;
                     }
                     let size = bytes.len();
+                    // Charged there to whoever paid for our copy, if we remember.
                     let b = WireBlock {
                         kind,
                         key,
                         bytes,
                         lease,
+                        source: self.inner.quota.payer(kind, key),
                     };
                     if let Some(full) = batch.push((j, b), size) {
                         self.push_batch(*target, full, &mut confirmed).await;

@@ -11,6 +11,7 @@ use crate::state::remote;
 pub use crate::state::Node;
 use crate::store::{PutOutcome, StoreError};
 use crate::vnode::Vnode;
+use cfs_core::block::BlockKind;
 use cfs_core::block::{verify, Verified};
 use cfs_core::ring::{in_replica_reach, same_host, source_bucket};
 use cfs_core::wire::{
@@ -20,6 +21,7 @@ use cfs_core::wire::{
 use cfs_core::{Id, NodeRef};
 use cfs_net::net::LookupError;
 use cfs_net::transport::{Handler, Transport};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -232,13 +234,17 @@ impl<T: Transport> Node<T> {
     }
 
     /// Is `key` a ring transfer this node takes free of quota from `peer`? Only from a
-    /// checked neighbour (a successor or the predecessor, which answered our pings; off
-    /// loopback, where an address names a host) and only for a key this node plausibly
-    /// replicates by its own view of the ring.
+    /// checked neighbour (`ring_pusher`) off loopback, where an address names a host.
     pub(crate) fn free_transfer(&self, peer: IpAddr, key: Id) -> bool {
-        if peer.is_loopback() {
-            return false;
-        }
+        !peer.is_loopback() && self.ring_pusher(peer, key)
+    }
+
+    /// May `peer` push `key` to this node as ring maintenance, naming the source it is
+    /// charged to? Only a checked neighbour (a successor or the predecessor, which
+    /// answered our pings), by its IP address (on loopback every local process shares
+    /// one, so there any local process at a member's address passes), and only for a key
+    /// this node plausibly replicates by its own view of the ring.
+    pub(crate) fn ring_pusher(&self, peer: IpAddr, key: Id) -> bool {
         let peer = SocketAddr::new(peer, 0);
         let r = self.inner.cfg.replicas;
         self.inner.vnodes.iter().any(|v| {
@@ -247,7 +253,7 @@ impl<T: Transport> Node<T> {
                 .succs
                 .iter()
                 .chain(v.pred.iter())
-                .any(|n| same_host(n.addr, peer));
+                .any(|n| same_host(SocketAddr::new(n.addr.ip(), 0), peer));
             // A ring too small to estimate is all within reach of every member.
             neighbour
                 && v.n_est()
@@ -266,11 +272,19 @@ impl<T: Transport> Node<T> {
         let m = &self.inner.metrics;
         let now = self.now_unix();
         // Charged per source bucket by space-time (bytes plus a per-block overhead, times
-        // the lease), reserved before the work so parallel requests cannot all pass one
-        // check, settled for what was not new. Only checked neighbours' transfers of keys
-        // in our range are free.
-        let bucket = self.inner.quota.bucket_for(&source_bucket(peer.ip()));
+        // the lease) and by what it holds at once, reserved before the work so parallel
+        // requests cannot all pass one check, settled for what was not new. A checked
+        // neighbour's transfer is charged to the source it names (who paid for its copy);
+        // without one, it is free off loopback, else charged to the sender.
+        let mut buckets: BTreeMap<IpAddr, Vec<u8>> = BTreeMap::new();
+        let mut bucket_of = |ip: IpAddr| {
+            buckets
+                .entry(ip)
+                .or_insert_with(|| self.inner.quota.bucket_for(&source_bucket(ip)))
+                .clone()
+        };
         let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
+        let ids: Vec<(BlockKind, Id)> = blocks.iter().map(|b| (b.kind, b.key)).collect();
         let mut todo = Vec::with_capacity(blocks.len());
         let mut room = Room::new(&self.inner.incoming);
         let space = self.inner.store.space();
@@ -281,9 +295,16 @@ impl<T: Transport> Node<T> {
                 answers[i] = Some(Err(e));
                 continue;
             }
+            // Who pays: the named source of a neighbour's transfer, else the sender.
+            let payer = match b.source {
+                Some(s) if transfer && self.ring_pusher(peer.ip(), b.key) => s,
+                _ => peer.ip(),
+            };
             // A transfer is free only for a block new to this node: extending a held
             // block's lease is paid for by whoever asks, neighbour or not.
-            let free = transfer && self.free_transfer(peer.ip(), b.key) && !held();
+            let free =
+                transfer && b.source.is_none() && self.free_transfer(peer.ip(), b.key) && !held();
+            let bucket = bucket_of(payer);
             let charge = if free {
                 Charge::FREE
             } else {
@@ -295,11 +316,18 @@ impl<T: Transport> Node<T> {
                     }
                 }
             };
-            todo.push((i, charge, until, b));
+            todo.push((i, (charge, payer), until, b));
         }
-        if todo.iter().any(|(_, c, _, _)| !c.is_free()) {
+        let charged = |todo: &[(usize, (Charge, IpAddr), u64, WireBlock)]| {
+            todo.iter()
+                .filter(|t| !t.1 .0.is_free())
+                .map(|t| t.1 .1)
+                .collect::<BTreeSet<IpAddr>>()
+        };
+        for ip in charged(&todo) {
             // Durable in the same commit as the blocks: a crash cannot keep one without
             // the other (a refund below is saved with a later commit).
+            let bucket = bucket_of(ip);
             self.inner
                 .store
                 .stage_charge(&bucket, self.inner.quota.encoded(&bucket));
@@ -317,7 +345,8 @@ impl<T: Transport> Node<T> {
                     }
                 }
                 // The verified blocks move into the store: no copy of their bytes.
-                let (slots, vs): (Vec<(usize, Charge)>, Vec<(Verified, u64)>) =
+                type Slot = (usize, (Charge, IpAddr));
+                let (slots, vs): (Vec<Slot>, Vec<(Verified, u64)>) =
                     ok.into_iter().map(|(i, c, v)| ((i, c), v)).unzip();
                 for ((i, charge), r) in slots.into_iter().zip(store.put_many(vs)) {
                     out.push((i, charge, Ok(r)));
@@ -335,18 +364,27 @@ impl<T: Transport> Node<T> {
                     .collect()
             }
         };
-        let mut settled = false;
-        for (i, charge, r) in done {
+        let mut settled = BTreeSet::new();
+        for (i, (charge, payer), r) in done {
+            let bucket = bucket_of(payer);
             match &r {
-                Ok(Ok(d)) => self.inner.quota.settle(
-                    &bucket,
-                    charge,
-                    d.before,
-                    d.outcome == PutOutcome::Stored,
-                ),
+                Ok(Ok(d)) => {
+                    let stored = d.outcome == PutOutcome::Stored;
+                    self.inner.quota.settle(&bucket, charge, d.before, stored);
+                    if stored && !charge.is_free() {
+                        // Copies our maintenance pushes are charged to the same source.
+                        let (kind, key) = ids[i];
+                        self.inner.quota.note_payer(kind, key, payer);
+                        if payer != peer.ip() {
+                            Metrics::inc(&m.transfers_charged_to_source);
+                        }
+                    }
+                }
                 _ => self.inner.quota.refund(&bucket, charge),
             }
-            settled |= !charge.is_free();
+            if !charge.is_free() {
+                settled.insert(payer);
+            }
             answers[i] = Some(match r {
                 Err(why) => {
                     Metrics::inc(&m.refused_invalid);
@@ -368,7 +406,8 @@ impl<T: Transport> Node<T> {
                 Ok(Err(e)) => Err(remote(ErrorKind::Storage, e.to_string())),
             });
         }
-        if settled {
+        for ip in settled {
+            let bucket = bucket_of(ip);
             self.inner
                 .store
                 .stage_charge(&bucket, self.inner.quota.encoded(&bucket));
@@ -450,6 +489,7 @@ impl<T: Transport> Handler for Node<T> {
                     key,
                     bytes,
                     lease,
+                    source: None,
                 };
                 let mut r = self.put_many(peer, vec![b], transfer).await;
                 r.pop()
@@ -547,5 +587,10 @@ impl<T: Transport> Handler for Node<T> {
     fn slow_peer(&self, peer: SocketAddr, why: &str) {
         Metrics::inc(&self.inner.metrics.slow_frames);
         tracing::debug!(%peer, why, "closed connection");
+    }
+
+    fn dropped_reply(&self, peer: SocketAddr, why: &str) {
+        Metrics::inc(&self.inner.metrics.replies_busy);
+        tracing::debug!(%peer, why, "answered busy");
     }
 }

@@ -2,12 +2,22 @@
 //! a block costs its bytes plus a per-block overhead, times the seconds it is leased, on
 //! every node that stores it. A bucket may hold at most `quota bytes x max lease` of
 //! outstanding byte-seconds, so a long lease cannot store more than the quota allows and a
-//! short one frees its room sooner. Charges run out as leases do; they are saved in the
-//! store, so a restart does not reset them.
+//! short one frees its room sooner. Space-time alone would let short leases buy floods
+//! (a 1 MiB quota stored 78 MiB for an hour), so a bucket may also hold at most
+//! `HOLD_FACTOR` x its quota at once. Charges run out as leases do; they are saved in
+//! the store, so a restart does not reset them.
+//!
+//! The node also remembers, for recently stored blocks, whose bucket paid for its copy
+//! (`note_payer`), so the copies its maintenance pushes to other replicas are charged
+//! there to the same source, not to this node.
 
 use crate::store::BlockStore;
+use cfs_core::block::BlockKind;
+use cfs_core::Id;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -27,11 +37,23 @@ pub const OVERFLOW_BUCKET: &[u8] = b"overflow";
 const BINS: u64 = 128;
 /// Bins a saved ledger may have; a longer one (a damaged store) is read as empty.
 const MAX_SAVED_BINS: usize = 4 * BINS as usize;
+/// What a bucket may hold at once, in multiples of its quota (bytes plus
+/// `BLOCK_OVERHEAD` per block, whatever the leases). Space-time lets short leases store
+/// more for less long; this bounds by how much. 2, not 1: a publisher at its full quota
+/// must be able to put a new version of everything while the old version's leases run
+/// out, and a renewal ahead of a lease's end holds the block twice for a while.
+pub const HOLD_FACTOR: u64 = 2;
+/// Blocks whose payer a node remembers (the most recently stored; about 100 bytes
+/// each): enough for maintenance to push a put's copies to the other replicas within a
+/// few rounds, at any sane put rate.
+pub const MAX_PAYERS: usize = 1 << 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuotaError {
     #[error("storage quota of {limit_bytes} bytes for {lease_secs} s (or the same byte-seconds) for your address is used up; wait for leases to run out or ask for shorter ones")]
     Exceeded { limit_bytes: u64, lease_secs: u64 },
+    #[error("your address holds {held_bytes} bytes on this node (blocks plus {BLOCK_OVERHEAD} bytes each), the most it may hold at once ({HOLD_FACTOR} x its quota of {limit_bytes} bytes), whatever the leases; wait for leases to run out")]
+    HeldTooMuch { held_bytes: u64, limit_bytes: u64 },
 }
 
 /// One bucket's charges: byte weights by the end of their time bin. At time t the
@@ -78,6 +100,25 @@ impl Ledger {
         self.bins.retain(|_, w| *w != 0);
     }
 
+    /// The most bytes held at once between `now` and `until`: at a time t, a bucket
+    /// holds the weights of the bins ending after t (a charge counts from its start to
+    /// its end, up to the rounding of bins), so held bytes change only as bins end. An
+    /// extension settled to start later (a renewal of what another bucket holds until
+    /// then) counts only from then.
+    fn held_peak(&mut self, now: u64, until: u64) -> u64 {
+        self.bins.retain(|end, _| *end > now);
+        let mut held: i128 = self.bins.values().map(|w| *w as i128).sum();
+        let mut peak = held;
+        for (end, w) in &self.bins {
+            if *end >= until {
+                break;
+            }
+            held -= *w as i128;
+            peak = peak.max(held);
+        }
+        peak.clamp(0, u64::MAX as i128) as u64
+    }
+
     /// Byte-seconds held at `now` (bins that ended are dropped).
     fn outstanding(&mut self, now: u64) -> u128 {
         self.bins.retain(|end, _| *end > now);
@@ -115,6 +156,9 @@ pub struct Quota {
     bin: u64,
     used: Mutex<BTreeMap<Vec<u8>, Ledger>>,
     dirty: AtomicBool,
+    /// Whose bucket paid for recently stored blocks (not saved: after a restart, pushes
+    /// of older blocks are charged to the pushing node, as before).
+    payers: Mutex<lru::LruCache<(BlockKind, Id), IpAddr>>,
 }
 
 impl Quota {
@@ -141,7 +185,20 @@ impl Quota {
             bin: (max_lease / BINS).max(1),
             used: Mutex::new(used),
             dirty: AtomicBool::new(false),
+            payers: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(MAX_PAYERS).expect("nonzero"),
+            )),
         }
+    }
+
+    /// Remember that `source`'s bucket paid for this node's copy of a block.
+    pub fn note_payer(&self, kind: BlockKind, key: Id, source: IpAddr) {
+        self.payers.lock().unwrap().put((kind, key), source);
+    }
+
+    /// The source whose bucket paid for this node's copy, if still remembered.
+    pub fn payer(&self, kind: BlockKind, key: Id) -> Option<IpAddr> {
+        self.payers.lock().unwrap().peek(&(kind, key)).copied()
     }
 
     /// Bytes one stored block of `len` bytes is charged for (per second of lease).
@@ -178,14 +235,25 @@ impl Quota {
         let mut m = self.used.lock().unwrap();
         let l = m.entry(bucket.to_vec()).or_default();
         let want = cost as u128 * until.saturating_sub(now) as u128;
-        if l.outstanding(now).saturating_add(want) > self.limit() {
+        let refusal = if l.outstanding(now).saturating_add(want) > self.limit() {
+            Some(QuotaError::Exceeded {
+                limit_bytes: self.limit_bytes,
+                lease_secs: self.max_lease,
+            })
+        } else {
+            let held = l.held_peak(now, Ledger::bin_end(self.bin, until));
+            (held.saturating_add(cost) > self.limit_bytes.saturating_mul(HOLD_FACTOR)).then_some(
+                QuotaError::HeldTooMuch {
+                    held_bytes: held,
+                    limit_bytes: self.limit_bytes,
+                },
+            )
+        };
+        if let Some(e) = refusal {
             if l.bins.is_empty() {
                 m.remove(bucket);
             }
-            return Err(QuotaError::Exceeded {
-                limit_bytes: self.limit_bytes,
-                lease_secs: self.max_lease,
-            });
+            return Err(e);
         }
         l.add(self.bin, now, now, until, cost as i64);
         self.dirty.store(true, Ordering::Relaxed);
@@ -232,6 +300,12 @@ impl Quota {
     pub fn used(&self, bucket: &[u8], now: u64) -> u128 {
         let mut m = self.used.lock().unwrap();
         m.get_mut(bucket).map_or(0, |l| l.outstanding(now))
+    }
+
+    /// The most bytes `bucket` holds at once from `now` on.
+    pub fn held(&self, bucket: &[u8], now: u64) -> u64 {
+        let mut m = self.used.lock().unwrap();
+        m.get_mut(bucket).map_or(0, |l| l.held_peak(now, u64::MAX))
     }
 
     /// `bucket`'s ledger, encoded for the store.
@@ -311,6 +385,77 @@ mod tests {
         let later = now + 5 * DAY + DAY / 2;
         assert!(again.used(&b, later) <= q.limit() / 2);
         assert!(again.reserve(&b, each, later, later + 4 * DAY).is_ok());
+    }
+
+    #[test]
+    fn short_leases_cannot_hold_more_than_a_few_quotas_at_once() {
+        let store = MemStore::default();
+        let q = Quota::load(1 << 20, 90 * DAY, &store);
+        let b = q.bucket_for(&[198, 18, 1]);
+        let now = 1_000 * DAY;
+        let each = Quota::cost(16);
+        // An hour's lease: space-time alone would allow 2,160 MiB; the hold bound stops
+        // it at 2 MiB of blocks plus overhead.
+        let mut n = 0;
+        let err = loop {
+            match q.reserve(&b, each, now, now + 3600) {
+                Ok(_) => n += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(n, (HOLD_FACTOR << 20) / each);
+        assert!(matches!(err, QuotaError::HeldTooMuch { .. }), "{err:?}");
+        assert_eq!(q.held(&b, now), n * each);
+        // Saved and loaded, the ledger still tells what is held (no format change).
+        q.save(&store, now);
+        let again = Quota::load(1 << 20, 90 * DAY, &store);
+        assert_eq!(again.held(&b, now), n * each);
+        assert!(again.reserve(&b, each, now, now + 3600).is_err());
+        // Once the leases end (and their time bin), the room is back.
+        let later = now + 3600 + 90 * DAY / BINS + 1;
+        assert_eq!(again.held(&b, later), 0);
+        assert!(again.reserve(&b, each, later, later + 3600).is_ok());
+        // Another bucket was never affected.
+        assert!(q.reserve(&[198, 18, 2], each, now, now + 3600).is_ok());
+    }
+
+    #[test]
+    fn an_extension_held_by_another_counts_from_when_it_starts() {
+        let store = MemStore::default();
+        // A long maximum lease, so that only the hold bound refuses here.
+        let q = Quota::load(1 << 20, 900 * DAY, &store);
+        let now = 1_000 * DAY;
+        // Bucket y extends, for [now + 30 d, now + 60 d], 1 MiB someone else holds until
+        // then: y holds nothing now, but will hold it later, and that counts.
+        let c = q.reserve(b"y", 1 << 20, now, now + 60 * DAY).unwrap();
+        q.settle(b"y", c, Some(now + 30 * DAY), false);
+        assert_eq!(q.held(b"y", now), 1 << 20);
+        assert!(q.reserve(b"y", 1 << 20, now, now + 40 * DAY).is_ok());
+        // 2 MiB held during [30 d, 40 d]: nothing more over then, but before it there is
+        // room.
+        let e = q.reserve(b"y", 1 << 20, now, now + 45 * DAY).unwrap_err();
+        assert!(matches!(e, QuotaError::HeldTooMuch { .. }), "{e:?}");
+        assert!(q.reserve(b"y", 1 << 20, now, now + DAY).is_ok());
+        assert!(q.reserve(b"y", 1, now, now + DAY).is_err());
+    }
+
+    #[test]
+    fn payers_are_remembered_for_recent_blocks_only() {
+        let q = Quota::load(1 << 20, DAY, &MemStore::default());
+        let ip: IpAddr = "198.18.0.7".parse().unwrap();
+        let key = |i: u64| Id::hash(&i.to_be_bytes());
+        q.note_payer(BlockKind::Data, key(0), ip);
+        assert_eq!(q.payer(BlockKind::Data, key(0)), Some(ip));
+        assert_eq!(q.payer(BlockKind::Meta, key(0)), None);
+        for i in 1..=MAX_PAYERS as u64 {
+            q.note_payer(BlockKind::Data, key(i), ip);
+        }
+        assert_eq!(
+            q.payer(BlockKind::Data, key(0)),
+            None,
+            "the oldest is forgotten"
+        );
+        assert_eq!(q.payer(BlockKind::Data, key(1)), Some(ip));
     }
 
     #[test]

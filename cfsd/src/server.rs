@@ -6,13 +6,21 @@
 //!   that one is at its share) is closed. Idle floods are churned out instead of locking
 //!   honest clients out, and the total stays under the process's file-descriptor limit.
 //! - requests: a source bucket has a few request slots (8); a frame is read only once it
-//!   holds one, so one source's frames in flight are bounded whatever its connections.
+//!   holds one, and the slot is held until the reply exists; the replies it has not yet
+//!   read have an allowance of their own (as many largest replies as slots). So one
+//!   source's frames and replies in flight are bounded whatever its connections, and a
+//!   reply its peer reads slowly never holds up the source's other requests.
 //! - memory: a frame's buffer grows only once its bytes arrive, under one budget for all
-//!   frames in flight; the first 4 KiB of each frame are free, so small requests never
-//!   wait for it. A frame must arrive at a minimum rate and a reply must be taken within a
-//!   write timeout, so silence and unread replies free their connection.
+//!   frames and replies in flight; the first 4 KiB of each are free, so small requests
+//!   never wait for it. A request that may answer with blocks reserves a largest reply
+//!   before it is handled, and keeps its reply's size until the reply is written: a
+//!   reply the peer does not read holds the budget, never memory outside it. A frame must
+//!   arrive, and a reply be taken, at a minimum rate (after a short grace), so silence
+//!   and unread replies free their connection.
 
-use cfs_core::wire::{self, RemoteError, RequestFrame, Response, ResponseFrame, PROTOCOL_VERSION};
+use cfs_core::wire::{
+    self, RemoteError, Request, RequestFrame, Response, ResponseFrame, PROTOCOL_VERSION,
+};
 use cfs_net::transport::{read_body, read_prefix, Handler};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,11 +45,12 @@ pub struct ServerLimits {
     pub max_inflight_bytes: usize,
     /// Requests being handled at once for one source bucket (more wait their turn).
     pub max_requests_per_bucket: usize,
-    /// A frame body must arrive within `frame_grace` plus its length at this rate.
+    /// A frame body must arrive within `frame_grace` plus its length at this rate, and a
+    /// reply be taken by the peer within `reply_grace` plus its length at this rate; else
+    /// the connection is closed (and the reply dropped).
     pub min_body_rate: usize,
     pub frame_grace: Duration,
-    /// A reply not taken by the peer within this is abandoned with its connection.
-    pub write_timeout: Duration,
+    pub reply_grace: Duration,
 }
 
 impl Default for ServerLimits {
@@ -54,13 +63,17 @@ impl Default for ServerLimits {
             max_requests_per_bucket: 8,
             min_body_rate: 64 << 10,
             frame_grace: Duration::from_secs(5),
-            write_timeout: Duration::from_secs(10),
+            reply_grace: Duration::from_secs(2),
         }
     }
 }
 
-/// How long a frame waits for room in the in-flight budget before its connection closes.
+/// How long a frame waits for room in the in-flight budget before its connection closes,
+/// and a request for room for its reply before it is answered Busy.
 const BUDGET_WAIT: Duration = Duration::from_secs(1);
+/// How long a reply larger than its request reserved waits for the rest of its room
+/// (the reply exists by then, so not long) before it is dropped for a Busy answer.
+const REPLY_WAIT: Duration = Duration::from_millis(250);
 
 /// File descriptors kept free for the store, outgoing calls and logs.
 pub const FD_RESERVE: usize = 256;
@@ -130,6 +143,8 @@ struct Registry {
     per_bucket: HashMap<Vec<u8>, usize>,
     /// Request slots per bucket, while it has connections.
     slots: HashMap<Vec<u8>, Arc<Semaphore>>,
+    /// KiB of replies per bucket written but not yet taken by their peer.
+    unread: HashMap<Vec<u8>, Arc<Semaphore>>,
 }
 
 impl Registry {
@@ -168,6 +183,10 @@ impl Registry {
         self.slots
             .entry(bucket.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(n)));
+        // As many largest replies as the bucket has request slots.
+        self.unread
+            .entry(bucket.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(n * charged_kib(REPLY_RESERVE))));
         self.conns.insert(
             self.next,
             Conn {
@@ -186,6 +205,7 @@ impl Registry {
             if *n == 0 {
                 self.per_bucket.remove(&c.bucket);
                 self.slots.remove(&c.bucket);
+                self.unread.remove(&c.bucket);
             }
         }
         Some(c)
@@ -193,6 +213,10 @@ impl Registry {
 
     fn slots(&self, bucket: &[u8]) -> Option<Arc<Semaphore>> {
         self.slots.get(bucket).cloned()
+    }
+
+    fn unread(&self, bucket: &[u8]) -> Option<Arc<Semaphore>> {
+        self.unread.get(bucket).cloned()
     }
 
     fn touch(&mut self, id: u64) {
@@ -275,29 +299,56 @@ pub async fn serve<H: Handler>(
     }
 }
 
-/// The in-flight byte budget, in KiB, for all frames being received or handled. With
-/// at most `max_requests_per_bucket` frames per source bucket in flight, one bucket holds
-/// at most that many frames' worth of it.
+/// The in-flight byte budget, in KiB, for all frames being received or handled and all
+/// replies not yet written. With at most `max_requests_per_bucket` requests per source
+/// bucket being handled, and as many largest replies' worth unread, one bucket holds at
+/// most that many frames' and replies' worth of it.
 struct Budget {
     total: Semaphore,
+    capacity: usize,
 }
 
-/// Bytes of each frame that are not charged to the budget: small requests (status, a
-/// get, a lookup step) never wait for it.
+/// Bytes of each frame and each reply that are not charged to the budget: small
+/// requests and answers (status, a get, a lookup step) never wait for it.
 const FREE_FRAME_BYTES: usize = 4096;
+
+/// KiB of budget a frame (or reply) of `bytes` is charged.
+fn charged_kib(bytes: usize) -> usize {
+    bytes.saturating_sub(FREE_FRAME_BYTES).div_ceil(1024)
+}
+
+/// What a request that may answer with blocks reserves before it is handled: a largest
+/// reply. It holds the reservation for as long as the handler runs (a store read), then
+/// keeps only its reply's size.
+const REPLY_RESERVE: usize = wire::MAX_FRAME_BYTES;
+
+/// Whether `req`'s answer may carry blocks (up to a frame), rather than a few bytes per
+/// item of the request.
+fn may_answer_blocks(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Get { .. } | Request::GetMany { .. } | Request::FindStep { want: Some(_), .. }
+    )
+}
 
 impl Budget {
     fn new(bytes: usize) -> Budget {
+        // Room for at least one largest reservation, or it could never be granted.
+        let capacity = bytes.max(2 * REPLY_RESERVE) >> 10;
         Budget {
-            total: Semaphore::new(bytes.max(1 << 20) >> 10),
+            total: Semaphore::new(capacity),
+            capacity,
         }
     }
 
-    /// Take `kib`, waiting a little if the budget is full; false if it stays full.
-    async fn take(&self, kib: usize) -> bool {
+    /// Take `kib`, waiting up to `wait` if the budget is full; false if it stays full.
+    async fn take(&self, kib: usize, wait: Duration) -> bool {
+        if kib > self.capacity {
+            return false;
+        }
         let got = match self.total.try_acquire_many(kib as u32) {
             Ok(p) => Some(p),
-            Err(_) => tokio::time::timeout(BUDGET_WAIT, self.total.acquire_many(kib as u32))
+            Err(_) => tokio::time::timeout(wait, self.total.acquire_many(kib as u32))
                 .await
                 .ok()
                 .and_then(Result::ok),
@@ -310,16 +361,58 @@ impl Budget {
     }
 }
 
-/// Budget taken by one frame, given back when dropped (on every path out).
+/// Budget taken by one request and then its reply, given back when dropped (on every
+/// path out, after the reply is written).
 struct Held<'a> {
     budget: &'a Budget,
     kib: AtomicUsize,
+}
+
+impl<'a> Held<'a> {
+    fn new(budget: &'a Budget) -> Held<'a> {
+        Held {
+            budget,
+            kib: AtomicUsize::new(0),
+        }
+    }
+
+    /// Take `kib` more, waiting up to `wait`; false (nothing taken) if there is no room.
+    async fn take(&self, kib: usize, wait: Duration) -> bool {
+        if kib == 0 {
+            return true;
+        }
+        let ok = self.budget.take(kib, wait).await;
+        if ok {
+            self.kib.fetch_add(kib, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Hold exactly `kib`: give back what is held beyond it, or take what is missing
+    /// (waiting up to `wait`; false, holding what it held, if there is no room).
+    async fn hold(&self, kib: usize, wait: Duration) -> bool {
+        let have = self.kib.load(Ordering::Relaxed);
+        if kib <= have {
+            self.budget.give(have - kib);
+            self.kib.store(kib, Ordering::Relaxed);
+            return true;
+        }
+        self.take(kib - have, wait).await
+    }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.budget.give(*self.kib.get_mut());
     }
+}
+
+/// The answer given instead of a reply there is no room for.
+fn busy() -> RemoteError {
+    RemoteError::new(
+        wire::ErrorKind::Busy,
+        "this node's in-flight memory is full; ask another replica or retry shortly",
+    )
 }
 
 struct ConnCtx<'a> {
@@ -353,41 +446,28 @@ impl ConnCtx<'_> {
                 Ok(Ok(Some(len))) => len,
             };
             self.registry.lock().unwrap().touch(self.id);
-            // One of the source bucket's request slots from here until the request is
-            // answered: a source gets no more of the node than its share of requests,
-            // however many connections it opens, and frames waiting for a slot stay in
-            // the kernel's buffers, not in ours.
+            // One of the source bucket's request slots from here until the reply is
+            // written: a source gets no more of the node than its share of requests and
+            // replies, however many connections it opens, and frames waiting for a slot
+            // stay in the kernel's buffers, not in ours.
             let slots = self.registry.lock().unwrap().slots(&self.bucket);
             let slot = match &slots {
                 Some(s) => s.acquire().await.ok(),
                 None => None,
             };
             // Memory is taken from the shared budget as the body arrives, in KiB, and
-            // given back once the request is answered.
-            let held = Held {
-                budget: self.budget,
-                kib: AtomicUsize::new(0),
-            };
+            // then for the reply, until the reply is written.
+            let held = Held::new(self.budget);
             let deadline = limits.frame_grace
                 + Duration::from_secs_f64(len as f64 / limits.min_body_rate.max(1) as f64);
             let mut capacity = 0usize;
-            let (budget, held_kib) = (self.budget, &held.kib);
+            let held_ref = &held;
             let read = read_body(&mut stream, len, |add| {
                 // Charged: the growth beyond the frame's free allowance, in KiB.
-                let before = capacity.saturating_sub(FREE_FRAME_BYTES).div_ceil(1024);
+                let before = charged_kib(capacity);
                 capacity += add;
-                let after = capacity.saturating_sub(FREE_FRAME_BYTES).div_ceil(1024);
-                let kib = after - before;
-                async move {
-                    if kib == 0 {
-                        return true;
-                    }
-                    let ok = budget.take(kib).await;
-                    if ok {
-                        held_kib.fetch_add(kib, Ordering::Relaxed);
-                    }
-                    ok
-                }
+                let kib = charged_kib(capacity) - before;
+                async move { held_ref.take(kib, BUDGET_WAIT).await }
             });
             let body = match tokio::time::timeout(deadline, read).await {
                 Ok(Ok(b)) => b,
@@ -400,45 +480,79 @@ impl ConnCtx<'_> {
                     return;
                 }
             };
-            let frame: RequestFrame = match wire::decode(&body) {
-                Ok(f) => f,
-                Err(e) => {
-                    handler.refused_input(peer, &e.to_string());
-                    return;
-                }
+            // The version and id come first in every frame, so a peer of another
+            // version gets a clear answer even when the rest of its frame does not
+            // decode here.
+            let frame = match postcard::take_from_bytes::<(u16, u64)>(&body) {
+                Ok(((protocol, id), _)) if protocol != PROTOCOL_VERSION => Err((protocol, id)),
+                _ => match wire::decode::<RequestFrame>(&body) {
+                    Ok(f) => Ok(f),
+                    Err(e) => {
+                        handler.refused_input(peer, &e.to_string());
+                        return;
+                    }
+                },
             };
             drop(body);
-            let resp = if frame.protocol != PROTOCOL_VERSION {
-                handler.refused_input(peer, "protocol version");
-                Err(RemoteError::new(
-                    wire::ErrorKind::BadRequest,
-                    format!(
-                        "protocol {} not supported; this node speaks {PROTOCOL_VERSION}: run the same cfs release on every node and client",
-                        frame.protocol
-                    ),
-                ))
-            } else {
-                handler.handle(peer, frame.from, frame.req).await
+            let id = match &frame {
+                Ok(f) => f.id,
+                Err((_, id)) => *id,
             };
-            drop(held);
-            drop(slot);
-            // A block is written after its header, not copied into a frame first.
-            let (out, block) = match resp {
-                Ok(Response::Block(Some(b))) => {
-                    (wire::block_response_prefix(frame.id, b.len()), Some(b))
+            // A request that may answer with blocks reserves a largest reply first, so
+            // its reply is never built outside the budget.
+            let reserved = frame.as_ref().map_or(true, |f| !may_answer_blocks(&f.req))
+                || held.hold(charged_kib(REPLY_RESERVE), BUDGET_WAIT).await;
+            let resp = match frame {
+                _ if !reserved => {
+                    handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
+                    Err(busy())
                 }
-                resp => (
-                    wire::encode_frame(&ResponseFrame { id: frame.id, resp }),
-                    None,
-                ),
+                Err((protocol, _)) => {
+                    handler.refused_input(peer, "protocol version");
+                    Err(RemoteError::new(
+                        wire::ErrorKind::BadRequest,
+                        format!(
+                            "protocol {protocol} not supported; this node speaks {PROTOCOL_VERSION}: run the same cfs release on every node and client"
+                        ),
+                    ))
+                }
+                Ok(f) => handler.handle(peer, f.from, f.req).await,
             };
-            let out = match out {
+            // A block is written after its header, not copied into a frame first.
+            let (out, mut block) = match resp {
+                Ok(Response::Block(Some(b))) => (wire::block_response_prefix(id, b.len()), Some(b)),
+                resp => (wire::encode_frame(&ResponseFrame { id, resp }), None),
+            };
+            let mut out = match out {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::warn!(error = %e, "response does not fit a frame");
                     return;
                 }
             };
+            // The reply keeps its size in the budget until it is written, and in its
+            // bucket's allowance of unread replies; its request slot is free once the
+            // reply exists, so a peer that reads slowly (or sits behind a partition)
+            // holds its own connection and its share of memory, not its network's turn.
+            let size = out.len() + block.as_ref().map_or(0, Vec::len);
+            drop(slot);
+            let unread = self.registry.lock().unwrap().unread(&self.bucket);
+            let kib = charged_kib(size) as u32;
+            let allowance = match &unread {
+                Some(u) if kib > 0 => u.clone().try_acquire_many_owned(kib).ok(),
+                _ => None,
+            };
+            let room = kib == 0 || allowance.is_some();
+            if !room || !held.hold(charged_kib(size), REPLY_WAIT).await {
+                handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
+                let resp = Err(busy());
+                let Ok(o) = wire::encode_frame(&ResponseFrame { id, resp }) else {
+                    return;
+                };
+                (out, block) = (o, None);
+                held.hold(0, REPLY_WAIT).await;
+            }
+            let size = out.len() + block.as_ref().map_or(0, Vec::len);
             let write = async {
                 stream.write_all(&out).await?;
                 match &block {
@@ -446,14 +560,19 @@ impl ConnCtx<'_> {
                     None => Ok(()),
                 }
             };
-            match tokio::time::timeout(limits.write_timeout, write).await {
+            // Taken at a minimum rate, or the connection closes and the reply is dropped.
+            let deadline = limits.reply_grace
+                + Duration::from_secs_f64(size as f64 / limits.min_body_rate.max(1) as f64);
+            match tokio::time::timeout(deadline, write).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {
-                    handler.slow_peer(peer, "reply not read within the write timeout");
+                    handler.slow_peer(peer, "reply not read at the minimum rate");
                     return;
                 }
             }
+            drop(held);
+            drop(allowance);
             self.registry.lock().unwrap().touch(self.id);
         }
     }
@@ -465,13 +584,34 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_budget_makes_frames_wait_then_gives_up() {
-        let b = Budget::new(1 << 20);
-        assert!(b.take(1024).await);
+        let b = Budget::new(4 << 20);
+        assert!(b.take(4096, BUDGET_WAIT).await);
         let t0 = Instant::now();
-        assert!(!b.take(1).await, "full: waits, then refuses");
+        assert!(!b.take(1, BUDGET_WAIT).await, "full: waits, then refuses");
         assert!(t0.elapsed() >= BUDGET_WAIT);
-        b.give(1024);
-        assert!(b.take(1024).await);
+        b.give(4096);
+        assert!(b.take(4096, BUDGET_WAIT).await);
+        assert!(
+            !b.take(4097, BUDGET_WAIT).await,
+            "more than it has: refused at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_reply_keeps_its_size_until_dropped() {
+        let b = Budget::new(4 << 20);
+        {
+            let h = Held::new(&b);
+            assert!(h.hold(charged_kib(REPLY_RESERVE), BUDGET_WAIT).await);
+            // The reply turned out to be 100 KiB: the rest goes back at once.
+            assert!(h.hold(charged_kib(100 << 10), REPLY_WAIT).await);
+            assert_eq!(b.total.available_permits(), 4096 - 96);
+            // A second reply cannot take more than what is left.
+            let h2 = Held::new(&b);
+            assert!(!h2.hold(4096, REPLY_WAIT).await);
+            assert!(h2.hold(4000, REPLY_WAIT).await);
+        }
+        assert_eq!(b.total.available_permits(), 4096);
     }
 
     #[tokio::test]

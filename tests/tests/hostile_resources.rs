@@ -1,6 +1,6 @@
 //! Hostile peers against a real ring of cfsd processes, about what peers take: connection
-//! and memory floods, rectify floods, quota evasion (transfers, tiny blocks, restarts) and
-//! path-cache flooding. Each test asserts what an honest user would check, and prints the
+//! and memory floods, unread replies, rectify floods, quota evasion (transfers, tiny
+//! blocks, short leases, pushed copies, restarts) and path-cache flooding. Each test asserts what an honest user would check, and prints the
 //! figures it measured (run with `--nocapture`).
 
 use cfs_core::block::BlockKind;
@@ -337,6 +337,7 @@ fn transfer_flag_does_not_bypass_the_quota() {
                         key,
                         bytes,
                         lease: u64::MAX,
+                        source: None,
                     }
                 })
                 .collect();
@@ -407,6 +408,7 @@ fn quota_charges_per_block_and_survives_restart() {
                         key,
                         bytes,
                         lease: u64::MAX,
+                        source: None,
                     }
                 })
                 .collect();
@@ -565,5 +567,389 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
     assert!(
         final_found,
         "the popular block was evicted from X's cache by the flood"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Unread replies
+// ---------------------------------------------------------------------------------------
+
+/// Has the node closed `p` (reset, or a FIN), by the socket's TCP state? Nothing is
+/// read: reading would take the node's replies at a rate of our own.
+fn closed_by_node(p: &RawPeer) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            p.stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // tcpi_state is the first byte; 1 is TCP_ESTABLISHED.
+    r != 0 || info[0] != 1
+}
+
+#[test]
+fn unread_replies_do_not_pin_memory() {
+    let _serial = one_at_a_time();
+    raise_nofile();
+    let cluster = Cluster::start(3, &node_flags(&[]));
+    cluster.wait_ring(Duration::from_secs(30));
+    let n = cluster.nodes[0].addr;
+    let pid = cluster.nodes[0].pid().unwrap();
+    let rt = rt();
+    let c = client(&rt, n);
+    let (key, bytes) = data_block(70, 0, 512 << 10);
+    let (_, on) = put_block(&rt, &c, bytes.clone());
+    assert_eq!(on, R);
+    // Warm the node's read path, so the baseline holds what serving one block costs.
+    let (t, out) = cfs_within(
+        &["block", "get", &key.to_hex(), "--node", &n.to_string()],
+        Duration::from_secs(25),
+    );
+    assert!(out.is_some_and(|o| o.stdout == bytes), "get before: {t:?}");
+    let rss0 = node_rss_bytes(pid);
+    let slow0 = counter(n, "slow_frames");
+
+    // The peak RSS, sampled while the attack runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(rss0 as usize));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(node_rss_bytes(pid) as usize, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // 300 connections from 4 addresses (4 source buckets on loopback), each asking for
+    // the 512 KiB block 16 times and never reading, with a small receive buffer. The
+    // node's kernel takes the first few MiB of replies per connection (loopback send
+    // buffers grow to 4 MiB); the rest back up in the node.
+    const CONNS: usize = 300;
+    const GETS: usize = 16;
+    let t0 = Instant::now();
+    let conns = rt.block_on(async {
+        let mut conns = Vec::new();
+        for i in 0..CONNS {
+            let ip = lo(2 + (i % 4) as u8);
+            let mut p = RawPeer::connect_with(Some(ip), n, Some(4096))
+                .await
+                .unwrap();
+            for _ in 0..GETS {
+                let get = Request::Get {
+                    kind: BlockKind::Data,
+                    key,
+                };
+                p.send(get).await.unwrap();
+            }
+            conns.push(p);
+        }
+        conns
+    });
+    // Honest clients (127.0.0.1, a bucket of its own) while the replies wait.
+    let (status_t, status_all, status_err) = cfs_times(
+        &["status", "--node", &n.to_string()],
+        3,
+        Duration::from_secs(10),
+    );
+    let (get_t, get_all, get_err) = cfs_times(
+        &["block", "get", &key.to_hex(), "--node", &n.to_string()],
+        3,
+        Duration::from_secs(25),
+    );
+    // The node must drop connections that do not read their replies: the first wave
+    // (each bucket's request slots) within the grace plus 512 KiB at the minimum rate.
+    let first_wave = 4 * 8;
+    let mut closed_by = (0, t0.elapsed());
+    let end = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < end {
+        let closed = conns.iter().filter(|p| closed_by_node(p)).count();
+        closed_by = (closed, t0.elapsed());
+        if closed >= first_wave {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed) as u64;
+    let rss1 = node_rss_bytes(pid);
+    let slow = counter(n, "slow_frames") - slow0;
+    eprintln!(
+        "HOSTILE unread_replies: {CONNS} connections x {GETS} Gets of 512 KiB, never read: node \
+         RSS before {} MiB, peak {} MiB, after {} MiB; cfs status worst {status_t:?} of \
+         {status_all:?} ({status_err}); cfs block get worst {get_t:?} of {get_all:?} \
+         ({get_err}); {} connections closed by the node after {:?}; slow_frames +{slow}",
+        rss0 >> 20,
+        peak >> 20,
+        rss1 >> 20,
+        closed_by.0,
+        closed_by.1,
+    );
+    drop(conns);
+    let slack = if cfg!(debug_assertions) { 5 } else { 1 };
+    assert!(
+        peak < rss0 + (100 << 20),
+        "node RSS grew from {} to {} MiB",
+        rss0 >> 20,
+        peak >> 20
+    );
+    assert!(
+        status_t.is_some_and(|t| t <= Duration::from_secs(slack)),
+        "cfs status not served within {slack} s every time: {status_all:?} {status_err}"
+    );
+    assert!(
+        get_t.is_some_and(|t| t <= Duration::from_secs(2 * slack)),
+        "cfs block get not served within {} s every time: {get_all:?} {get_err}",
+        2 * slack
+    );
+    assert!(
+        closed_by.0 >= first_wave,
+        "only {} connections closed by the node",
+        closed_by.0
+    );
+    assert!(slow >= first_wave as u64, "slow_frames rose by {slow}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Short leases and pushed copies
+// ---------------------------------------------------------------------------------------
+
+/// What a node lets one source hold at once, in multiples of its quota.
+const HOLD_FACTOR: u64 = 2;
+/// The per-block charge beyond a block's bytes.
+const BLOCK_OVERHEAD: u64 = 512;
+
+/// Put `blocks` to `p` as one PutMany: (accepted, the first refusal).
+async fn put_many_from(
+    p: &mut RawPeer,
+    blocks: Vec<WireBlock>,
+    transfer: bool,
+) -> (usize, Option<RemoteError>) {
+    match p.call(Request::PutMany { blocks, transfer }).await.unwrap() {
+        Ok(Response::StoredMany(v)) => (
+            v.iter().filter(|x| x.is_ok()).count(),
+            v.into_iter().find_map(Result::err),
+        ),
+        Ok(other) => panic!("unexpected {other:?}"),
+        Err(e) => (0, Some(e)),
+    }
+}
+
+fn wire_block(tag: u64, i: u64, len: usize, lease: u64) -> WireBlock {
+    let (key, bytes) = data_block(tag, i, len);
+    WireBlock {
+        kind: BlockKind::Data,
+        key,
+        bytes,
+        lease,
+        source: None,
+    }
+}
+
+#[test]
+fn short_leases_cannot_flood_past_what_a_source_may_hold() {
+    let _serial = one_at_a_time();
+    let cluster = Cluster::start(1, &node_flags(&["--quota-mb", "1"]));
+    let a = cluster.nodes[0].addr;
+    eventually(Duration::from_secs(20), "the node to answer", || {
+        status_of(a)
+    });
+    let rt = rt();
+    // 81,920 blocks of 16 bytes at the shortest lease (1 s asked, an hour granted): by
+    // space-time alone a 1 MiB quota for 90 days pays for 2,160 MiB for an hour.
+    let t0 = Instant::now();
+    let (accepted, refusal) = rt.block_on(async {
+        let mut p = RawPeer::connect_from(lo(8), a).await.unwrap();
+        let mut accepted = 0;
+        for batch in 0..80u64 {
+            let blocks = (0..1024)
+                .map(|j| wire_block(80, batch * 1024 + j, 16, 1))
+                .collect();
+            let (ok, refused) = put_many_from(&mut p, blocks, false).await;
+            accepted += ok;
+            if refused.is_some() {
+                return (accepted, refused);
+            }
+        }
+        (accepted, None)
+    });
+    let flood_t = t0.elapsed();
+    let bound = (HOLD_FACTOR << 20) / (16 + BLOCK_OVERHEAD);
+    // An honest client at another address (127.0.0.1) is still served.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("honest");
+    std::fs::write(&file, b"an honest block after the flood").unwrap();
+    let (put_t, out) = cfs_within(
+        &[
+            "block",
+            "put",
+            file.to_str().unwrap(),
+            "--node",
+            &a.to_string(),
+        ],
+        Duration::from_secs(20),
+    );
+    let honest = out.filter(|o| o.status.success());
+    eprintln!(
+        "HOSTILE short_lease_flood: 16-byte blocks at a 1 h lease, 1 MiB quota: accepted \
+         {accepted} of 81920 in {flood_t:?} (bound {bound}: {HOLD_FACTOR} x quota held at \
+         once), refusal: {refusal:?}; honest cfs block put from 127.0.0.1 {} in {put_t:?}; \
+         refused_quota {}",
+        if honest.is_some() { "ok" } else { "FAILED" },
+        counter(a, "refused_quota"),
+    );
+    assert!(accepted > 0, "nothing accepted");
+    assert!(
+        accepted as u64 <= bound,
+        "{accepted} blocks accepted past the bound {bound}"
+    );
+    assert!(
+        matches!(&refusal, Some(e) if e.kind == ErrorKind::Quota),
+        "the flood was not refused for quota: {refusal:?}"
+    );
+    assert!(
+        honest.is_some(),
+        "an honest put was refused after the flood"
+    );
+}
+
+#[test]
+fn pushed_copies_are_charged_to_their_source() {
+    let _serial = one_at_a_time();
+    // Three nodes and r = 3: every node replicates every key.
+    let cluster = Cluster::start(3, &node_flags(&["--quota-mb", "1"]));
+    cluster.wait_ring(Duration::from_secs(30));
+    let (a, b, c) = (
+        cluster.nodes[0].addr,
+        cluster.nodes[1].addr,
+        cluster.nodes[2].addr,
+    );
+    let rt = rt();
+    const N: u64 = 16;
+    const LEN: usize = 48 << 10;
+    let cost = LEN as u64 + BLOCK_OVERHEAD;
+    let pushed0 = [b, c].map(|x| counter(x, "transfers_charged_to_source"));
+    // The attacker stores its blocks on one node only; maintenance copies them to the
+    // other two replicas.
+    let blocks: Vec<WireBlock> = (0..N).map(|i| wire_block(90, i, LEN, 3600)).collect();
+    let keys: Vec<_> = blocks.iter().map(|w| w.key).collect();
+    let (ok, refused) = rt.block_on(async {
+        let mut p = RawPeer::connect_from(lo(9), a).await.unwrap();
+        put_many_from(&mut p, blocks, false).await
+    });
+    assert_eq!((ok, &refused), (N as usize, &None));
+    let t0 = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "maintenance to copy the blocks to the other replicas",
+        || {
+            [b, c]
+                .iter()
+                .all(|x| keys.iter().all(|k| held(*x, BlockKind::Data, *k)))
+                .then_some(())
+        },
+    );
+    let copied_t = t0.elapsed();
+    let pushed = [b, c].map(|x| counter(x, "transfers_charged_to_source"));
+    // What the attacker may still store on B directly: its bound less the copies.
+    let (direct, direct_refusal, forged) = rt.block_on(async {
+        let mut p = RawPeer::connect_from(lo(9), b).await.unwrap();
+        let mut direct = 0;
+        let mut refusal = None;
+        for i in 0..64 {
+            let (ok, r) = put_many_from(&mut p, vec![wire_block(91, i, LEN, 3600)], false).await;
+            direct += ok;
+            if r.is_some() {
+                refusal = r;
+                break;
+            }
+        }
+        // A transfer from a non-member naming another source is charged to its sender.
+        let mut forged = wire_block(92, 0, LEN, 3600);
+        forged.source = Some(lo(50));
+        let (_, forged) = put_many_from(&mut p, vec![forged], true).await;
+        (direct, refusal, forged)
+    });
+    let pushed_after = [b, c].map(|x| counter(x, "transfers_charged_to_source"));
+    // An honest client at 127.0.0.1, the address of every ring member here (the
+    // pushers), stores 1.75 MiB on all three: it would not fit if the copies had been
+    // charged to the pushers' address.
+    let honest = client(&rt, a);
+    let honest_on: Vec<usize> = (0..7)
+        .map(|i| {
+            let (key, bytes) = data_block(93, i, 250 << 10);
+            let v = cfs_core::block::verify(BlockKind::Data, key, bytes, true).unwrap();
+            rt.block_on(honest.put(&v)).map_or(0, |r| r.stored_on)
+        })
+        .collect();
+    let bound = (HOLD_FACTOR << 20) / cost;
+    eprintln!(
+        "HOSTILE pushed_copies: {N} x 48 KiB put on one node reached the other two in \
+         {copied_t:?}; charged to their source there: +{} / +{}; the attacker then stored \
+         {direct} more directly on B (bound {bound} less the {N} copies), refusal \
+         {direct_refusal:?}; a forged source claim from a non-member: {forged:?}; honest \
+         1.75 MiB from 127.0.0.1 stored on {honest_on:?} replicas",
+        pushed[0] - pushed0[0],
+        pushed[1] - pushed0[1],
+    );
+    for i in 0..2 {
+        assert!(
+            pushed[i] - pushed0[i] >= N,
+            "copies not charged to their source: {pushed0:?} -> {pushed:?}"
+        );
+    }
+    assert!(
+        direct as u64 <= bound - N,
+        "the attacker stored {direct} more on B: its copies were not charged to it"
+    );
+    assert!(
+        matches!(&direct_refusal, Some(e) if e.kind == ErrorKind::Quota),
+        "{direct_refusal:?}"
+    );
+    assert!(
+        matches!(&forged, Some(e) if e.kind == ErrorKind::Quota),
+        "a forged claim was not charged to its sender: {forged:?}"
+    );
+    assert_eq!(pushed_after, pushed, "a forged claim was taken");
+    assert!(
+        honest_on.iter().all(|n| *n == R),
+        "honest puts stored on {honest_on:?} replicas"
+    );
+}
+
+#[test]
+fn a_peer_of_an_older_protocol_gets_a_clear_error() {
+    let _serial = one_at_a_time();
+    let cluster = Cluster::start(1, &node_flags(&[]));
+    let a = cluster.nodes[0].addr;
+    eventually(Duration::from_secs(20), "the node to answer", || {
+        status_of(a)
+    });
+    // Protocol 4's frame: version and id first (postcard varints), then a request this
+    // version does not decode (4's batches carried no source).
+    let mut body = vec![4u8, 7];
+    body.extend([5u8, 1, 0, 0x14]);
+    body.extend([0x5a; 20]);
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend(body);
+    let answer = rt().block_on(async {
+        let mut p = RawPeer::connect(a).await.unwrap();
+        p.send_raw(&frame).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), p.recv()).await
+    });
+    eprintln!("HOSTILE old_protocol: answer {answer:?}");
+    let f = answer.expect("an answer in time").expect("an answer frame");
+    assert_eq!(f.id, 7);
+    assert!(
+        matches!(&f.resp, Err(e) if e.kind == ErrorKind::BadRequest && e.msg.contains("protocol 4")),
+        "{:?}",
+        f.resp
     );
 }

@@ -261,6 +261,7 @@ fn block(seed: u64, n: usize, lease: u64) -> WireBlock {
         key: Id::hash(&b),
         bytes: b,
         lease,
+        source: None,
     }
 }
 
