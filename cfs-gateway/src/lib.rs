@@ -50,6 +50,8 @@ pub struct GatewayOpts {
     pub reader: ReaderOpts,
     /// Connections at once per client prefix (/24, /48; one address on loopback).
     pub max_conns_per_prefix: usize,
+    /// Connections at once in all.
+    pub max_conns: usize,
     /// Requests per second per client prefix, sustained; twice as many in a burst, and
     /// a client above it is slowed down before it is refused (see `limits.rs`).
     pub rate_per_prefix: f64,
@@ -81,10 +83,7 @@ pub async fn serve_ring(
     client.net.timeouts.op = opts.reader.deadline;
     let status = RingStatus::new(client.clone(), node);
     let ring = Arc::new(NetRing::new(client, state_dir));
-    tokio::select! {
-        r = serve(ring, listener, opts, Some(status)) => r,
-        _ = shutdown => Ok(()),
-    }
+    serve(ring, listener, opts, Some(status), shutdown).await
 }
 
 impl Default for GatewayOpts {
@@ -97,6 +96,7 @@ impl Default for GatewayOpts {
                 ..ReaderOpts::default()
             },
             max_conns_per_prefix: 64,
+            max_conns: 1024,
             rate_per_prefix: 500.0,
             request_timeout: Duration::from_secs(30),
         }
@@ -118,13 +118,14 @@ struct Gateway<R> {
     status: Option<RingStatus>,
 }
 
-/// Serve on `listener` until the future completes with an error (or forever); `status`
-/// answers the ring's status page.
+/// Serve on `listener` until `shutdown` completes (then drain for at most `DRAIN`) or
+/// the listener fails; `status` answers the ring's status page.
 pub async fn serve<R: BlockService>(
     ring: Arc<R>,
     listener: TcpListener,
     opts: GatewayOpts,
     status: Option<RingStatus>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let gw = Arc::new(Gateway {
         status,
@@ -137,13 +138,31 @@ pub async fn serve<R: BlockService>(
         opts: opts.clone(),
     });
     let app = axum::Router::new().fallback(handle::<R>).with_state(gw);
-    let listener = Limited::new(listener, opts.max_conns_per_prefix);
-    axum::serve(
+    let listener = Limited::new(listener, opts.max_conns_per_prefix, opts.max_conns);
+    // Once `shutdown` completes: no new connections, and those open get `DRAIN` to end
+    // (a long download is then cut).
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let graceful = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<ClientAddr>(),
     )
-    .await
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    });
+    tokio::select! {
+        r = graceful => r,
+        _ = async {
+            match stopped.await {
+                Ok(()) => tokio::time::sleep(DRAIN).await,
+                Err(_) => std::future::pending().await,
+            }
+        } => Ok(()),
+    }
 }
+
+/// How long open connections may go on once the gateway is told to stop.
+pub const DRAIN: Duration = Duration::from_secs(5);
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     Response::builder()
@@ -391,7 +410,7 @@ async fn handle<R: BlockService>(
             );
             r.headers_mut().insert(
                 header::RETRY_AFTER,
-                header::HeaderValue::from(retry_after.as_secs().max(1)),
+                header::HeaderValue::from((retry_after.as_secs_f64().ceil() as u64).max(1)),
             );
             return r;
         }

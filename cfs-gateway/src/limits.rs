@@ -104,18 +104,25 @@ impl Connected<IncomingStream<'_, Limited>> for ClientAddr {
 
 type Open = Arc<Mutex<HashMap<Vec<u8>, usize>>>;
 
-/// A listener that admits at most `max` connections per source prefix at once.
+/// A listener that admits at most `max` connections per source prefix and `total` in
+/// all at once (the gateway shares its process's file descriptors, with a node in
+/// `cfsd --gateway`).
 pub(crate) struct Limited {
     inner: TcpListener,
     max: usize,
+    total: usize,
     open: Open,
 }
 
+/// The key under which `Open` counts every connection (no prefix is empty).
+const ALL: &[u8] = &[];
+
 impl Limited {
-    pub(crate) fn new(inner: TcpListener, max: usize) -> Limited {
+    pub(crate) fn new(inner: TcpListener, max: usize, total: usize) -> Limited {
         Limited {
             inner,
             max: max.max(1),
+            total: total.max(1),
             open: Arc::default(),
         }
     }
@@ -131,10 +138,12 @@ pub(crate) struct Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         let mut o = self.open.lock().unwrap();
-        if let Some(n) = o.get_mut(&self.prefix) {
-            *n -= 1;
-            if *n == 0 {
-                o.remove(&self.prefix);
+        for key in [&self.prefix[..], ALL] {
+            if let Some(n) = o.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    o.remove(key);
+                }
             }
         }
     }
@@ -184,12 +193,14 @@ impl Listener for Limited {
             let prefix = source_bucket(addr.ip());
             {
                 let mut o = self.open.lock().unwrap();
-                let n = o.entry(prefix.clone()).or_insert(0);
-                if *n >= self.max {
-                    tracing::debug!(client = %addr.ip(), "gateway: too many connections from one prefix");
+                let all = o.get(ALL).copied().unwrap_or(0);
+                let mine = o.get(&prefix).copied().unwrap_or(0);
+                if mine >= self.max || all >= self.total {
+                    tracing::debug!(client = %addr.ip(), "gateway: too many connections");
                     continue;
                 }
-                *n += 1;
+                *o.entry(prefix.clone()).or_insert(0) += 1;
+                *o.entry(ALL.to_vec()).or_insert(0) += 1;
             }
             let _ = io.set_nodelay(true);
             let open = self.open.clone();

@@ -567,16 +567,20 @@ impl Testnet {
             .stdout(Stdio::null())
             .stderr(log_file);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().map_err(|source| TestnetError::Spawn {
+        let mut child = cmd.spawn().map_err(|source| TestnetError::Spawn {
             cmd: format!("{} testnet emulate", w.emulator.display()),
             source,
         })?;
         self.wan_pid = Some(child.id());
+        for h in &mut self.hosts {
+            h.rate = rate.map(str::to_string);
+        }
         self.save()?;
         let ready = self.dir.join(wan::READY);
         let end = Instant::now() + Duration::from_secs(10);
         while !ready.exists() {
-            if Instant::now() > end {
+            let exited = matches!(child.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() > end {
                 return Err(TestnetError::Command {
                     cmd: "cfs testnet emulate".into(),
                     stderr: format!("the link emulator did not start; see {}", log.display()),
@@ -724,7 +728,12 @@ pub fn down(name: &str, dir: &Path) -> Result<()> {
         for d in net.hosts.iter().filter_map(|h| h.disk.as_ref()) {
             let _ = run(Command::new("umount").arg("-l").arg(d));
         }
-        if let Some(p) = net.wan_pid {
+        // The emulator, if that pid is still it (not a process that reused the number).
+        let emulator = |p: u32| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.windows(7).any(|w| w == b"emulate"))
+        };
+        if let Some(p) = net.wan_pid.filter(|p| emulator(*p)) {
             // SAFETY: as above; the emulator's devices go with it.
             unsafe {
                 libc::kill(p as i32, libc::SIGKILL);

@@ -242,8 +242,9 @@ const VNET_HDR: usize = 10;
 /// The largest item: a 64 KiB super-segment and its header.
 const MAX_ITEM: usize = 65_536 + VNET_HDR;
 
-/// Open a TUN device named `DEVICE` with offloads in the calling thread's namespace.
-fn open_tun() -> std::io::Result<File> {
+/// Open a TUN device named `DEVICE` in the calling thread's namespace, with checksum
+/// offload and, if `tso`, TCP super-segments.
+fn open_tun(tso: bool) -> std::io::Result<File> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -257,7 +258,11 @@ fn open_tun() -> std::io::Result<File> {
     if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF as _, req.as_mut_ptr()) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let offload = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+    let offload = if tso {
+        TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    } else {
+        TUN_F_CSUM
+    };
     // SAFETY: TUNSETOFFLOAD takes its argument by value.
     if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETOFFLOAD as _, offload as libc::c_ulong) } < 0 {
         return Err(std::io::Error::last_os_error());
@@ -267,14 +272,14 @@ fn open_tun() -> std::io::Result<File> {
 
 /// Open the TUN device inside the namespace at `netns`, on a thread of its own (the
 /// device stays in that namespace; its file works from any thread).
-fn open_tun_in(netns: &Path) -> std::io::Result<File> {
+fn open_tun_in(netns: &Path, tso: bool) -> std::io::Result<File> {
     let ns = File::open(netns)?;
     std::thread::spawn(move || {
         // SAFETY: setns on a thread of our own moves only this thread.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        open_tun()
+        open_tun(tso)
     })
     .join()
     .map_err(|_| std::io::Error::other("opening a TUN device panicked"))?
@@ -349,9 +354,18 @@ impl Links {
     /// Bits a packet occupies on the wire: each 1,500-byte segment of a super-segment
     /// with its own headers.
     fn wire_bits(packet: &[u8]) -> (u64, u64) {
-        let hdr_len = u16::from_le_bytes([packet[2], packet[3]]) as u64;
         let gso_size = u16::from_le_bytes([packet[4], packet[5]]) as u64;
-        let ip_len = (packet.len() - VNET_HDR) as u64;
+        let ip = &packet[VNET_HDR..];
+        let ip_len = ip.len() as u64;
+        // The headers each segment repeats: IPv4's (IHL) and TCP's (data offset). The
+        // vnet header's hdr_len is only a hint from the kernel.
+        let ihl = (ip[0] & 0x0f) as u64 * 4;
+        let tcp = ip.get(9) == Some(&6) && ip.len() as u64 > ihl + 12;
+        let hdr_len = if tcp {
+            ihl + (ip[ihl as usize + 12] >> 4) as u64 * 4
+        } else {
+            ihl
+        };
         let segs = if packet[1] != 0 && gso_size > 0 && ip_len > hdr_len {
             (ip_len - hdr_len).div_ceil(gso_size).max(1)
         } else {
@@ -445,10 +459,13 @@ pub fn run(dir: &Path) -> Result<(), TestnetError> {
         let path = path.to_path_buf();
         move |source| TestnetError::Io { what, path, source }
     };
+    // With loss, packets stay 1,500 bytes, so that each is lost alone (a lost
+    // super-segment would be a burst of up to 44 segments).
+    let tso = cfg.loss == 0.0;
     let mut tuns = Vec::new();
     for h in &cfg.hosts {
         tuns.push(Arc::new(
-            open_tun_in(&h.netns).map_err(io("opening a TUN device in", &h.netns))?,
+            open_tun_in(&h.netns, tso).map_err(io("opening a TUN device in", &h.netns))?,
         ));
     }
     let shared = Arc::new((Mutex::new(Links::new(cfg, Instant::now())), Condvar::new()));
@@ -463,12 +480,23 @@ pub fn run(dir: &Path) -> Result<(), TestnetError> {
                     let n = match (&*tun).read(&mut buf) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => {
-                            // The host's namespace is gone: the testnet is down.
+                        Err(e)
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EBADFD | libc::ENODEV | libc::EIO | libc::ENXIO)
+                            ) =>
+                        {
+                            // The device is gone with its host's namespace: the testnet
+                            // is down, and the emulator ends with its last link.
                             if open.fetch_sub(1, Ordering::SeqCst) == 1 {
                                 std::process::exit(0);
                             }
                             return;
+                        }
+                        Err(e) => {
+                            eprintln!("wan: reading host {}'s link: {e}", i + 1);
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
                         }
                     };
                     let (links, wake) = &*shared;

@@ -138,16 +138,13 @@ fn file_args(
                     out.push(flag);
                 }
             }
+            // One argument `--flag=value`, so a value that starts with `-` stays a value.
             toml::Value::Array(items) => {
                 for item in items {
-                    out.push(flag.clone());
-                    out.push(scalar(item).ok_or_else(bad)?);
+                    out.push(format!("{flag}={}", scalar(item).ok_or_else(bad)?));
                 }
             }
-            v => {
-                out.push(flag);
-                out.push(scalar(v).ok_or_else(bad)?);
-            }
+            v => out.push(format!("{flag}={}", scalar(v).ok_or_else(bad)?)),
         }
     }
     Ok(out)
@@ -196,12 +193,12 @@ mod tests {
         .unwrap();
         // The file's arguments come first, so the command line's later ones win.
         let joined = out.join(" ");
-        assert!(joined.contains("--listen 127.0.0.1:4000"), "{joined}");
-        assert!(joined.contains("--max-lease 30d"), "{joined}");
-        assert!(joined.contains("--keep a:1 --keep b:2"), "{joined}");
+        assert!(joined.contains("--listen=127.0.0.1:4000"), "{joined}");
+        assert!(joined.contains("--max-lease=30d"), "{joined}");
+        assert!(joined.contains("--keep=a:1 --keep=b:2"), "{joined}");
         assert!(joined.contains("--verbose"), "{joined}");
         assert!(
-            !joined.contains("--replicas 5"),
+            !joined.contains("--replicas=5"),
             "the command line's replicas replace the file's: {joined}"
         );
         assert!(joined.ends_with("--replicas 3 --data=/d"), "{joined}");

@@ -5,7 +5,7 @@ use cfs_net::transport::TcpTransport;
 use cfsd::node::{Config, Node};
 use cfsd::store::RedbStore;
 use clap::Parser;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,6 +162,8 @@ async fn run(args: Args) -> Result<()> {
     if args.successors < 2 * args.replicas {
         bail!("--successors must be at least twice --replicas");
     }
+    // From here a SIGTERM is a clean stop: also while the store opens and the node joins.
+    let mut stop = Box::pin(cfsd::daemon::wait_for_signal());
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating data directory {}", args.data.display()))?;
     // A node restarted right after a kill may find the old process still exiting, its
@@ -228,8 +230,27 @@ async fn run(args: Args) -> Result<()> {
     let tmp = args.data.join("addr.tmp");
     std::fs::write(&tmp, format!("{addr}\n"))?;
     std::fs::rename(&tmp, args.data.join("addr"))?;
-    // From here a SIGTERM is a clean stop, even one that comes while the node joins.
-    let mut stop = Box::pin(cfsd::daemon::wait_for_signal());
+    // Everything that can fail is done before the node joins the ring.
+    let metrics = match &args.metrics {
+        Some(m) => {
+            let m = resolve(m)?;
+            let l = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("binding the metrics address {m}"))?;
+            Some(l)
+        }
+        None => None,
+    };
+    let gateway = match &args.gateway {
+        Some(g) => {
+            let at = resolve(g)?;
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("binding the gateway's address {at}"))?;
+            Some(l)
+        }
+        None => None,
+    };
     let start = cfsd::daemon::start_node(
         cfg,
         listener,
@@ -250,15 +271,25 @@ async fn run(args: Args) -> Result<()> {
     if repaired {
         cfsd::metrics::Metrics::inc(&node.metrics().store_repaired);
     }
-    if let Some(m) = &args.metrics {
-        let m = resolve(m)?;
-        let l = tokio::net::TcpListener::bind(m)
-            .await
-            .with_context(|| format!("binding metrics address {m}"))?;
+    if let Some(l) = metrics {
         tokio::spawn(serve_metrics(l, node.clone()));
     }
-    let gateway = match &args.gateway {
-        Some(g) => Some(start_gateway(g, addr, &args.data).await?),
+    // The gateway enters the ring at this node, over loopback when it listens on all
+    // addresses (the advertised one may be a port forward that does not loop back).
+    let entry = match bound {
+        b if b.ip().is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), b.port()),
+        b => b,
+    };
+    let (gateway_stop, gateway_stopped) = tokio::sync::watch::channel(false);
+    let gateway = match gateway {
+        Some(l) => match start_gateway(l, entry, &args.data, gateway_stopped).await {
+            Ok(g) => Some(g),
+            Err(e) => {
+                drop(node);
+                running.stop().await;
+                return Err(e);
+            }
+        },
         None => None,
     };
     if !args.keep.is_empty() {
@@ -280,25 +311,31 @@ async fn run(args: Args) -> Result<()> {
     stop.await;
     cfsd::daemon::notify_systemd("STOPPING=1");
     tracing::info!("stopping: answering the requests in flight, then closing the store");
+    // A second signal does not wait for the clean stop.
+    tokio::spawn(async {
+        cfsd::daemon::wait_for_signal().await;
+        tracing::warn!("second signal: exiting without a clean stop");
+        std::process::exit(1);
+    });
+    let _ = gateway_stop.send(true);
     if let Some(g) = gateway {
-        g.abort();
+        // The gateway drains its own connections for at most its DRAIN.
+        let _ = tokio::time::timeout(cfs_gateway::DRAIN * 2, g).await;
     }
     drop(node);
     running.stop().await;
     Ok(())
 }
 
-/// The HTTP gateway in this process, over a client of this node (its newest roots kept
-/// in DIR/gateway-roots); its URL goes to DIR/gateway once it listens. Stops with the node.
+/// The HTTP gateway in this process on `l`, over a client entering the ring at `node`
+/// (its newest roots kept in DIR/gateway-roots); its URL goes to DIR/gateway. It stops,
+/// draining its connections, when `stop` turns true.
 async fn start_gateway(
-    listen: &str,
+    l: tokio::net::TcpListener,
     node: SocketAddr,
     data: &std::path::Path,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let at = resolve(listen)?;
-    let l = tokio::net::TcpListener::bind(at)
-        .await
-        .with_context(|| format!("binding the gateway's address {at}"))?;
     let url = format!("http://{}/", l.local_addr()?);
     let mut client = cfs_net::client::Client::tcp(node);
     client
@@ -311,9 +348,11 @@ async fn start_gateway(
     std::fs::rename(&tmp, &file)?;
     let state = Some(data.join("gateway-roots"));
     let opts = cfs_gateway::GatewayOpts::default().with_deadline(Duration::from_secs(30));
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
     Ok(tokio::spawn(async move {
-        let stop = cfsd::daemon::wait_for_signal();
-        if let Err(e) = cfs_gateway::serve_ring(client, node, state, l, opts, stop).await {
+        if let Err(e) = cfs_gateway::serve_ring(client, node, state, l, opts, stopped).await {
             tracing::error!(error = %e, "the gateway stopped");
         }
     }))

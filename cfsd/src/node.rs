@@ -296,10 +296,11 @@ impl<T: Transport> Node<T> {
                 continue;
             }
             // Who pays: the named source of a neighbour's transfer, else the sender.
-            let payer = match b.source {
-                Some(s) if transfer && self.ring_pusher(peer.ip(), b.key) => s,
-                _ => peer.ip(),
+            let named = match b.source {
+                Some(s) if transfer && self.ring_pusher(peer.ip(), b.key) => Some(s),
+                _ => None,
             };
+            let payer = named.unwrap_or(peer.ip());
             // A transfer is free only for a block new to this node: extending a held
             // block's lease is paid for by whoever asks, neighbour or not.
             let free =
@@ -310,6 +311,10 @@ impl<T: Transport> Node<T> {
             } else {
                 match self.charge(&bucket, b.bytes.len() as u64, now, until) {
                     Ok(c) => c,
+                    // A replica copy that a neighbour's maintenance pushes is never
+                    // refused for its source's quota (the block would stay below r):
+                    // past the source's room it is taken free, as ring transfers were.
+                    Err(_) if named.is_some() => Charge::FREE,
                     Err(e) => {
                         answers[i] = Some(Err(e));
                         continue;

@@ -6,10 +6,11 @@
 //!   that one is at its share) is closed. Idle floods are churned out instead of locking
 //!   honest clients out, and the total stays under the process's file-descriptor limit.
 //! - requests: a source bucket has a few request slots (8); a frame is read only once it
-//!   holds one, and the slot is held until the reply exists; the replies it has not yet
-//!   read have an allowance of their own (as many largest replies as slots). So one
-//!   source's frames and replies in flight are bounded whatever its connections, and a
-//!   reply its peer reads slowly never holds up the source's other requests.
+//!   holds one, and the slot is held until the reply exists; its replies, from the
+//!   reservation of a block-sized one to the last byte written, count against its
+//!   allowance (as many largest replies as slots). So one source's frames and replies in
+//!   flight are bounded whatever its connections, and a reply its peer reads slowly
+//!   never holds up the source's other requests.
 //! - memory: a frame's buffer grows only once its bytes arrive, under one budget for all
 //!   frames and replies in flight; the first 4 KiB of each are free, so small requests
 //!   never wait for it. A request that may answer with blocks reserves a largest reply
@@ -29,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Limits of the server; every one is a `cfsd` flag.
@@ -301,7 +302,7 @@ pub async fn serve<H: Handler>(
 
 /// The in-flight byte budget, in KiB, for all frames being received or handled and all
 /// replies not yet written. With at most `max_requests_per_bucket` requests per source
-/// bucket being handled, and as many largest replies' worth unread, one bucket holds at
+/// bucket being handled and one allowance for its replies (reserved or unread), one bucket holds at
 /// most that many frames' and replies' worth of it.
 struct Budget {
     total: Semaphore,
@@ -500,8 +501,19 @@ impl ConnCtx<'_> {
             };
             // A request that may answer with blocks reserves a largest reply first, so
             // its reply is never built outside the budget.
-            let reserved = frame.as_ref().map_or(true, |f| !may_answer_blocks(&f.req))
-                || held.hold(charged_kib(REPLY_RESERVE), BUDGET_WAIT).await;
+            // Both come out of the source bucket's allowance for replies (the same one its
+            // unread replies use) and out of the node's budget.
+            let unread = self.registry.lock().unwrap().unread(&self.bucket);
+            let mut allowance: Option<OwnedSemaphorePermit> = None;
+            let reserved = if frame.as_ref().is_ok_and(|f| may_answer_blocks(&f.req)) {
+                let kib = charged_kib(REPLY_RESERVE) as u32;
+                allowance = unread
+                    .clone()
+                    .and_then(|u| u.try_acquire_many_owned(kib).ok());
+                allowance.is_some() && held.hold(kib as usize, BUDGET_WAIT).await
+            } else {
+                true
+            };
             let resp = match frame {
                 _ if !reserved => {
                     handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
@@ -531,25 +543,34 @@ impl ConnCtx<'_> {
                 }
             };
             // The reply keeps its size in the budget until it is written, and in its
-            // bucket's allowance of unread replies; its request slot is free once the
-            // reply exists, so a peer that reads slowly (or sits behind a partition)
-            // holds its own connection and its share of memory, not its network's turn.
-            let size = out.len() + block.as_ref().map_or(0, Vec::len);
+            // bucket's allowance; its request slot is free once the reply exists, so a
+            // peer that reads slowly (or sits behind a partition) holds its own
+            // connection and its network's share of memory, not its network's turn.
             drop(slot);
-            let unread = self.registry.lock().unwrap().unread(&self.bucket);
-            let kib = charged_kib(size) as u32;
-            let allowance = match &unread {
-                Some(u) if kib > 0 => u.clone().try_acquire_many_owned(kib).ok(),
-                _ => None,
-            };
-            let room = kib == 0 || allowance.is_some();
-            if !room || !held.hold(charged_kib(size), REPLY_WAIT).await {
+            let kib = charged_kib(out.len() + block.as_ref().map_or(0, Vec::len));
+            let have = allowance.as_ref().map_or(0, |a| a.num_permits());
+            if kib < have {
+                // Give back what the reservation held beyond the reply.
+                drop(allowance.as_mut().and_then(|a| a.split(have - kib)));
+            } else if kib > have {
+                let more = unread
+                    .clone()
+                    .and_then(|u| u.try_acquire_many_owned((kib - have) as u32).ok());
+                match (allowance.as_mut(), more) {
+                    (Some(a), Some(m)) => a.merge(m),
+                    (None, m) => allowance = m,
+                    (Some(_), None) => allowance = None,
+                }
+            }
+            let room = kib == 0 || allowance.as_ref().is_some_and(|a| a.num_permits() == kib);
+            if !room || !held.hold(kib, REPLY_WAIT).await {
                 handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
                 let resp = Err(busy());
                 let Ok(o) = wire::encode_frame(&ResponseFrame { id, resp }) else {
                     return;
                 };
                 (out, block) = (o, None);
+                allowance = None;
                 held.hold(0, REPLY_WAIT).await;
             }
             let size = out.len() + block.as_ref().map_or(0, Vec::len);

@@ -70,7 +70,7 @@ fn sigterm_during_a_read_and_a_publish_loses_nothing_and_the_store_reopens_clean
     // The store opens again as it was left: no repair, and the node serves its blocks.
     c.restart(1);
     let repaired = eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "the restarted node's status",
         || c.counter(1, "store_repaired"),
     );
@@ -94,7 +94,7 @@ fn sigterm_during_a_read_and_a_publish_loses_nothing_and_the_store_reopens_clean
     let _ = publish.wait();
     c.restart(1);
     let repaired = eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "the restarted node's status",
         || c.counter(1, "store_repaired"),
     );
