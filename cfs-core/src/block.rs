@@ -78,12 +78,28 @@ impl Verified {
     pub fn version(&self) -> u64 {
         self.version
     }
+    /// Where this root stands among the roots of its FSID (`root_rank`).
+    pub fn rank(&self) -> RootRank {
+        root_rank(self.version, Id::hash(&self.bytes))
+    }
     /// The decoded root of a verified root block.
     pub fn root(&self) -> Option<RootBlock> {
         (self.kind == BlockKind::Root)
             .then(|| postcard::from_bytes(&self.bytes).ok())
             .flatten()
     }
+}
+
+/// The order in which roots of one FSID supersede each other, applied alike by every
+/// node, client and reader: the higher version first; at the same version (a fork: the
+/// key signed two roots, by a leak, a bug, or two machines publishing at once) the one
+/// whose bytes hash lower. Replicas that got both sides of a fork so converge on one,
+/// and readers that see both pick the same one. Higher ranks win.
+pub type RootRank = (u64, std::cmp::Reverse<Id>);
+
+/// The rank of a root of `version` whose bytes hash to `digest`.
+pub fn root_rank(version: u64, digest: Id) -> RootRank {
+    (version, std::cmp::Reverse(digest))
 }
 
 /// SHA-1 with collision detection (the SHAttered / Shambles attacks): the store uses it

@@ -131,6 +131,23 @@ pub struct Holding {
     pub version: u64,
     /// Seconds until its lease ends.
     pub lease: u64,
+    /// For a root, the hash of its bytes: two roots of one version (a fork) differ here,
+    /// and `block::root_rank` says which one replicas converge on.
+    pub digest: Option<Id>,
+}
+
+impl Holding {
+    /// Whether this held copy is at least as good as a root of `version` whose bytes hash
+    /// to `digest` (None for content blocks, where the version is all there is).
+    pub fn covers(&self, version: u64, digest: Option<Id>) -> bool {
+        match (self.digest, digest) {
+            (Some(theirs), Some(ours)) => {
+                crate::block::root_rank(self.version, theirs)
+                    >= crate::block::root_rank(version, ours)
+            }
+            _ => self.version >= version,
+        }
+    }
 }
 
 /// Where a lookup step went.
@@ -437,6 +454,7 @@ mod block_header_tests {
             Ok(Response::Have(vec![Some(Holding {
                 version: 1,
                 lease: 9,
+                digest: None,
             })])),
             Ok(Response::Renewed {
                 max_lease: 9,

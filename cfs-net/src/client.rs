@@ -343,6 +343,12 @@ impl<T: Transport> Client<T> {
         self.net.get_root(&self.start(), fsid, self.replicas).await
     }
 
+    /// Every distinct root the replicas of `fsid` hold (more than one: a fork, or a
+    /// replica behind).
+    pub async fn get_roots(&self, fsid: Id) -> Result<Vec<Verified>, DhashError> {
+        self.net.get_roots(&self.start(), fsid, self.replicas).await
+    }
+
     /// Group keys by the successor range they fall in: one lookup per range, not per
     /// key. Returns (replica set, indexes into `keys`) per group.
     async fn by_range(&self, keys: &[Id]) -> Result<Vec<(Vec<NodeRef>, Vec<usize>)>, DhashError> {

@@ -493,14 +493,26 @@ impl<T: Transport> Net<T> {
         }
     }
 
-    /// The highest valid version of a root among its replicas and the rest of the
-    /// successor list.
+    /// The winning valid root (`Verified::rank`: the highest version, a fork settled by
+    /// hash) among its replicas and the rest of the successor list.
     pub async fn get_root(
         &self,
         start: &[NodeRef],
         key: Id,
         r: usize,
     ) -> Result<Option<Verified>, DhashError> {
+        let roots = self.get_roots(start, key, r).await?;
+        Ok(roots.into_iter().max_by_key(Verified::rank))
+    }
+
+    /// Every distinct verified root the replicas of `key` (and as many more successors)
+    /// hold: more than one of a version is a fork, which `Verified::rank` settles.
+    pub async fn get_roots(
+        &self,
+        start: &[NodeRef],
+        key: Id,
+        r: usize,
+    ) -> Result<Vec<Verified>, DhashError> {
         let l = self.lookup(start.to_vec(), key, None).await?;
         let mut targets = self.replicas(&l.succs, r).await;
         append_others(&mut targets, &l.succs);
@@ -519,21 +531,21 @@ impl<T: Transport> Net<T> {
                 .await
             }
         });
-        let mut best: Option<Verified> = None;
+        let mut roots: Vec<Verified> = Vec::new();
         let mut answered = 0;
         for r in join_all(calls).await {
             if let Ok(Response::Block(b)) = r {
                 answered += 1;
                 if let Some(bytes) = b {
                     if let Ok(v) = verify(BlockKind::Root, key, bytes, false) {
-                        if best.as_ref().is_none_or(|b| v.version() > b.version()) {
-                            best = Some(v);
+                        if roots.iter().all(|r| r.bytes() != v.bytes()) {
+                            roots.push(v);
                         }
                     }
                 }
             }
         }
-        if answered == 0 && best.is_none() {
+        if answered == 0 && roots.is_empty() {
             return Err(DhashError::Unavailable {
                 kind: BlockKind::Root,
                 key,
@@ -541,7 +553,7 @@ impl<T: Transport> Net<T> {
                 last: "no replica of the root answered".into(),
             });
         }
-        Ok(best)
+        Ok(roots)
     }
 
     /// The replica set of a lookup's successors; when the list holds fewer than r

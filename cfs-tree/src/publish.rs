@@ -20,7 +20,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -44,7 +44,16 @@ pub enum PublishError {
     Ring(#[from] RingError),
     #[error("the ring holds version {have} of this filesystem, which does not decode: {msg}")]
     BadRoot { have: u64, msg: String },
+    /// Another publisher with the same key won every version this one tried.
+    #[error("another publisher with this key published at the same time and won {attempts} versions in a row (the last {version}); publish again when it is done")]
+    Raced { version: u64, attempts: u32 },
 }
+
+/// Versions a publish tries before it gives up to another publisher of the same key.
+const MAX_RACES: u32 = 4;
+/// How long a publisher waits for every replica to hold its version (or a rival's)
+/// before it judges the race on what it sees.
+const RACE_SETTLE: Duration = Duration::from_secs(2);
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
     move |source| PublishError::Io {
@@ -580,9 +589,55 @@ pub async fn publish<R: BlockService>(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let root = RootBlock::sign(key, version, top, totals, prev_key, now);
-    let rv = verify(BlockKind::Root, fsid, root.encode(), false).expect("own root verifies");
-    let rc = ring.put(rv).await?;
+    // Compare-and-swap on the version: a replica keeps the first root of a version it
+    // gets, so a second publisher of this key racing us for the version may hold some
+    // replicas. Once every replica that answers holds this version or a newer one, the
+    // root of the highest rank (`Verified::rank`) among them is the version's winner:
+    // both publishers see the same roots and agree on it, and ring maintenance carries
+    // it to every replica. Having lost, the tree is signed again as the next version.
+    let (mut version, mut prev_key) = (version, prev_key);
+    let mut lost = 0;
+    let rc = loop {
+        let root = RootBlock::sign(key, version, top, totals, prev_key, now);
+        let rv = verify(BlockKind::Root, fsid, root.encode(), false).expect("own root verifies");
+        let put = ring.put(rv.clone()).await;
+        let settled_by = Instant::now() + RACE_SETTLE;
+        let roots = loop {
+            let roots = ring.get_roots(fsid).await?;
+            if roots.iter().all(|r| r.version() >= version) || Instant::now() > settled_by {
+                break roots;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let Some(winner) = roots.iter().max_by_key(|r| r.rank()) else {
+            // No replica holds any root: the put's own error says why.
+            put?;
+            return Err(PublishError::Ring(RingError::Unreachable(
+                "no replica holds the root just stored".into(),
+            )));
+        };
+        if winner.bytes() == rv.bytes() {
+            break put?;
+        }
+        lost += 1;
+        tracing::warn!(%fsid, version, winner = winner.version(), "another publisher of this key won the version; publishing the next one");
+        if lost >= MAX_RACES {
+            return Err(PublishError::Raced {
+                version: winner.version(),
+                attempts: lost,
+            });
+        }
+        // The winner becomes the previous version, kept as an immutable block.
+        let prev = NewBlock {
+            kind: BlockKind::Meta,
+            key: Id::hash(winner.bytes()),
+            bytes: winner.bytes().to_vec(),
+        };
+        ring.put(verify(prev.kind, prev.key, prev.bytes, false).expect("hashes to its key"))
+            .await?;
+        version = winner.version() + 1;
+        prev_key = Some(Id::hash(winner.bytes()));
+    };
     pb.finish_and_clear();
     Ok(Receipt {
         fsid,

@@ -18,6 +18,15 @@ pub enum RingError {
     Store { key: Id, msg: String },
     #[error("ring unreachable: {0}")]
     Unreachable(String),
+    /// The publisher's key signed two different roots of one version, and this reader
+    /// has seen both: it does not switch silently from the one it saw.
+    #[error("filesystem {fsid} has two different roots of version {version} (root bytes {seen} seen before, {offered} now): its key signed both; ask the publisher to publish a new version")]
+    Fork {
+        fsid: Id,
+        version: u64,
+        seen: Id,
+        offered: Id,
+    },
 }
 
 /// How many replicas acknowledged a put.
@@ -68,9 +77,15 @@ pub trait BlockService: Send + Sync + 'static {
         items: Vec<(BlockKind, Id)>,
     ) -> impl Future<Output = Result<Vec<bool>, RingError>> + Send;
 
-    /// The highest valid version of a root among its replicas, if any replica has it.
+    /// The winning valid root among its replicas (`Verified::rank`), if any has one.
     fn get_root(
         &self,
         fsid: Id,
     ) -> impl Future<Output = Result<Option<Verified>, RingError>> + Send;
+
+    /// Every distinct root the replicas hold, as they hold it (no memory of earlier
+    /// answers): a publisher checks with it that the version it put is the one that won.
+    fn get_roots(&self, fsid: Id) -> impl Future<Output = Result<Vec<Verified>, RingError>> + Send {
+        async move { Ok(self.get_root(fsid).await?.into_iter().collect()) }
+    }
 }

@@ -123,9 +123,16 @@ impl<T: Transport> Node<T> {
                 .iter()
                 .map(|(k, id)| {
                     let h = store.held(*k, *id).ok().flatten()?;
+                    // A root's bytes are hashed so the asker can tell a fork (roots are
+                    // few and small).
+                    let digest = match k {
+                        BlockKind::Root => Some(Id::hash(&store.get(*k, *id).ok().flatten()?.0)),
+                        _ => None,
+                    };
                     (h.expires > now).then_some(Holding {
                         version: h.version,
                         lease: h.expires - now,
+                        digest,
                     })
                 })
                 .collect()

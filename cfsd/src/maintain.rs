@@ -132,6 +132,17 @@ impl<T: Transport> Node<T> {
             // that lost the block (a scrub dropped it, a disk was replaced).
             let inside = set.iter().any(|n| n.addr == me);
             let items: Vec<(BlockKind, Id)> = group.iter().map(|e| (e.0, e.1)).collect();
+            // Our roots' digests: a replica holding the other side of a fork of the same
+            // version is behind when ours wins (`Holding::covers`).
+            let digests: Vec<Option<Id>> = group
+                .iter()
+                .map(|&(kind, key, _, _)| {
+                    (kind == BlockKind::Root)
+                        .then(|| self.inner.store.get(kind, key).ok().flatten())
+                        .flatten()
+                        .map(|(bytes, _)| Id::hash(&bytes))
+                })
+                .collect();
             let mut confirmed = vec![0usize; group.len()];
             // Per block: replicas holding it before any push, and the first of them.
             let my_index = set.iter().position(|n| n.addr == me);
@@ -146,7 +157,7 @@ impl<T: Transport> Node<T> {
                         .get(j)
                         .copied()
                         .flatten()
-                        .is_some_and(|h| h.version >= ver)
+                        .is_some_and(|h| h.covers(ver, digests[j]))
                     {
                         holders[j] += 1;
                         first[j] = Some(first[j].map_or(t, |f| f.min(t)));
@@ -158,7 +169,7 @@ impl<T: Transport> Node<T> {
                 for (j, &(_, _, ver, expires)) in group.iter().enumerate() {
                     let ours = expires.saturating_sub(now);
                     match have.get(j).copied().flatten() {
-                        Some(h) if h.version >= ver => {
+                        Some(h) if h.covers(ver, digests[j]) => {
                             // A replica whose lease is short of ours (it missed a renewal)
                             // is extended to ours: the lease travels with the block, and a
                             // hand-off shortens it by at most `leased_enough`'s 1/64.

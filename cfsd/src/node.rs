@@ -337,6 +337,18 @@ impl<T: Transport> Node<T> {
                 .store
                 .stage_charge(&bucket, self.inner.quota.encoded(&bucket));
         }
+        // The other side of a fork of a held root is taken only from ring maintenance,
+        // and only when it outranks the held one (`Verified::rank`): replicas converge on
+        // one side, while a client's put never replaces a root of the same version (the
+        // first one there stays), so a publisher that found its root on every replica
+        // keeps it.
+        let settle_forks: BTreeSet<usize> = todo
+            .iter()
+            .filter(|t| {
+                transfer && t.3.kind == BlockKind::Root && self.ring_pusher(peer.ip(), t.3.key)
+            })
+            .map(|t| t.0)
+            .collect();
         // Verify and store off the async workers: hashing and fsync take a while.
         let store = self.inner.store.clone();
         let done = self
@@ -345,7 +357,12 @@ impl<T: Transport> Node<T> {
                 let mut out = Vec::new();
                 for (i, charge, until, b) in todo {
                     match verify(b.kind, b.key, b.bytes, true) {
-                        Ok(v) => ok.push((i, charge, (v, until))),
+                        Ok(v) => {
+                            if settle_forks.contains(&i) {
+                                replace_losing_fork(&*store, &v);
+                            }
+                            ok.push((i, charge, (v, until)))
+                        }
                         Err(e) => out.push((i, charge, Err(e.to_string()))),
                     }
                 }
@@ -421,6 +438,21 @@ impl<T: Transport> Node<T> {
             .into_iter()
             .map(|a| a.unwrap_or_else(|| Err(remote(ErrorKind::Storage, "block not processed"))))
             .collect()
+    }
+}
+
+/// Drop the held root of `v`'s version if `v` is the other side of a fork and wins, so
+/// the put that follows stores `v`.
+fn replace_losing_fork(store: &dyn crate::store::BlockStore, v: &Verified) {
+    let Ok(Some((bytes, _))) = store.get(BlockKind::Root, v.key()) else {
+        return;
+    };
+    let Ok(held) = verify(BlockKind::Root, v.key(), bytes, false) else {
+        return;
+    };
+    if held.version() == v.version() && held.bytes() != v.bytes() && v.rank() > held.rank() {
+        tracing::info!(fsid = %v.key(), version = v.version(), "a fork of a root: taking the winning side");
+        let _ = store.remove_if(BlockKind::Root, v.key(), held.version());
     }
 }
 

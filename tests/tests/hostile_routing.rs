@@ -97,6 +97,7 @@ impl Attacker {
                             (!withhold).then_some(cfs_core::wire::Holding {
                                 version: u64::MAX,
                                 lease: u64::MAX,
+                                digest: None,
                             })
                         })
                         .collect(),

@@ -121,10 +121,26 @@ impl BlockService for NetRing {
             .map_err(|e| RingError::Unreachable(e.to_string()))
     }
 
+    async fn get_roots(&self, fsid: Id) -> Result<Vec<Verified>, RingError> {
+        self.client
+            .get_roots(fsid)
+            .await
+            .map_err(|e| ring_err(BlockKind::Root, fsid, e))
+    }
+
     async fn get_root(&self, fsid: Id) -> Result<Option<Verified>, RingError> {
         let from_ring = self.client.get_root(fsid).await;
         let seen = self.remembered(fsid);
         let best = match (from_ring, seen) {
+            // The other side of a fork of a version seen before: an error naming both.
+            (Ok(Some(r)), Some(s)) if s.version() == r.version() && s.bytes() != r.bytes() => {
+                return Err(RingError::Fork {
+                    fsid,
+                    version: r.version(),
+                    seen: Id::hash(s.bytes()),
+                    offered: Id::hash(r.bytes()),
+                });
+            }
             (Ok(Some(r)), Some(s)) if s.version() > r.version() => {
                 tracing::warn!(%fsid, ring = r.version(), seen = s.version(), "the ring offers an older root than seen before; keeping the newer");
                 Some(s)

@@ -15,7 +15,7 @@ use cfs_core::{BlockKind, Id, Verified};
 pub enum StoreError {
     #[error("a root block of version {held} is held; version {offered} is not newer")]
     Stale { held: u64, offered: u64 },
-    #[error("a different root block with the same version {0} is held")]
+    #[error("a different root block with the same version {0} is held: publish again at the next version")]
     Conflict(u64),
     #[error("block store I/O failed: {0}; check the disk under --data")]
     Io(String),
@@ -123,7 +123,9 @@ pub(super) fn merged(before: Option<u64>, asked: u64) -> u64 {
 }
 
 /// What a put does to what is held, for both stores: Ok(None) writes the block,
-/// Ok(Some(Present)) keeps the held bytes (only the lease may grow), Err refuses.
+/// Ok(Some(Present)) keeps the held bytes (only the lease may grow), Err refuses. A root
+/// replaces an older version; of one version the first one held stays (the node settles
+/// forks, `node::replace_losing_fork`).
 pub(super) fn check_root_replace(
     held: Option<(u64, &[u8])>,
     block: &Verified,
@@ -196,11 +198,14 @@ mod tests {
             s.put(&root(1, b"x"), T + 10),
             Err(StoreError::Stale { .. })
         ));
+        // A fork (another root of the same version): the first one held stays.
+        let other = root(2, b"y");
         assert!(matches!(
-            s.put(&root(2, b"y"), T + 10),
+            s.put(&other, T + 10),
             Err(StoreError::Conflict(2))
         ));
-        assert_eq!(out(s, &r2, T + 10), PutOutcome::Present);
+        let win = r2.clone();
+        assert_eq!(out(s, &win, T + 10), PutOutcome::Present);
         assert_eq!(out(s, &root(3, b"z"), T + 5), PutOutcome::Stored);
         let h = s.held(BlockKind::Root, r2.key()).unwrap().unwrap();
         assert_eq!(
