@@ -287,6 +287,65 @@ async fn a_file_read_in_parts_fills_the_cache_across_opens() {
     .unwrap();
 }
 
+/// A file read whole while the disk lags (here: a write-behind budget of one block, so
+/// most ranges find it full and are not written at once) still ends up complete in the
+/// file cache: each such range is filled later, read again once the disk has room, and
+/// the next open needs no ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_whole_while_the_disk_lags_still_ends_up_in_the_file_cache() {
+    let src = TempDir::new("mfs-lag");
+    let bs = cfs_tests::tree::BS;
+    let data = cfs_tests::tree::pattern(24 * bs + 7, 9);
+    std::fs::write(src.path().join("big"), &data).unwrap();
+    let (ring, _, fsid) = published(src.path(), 9).await;
+    let cache = TempDir::new("mfs-lag-cache");
+    let mut fc = cfs_fuse::mount::FileCacheOpts::new(cache.0.clone(), 64 << 20);
+    fc.write_behind_bytes = bs;
+    let opts = MountOpts {
+        file_cache: Some(fc),
+        ..MountOpts::default()
+    };
+    let fs = open_fs(ring.clone(), fsid, opts).await.unwrap();
+    let cache_dir = cache.0.clone();
+    tokio::task::spawn_blocking(move || {
+        let no = |_: &std::fs::File| Err(std::io::Error::other("no FUSE"));
+        let ino = fs.lookup(ROOT_INO, b"big").unwrap().0;
+        let Opened::Normal(fh) = fs.open(ino, false, no).unwrap() else {
+            panic!("no passthrough without FUSE")
+        };
+        // Read as the kernel does, 1 MiB at a time, every reply handed over at once.
+        let mut off = 0;
+        while off < data.len() {
+            let out = fs.rt().block_on(fs.read(fh, off as u64, 1 << 20)).unwrap();
+            let n = out.data.as_slice().len();
+            assert_eq!(out.data.as_slice(), &data[off..off + n]);
+            fs.after_reply(out, off as u64);
+            off += n;
+        }
+        fs.release(fh);
+        let hex = String::from_utf8(fs.getxattr(ino, b"user.cfs.key").unwrap()).unwrap();
+        let t = std::time::Instant::now();
+        while std::fs::read(cache_dir.join(&hex)).ok().as_deref() != Some(&data[..]) {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the cache file was not completed behind the reader"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Complete: a later open reads it with the ring offline.
+        ring.offline.store(true, Ordering::SeqCst);
+        let Opened::Normal(fh) = fs.open(ino, false, no).unwrap() else {
+            panic!("no passthrough without FUSE")
+        };
+        let out = fs.rt().block_on(fs.read(fh, 0, 1 << 20)).unwrap();
+        assert_eq!(out.data.as_slice(), &data[..1 << 20]);
+        fs.release(fh);
+        ring.offline.store(false, Ordering::SeqCst);
+    })
+    .await
+    .unwrap();
+}
+
 /// A file read through once, as the kernel reads it (1 MiB requests in order, each first
 /// polled once on the FUSE thread and, when it would wait, asked again from a task), costs
 /// one fetch per block and leaves no data block in memory: the kernel's page cache holds

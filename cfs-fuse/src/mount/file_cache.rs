@@ -32,6 +32,9 @@ pub struct FileCacheOpts {
     /// Smaller files are not cached: the kernel's page cache and the block cache serve
     /// them well, and a cache file per tiny file would cost more than it saves.
     pub min_file_bytes: u64,
+    /// Bytes of read data waiting for the disk at most; past it a range is written
+    /// later, read again from the block cache or the ring once the disk has room.
+    pub write_behind_bytes: usize,
 }
 
 impl FileCacheOpts {
@@ -51,12 +54,14 @@ impl FileCacheOpts {
             dir,
             budget_bytes,
             min_file_bytes: cfs_core::fs::BLOCK_SIZE as u64,
+            write_behind_bytes: WRITE_BEHIND_BYTES,
         }
     }
 }
 
-/// Bytes written behind replies at most; beyond it a range is skipped (that fill then
-/// completes only if the range is read again), so a slow disk never holds read memory.
+/// Bytes written behind replies at most; beyond it a range is not kept in memory but
+/// filled later (`Fs::fill_later`), so a slow disk never holds read memory and a file
+/// read whole still ends up complete in the cache.
 const WRITE_BEHIND_BYTES: usize = 64 << 20;
 
 /// How long an open waits for a fill that has all its bytes to reach its final name.
@@ -303,11 +308,12 @@ impl FileCache {
             ix.files.put(key, CacheEntry { size, verified });
             ix.bytes += size;
         }
+        let write_budget = Arc::new(tokio::sync::Semaphore::new(opts.write_behind_bytes.max(1)));
         let fc = FileCache {
             opts,
             index: Mutex::new(ix),
             finished: std::sync::Condvar::new(),
-            write_budget: Arc::new(tokio::sync::Semaphore::new(WRITE_BEHIND_BYTES)),
+            write_budget,
         };
         {
             let mut ix = fc.index.lock().unwrap();
@@ -503,6 +509,11 @@ impl FileCache {
         Some(fill)
     }
 
+    /// The write-behind budget in bytes (a range larger than it waits for all of it).
+    pub(super) fn write_behind_bytes(&self) -> usize {
+        self.opts.write_behind_bytes.max(1)
+    }
+
     /// An open handle feeding `fill` was released.
     /// A partial fill stays (the next open of the file joins it, and reads of ranges it
     /// covers are served from it) until it is complete or evicted for room.
@@ -649,6 +660,7 @@ mod tests {
             dir: d.to_path_buf(),
             budget_bytes: budget,
             min_file_bytes: 1,
+            write_behind_bytes: WRITE_BEHIND_BYTES,
         })
         .unwrap()
     }

@@ -81,6 +81,8 @@ pub enum Opened {
 pub struct ReadOut<R> {
     pub data: Piece,
     fill: Option<Arc<Fill>>,
+    /// The file read, while its bytes are to be written into `fill`.
+    inode: Option<Arc<Inode>>,
     _hold: MemoryHold<R>,
 }
 
@@ -422,6 +424,7 @@ impl<R: BlockService> Fs<R> {
             return Ok(ReadOut {
                 data: Piece::Owned(data),
                 fill: None,
+                inode: None,
                 _hold: hold,
             });
         }
@@ -432,6 +435,7 @@ impl<R: BlockService> Fs<R> {
                 return Ok(ReadOut {
                     data: Piece::Owned(data),
                     fill: None,
+                    inode: None,
                     _hold: hold,
                 });
             }
@@ -444,13 +448,16 @@ impl<R: BlockService> Fs<R> {
         let fill = fill.filter(|f| FileCache::begin_write(f));
         Ok(ReadOut {
             data,
+            inode: fill.is_some().then_some(inode),
             fill,
             _hold: hold,
         })
     }
 
-    /// Write a read's verified bytes into its fill, off the reply path; skipped when
-    /// too many bytes are already waiting for the disk.
+    /// Write a read's verified bytes into its fill, off the reply path. When too many
+    /// bytes already wait for the disk, the bytes are not kept: the range is filled later
+    /// (`fill_later`), so a file read whole ends up complete in the cache whatever the
+    /// disk is doing.
     pub fn after_reply(self: &Arc<Self>, out: ReadOut<R>, offset: u64) {
         let (Some(fc), Some(fill)) = (self.files.as_ref(), out.fill) else {
             return;
@@ -462,12 +469,12 @@ impl<R: BlockService> Fs<R> {
             d => d,
         };
         let hold = out._hold;
-        let permit = u32::try_from(data.as_slice().len().max(1))
+        let len = data.as_slice().len();
+        let permit = u32::try_from(len.max(1))
             .ok()
             .and_then(|n| fc.write_budget.clone().try_acquire_many_owned(n).ok());
-        match permit {
-            None => fc.write(&fill, offset, None),
-            Some(permit) => {
+        match (permit, out.inode) {
+            (Some(permit), _) => {
                 let s = self.clone();
                 self.rt.spawn_blocking(move || {
                     if let Some(fc) = &s.files {
@@ -475,6 +482,46 @@ impl<R: BlockService> Fs<R> {
                     }
                     drop((permit, hold));
                 });
+            }
+            (None, Some(inode)) => {
+                drop((data, hold));
+                let s = self.clone();
+                self.rt.spawn(s.fill_later(fill, inode, offset, len));
+            }
+            (None, None) => fc.write(&fill, offset, None),
+        }
+    }
+
+    /// Write `len` bytes at `offset` of `inode` into its fill once the disk has room:
+    /// read again then (from the block cache, else the ring), so a waiting range holds
+    /// no memory, and at most the write-behind budget is read ahead of the disk.
+    async fn fill_later(
+        self: Arc<Self>,
+        fill: Arc<Fill>,
+        inode: Arc<Inode>,
+        offset: u64,
+        len: usize,
+    ) {
+        let Some(fc) = self.files.as_ref() else {
+            return;
+        };
+        let want = len.clamp(1, fc.write_behind_bytes()) as u32;
+        let Ok(permit) = fc.write_budget.clone().acquire_many_owned(want).await else {
+            return fc.write(&fill, offset, None);
+        };
+        match self.reader.read(&inode, offset, len as u64).await {
+            Ok(data) => {
+                let s = self.clone();
+                self.rt.spawn_blocking(move || {
+                    if let Some(fc) = &s.files {
+                        fc.write(&fill, offset, Some(&data));
+                    }
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::debug!("file cache: refilling at {offset}: {e}");
+                fc.write(&fill, offset, None);
             }
         }
     }
