@@ -63,6 +63,9 @@ pub struct ChaosArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// Fail the verdict when a fault stalls reads longer than this (500ms, 2s).
+    #[arg(long)]
+    max_stall: Option<String>,
 }
 
 pub fn run(a: ChaosArgs) -> Result<i32> {
@@ -140,6 +143,11 @@ pub fn run(a: ChaosArgs) -> Result<i32> {
         out: a.out.clone(),
         seed: a.seed,
         progress: !a.quiet,
+        max_stall: a
+            .max_stall
+            .as_deref()
+            .map(cfs_lab::chaos::scenario::parse_secs)
+            .transpose()?,
         read_via: match a.read_via.as_deref() {
             Some("library") => ReadVia::Library,
             Some(_) => ReadVia::Mount { cfs: cfs_exe()? },

@@ -143,6 +143,79 @@ fn chaos_on_a_loopback_ring_passes_with_kills_and_fails_when_data_is_lost() {
     assert!(r["verdict"].as_str().unwrap().contains("lost"));
 }
 
+/// Reads never stall on one bad holder: a pause, a kill and a slow node on a loopback
+/// ring, each costing reads at most 500 ms (`--max-stall`), with every byte right.
+#[test]
+fn a_pause_a_kill_and_a_slow_node_stall_reads_at_most_half_a_second() {
+    let tmp = TempDir::new("chaos-stall");
+    let scenario = tmp.path().join("stall.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+        duration = "16s"
+        nodes = 6
+        replicas = 3
+        [[fault]]
+        at = "2s"
+        kind = "pause"
+        node = 2
+        for = "3s"
+        [[fault]]
+        at = "7s"
+        kind = "kill"
+        node = 3
+        for = "3s"
+        [[fault]]
+        at = "11s"
+        kind = "slow"
+        node = 4
+        for = "3s"
+        "#,
+    )
+    .unwrap();
+    let out = tmp.path().join("report");
+    let (o, r) = chaos(
+        &[
+            "--scenario",
+            scenario.to_str().unwrap(),
+            "--republish-every",
+            "0",
+            "--files",
+            "8",
+            "--file-kb",
+            "256",
+            "--readers",
+            "2",
+            "--settle",
+            "30s",
+            "--max-stall",
+            "500ms",
+        ],
+        &out,
+    );
+    for f in r["faults"].as_array().unwrap() {
+        eprintln!(
+            "STALL {}: longest {:.2} s, p99 inside {:.0} ms (outside {:.0} ms)",
+            f["kind"],
+            f["longest_stall_s"].as_f64().unwrap(),
+            f["p99_in_ms"].as_f64().unwrap(),
+            r["p99_outside_ms"].as_f64().unwrap()
+        );
+    }
+    assert!(o.status.success(), "{}", r["verdict"]);
+    assert_eq!(r["verdict"], "ok");
+    assert_eq!(n(&r["wrong_reads"]), 0);
+    assert_eq!(n(&r["lost_blocks"]), 0);
+    let kinds: Vec<&str> = r["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["pause", "kill", "slow"]);
+    check_sums(&r);
+}
+
 /// Removes the testnet when dropped, whatever happened.
 struct Guard {
     name: String,

@@ -157,16 +157,9 @@ impl<T: Transport> Client<T> {
         if let Some(succs) = self.known_range(key) {
             let mut order = crate::net::replica_set(&succs, self.replicas);
             self.net.nearest_first(&mut order);
-            for n in order {
-                if let Ok(Response::Block(Some(bytes))) =
-                    self.net.call(n.addr, Request::Get { kind, key }).await
-                {
-                    if let Ok(v) = cfs_core::block::verify(kind, key, bytes, false) {
-                        return Ok(v);
-                    }
-                }
-                // A quick answer without the block must not make this replica first.
-                self.net.missed(n.addr);
+            let deadline = tokio::time::Instant::now() + self.net.timeouts.op;
+            if let Ok(v) = self.net.get_hedged(&order, kind, key, deadline).await {
+                return Ok(v);
             }
             self.forget_range(key);
         }

@@ -20,6 +20,8 @@ const MAX_ENTRIES: usize = 4096;
 struct Peer {
     /// Smoothed RTT in microseconds; None until a call finished.
     rtt_us: Option<f64>,
+    /// Smoothed deviation of the RTT (RFC 6298's rttvar), in microseconds.
+    var_us: f64,
     /// The last call failed.
     failed: bool,
     in_flight: u32,
@@ -65,6 +67,10 @@ impl Peers {
         let p = m.entry(to).or_default();
         let penalty = penalty.as_secs_f64() * 1e6;
         p.failed = failed;
+        let sample = took.as_secs_f64() * 1e6;
+        if let (false, Some(r)) = (failed, p.rtt_us) {
+            p.var_us = 0.75 * p.var_us + 0.25 * (r - sample).abs();
+        }
         p.rtt_us = Some(match (failed, p.rtt_us) {
             (true, r) => r.unwrap_or(penalty).max(penalty),
             (false, None) => took.as_secs_f64() * 1e6,
@@ -82,6 +88,33 @@ impl Peers {
         if let Some(p) = m.get_mut(&to) {
             p.rtt_us = Some(p.rtt_us.unwrap_or(floor).max(floor));
         }
+    }
+
+    /// A read from `to` has not answered within `waited` (its hedging delay), and the next
+    /// holder was asked: it is suspect, expected to take at least twice that (and twice
+    /// the mean), so later reads ask it last until good answers bring it back.
+    pub fn ran_past(&self, to: SocketAddr, waited: Duration) {
+        let floor = (2.0 * waited.as_secs_f64() * 1e6).max(2.0 * self.mean_rtt_us());
+        let mut m = self.map.lock().unwrap();
+        if let Some(p) = m.get_mut(&to) {
+            p.rtt_us = Some(p.rtt_us.unwrap_or(floor).max(floor));
+        }
+    }
+
+    /// How long a read from `to` may take before the next holder is asked too (a hedged
+    /// request): its smoothed RTT plus four deviations, as TCP's retransmission timer,
+    /// between `floor` and `cap`; twice the mean RTT for a peer never measured.
+    pub fn hedge_delay(&self, to: SocketAddr, floor: Duration, cap: Duration) -> Duration {
+        let mean = self.mean_rtt_us();
+        let us = match self.map.lock().unwrap().get(&to) {
+            Some(Peer {
+                rtt_us: Some(r),
+                var_us,
+                ..
+            }) => r + 4.0 * var_us,
+            _ => 2.0 * mean,
+        };
+        Duration::from_secs_f64(us / 1e6).clamp(floor, cap)
     }
 
     /// Past the bound, forget the slowest peer with nothing in flight that has not failed

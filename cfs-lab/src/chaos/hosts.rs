@@ -5,6 +5,8 @@ use crate::testnet::{spawn_in_host, Testnet, TestnetError};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,9 @@ pub trait Hosts: Send {
     fn uncap(&mut self, i: usize) -> Result<()>;
     fn fill(&mut self, i: usize) -> Result<()>;
     fn unfill(&mut self, i: usize) -> Result<()>;
+    /// Make node `i` answer, but late (`unslow` undoes it).
+    fn slow(&mut self, i: usize) -> Result<()>;
+    fn unslow(&mut self, i: usize) -> Result<()>;
     /// Start the workload (`f`) on a thread where a client of this ring lives: on
     /// loopback anywhere, on a testnet inside host 1's namespace.
     fn spawn_client(
@@ -58,6 +63,8 @@ struct LocalNode {
     data: PathBuf,
     addr: SocketAddr,
     paused: bool,
+    /// While slowed: the thread that stops and resumes it, and its stop flag.
+    slowed: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 /// `n` cfsd processes on 127.0.0.1 with data under `dir`.
@@ -95,6 +102,7 @@ impl LocalRing {
         for i in 0..n {
             let data = dir.join(format!("n{i}"));
             ring.nodes.push(LocalNode {
+                slowed: None,
                 child: None,
                 data,
                 addr: "127.0.0.1:0".parse().expect("address"),
@@ -210,6 +218,34 @@ impl Hosts for LocalRing {
     fn unfill(&mut self, _: usize) -> Result<()> {
         Ok(())
     }
+    /// Stopped for 200 ms, running for 20 ms, over and over: its answers come, late.
+    fn slow(&mut self, i: usize) -> Result<()> {
+        self.unslow(i)?;
+        let Some(pid) = self.node(i)?.child.as_ref().map(|c| c.id() as i32) else {
+            return Ok(());
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let t = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: signals to our own child.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(Duration::from_millis(200));
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        self.nodes[i].slowed = Some((stop, t));
+        Ok(())
+    }
+    fn unslow(&mut self, i: usize) -> Result<()> {
+        if let Some((stop, t)) = self.node(i)?.slowed.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = t.join();
+            self.signal(i, libc::SIGCONT)?;
+        }
+        Ok(())
+    }
     fn spawn_client(
         &self,
         f: Box<dyn FnOnce() + Send + 'static>,
@@ -221,6 +257,7 @@ impl Hosts for LocalRing {
     }
     fn shutdown(&mut self) {
         for i in 0..self.nodes.len() {
+            let _ = self.unslow(i);
             let _ = self.resume(i);
             let _ = self.kill(i);
         }
@@ -275,6 +312,13 @@ impl Hosts for Testnet {
     }
     fn unfill(&mut self, i: usize) -> Result<()> {
         Ok(Testnet::unfill(self, i)?)
+    }
+    /// A link of a few kbit/s: its answers trickle.
+    fn slow(&mut self, i: usize) -> Result<()> {
+        Ok(Testnet::cap(self, i, "32kbit")?)
+    }
+    fn unslow(&mut self, i: usize) -> Result<()> {
+        Ok(Testnet::uncap(self, i)?)
     }
     fn spawn_client(
         &self,

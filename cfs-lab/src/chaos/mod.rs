@@ -65,6 +65,8 @@ pub struct ChaosOpts {
     pub seed: u64,
     pub progress: bool,
     pub read_via: readers::ReadVia,
+    /// Fail the verdict when a fault stalls reads longer than this (seconds).
+    pub max_stall: Option<f64>,
 }
 
 /// What the workload shares with the fault schedule.
@@ -173,6 +175,7 @@ pub fn run(hosts: &mut dyn Hosts, opts: &ChaosOpts, mode: &str) -> Result<Report
         opts.replicas,
         opts.duration,
         fsid,
+        opts.max_stall,
         Observed {
             reads: log.reads,
             census: log.census,
@@ -241,6 +244,7 @@ fn run_schedule(hosts: &mut dyn Hosts, opts: &ChaosOpts, shared: &Shared) -> Vec
                         (vec![n], hosts.cap(n, f.rate.as_deref().unwrap_or("10mbit")))
                     }
                     (FaultKind::Fill, Some(n)) => (vec![n], hosts.fill(n)),
+                    (FaultKind::Slow, Some(n)) => (vec![n], hosts.slow(n)),
                 };
                 let kind = format!("{:?}", f.kind).to_lowercase();
                 // Hosts from 1, as the scenario and the report count them.
@@ -303,6 +307,7 @@ fn undo(hosts: &mut dyn Hosts, f: &Fault) -> Result<(), hosts::HostsError> {
         (FaultKind::Partition, _) => hosts.heal(),
         (FaultKind::Cap, Some(n)) => hosts.uncap(n),
         (FaultKind::Fill, Some(n)) => hosts.unfill(n),
+        (FaultKind::Slow, Some(n)) => hosts.unslow(n),
         _ => Ok(()),
     }
 }

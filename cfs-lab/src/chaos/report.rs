@@ -65,6 +65,9 @@ pub struct FaultStats {
     pub reads_failed: u64,
     /// The longest time in that window with no read completing successfully.
     pub longest_stall_s: f64,
+    /// p99 latency of the reads begun while the fault held (from it until it was
+    /// undone, or one second for faults without an undo), in ms.
+    pub p99_in_ms: f64,
     /// From the fault until every block of the newest version was on r replicas again:
     /// 0 if none fell below r in its window, None if not back within the run.
     pub back_to_r_s: Option<f64>,
@@ -90,6 +93,8 @@ pub struct Report {
     pub lost_blocks: u64,
     pub lost_bytes: u64,
     pub faults: Vec<FaultStats>,
+    /// p99 latency of the reads begun while no fault held, in ms.
+    pub p99_outside_ms: f64,
     pub seconds: Vec<Second>,
     /// "ok", or why not.
     pub verdict: String,
@@ -122,6 +127,11 @@ pub struct Observed {
     pub version_regressions: u64,
 }
 
+/// When fault `f` held: from it until it was undone (a second for faults that are not).
+fn held(f: &FaultRun) -> (f64, f64) {
+    (f.t, f.until.unwrap_or(f.t + 1.0).max(f.t + 1.0))
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     mode: &str,
@@ -129,8 +139,26 @@ pub fn build(
     replicas: usize,
     duration: f64,
     fsid: String,
+    max_stall: Option<f64>,
     o: Observed,
 ) -> Report {
+    let ms_of = |pick: &dyn Fn(&Read) -> bool| {
+        let mut ms: Vec<f64> = o
+            .reads
+            .iter()
+            .filter(|r| r.ok && pick(r))
+            .map(|r| r.ms)
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        percentile(&ms, 99.0)
+    };
+    let in_any = |r: &Read| {
+        o.faults.iter().any(|f| {
+            let (a, b) = held(f);
+            r.t >= a && r.t < b
+        })
+    };
+    let p99_outside_ms = ms_of(&|r| !in_any(r));
     let mut done: Vec<f64> = o
         .reads
         .iter()
@@ -166,7 +194,7 @@ pub fn build(
             }
         })
         .collect();
-    let faults = o
+    let faults: Vec<FaultStats> = o
         .faults
         .iter()
         .enumerate()
@@ -192,6 +220,10 @@ pub fn build(
                 reads: window.len() as u64,
                 reads_failed: window.iter().filter(|r| !r.ok).count() as u64,
                 longest_stall_s: longest_stall(&done, f.t, end),
+                p99_in_ms: {
+                    let (a, b) = held(f);
+                    ms_of(&|r| r.t >= a && r.t < b)
+                },
                 back_to_r_s: back,
             }
         })
@@ -216,6 +248,14 @@ pub fn build(
     if o.reads.iter().all(|r| !r.ok) {
         why.push("no read succeeded".into());
     }
+    if let Some(max) = max_stall {
+        for f in faults.iter().filter(|f| f.longest_stall_s > max) {
+            why.push(format!(
+                "{} at {:.1} s stalled reads {:.2} s (--max-stall {:.2} s)",
+                f.fault.kind, f.fault.t, f.longest_stall_s, max
+            ));
+        }
+    }
     Report {
         mode: mode.into(),
         readers: String::new(),
@@ -232,6 +272,7 @@ pub fn build(
         lost_blocks,
         lost_bytes,
         faults,
+        p99_outside_ms,
         seconds,
         verdict: if why.is_empty() {
             "ok".into()
@@ -289,8 +330,15 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:>7}  {:<10} {:<10} {:>8} {:>6} {:>10} {:>12}",
-            "at (s)", "fault", "nodes", "undone", "failed", "stall (s)", "back to r (s)"
+            "{:>7}  {:<10} {:<10} {:>8} {:>6} {:>10} {:>12} {:>12}",
+            "at (s)",
+            "fault",
+            "nodes",
+            "undone",
+            "failed",
+            "stall (s)",
+            "p99 in (ms)",
+            "back to r (s)"
         );
         for f in &self.faults {
             let join = |ns: &[usize]| {
@@ -312,13 +360,14 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "{:>7.1}  {:<10} {:<10} {:>8} {:>6} {:>10.2} {:>12}",
+                "{:>7.1}  {:<10} {:<10} {:>8} {:>6} {:>10.2} {:>12.0} {:>12}",
                 f.fault.t,
                 f.fault.kind,
                 shown,
                 f.fault.until.map_or("-".into(), |u| format!("{u:.1}")),
                 f.reads_failed,
                 f.longest_stall_s,
+                f.p99_in_ms,
                 f.back_to_r_s
                     .map_or("not yet".into(), |b| format!("{b:.1}"))
             );
@@ -564,12 +613,38 @@ mod tests {
             until: Some(5.0),
             error: None,
         }];
+        let observed = |reads: Vec<Read>, census: Vec<Census>, faults: Vec<FaultRun>| Observed {
+            reads,
+            census,
+            faults,
+            versions_published: 1,
+            version_regressions: 0,
+        };
+        // With --max-stall below the kill's 2.1 s stall, the verdict fails, naming it.
+        let strict = build(
+            "loopback",
+            5,
+            3,
+            10.0,
+            "x".into(),
+            Some(0.5),
+            observed(reads.clone(), census.clone(), faults.clone()),
+        );
+        assert!(!strict.ok());
+        assert!(
+            strict
+                .verdict
+                .contains("kill at 3.0 s stalled reads 2.10 s"),
+            "{}",
+            strict.verdict
+        );
         let r = build(
             "loopback",
             5,
             3,
             10.0,
             "x".into(),
+            None,
             Observed {
                 reads,
                 census,
@@ -608,6 +683,7 @@ mod tests {
             3,
             2.0,
             "x".into(),
+            None,
             Observed {
                 reads: vec![read(0.1, true)],
                 census,

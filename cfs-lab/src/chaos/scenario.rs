@@ -24,6 +24,9 @@ pub enum FaultKind {
     Cap,
     /// Fill a host's disk (a testnet with its own disks).
     Fill,
+    /// A node that answers, but late: on loopback stopped and resumed in short cycles,
+    /// on a testnet its link capped to a few kbit/s.
+    Slow,
 }
 
 /// One fault as written in a scenario file.
@@ -36,7 +39,7 @@ pub struct FaultSpec {
     /// Node number (from 1), or none for a random live one.
     pub node: Option<usize>,
     /// Undo after this long (kill: restart; pause: resume; partition: heal; cap: uncap;
-    /// fill: empty).
+    /// fill: empty; slow: back to speed).
     #[serde(rename = "for")]
     pub hold: Option<String>,
     /// Partition groups of node numbers.
@@ -64,6 +67,11 @@ pub struct Fault {
     pub hold: Option<f64>,
     pub groups: Vec<Vec<usize>>,
     pub rate: Option<String>,
+}
+
+/// `500ms`, `2s`, `1m` in seconds.
+pub fn parse_secs(s: &str) -> Result<f64, ScenarioError> {
+    secs(s)
 }
 
 fn secs(s: &str) -> Result<f64, ScenarioError> {
