@@ -440,12 +440,21 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Get { spec, node } => {
             let (fsid, version, path) = parse_get_spec(&spec)
                 .ok_or_else(|| anyhow!("{spec:?} is not FSID[@VERSION]:/PATH"))?;
-            let ring = Arc::new(NetRing::new(client(&node).await?, default_state_dir()));
+            let c = client(&node).await?;
+            let reads = c.net.reads.clone();
+            let ring = Arc::new(NetRing::new(c, default_state_dir()));
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             cfs_tree::get(ring, fsid, version, &path, &mut out)
                 .await
                 .with_context(|| format!("reading {spec}"))?;
             out.flush()?;
+            // What hedging cost: RUST_LOG=info shows it.
+            use std::sync::atomic::Ordering::Relaxed;
+            tracing::info!(
+                replica_reads = reads.asked.load(Relaxed),
+                hedged = reads.hedged.load(Relaxed),
+                "cfs get done"
+            );
         }
         Cmd::Demo {
             dir,

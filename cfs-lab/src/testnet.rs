@@ -710,6 +710,21 @@ fn reap(pid: u32) {
     }
 }
 
+/// Removes the testnet `name` whose state is in `dir` when dropped, whatever happened
+/// (a test's failure included).
+pub struct DownGuard {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl Drop for DownGuard {
+    fn drop(&mut self) {
+        if let Err(e) = down(&self.name, &self.dir) {
+            eprintln!("testnet cleanup: {e}");
+        }
+    }
+}
+
 /// Remove the testnet `name` whose state is in `dir`: from the state file if it is
 /// there, and every namespace named `name-*` in any case (a crash may have left some
 /// unrecorded).

@@ -216,20 +216,6 @@ fn a_pause_a_kill_and_a_slow_node_stall_reads_at_most_half_a_second() {
     check_sums(&r);
 }
 
-/// Removes the testnet when dropped, whatever happened.
-struct Guard {
-    name: String,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Err(e) = testnet::down(&self.name, &self.dir) {
-            eprintln!("testnet cleanup: {e}");
-        }
-    }
-}
-
 #[test]
 fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
     if let Some(why) = testnet::unavailable() {
@@ -239,7 +225,7 @@ fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
     let tmp = TempDir::new("chaos-net");
     let name = format!("c{}", std::process::id());
     let dir = tmp.path().join("net");
-    let _guard = Guard {
+    let _guard = testnet::DownGuard {
         name: name.clone(),
         dir: dir.clone(),
     };

@@ -12,20 +12,6 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-/// Removes the testnet when dropped, whatever happened.
-struct Guard {
-    name: String,
-    dir: PathBuf,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Err(e) = testnet::down(&self.name, &self.dir) {
-            eprintln!("testnet cleanup: {e}");
-        }
-    }
-}
-
 fn can_run() -> bool {
     match testnet::unavailable() {
         Some(why) => {
@@ -103,7 +89,7 @@ fn a_testnet_of_real_hosts_places_replicas_on_distinct_hosts_and_survives_every_
     let tmp = cfs_tests::tree::TempDir::new("testnet");
     let name = format!("t{}", std::process::id());
     let dir = tmp.path().join("net");
-    let _guard = Guard {
+    let _guard = testnet::DownGuard {
         name: name.clone(),
         dir: dir.clone(),
     };

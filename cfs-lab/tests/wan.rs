@@ -11,20 +11,6 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// Removes the testnet when dropped, whatever happened.
-struct Guard {
-    name: String,
-    dir: PathBuf,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Err(e) = testnet::down(&self.name, &self.dir) {
-            eprintln!("testnet cleanup: {e}");
-        }
-    }
-}
-
 /// The shortest of a few TCP handshakes from host `from` to host `to`'s node: one round
 /// trip (the SYN and its answer) each.
 fn handshake_rtt(net: &Testnet, from: usize, to: usize) -> Duration {
@@ -58,7 +44,7 @@ fn a_testnet_with_latency_keeps_its_round_trips_and_serves_a_mount_and_a_chaos_r
     let tmp = TempDir::new("wan");
     let name = format!("w{}", std::process::id());
     let dir = tmp.path().join("net");
-    let _guard = Guard {
+    let _guard = testnet::DownGuard {
         name: name.clone(),
         dir: dir.clone(),
     };

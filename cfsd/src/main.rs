@@ -231,26 +231,8 @@ async fn run(args: Args) -> Result<()> {
     std::fs::write(&tmp, format!("{addr}\n"))?;
     std::fs::rename(&tmp, args.data.join("addr"))?;
     // Everything that can fail is done before the node joins the ring.
-    let metrics = match &args.metrics {
-        Some(m) => {
-            let m = resolve(m)?;
-            let l = tokio::net::TcpListener::bind(m)
-                .await
-                .with_context(|| format!("binding the metrics address {m}"))?;
-            Some(l)
-        }
-        None => None,
-    };
-    let gateway = match &args.gateway {
-        Some(g) => {
-            let at = resolve(g)?;
-            let l = tokio::net::TcpListener::bind(at)
-                .await
-                .with_context(|| format!("binding the gateway's address {at}"))?;
-            Some(l)
-        }
-        None => None,
-    };
+    let metrics = bind_optional(args.metrics.as_deref(), "metrics").await?;
+    let gateway = bind_optional(args.gateway.as_deref(), "gateway").await?;
     let start = cfsd::daemon::start_node(
         cfg,
         listener,
@@ -325,6 +307,18 @@ async fn run(args: Args) -> Result<()> {
     drop(node);
     running.stop().await;
     Ok(())
+}
+
+/// A listener on `addr`, if one is given (`what` names it in the error).
+async fn bind_optional(addr: Option<&str>, what: &str) -> Result<Option<tokio::net::TcpListener>> {
+    let Some(a) = addr else {
+        return Ok(None);
+    };
+    let at = resolve(a)?;
+    let l = tokio::net::TcpListener::bind(at)
+        .await
+        .with_context(|| format!("binding the {what} address {at}"))?;
+    Ok(Some(l))
 }
 
 /// The HTTP gateway in this process on `l`, over a client entering the ring at `node`
