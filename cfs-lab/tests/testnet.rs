@@ -8,7 +8,6 @@ use cfs_lab::testnet::{self, Spec, Testnet};
 use cfs_tests::{bin, eventually};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 

@@ -7,7 +7,6 @@ use cfs_lab::testnet::{self, Spec, Testnet, WanSpec};
 use cfs_lab::wan::{RttModel, WanConfig};
 use cfs_tests::tree::{compare_trees, sample_tree, TempDir};
 use cfs_tests::{bin, eventually, is_mounted};
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
