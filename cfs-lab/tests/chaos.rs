@@ -179,7 +179,7 @@ fn a_pause_a_kill_and_a_slow_node_stall_reads_at_most_half_a_second() {
             "--scenario",
             scenario.to_str().unwrap(),
             "--republish-every",
-            "0",
+            "3s",
             "--files",
             "8",
             "--file-kb",

@@ -119,6 +119,10 @@ pub struct ReadCounts {
 /// measurements of that replica (`Peers::hedge_delay`), between these bounds.
 pub const HEDGE_FLOOR: Duration = Duration::from_millis(20);
 pub const HEDGE_CAP: Duration = Duration::from_millis(1000);
+/// The least a lookup hop is given before the next candidate is asked instead.
+pub const HOP_FLOOR: Duration = Duration::from_millis(50);
+/// How long a root read waits for the rest of the holders once r of them answered.
+pub const ROOT_GRACE: Duration = Duration::from_millis(100);
 
 impl<T: Transport> Net<T> {
     pub fn new(transport: T, timeouts: Timeouts, me: Option<SocketAddr>) -> Net<T> {
@@ -328,7 +332,18 @@ impl<T: Transport> Net<T> {
                 want,
             };
             attempts += 1;
-            let reply = self.call(node.addr, req).await;
+            // A hop that has not answered within twice its hedging delay is given up on
+            // (and counted slow), and the lookup goes on with the next candidate: a hung
+            // or cut-off node costs a lookup that, not the RPC timeout.
+            let budget = (2 * self.peers.hedge_delay(node.addr, HOP_FLOOR, HEDGE_CAP))
+                .min(self.timeouts.rpc);
+            let reply = match tokio::time::timeout(budget, self.call(node.addr, req)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.peers.ran_past(node.addr, budget);
+                    Err(CallError::Timeout(budget))
+                }
+            };
             if reply.is_ok() && Some(node.addr) != self.me {
                 hops += 1;
             }
@@ -602,10 +617,24 @@ impl<T: Transport> Net<T> {
                 .await
             }
         });
+        // Every answer counts, but a hung or cut-off holder must not hold up the root (a
+        // mount's next version, a publisher's check): once r have answered, the rest
+        // get `ROOT_GRACE` more.
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let mut pending: FuturesUnordered<_> = calls.collect();
         let mut roots: Vec<Verified> = Vec::new();
         let mut answered = 0;
-        for r in join_all(calls).await {
-            if let Ok(Response::Block(b)) = r {
+        let mut grace: Option<Instant> = None;
+        loop {
+            let next = match grace {
+                None => pending.next().await,
+                Some(t) => match tokio::time::timeout_at(t, pending.next()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+            };
+            let Some(answer) = next else { break };
+            if let Ok(Response::Block(b)) = answer {
                 answered += 1;
                 if let Some(bytes) = b {
                     if let Ok(v) = verify(BlockKind::Root, key, bytes, false) {
@@ -613,6 +642,9 @@ impl<T: Transport> Net<T> {
                             roots.push(v);
                         }
                     }
+                }
+                if answered >= r && grace.is_none() {
+                    grace = Some(Instant::now() + ROOT_GRACE);
                 }
             }
         }

@@ -425,14 +425,21 @@ impl Report {
             esc(&self.verdict),
             self.mode
         );
-        for ((f, label), row) in self.faults.iter().zip(&labels).zip(&rows) {
+        // Bands first, then their labels, so no band covers a label.
+        for f in &self.faults {
             let end = f.fault.until.unwrap_or(f.fault.t + dur / 200.0);
             let _ = write!(
                 s,
-                r##"<rect x="{:.1}" y="26" width="{:.1}" height="{:.1}" fill="#f4a261" fill-opacity="0.25"/><text x="{:.1}" y="{:.1}" fill="#b5651d">{}</text>"##,
+                r##"<rect x="{:.1}" y="26" width="{:.1}" height="{:.1}" fill="#f4a261" fill-opacity="0.25"/>"##,
                 x(f.fault.t),
                 (x(end) - x(f.fault.t)).max(1.5),
                 tops[2] + panel_h - 26.0,
+            );
+        }
+        for ((f, label), row) in self.faults.iter().zip(&labels).zip(&rows) {
+            let _ = write!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" fill="#b5651d">{}</text>"##,
                 x(f.fault.t) + 2.0,
                 34.0 + LABEL_ROW * *row as f64,
                 esc(label),
