@@ -188,7 +188,14 @@ fn a_testnet_with_latency_keeps_its_round_trips_and_serves_a_mount_and_a_chaos_r
     let run = std::process::Command::new(bin("cfs"))
         .args(["chaos", "--testnet", &name, "--testnet-dir"])
         .arg(&dir)
-        .args(["--scenario", scenario.to_str().unwrap(), "--out"])
+        // Reads stall at most 0.5 s plus two of the longest round trips (60 ms).
+        .args([
+            "--scenario",
+            scenario.to_str().unwrap(),
+            "--max-stall",
+            "620ms",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();

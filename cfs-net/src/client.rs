@@ -13,6 +13,8 @@ use cfs_core::{Id, NodeRef};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+/// The least a GetMany exchange is given before the next holder is asked.
+const GET_MANY_FLOOR: std::time::Duration = std::time::Duration::from_millis(250);
 /// `GetMany` exchanges in flight at once for one `get_many`.
 const PARALLEL_BATCHES: usize = 16;
 /// Lookups in flight at once while `get_many` places its keys, and rounds of them.
@@ -267,7 +269,14 @@ impl<T: Transport> Client<T> {
                 let req = Request::GetMany {
                     items: want.iter().map(|&i| items[i]).collect(),
                 };
-                let Ok(Response::Blocks(answers)) = self.net.call(n.addr, req).await else {
+                // A batch (up to a frame) gets a few hedging delays: a holder that is
+                // hung, cut off or trickling is left for the next one, not waited on.
+                let budget = self.net.budget(n.addr, 4, GET_MANY_FLOOR);
+                let answer = tokio::time::timeout(budget, self.net.call(n.addr, req)).await;
+                let Ok(Ok(Response::Blocks(answers))) = answer else {
+                    if answer.is_err() {
+                        self.net.given_up(n.addr, budget);
+                    }
                     break;
                 };
                 if answers.is_empty() || answers.len() > want.len() {

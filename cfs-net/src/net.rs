@@ -257,6 +257,20 @@ impl<T: Transport> Net<T> {
         self.peers.missed(addr);
     }
 
+    /// How long `addr` may take to answer an exchange expected to take `factor` round
+    /// trips before it is given up for another holder (at least `floor`, at most the
+    /// RPC timeout); `given_up` then marks it slow.
+    pub fn budget(&self, addr: SocketAddr, factor: u32, floor: Duration) -> Duration {
+        (factor * self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP))
+            .max(floor)
+            .min(self.timeouts.rpc)
+    }
+
+    /// `addr` ran past the `budget` it was given.
+    pub fn given_up(&self, addr: SocketAddr, budget: Duration) {
+        self.peers.ran_past(addr, budget);
+    }
+
     fn mean_rtt_us(&self) -> f64 {
         self.peers.mean_rtt_us()
     }
