@@ -260,7 +260,12 @@ impl<T: Transport> Net<T> {
     /// How long `addr` may take to answer an exchange expected to take `factor` round
     /// trips before it is given up for another holder (at least `floor`, at most the
     /// RPC timeout); `given_up` then marks it slow.
+    /// A peer never measured gets the whole RPC timeout: its first exchange includes the
+    /// connection's own round trips, and nothing says yet what it costs.
     pub fn budget(&self, addr: SocketAddr, factor: u32, floor: Duration) -> Duration {
+        if self.peers.rtt_us(addr).is_none() {
+            return self.timeouts.rpc;
+        }
         (factor * self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP))
             .max(floor)
             .min(self.timeouts.rpc)
@@ -349,8 +354,7 @@ impl<T: Transport> Net<T> {
             // A hop that has not answered within twice its hedging delay is given up on
             // (and counted slow), and the lookup goes on with the next candidate: a hung
             // or cut-off node costs a lookup that, not the RPC timeout.
-            let budget = (2 * self.peers.hedge_delay(node.addr, HOP_FLOOR, HEDGE_CAP))
-                .min(self.timeouts.rpc);
+            let budget = self.budget(node.addr, 2, HOP_FLOOR);
             let reply = match tokio::time::timeout(budget, self.call(node.addr, req)).await {
                 Ok(r) => r,
                 Err(_) => {
