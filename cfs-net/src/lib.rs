@@ -5,6 +5,7 @@
 //! command and the gateway use. Decodes no tree and runs no node.
 
 pub mod client;
+pub mod hedge;
 pub mod net;
 mod peers;
 pub mod transport;
