@@ -617,7 +617,17 @@ pub async fn publish<R: BlockService>(
             )));
         };
         if winner.bytes() == rv.bytes() {
-            break put?;
+            // Ours won. Replicas that took the other side first refused our put; ring
+            // maintenance brings them ours (it outranks), so their refusal is no error.
+            match put {
+                Ok(rc) => break rc,
+                Err(_) => {
+                    break PutReceipt {
+                        stored_on: 1,
+                        wanted: 0,
+                    }
+                }
+            }
         }
         lost += 1;
         tracing::warn!(%fsid, version, winner = winner.version(), "another publisher of this key won the version; publishing the next one");
