@@ -59,6 +59,24 @@ fn read_all(fs: &Fs<MemRing>, ino: u64) -> Vec<u8> {
     out.data.into_vec()
 }
 
+/// Wait (at most `within`) until the file cache holds `ino` complete with `data`; the
+/// cache file's name (the inode key in hex).
+fn cache_file_complete(
+    fs: &Fs<MemRing>,
+    ino: u64,
+    cache_dir: &Path,
+    data: &[u8],
+    within: Duration,
+) -> String {
+    let hex = String::from_utf8(fs.getxattr(ino, b"user.cfs.key").unwrap()).unwrap();
+    let t = std::time::Instant::now();
+    while std::fs::read(cache_dir.join(&hex)).ok().as_deref() != Some(data) {
+        assert!(t.elapsed() < within, "the cache file was not completed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    hex
+}
+
 /// Look a path up name by name, as the kernel would; returns every number looked up.
 fn walk(fs: &Fs<MemRing>, path: &str) -> Vec<u64> {
     let mut at = ROOT_INO;
@@ -257,15 +275,7 @@ async fn a_file_read_in_parts_fills_the_cache_across_opens() {
         assert_eq!(read(fh, half, data.len() - half).unwrap(), data[half..]);
         fs.release(fh);
         // Complete: the cache file is there under its key, with its record.
-        let hex = String::from_utf8(fs.getxattr(ino, b"user.cfs.key").unwrap()).unwrap();
-        let t = std::time::Instant::now();
-        while std::fs::read(cache_dir.join(&hex)).ok().as_deref() != Some(&data[..]) {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "cache file not complete"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let hex = cache_file_complete(&fs, ino, &cache_dir, &data, Duration::from_secs(10));
         assert!(cache_dir.join(format!("{hex}.ok")).exists());
         // Without passthrough (no FUSE here), a later open reads the complete cache file
         // itself: the ring is not needed for any range.
@@ -323,15 +333,7 @@ async fn a_file_read_whole_while_the_disk_lags_still_ends_up_in_the_file_cache()
             off += n;
         }
         fs.release(fh);
-        let hex = String::from_utf8(fs.getxattr(ino, b"user.cfs.key").unwrap()).unwrap();
-        let t = std::time::Instant::now();
-        while std::fs::read(cache_dir.join(&hex)).ok().as_deref() != Some(&data[..]) {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "the cache file was not completed behind the reader"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        cache_file_complete(&fs, ino, &cache_dir, &data, Duration::from_secs(20));
         // Complete: a later open reads it with the ring offline.
         ring.offline.store(true, Ordering::SeqCst);
         let Opened::Normal(fh) = fs.open(ino, false, no).unwrap() else {
