@@ -39,6 +39,11 @@ pub struct Client<T: Transport = TcpTransport> {
     ranges: Arc<Mutex<Vec<Range>>>,
 }
 
+/// Rounds of a put before a block no replica took is an error, and the pause before the
+/// next (times the round's number).
+const PUT_ATTEMPTS: u32 = 3;
+const PUT_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Where one block's lease stands on its replicas after `lease_everywhere`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LeaseState {
@@ -351,6 +356,18 @@ impl<T: Transport> Client<T> {
         self.net.get_roots(&self.start(), fsid, self.replicas).await
     }
 
+    /// [`Client::get_roots`], also asking `seen` (the holders that gave the best root
+    /// last time) when the replicas are all new: returns the roots and who gave the best.
+    pub async fn get_roots_also(
+        &self,
+        fsid: Id,
+        seen: &[SocketAddr],
+    ) -> Result<(Vec<Verified>, Vec<SocketAddr>), DhashError> {
+        self.net
+            .get_roots_also(&self.start(), fsid, self.replicas, seen)
+            .await
+    }
+
     /// Group keys by the successor range they fall in: one lookup per range, not per
     /// key. Returns (replica set, indexes into `keys`) per group.
     async fn by_range(&self, keys: &[Id]) -> Result<Vec<(Vec<NodeRef>, Vec<usize>)>, DhashError> {
@@ -483,9 +500,9 @@ impl<T: Transport> Client<T> {
 
     /// Store many blocks: one PutMany per replica and range (split to fit a frame), all
     /// replicas in parallel. One receipt per block, in order; a refusal of any block is an
-    /// error for the whole call.
+    /// error for the whole call. Blocks no replica took (every call failed: the ring is
+    /// moving, a replica is stopping) are looked up afresh and sent again, a few times.
     pub async fn put_many(&self, blocks: &[Verified]) -> Result<Vec<PutReceipt>, DhashError> {
-        let keys: Vec<Id> = blocks.iter().map(|b| b.key()).collect();
         let mut out = vec![
             PutReceipt {
                 stored_on: 0,
@@ -494,7 +511,45 @@ impl<T: Transport> Client<T> {
             };
             blocks.len()
         ];
+        let mut todo: Vec<usize> = (0..blocks.len()).collect();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let round = self.put_round(blocks, &todo, &mut out).await;
+            todo.retain(|&g| out[g].stored_on == 0);
+            match round {
+                Ok(()) if todo.is_empty() => return Ok(out),
+                // A lookup that found no live node (the one in front of a key just
+                // stopped, and the ring has not yet stabilized past it) is as passing.
+                Ok(()) | Err(DhashError::Lookup(_)) if attempt < PUT_ATTEMPTS => {
+                    tracing::debug!(
+                        blocks = todo.len(),
+                        attempt,
+                        "no replica took some blocks; again"
+                    );
+                    tokio::time::sleep(PUT_RETRY_PAUSE * attempt).await;
+                }
+                Ok(()) => {
+                    return Err(DhashError::NotStored {
+                        key: blocks[todo[0]].key(),
+                        last: format!("no replica answered in {PUT_ATTEMPTS} attempts"),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One round of [`Client::put_many`] for the blocks at `todo`, counted into `out`.
+    async fn put_round(
+        &self,
+        blocks: &[Verified],
+        todo: &[usize],
+        out: &mut [PutReceipt],
+    ) -> Result<(), DhashError> {
+        let keys: Vec<Id> = todo.iter().map(|&g| blocks[g].key()).collect();
         for (set, group) in self.by_range(&keys).await? {
+            let group: Vec<usize> = group.into_iter().map(|i| todo[i]).collect();
             for chunk in crate::net::chunk_by_bytes(&group, |g| blocks[g].bytes().len()) {
                 let wire: Vec<WireBlock> = chunk
                     .iter()
@@ -546,13 +601,7 @@ impl<T: Transport> Client<T> {
                 }
             }
         }
-        if let Some(i) = out.iter().position(|r| r.stored_on == 0) {
-            return Err(DhashError::NotStored {
-                key: blocks[i].key(),
-                last: "no replica answered".into(),
-            });
-        }
-        Ok(out)
+        Ok(())
     }
 
     /// The replicas of `key` that hold it in their permanent store, and (for --json)

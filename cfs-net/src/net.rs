@@ -509,31 +509,72 @@ impl<T: Transport> Net<T> {
         key: Id,
         r: usize,
     ) -> Result<Vec<Verified>, DhashError> {
+        Ok(self.get_roots_also(start, key, r, &[]).await?.0)
+    }
+
+    /// [`Net::get_roots`], asking `also` (holders the caller saw before) beside the
+    /// replicas the lookup names, and waiting for one of them when the replicas are all
+    /// new to the caller: nodes that joined since cannot alone decide which root is the
+    /// newest. Returns the roots and which of the asked answered with the best.
+    pub async fn get_roots_also(
+        &self,
+        start: &[NodeRef],
+        key: Id,
+        r: usize,
+        also: &[SocketAddr],
+    ) -> Result<(Vec<Verified>, Vec<SocketAddr>), DhashError> {
         let l = self.lookup(start.to_vec(), key, None).await?;
         let mut targets = self.replicas(&l.succs, r).await;
         append_others(&mut targets, &l.succs);
         targets.truncate(2 * r);
-        let calls = targets.iter().map(|n| {
+        let mut asked: Vec<SocketAddr> = Vec::new();
+        for a in targets.iter().map(|n| n.addr) {
+            if !asked.contains(&a) {
+                asked.push(a);
+            }
+        }
+        let known = asked.iter().filter(|a| also.contains(a)).count();
+        // The replicas are all strangers to the caller: the holders it saw must answer too.
+        let must: Vec<SocketAddr> = if also.is_empty() || known > 0 {
+            Vec::new()
+        } else {
+            also.iter().take(2 * r).copied().collect()
+        };
+        asked.extend(must.iter().copied());
+        self.roots_from(&asked, key, r, &must).await
+    }
+
+    /// Ask each of `asked` for the root of `key`: every answer counts, but a hung or
+    /// cut-off holder must not hold up the root (a mount's next version, a publisher's
+    /// check), so once r have answered (and one of `must`, if any), the rest get
+    /// `ROOT_GRACE` more. Returns the distinct verified roots and who answered the best.
+    pub async fn roots_from(
+        &self,
+        asked: &[SocketAddr],
+        key: Id,
+        r: usize,
+        must: &[SocketAddr],
+    ) -> Result<(Vec<Verified>, Vec<SocketAddr>), DhashError> {
+        let calls = asked.iter().map(|&a| {
             let net = self.clone();
-            let a = n.addr;
             async move {
-                net.call(
-                    a,
-                    Request::Get {
-                        kind: BlockKind::Root,
-                        key,
-                    },
-                )
-                .await
+                let got = net
+                    .call(
+                        a,
+                        Request::Get {
+                            kind: BlockKind::Root,
+                            key,
+                        },
+                    )
+                    .await;
+                (a, got)
             }
         });
-        // Every answer counts, but a hung or cut-off holder must not hold up the root (a
-        // mount's next version, a publisher's check): once r have answered, the rest
-        // get `ROOT_GRACE` more.
         use futures_util::stream::{FuturesUnordered, StreamExt};
         let mut pending: FuturesUnordered<_> = calls.collect();
-        let mut roots: Vec<Verified> = Vec::new();
+        let mut roots: Vec<(Verified, Vec<SocketAddr>)> = Vec::new();
         let mut answered = 0;
+        let mut must_done = must.is_empty();
         let mut grace: Option<Instant> = None;
         loop {
             let next = match grace {
@@ -543,19 +584,23 @@ impl<T: Transport> Net<T> {
                     Err(_) => break,
                 },
             };
-            let Some(answer) = next else { break };
+            let Some((from, answer)) = next else { break };
+            if must.contains(&from) {
+                must_done = true;
+            }
             if let Ok(Response::Block(b)) = answer {
                 answered += 1;
                 if let Some(bytes) = b {
                     if let Ok(v) = verify(BlockKind::Root, key, bytes, false) {
-                        if roots.iter().all(|r| r.bytes() != v.bytes()) {
-                            roots.push(v);
+                        match roots.iter_mut().find(|(r, _)| r.bytes() == v.bytes()) {
+                            Some((_, by)) => by.push(from),
+                            None => roots.push((v, vec![from])),
                         }
                     }
                 }
-                if answered >= r && grace.is_none() {
-                    grace = Some(Instant::now() + ROOT_GRACE);
-                }
+            }
+            if answered >= r && must_done && grace.is_none() {
+                grace = Some(Instant::now() + ROOT_GRACE);
             }
         }
         if answered == 0 && roots.is_empty() {
@@ -566,7 +611,12 @@ impl<T: Transport> Net<T> {
                 last: "no replica of the root answered".into(),
             });
         }
-        Ok(roots)
+        let best = roots
+            .iter()
+            .max_by_key(|(v, _)| v.rank())
+            .map(|(_, by)| by.clone())
+            .unwrap_or_default();
+        Ok((roots.into_iter().map(|(v, _)| v).collect(), best))
     }
 
     /// The replica set of a lookup's successors; when the list holds fewer than r

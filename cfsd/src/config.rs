@@ -55,6 +55,10 @@ pub struct Config {
     /// node then counts time with `tokio::time`, so the simulator's leases run on its
     /// virtual clock.
     pub clock_base: Option<u64>,
+    /// How long after joining an existing ring a node checks a root it holds against the
+    /// holders before serving it (a store that was down, or a peer's hand-off, may hold
+    /// an old version); maintenance has replaced such copies by then.
+    pub root_settle: Duration,
 }
 
 impl Config {
@@ -85,6 +89,7 @@ impl Config {
             capacity_bytes: 0,
             disk_reserve_bytes: 64 << 20,
             clock_base: None,
+            root_settle: Duration::from_secs(30),
         }
     }
 }

@@ -84,6 +84,10 @@ struct Args {
     /// Replica maintenance interval in milliseconds.
     #[arg(long, default_value_t = 5000)]
     maintain_ms: u64,
+    /// How long after joining a node checks a root it holds against the other holders
+    /// before serving it, in milliseconds (0: never).
+    #[arg(long, default_value_t = 30000)]
+    root_settle_ms: u64,
     /// Interval of the scrub that re-verifies stored blocks, in milliseconds (0: off).
     #[arg(long, default_value_t = 60000)]
     scrub_ms: u64,
@@ -202,6 +206,7 @@ async fn run(args: Args) -> Result<()> {
     cfg.maintain_every = Duration::from_millis(args.maintain_ms.max(100));
     cfg.scrub_every = (args.scrub_ms > 0).then(|| Duration::from_millis(args.scrub_ms.max(100)));
     cfg.handoff_rounds = args.handoff_rounds.max(1);
+    cfg.root_settle = Duration::from_millis(args.root_settle_ms);
     if args.max_lease == 0 {
         bail!("--max-lease must be at least 1s");
     }

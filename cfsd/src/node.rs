@@ -60,6 +60,7 @@ impl<T: Transport> Node<T> {
         }
         if let Some(b) = bootstrap {
             self.note_seen([b]);
+            *self.inner.joined_at.lock().unwrap() = Some(tokio::time::Instant::now());
         }
         self.mark_joined();
         Ok(())
@@ -460,7 +461,7 @@ impl<T: Transport> Handler for Node<T> {
     async fn handle(
         &self,
         peer: SocketAddr,
-        _from: Option<SocketAddr>,
+        from: Option<SocketAddr>,
         req: Request,
     ) -> Result<Response, RemoteError> {
         let m = &self.inner.metrics;
@@ -541,7 +542,13 @@ impl<T: Transport> Handler for Node<T> {
             }
             Request::Get { kind, key } => {
                 Metrics::inc(&m.gets_served);
-                let b = self.lookup_block(kind, key, peer.ip());
+                // A ring member asking is checking roots itself: answering it with a
+                // check of our own could loop between two settling nodes.
+                let b = if kind == BlockKind::Root && from.is_none() {
+                    self.root_to_serve(key, peer.ip()).await
+                } else {
+                    self.lookup_block(kind, key, peer.ip())
+                };
                 if b.is_none() {
                     Metrics::inc(&m.gets_missed);
                 }

@@ -9,12 +9,14 @@ use crate::metrics::Metrics;
 use crate::quota::Quota;
 use crate::store::{BlockStore, StoreKey};
 use crate::vnode::Vnode;
+use cfs_core::block::Verified;
 use cfs_core::wire::{ErrorKind, RemoteError};
+use cfs_core::Id;
 use cfs_core::NodeRef;
 use cfs_net::net::Net;
 use cfs_net::transport::Transport;
 use rand::SeedableRng;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -42,6 +44,11 @@ pub(crate) struct Inner<T: Transport> {
     /// Until it has joined, a node answers no ring requests: its lone successor list
     /// would claim the whole ring.
     pub(crate) joined: std::sync::atomic::AtomicBool,
+    /// When this node joined an existing ring: for `root_settle` after it, the roots it
+    /// holds are checked against the holders it joined in front of before it serves them.
+    pub(crate) joined_at: Mutex<Option<tokio::time::Instant>>,
+    /// The holders' best root per key asked while settling (None: they had none).
+    pub(crate) settle: Mutex<HashMap<Id, Arc<tokio::sync::OnceCell<Option<Verified>>>>>,
     pub(crate) rng: Mutex<rand::rngs::SmallRng>,
     /// Bytes of puts admitted under the capacity but not yet stored.
     pub(crate) incoming: std::sync::atomic::AtomicU64,
@@ -95,6 +102,8 @@ impl<T: Transport> Node<T> {
                 handoffs: Mutex::default(),
                 below_r: Default::default(),
                 joined: std::sync::atomic::AtomicBool::new(false),
+                joined_at: Mutex::new(None),
+                settle: Mutex::new(HashMap::new()),
                 rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(seed)),
                 incoming: std::sync::atomic::AtomicU64::new(0),
                 cfg,

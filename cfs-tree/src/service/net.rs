@@ -6,7 +6,11 @@ use cfs_core::block::{verify, BlockKind, Verified};
 use cfs_core::Id;
 use cfs_net::client::Client;
 use cfs_net::net::DhashError;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+
+/// Holders of a root remembered per FSID: a replica set and as many more.
+const MAX_SEEN_HOLDERS: usize = 8;
 
 pub struct NetRing {
     pub client: Client,
@@ -49,6 +53,39 @@ impl NetRing {
     fn remembered(&self, fsid: Id) -> Option<Verified> {
         let bytes = std::fs::read(self.root_path(fsid)?).ok()?;
         verify(BlockKind::Root, fsid, bytes, false).ok()
+    }
+
+    /// The holders that gave the best root last time (at most `MAX_SEEN_HOLDERS`).
+    fn seen_holders(&self, fsid: Id) -> Vec<SocketAddr> {
+        let Some(p) = self.root_path(fsid) else {
+            return Vec::new();
+        };
+        let text = std::fs::read_to_string(p.with_extension("holders")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .take(MAX_SEEN_HOLDERS)
+            .collect()
+    }
+
+    fn remember_holders(&self, fsid: Id, holders: &[SocketAddr]) {
+        let Some(p) = self.root_path(fsid) else {
+            return;
+        };
+        if holders.is_empty() || self.seen_holders(fsid) == holders {
+            return;
+        }
+        let text: String = holders
+            .iter()
+            .take(MAX_SEEN_HOLDERS)
+            .map(|a| format!("{a}\n"))
+            .collect();
+        let (p, tmp) = (p.with_extension("holders"), p.with_extension("holders.tmp"));
+        let ok = std::fs::create_dir_all(p.parent().unwrap())
+            .and_then(|_| std::fs::write(&tmp, text))
+            .and_then(|_| std::fs::rename(&tmp, &p));
+        if let Err(e) = ok {
+            tracing::debug!(error = %e, path = %p.display(), "cannot remember the root's holders");
+        }
     }
 
     fn remember(&self, v: &Verified) {
@@ -129,7 +166,16 @@ impl BlockService for NetRing {
     }
 
     async fn get_root(&self, fsid: Id) -> Result<Option<Verified>, RingError> {
-        let from_ring = self.client.get_root(fsid).await;
+        // Nodes that joined since the last sighting do not alone decide the newest root:
+        // the holders seen then are asked too.
+        let from_ring = self
+            .client
+            .get_roots_also(fsid, &self.seen_holders(fsid))
+            .await
+            .map(|(roots, by)| {
+                self.remember_holders(fsid, &by);
+                roots.into_iter().max_by_key(Verified::rank)
+            });
         let seen = self.remembered(fsid);
         let best = match (from_ring, seen) {
             // The other side of a fork of a version seen before: an error naming both.
