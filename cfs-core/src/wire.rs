@@ -11,7 +11,10 @@ use std::net::{IpAddr, SocketAddr};
 /// `Has` answers how long each block is leased, and `Renew` extends leases by key.
 /// 4: `GetMany` fetches many small blocks in one exchange. 5: a block in a batch names
 /// the source whose storage a ring transfer of it is charged to (`WireBlock::source`).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: a connection carries many requests at once: a client may send requests before the
+/// replies to earlier ones arrive, and a node answers each as it is ready, so replies
+/// come in any order and are matched by `id` (frames are unchanged).
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Hard limit on one frame: a largest block plus room for the envelope.
 pub const MAX_FRAME_BYTES: usize = MAX_BLOCK_BYTES + 64 * 1024;
 /// Most items in one batched request (Has), so that replies stay under the frame limit.

@@ -157,12 +157,27 @@ impl<T: Transport> Client<T> {
     pub async fn lookup(&self, key: Id) -> Result<Lookup, LookupError> {
         let l = self.net.lookup(self.start(), key, None).await?;
         self.learn(l.succs.iter().copied());
+        if !l.succs.is_empty() {
+            self.remember_range(l.from, &l.succs);
+        }
         Ok(l)
     }
 
     pub async fn get(&self, kind: BlockKind, key: Id) -> Result<Verified, DhashError> {
         if let Some(succs) = self.known_range(key) {
             let mut order = crate::net::replica_set(&succs, self.replicas);
+            self.net.nearest_first(&mut order);
+            let deadline = tokio::time::Instant::now() + self.net.timeouts.op;
+            if let Ok(v) = self.net.get_hedged(&order, kind, key, deadline).await {
+                return Ok(v);
+            }
+            self.forget_range(key);
+        }
+        // A lookup for the range (not for the block, which any node on the path may
+        // answer with, teaching nothing): its successor list serves the reads after this
+        // one in its ranges without lookups.
+        if let Ok(l) = self.lookup(key).await {
+            let mut order = crate::net::replica_set(&l.succs, self.replicas);
             self.net.nearest_first(&mut order);
             let deadline = tokio::time::Instant::now() + self.net.timeouts.op;
             if let Ok(v) = self.net.get_hedged(&order, kind, key, deadline).await {
@@ -325,19 +340,37 @@ impl<T: Transport> Client<T> {
             .retain(|x| !key.in_half_open(x.from, x.to));
     }
 
+    /// Remember the range a lookup answered, `(from, succs[0]]`, and the ones its
+    /// successor list implies, `(succs[i], succs[i + 1]]`, while what follows still holds
+    /// r processes: one lookup then serves reads across as many ranges as the list is
+    /// long (in a small ring, all of it). Only a hint: a read that finds nothing there
+    /// forgets the range and looks the key up.
     fn remember_range(&self, from: Id, succs: &[NodeRef]) {
         let mut r = self.ranges.lock().unwrap();
-        let to = succs[0].id;
-        r.retain(|x| !(x.from == from && x.to == to));
-        if r.len() >= MAX_RANGES {
-            r.remove(0);
+        let now = tokio::time::Instant::now();
+        let mut add = |from: Id, succs: &[NodeRef]| {
+            let to = succs[0].id;
+            r.retain(|x| !(x.from == from && x.to == to));
+            if r.len() >= MAX_RANGES {
+                r.remove(0);
+            }
+            r.push(Range {
+                from,
+                to,
+                succs: succs.to_vec(),
+                at: now,
+            });
+        };
+        add(from, succs);
+        for i in 0..succs.len().saturating_sub(1) {
+            let tail = &succs[i + 1..];
+            if crate::net::replica_set(tail, self.replicas).len() < self.replicas {
+                break;
+            }
+            if succs[i].id != tail[0].id {
+                add(succs[i].id, tail);
+            }
         }
-        r.push(Range {
-            from,
-            to,
-            succs: succs.to_vec(),
-            at: tokio::time::Instant::now(),
-        });
     }
 
     pub async fn put(&self, block: &Verified) -> Result<PutReceipt, DhashError> {

@@ -40,7 +40,7 @@ impl<T: Transport> Net<T> {
         if self.peers.rtt_us(addr).is_none() {
             return self.timeouts.rpc;
         }
-        (factor * self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP))
+        (factor * self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP, false))
             .max(floor)
             .min(self.timeouts.rpc)
     }
@@ -86,7 +86,12 @@ impl<T: Transport> Net<T> {
                         self.reads.asked.fetch_add(1, Relaxed);
                         let (net, a) = (self.clone(), n.addr);
                         out.push(async move { (a, net.call(a, Request::Get { kind, key }).await) });
-                        let d = self.peers.hedge_delay(a, HEDGE_FLOOR, HEDGE_CAP);
+                        let d = self.peers.hedge_delay(
+                            a,
+                            HEDGE_FLOOR,
+                            HEDGE_CAP,
+                            kind == BlockKind::Data,
+                        );
                         hedge_at = (next < order.len()).then(|| (Instant::now() + d, a, d));
                     }
                     None if out.is_empty() => return Err(last),

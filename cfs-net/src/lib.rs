@@ -5,6 +5,7 @@
 //! command and the gateway use. Decodes no tree and runs no node.
 
 pub mod client;
+mod conn;
 pub mod hedge;
 pub mod net;
 mod peers;

@@ -3,6 +3,7 @@
 //! fingers, maintenance) and clients (`cfs`), so the routing logic exists once.
 
 use crate::hedge::{ReadCounts, HOP_FLOOR, ROOT_GRACE};
+use crate::peers::BULK_BYTES;
 use crate::transport::{CallError, Transport};
 use cfs_core::block::{verify, BlockKind, Verified};
 use cfs_core::id::MAX_VNODES;
@@ -127,8 +128,19 @@ impl<T: Transport> Net<T> {
         let _in_flight = self.peers.begin(to);
         let r = self.transport.call(to, req, self.timeouts.rpc).await;
         let failed = matches!(r, Err(ref e) if e.is_failure());
-        self.peers
-            .record(to, t0.elapsed(), failed, self.timeouts.rpc);
+        let bulk = match &r {
+            Ok(Response::Block(Some(b))) => b.len() >= BULK_BYTES,
+            Ok(Response::Blocks(bs)) => {
+                bs.iter().flatten().map(|b| b.len()).sum::<usize>() >= BULK_BYTES
+            }
+            _ => false,
+        };
+        if bulk {
+            self.peers.record_bulk(to, t0.elapsed());
+        } else {
+            self.peers
+                .record(to, t0.elapsed(), failed, self.timeouts.rpc);
+        }
         r
     }
 

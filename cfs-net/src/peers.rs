@@ -25,7 +25,16 @@ struct Peer {
     /// The last call failed.
     failed: bool,
     in_flight: u32,
+    /// Smoothed time of a bulk exchange (a reply of a block or more) and its deviation,
+    /// in microseconds: the RTT plus the transfer and the queue at the peer's uplink.
+    /// Kept apart so that small exchanges (lookups) do not make a peer look fast for
+    /// blocks, nor blocks make it look slow for lookups.
+    bulk_us: Option<f64>,
+    bulk_var_us: f64,
 }
+
+/// A reply at least this large is a bulk exchange (`Peers::record_bulk`).
+pub const BULK_BYTES: usize = 16 * 1024;
 
 /// Shared by every clone of a `Net`.
 #[derive(Clone, Default)]
@@ -79,6 +88,22 @@ impl Peers {
         Self::bound(&mut m, to);
     }
 
+    /// A bulk exchange with `to` (a reply of `BULK_BYTES` or more) took `took`.
+    pub fn record_bulk(&self, to: SocketAddr, took: Duration) {
+        let mut m = self.map.lock().unwrap();
+        let p = m.entry(to).or_default();
+        p.failed = false;
+        let sample = took.as_secs_f64() * 1e6;
+        p.bulk_us = Some(match p.bulk_us {
+            None => sample,
+            Some(b) => {
+                p.bulk_var_us = 0.75 * p.bulk_var_us + 0.25 * (b - sample).abs();
+                0.8 * b + 0.2 * sample
+            }
+        });
+        Self::bound(&mut m, to);
+    }
+
     /// `to` answered, but without what was asked (no block, bad bytes): a fast answer
     /// like that must not make it the replica asked first, so its RTT counts as at
     /// least twice the mean; a few good answers bring it back.
@@ -104,14 +129,29 @@ impl Peers {
     /// How long a read from `to` may take before the next holder is asked too (a hedged
     /// request): its smoothed RTT plus four deviations, as TCP's retransmission timer,
     /// between `floor` and `cap`; twice the mean RTT for a peer never measured.
-    pub fn hedge_delay(&self, to: SocketAddr, floor: Duration, cap: Duration) -> Duration {
+    /// For a `bulk` exchange (a data block), the bulk times count too.
+    pub fn hedge_delay(
+        &self,
+        to: SocketAddr,
+        floor: Duration,
+        cap: Duration,
+        bulk: bool,
+    ) -> Duration {
         let mean = self.mean_rtt_us();
         let us = match self.map.lock().unwrap().get(&to) {
-            Some(Peer {
-                rtt_us: Some(r),
-                var_us,
-                ..
-            }) => r + 4.0 * var_us,
+            Some(
+                p @ Peer {
+                    rtt_us: Some(r),
+                    var_us,
+                    ..
+                },
+            ) => {
+                let small = r + 4.0 * var_us;
+                match p.bulk_us.filter(|_| bulk) {
+                    Some(b) => small.max(b + 4.0 * p.bulk_var_us),
+                    None => small,
+                }
+            }
             _ => 2.0 * mean,
         };
         Duration::from_secs_f64(us / 1e6).clamp(floor, cap)
@@ -166,14 +206,18 @@ impl Peers {
         }
     }
 
-    /// Order replicas by expected wait: RTT (the mean for one never measured, so new
-    /// replicas get tried) times one plus the calls already in flight to it.
+    /// Order replicas by expected wait: the time of a bulk exchange with it (else its
+    /// RTT; the mean for one never measured, so new replicas get tried; a penalty on its
+    /// RTT, for failing or stalling, counts whichever is larger) times one plus the
+    /// calls already in flight to it. So reads spread over the holders' uplinks, each
+    /// in proportion to how fast it answers.
     pub fn least_loaded_first(&self, nodes: &mut [NodeRef]) {
         let mean = self.mean_rtt_us();
         let m = self.map.lock().unwrap();
         let cost = |n: &NodeRef| {
             let p = m.get(&n.addr).copied().unwrap_or_default();
-            p.rtt_us.unwrap_or(mean) * (1.0 + p.in_flight as f64)
+            let rtt = p.rtt_us.unwrap_or(mean);
+            rtt.max(p.bulk_us.unwrap_or(0.0)) * (1.0 + p.in_flight as f64)
         };
         nodes.sort_by(|a, b| cost(a).total_cmp(&cost(b)));
     }
@@ -185,6 +229,30 @@ mod tests {
 
     fn node(port: u16) -> NodeRef {
         NodeRef::new(SocketAddr::from(([127, 0, 0, 1], port)), 0)
+    }
+
+    #[test]
+    fn fast_small_answers_do_not_make_a_peer_first_for_blocks() {
+        let p = Peers::default();
+        let (a, b) = (node(1), node(2));
+        let ms = Duration::from_millis;
+        // A answers lookups fast (it is the one a client starts from) but is slow with
+        // blocks (its uplink is busy); B is further away but sends blocks faster.
+        p.record(a.addr, ms(5), false, Duration::from_secs(3));
+        p.record_bulk(a.addr, ms(400));
+        p.record(b.addr, ms(50), false, Duration::from_secs(3));
+        p.record_bulk(b.addr, ms(150));
+        let mut order = vec![a, b];
+        p.least_loaded_first(&mut order);
+        assert_eq!(order, vec![b, a]);
+        // Hedging a block read waits for what blocks take; a lookup, for the RTT.
+        let (floor, cap) = (ms(1), Duration::from_secs(5));
+        assert!(p.hedge_delay(a.addr, floor, cap, true) >= ms(400));
+        assert!(p.hedge_delay(a.addr, floor, cap, false) < ms(50));
+        // A stall penalty on the RTT still sends block reads elsewhere.
+        p.ran_past(b.addr, ms(1000));
+        p.least_loaded_first(&mut order);
+        assert_eq!(order, vec![a, b]);
     }
 
     #[test]

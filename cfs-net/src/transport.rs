@@ -2,17 +2,17 @@
 //! through [`Transport`] and read time only through `tokio::time`, so the daemon runs them
 //! over TCP and the simulator over an in-process network with virtual time.
 
-use cfs_core::wire::{
-    self, RemoteError, Request, RequestFrame, Response, ResponseFrame, PROTOCOL_VERSION,
-};
+use crate::conn::Conn;
+use cfs_core::wire::{self, RemoteError, Request, RequestFrame, Response, PROTOCOL_VERSION};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
@@ -71,22 +71,35 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// TCP transport: one request at a time per connection, idle connections pooled per peer.
+/// TCP transport: requests multiplexed over a connection or two per peer
+/// ([`crate::conn::Conn`]), kept open while in use and closed after `conn::IDLE` idle.
 #[derive(Clone)]
 pub struct TcpTransport {
     inner: Arc<TcpInner>,
 }
 
-struct TcpInner {
-    local: Option<SocketAddr>,
-    idle: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
-    next_id: AtomicU64,
+#[derive(Default)]
+struct PeerConns {
+    conns: Vec<Arc<Conn>>,
+    /// Held while a connection to the peer is being opened: calls that find none wait
+    /// for that one instead of each opening their own.
+    dial: Arc<tokio::sync::Mutex<()>>,
 }
 
-const MAX_IDLE_PER_PEER: usize = 16;
-/// Idle connections kept in all: peers a node was made to dial (rectify candidates, lookup
-/// answers) cannot pile up file descriptors in the pool.
-const MAX_IDLE_TOTAL: usize = 256;
+struct TcpInner {
+    local: Option<SocketAddr>,
+    peers: Mutex<HashMap<SocketAddr, PeerConns>>,
+    next_id: AtomicU64,
+    last_sweep: Mutex<Instant>,
+}
+
+/// Connections to one peer at most: a second opens once the first has this many calls
+/// in flight (two congestion windows, and a large reply delays fewer small ones).
+const CONNS_PER_PEER: usize = 2;
+const CALLS_BEFORE_SECOND: usize = 8;
+/// Open connections in all, past which idle ones are closed first: peers a node was made
+/// to dial (rectify candidates, lookup answers) cannot pile up file descriptors.
+const MAX_CONNS: usize = 512;
 
 impl TcpTransport {
     /// `local` is this process's advertised address if it is a ring member.
@@ -94,56 +107,85 @@ impl TcpTransport {
         TcpTransport {
             inner: Arc::new(TcpInner {
                 local,
-                idle: Mutex::new(HashMap::new()),
+                peers: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                last_sweep: Mutex::new(Instant::now()),
             }),
         }
     }
 
-    async fn exchange(
-        &self,
-        stream: &mut TcpStream,
-        frame: &[u8],
-        id: u64,
-    ) -> Result<Response, CallError> {
-        stream
-            .write_all(frame)
-            .await
-            .map_err(|e| CallError::Unreachable(e.to_string()))?;
-        let io = |e: std::io::Error| CallError::Unreachable(e.to_string());
-        let len = read_prefix(stream)
-            .await
-            .map_err(io)?
-            .ok_or_else(|| CallError::Unreachable("connection closed".into()))?;
-        // A block is received straight into its own buffer: no copy out of the frame,
-        // and no second buffer of its size while it is decoded.
-        let mut head = vec![0u8; len.min(wire::BLOCK_HEADER_MAX)];
-        stream.read_exact(&mut head).await.map_err(io)?;
-        let block = wire::block_response_header(&head).filter(|(_, hdr, blen)| hdr + blen == len);
-        // The rest of the body, after `start` (what of `head` belongs to it).
-        let start = block.map_or(0, |(_, hdr, _)| hdr);
-        let mut body = Vec::with_capacity(len - start);
-        body.extend_from_slice(&head[start..]);
-        (&mut *stream)
-            .take((len - head.len()) as u64)
-            .read_to_end(&mut body)
-            .await
-            .map_err(io)?;
-        if body.len() != len - start {
-            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+    /// A connection to `to` with room for one more call, if one is open; None when a
+    /// (first or second) connection should be opened.
+    fn pick(&self, to: SocketAddr) -> Option<Arc<Conn>> {
+        let mut peers = self.inner.peers.lock().unwrap();
+        let p = peers.get_mut(&to)?;
+        p.conns.retain(|c| c.is_open());
+        let best = p.conns.iter().min_by_key(|c| c.load())?;
+        if best.load() >= CALLS_BEFORE_SECOND && p.conns.len() < CONNS_PER_PEER {
+            return None;
         }
-        if let Some((rid, _, _)) = block {
-            if rid != id {
-                return Err(CallError::Protocol("response for another request".into()));
+        Some(best.clone())
+    }
+
+    async fn conn_for(&self, to: SocketAddr) -> Result<Arc<Conn>, CallError> {
+        if let Some(c) = self.pick(to) {
+            return Ok(c);
+        }
+        let dial = self
+            .inner
+            .peers
+            .lock()
+            .unwrap()
+            .entry(to)
+            .or_default()
+            .dial
+            .clone();
+        let _dialing = dial.lock().await;
+        if let Some(c) = self.pick(to) {
+            return Ok(c);
+        }
+        self.sweep();
+        let c = Conn::open(to).await?;
+        self.inner
+            .peers
+            .lock()
+            .unwrap()
+            .entry(to)
+            .or_default()
+            .conns
+            .push(c.clone());
+        Ok(c)
+    }
+
+    /// Close connections idle past `conn::IDLE` (at most once a second), and idle ones
+    /// beyond `MAX_CONNS`; forget peers with none left.
+    fn sweep(&self) {
+        {
+            let mut last = self.inner.last_sweep.lock().unwrap();
+            if last.elapsed() < Duration::from_secs(1) {
+                return;
             }
-            return Ok(Response::Block(Some(body)));
+            *last = Instant::now();
         }
-        let resp: ResponseFrame =
-            wire::decode(&body).map_err(|e| CallError::Protocol(e.to_string()))?;
-        if resp.id != id {
-            return Err(CallError::Protocol("response for another request".into()));
+        let mut peers = self.inner.peers.lock().unwrap();
+        for p in peers.values_mut() {
+            crate::conn::sweep(&mut p.conns);
         }
-        resp.resp.map_err(CallError::Remote)
+        let mut open: usize = peers.values().map(|p| p.conns.len()).sum();
+        for p in peers.values_mut() {
+            if open < MAX_CONNS {
+                break;
+            }
+            p.conns.retain(|c| {
+                let drop = open >= MAX_CONNS && c.idle();
+                if drop {
+                    c.close_now();
+                    open -= 1;
+                }
+                !drop
+            });
+        }
+        peers.retain(|_, p| !p.conns.is_empty() || Arc::strong_count(&p.dial) > 1);
     }
 
     async fn call_inner(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
@@ -155,49 +197,16 @@ impl TcpTransport {
             req,
         })
         .map_err(|e| CallError::Protocol(e.to_string()))?;
-        // A pooled connection may have been closed by the peer meanwhile: on failure,
-        // retry once on a fresh one. Every request is idempotent.
-        let pooled = {
-            let mut idle = self.inner.idle.lock().unwrap();
-            let s = idle.get_mut(&to).and_then(|v| v.pop());
-            if idle.get(&to).is_some_and(|v| v.is_empty()) {
-                idle.remove(&to);
+        // A connection may have been closed by the peer meanwhile (its idle timeout, a
+        // restart): on that failure, retry once on a fresh one. Every request is
+        // idempotent.
+        let c = self.conn_for(to).await?;
+        match c.call(id, frame.clone()).await {
+            Err(CallError::Unreachable(_)) => {
+                let c = self.conn_for(to).await?;
+                c.call(id, frame).await
             }
-            s
-        };
-        if let Some(mut s) = pooled {
-            match self.exchange(&mut s, &frame, id).await {
-                Ok(r) => {
-                    self.put_back(to, s);
-                    return Ok(r);
-                }
-                Err(e @ CallError::Remote(_)) => {
-                    self.put_back(to, s);
-                    return Err(e);
-                }
-                Err(_) => {}
-            }
-        }
-        let mut s = TcpStream::connect(to)
-            .await
-            .map_err(|e| CallError::Unreachable(format!("{to}: {e}")))?;
-        let _ = s.set_nodelay(true);
-        let r = self.exchange(&mut s, &frame, id).await;
-        if r.is_ok() || matches!(r, Err(CallError::Remote(_))) {
-            self.put_back(to, s);
-        }
-        r
-    }
-
-    fn put_back(&self, to: SocketAddr, s: TcpStream) {
-        let mut idle = self.inner.idle.lock().unwrap();
-        let total: usize = idle.values().map(Vec::len).sum();
-        if total >= MAX_IDLE_TOTAL {
-            return;
-        }
-        let v = idle.entry(to).or_default();
-        if v.len() < MAX_IDLE_PER_PEER {
-            v.push(s);
+            r => r,
         }
     }
 }
@@ -224,7 +233,7 @@ impl Transport for TcpTransport {
 }
 
 /// Read one frame's length prefix; Ok(None) on a clean end of stream before a frame.
-pub async fn read_prefix(s: &mut TcpStream) -> std::io::Result<Option<usize>> {
+pub async fn read_prefix<R: AsyncRead + Unpin>(s: &mut R) -> std::io::Result<Option<usize>> {
     let mut prefix = [0u8; 4];
     match s.read_exact(&mut prefix).await {
         Ok(_) => {}
@@ -245,7 +254,7 @@ pub const FIRST_READ: usize = 16 * 1024;
 /// (and at most 7 reallocations for the largest frame). `grow` is asked for each increase
 /// of its capacity (it may wait for a shared budget, or refuse).
 pub async fn read_body<F, Fut>(
-    s: &mut TcpStream,
+    s: &mut OwnedReadHalf,
     len: usize,
     mut grow: F,
 ) -> std::io::Result<Vec<u8>>

@@ -29,8 +29,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Limits of the server; every one is a `cfsd` flag.
@@ -426,8 +427,44 @@ struct ConnCtx<'a> {
     stop: watch::Receiver<bool>,
 }
 
-impl ConnCtx<'_> {
-    async fn serve<H: Handler>(&self, mut stream: TcpStream, handler: &H) {
+/// A request read off a connection, with the request slot and budget it holds until its
+/// reply is written.
+struct Incoming<'a> {
+    id: u64,
+    /// Err: the protocol version the peer spoke instead of ours.
+    frame: Result<RequestFrame, u16>,
+    held: Held<'a>,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Requests of one connection handled at once (protocol 6 lets a client send many before
+/// reading replies); more wait in the kernel's buffers.
+const PIPELINE: usize = 16;
+
+impl<'a> ConnCtx<'a> {
+    /// Read requests and answer them, several at once; each reply is written whole as it
+    /// is ready, so replies may come in another order than their requests.
+    async fn serve<H: Handler>(&self, stream: TcpStream, handler: &H) {
+        let (mut rd, wr) = stream.into_split();
+        let wr = tokio::sync::Mutex::new(wr);
+        let (tx, rx) = mpsc::channel(1);
+        let reading = self.read_requests(&mut rd, tx, handler);
+        let answering = self.answer_requests(rx, &wr, handler);
+        tokio::pin!(reading, answering);
+        tokio::select! {
+            // A reply could not be written: the connection is done.
+            _ = &mut answering => {}
+            // No more requests: answer those read.
+            _ = &mut reading => answering.await,
+        }
+    }
+
+    async fn read_requests<H: Handler>(
+        &self,
+        rd: &mut OwnedReadHalf,
+        tx: mpsc::Sender<Incoming<'a>>,
+        handler: &H,
+    ) {
         let (peer, limits) = (self.peer, self.limits);
         let mut stop = self.stop.clone();
         loop {
@@ -436,7 +473,7 @@ impl ConnCtx<'_> {
             let next = tokio::select! {
                 biased;
                 _ = stopping(&mut stop) => return,
-                n = tokio::time::timeout(limits.idle_timeout, read_prefix(&mut stream)) => n,
+                n = tokio::time::timeout(limits.idle_timeout, read_prefix(rd)) => n,
             };
             let len = match next {
                 Err(_) | Ok(Ok(None)) => return,
@@ -447,13 +484,13 @@ impl ConnCtx<'_> {
                 Ok(Ok(Some(len))) => len,
             };
             self.registry.lock().unwrap().touch(self.id);
-            // One of the source bucket's request slots from here until the reply is
-            // written: a source gets no more of the node than its share of requests and
-            // replies, however many connections it opens, and frames waiting for a slot
-            // stay in the kernel's buffers, not in ours.
+            // One of the source bucket's request slots from here until the reply exists:
+            // a source gets no more of the node than its share of requests, however many
+            // connections it opens or requests it sends at once, and frames waiting for
+            // a slot stay in the kernel's buffers, not in ours.
             let slots = self.registry.lock().unwrap().slots(&self.bucket);
             let slot = match &slots {
-                Some(s) => s.acquire().await.ok(),
+                Some(s) => s.clone().acquire_owned().await.ok(),
                 None => None,
             };
             // Memory is taken from the shared budget as the body arrives, in KiB, and
@@ -463,7 +500,7 @@ impl ConnCtx<'_> {
                 + Duration::from_secs_f64(len as f64 / limits.min_body_rate.max(1) as f64);
             let mut capacity = 0usize;
             let held_ref = &held;
-            let read = read_body(&mut stream, len, |add| {
+            let read = read_body(rd, len, |add| {
                 // Charged: the growth beyond the frame's free allowance, in KiB.
                 let before = charged_kib(capacity);
                 capacity += add;
@@ -484,10 +521,10 @@ impl ConnCtx<'_> {
             // The version and id come first in every frame, so a peer of another
             // version gets a clear answer even when the rest of its frame does not
             // decode here.
-            let frame = match postcard::take_from_bytes::<(u16, u64)>(&body) {
-                Ok(((protocol, id), _)) if protocol != PROTOCOL_VERSION => Err((protocol, id)),
+            let (id, frame) = match postcard::take_from_bytes::<(u16, u64)>(&body) {
+                Ok(((protocol, id), _)) if protocol != PROTOCOL_VERSION => (id, Err(protocol)),
                 _ => match wire::decode::<RequestFrame>(&body) {
-                    Ok(f) => Ok(f),
+                    Ok(f) => (f.id, Ok(f)),
                     Err(e) => {
                         handler.refused_input(peer, &e.to_string());
                         return;
@@ -495,113 +532,255 @@ impl ConnCtx<'_> {
                 },
             };
             drop(body);
-            let id = match &frame {
-                Ok(f) => f.id,
-                Err((_, id)) => *id,
+            let incoming = Incoming {
+                id,
+                frame,
+                held,
+                slot,
             };
-            // A request that may answer with blocks reserves a largest reply first, so
-            // its reply is never built outside the budget.
-            // Both come out of the source bucket's allowance for replies (the same one its
-            // unread replies use) and out of the node's budget.
-            let unread = self.registry.lock().unwrap().unread(&self.bucket);
-            let mut allowance: Option<OwnedSemaphorePermit> = None;
-            let reserved = if frame.as_ref().is_ok_and(|f| may_answer_blocks(&f.req)) {
-                let kib = charged_kib(REPLY_RESERVE) as u32;
-                allowance = unread
-                    .clone()
-                    .and_then(|u| u.try_acquire_many_owned(kib).ok());
-                allowance.is_some() && held.hold(kib as usize, BUDGET_WAIT).await
-            } else {
-                true
-            };
-            let resp = match frame {
-                _ if !reserved => {
-                    handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
-                    Err(busy())
-                }
-                Err((protocol, _)) => {
-                    handler.refused_input(peer, "protocol version");
-                    Err(RemoteError::new(
-                        wire::ErrorKind::BadRequest,
-                        format!(
-                            "protocol {protocol} not supported; this node speaks {PROTOCOL_VERSION}: run the same cfs release on every node and client"
-                        ),
-                    ))
-                }
-                Ok(f) => handler.handle(peer, f.from, f.req).await,
-            };
-            // A block is written after its header, not copied into a frame first.
-            let (out, mut block) = match resp {
-                Ok(Response::Block(Some(b))) => (wire::block_response_prefix(id, b.len()), Some(b)),
-                resp => (wire::encode_frame(&ResponseFrame { id, resp }), None),
-            };
-            let mut out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!(error = %e, "response does not fit a frame");
-                    return;
-                }
-            };
-            // The reply keeps its size in the budget until it is written, and in its
-            // bucket's allowance; its request slot is free once the reply exists, so a
-            // peer that reads slowly (or sits behind a partition) holds its own
-            // connection and its network's share of memory, not its network's turn.
-            drop(slot);
-            let kib = charged_kib(out.len() + block.as_ref().map_or(0, Vec::len));
-            let have = allowance.as_ref().map_or(0, |a| a.num_permits());
-            if kib < have {
-                // Give back what the reservation held beyond the reply.
-                drop(allowance.as_mut().and_then(|a| a.split(have - kib)));
-            } else if kib > have {
-                let more = unread
-                    .clone()
-                    .and_then(|u| u.try_acquire_many_owned((kib - have) as u32).ok());
-                match (allowance.as_mut(), more) {
-                    (Some(a), Some(m)) => a.merge(m),
-                    (None, m) => allowance = m,
-                    (Some(_), None) => allowance = None,
-                }
+            if tx.send(incoming).await.is_err() {
+                return;
             }
-            let room = kib == 0 || allowance.as_ref().is_some_and(|a| a.num_permits() == kib);
-            if !room || !held.hold(kib, REPLY_WAIT).await {
-                handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
-                let resp = Err(busy());
-                let Ok(o) = wire::encode_frame(&ResponseFrame { id, resp }) else {
-                    return;
-                };
-                (out, block) = (o, None);
-                allowance = None;
-                held.hold(0, REPLY_WAIT).await;
-            }
-            let size = out.len() + block.as_ref().map_or(0, Vec::len);
-            let write = async {
-                stream.write_all(&out).await?;
-                match &block {
-                    Some(b) => stream.write_all(b).await,
-                    None => Ok(()),
-                }
-            };
-            // Taken at a minimum rate, or the connection closes and the reply is dropped.
-            let deadline = limits.reply_grace
-                + Duration::from_secs_f64(size as f64 / limits.min_body_rate.max(1) as f64);
-            match tokio::time::timeout(deadline, write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    handler.slow_peer(peer, "reply not read at the minimum rate");
-                    return;
-                }
-            }
-            drop(held);
-            drop(allowance);
-            self.registry.lock().unwrap().touch(self.id);
         }
+    }
+
+    /// Answer what `read_requests` reads, up to `PIPELINE` at once, until it stops
+    /// (then the rest are answered) or a reply cannot be written (then none are).
+    async fn answer_requests<H: Handler>(
+        &self,
+        mut rx: mpsc::Receiver<Incoming<'a>>,
+        wr: &tokio::sync::Mutex<OwnedWriteHalf>,
+        handler: &H,
+    ) {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let mut answering = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                next = rx.recv(), if open && answering.len() < PIPELINE => match next {
+                    Some(i) => answering.push(self.answer(i, wr, handler)),
+                    None => open = false,
+                },
+                Some(written) = answering.next(), if !answering.is_empty() => {
+                    if !written {
+                        return;
+                    }
+                }
+                else => return,
+            }
+            if !open && answering.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Handle one request and write its reply; false if the connection must close.
+    async fn answer<H: Handler>(
+        &self,
+        incoming: Incoming<'a>,
+        wr: &tokio::sync::Mutex<OwnedWriteHalf>,
+        handler: &H,
+    ) -> bool {
+        let (peer, limits) = (self.peer, self.limits);
+        let Incoming {
+            id,
+            frame,
+            held,
+            slot,
+        } = incoming;
+        // A request that may answer with blocks reserves a largest reply first, so its
+        // reply is never built outside the budget. Both come out of the source bucket's
+        // allowance for replies (the same one its unread replies use) and out of the
+        // node's budget; the allowance is waited for a moment, as replies ahead of it on
+        // the connection are written.
+        let unread = self.registry.lock().unwrap().unread(&self.bucket);
+        let mut allowance: Option<OwnedSemaphorePermit> = None;
+        let reserved = if frame.as_ref().is_ok_and(|f| may_answer_blocks(&f.req)) {
+            let kib = charged_kib(REPLY_RESERVE) as u32;
+            if let Some(u) = unread.clone() {
+                allowance = match u.clone().try_acquire_many_owned(kib) {
+                    Ok(p) => Some(p),
+                    Err(_) => tokio::time::timeout(REPLY_WAIT, u.acquire_many_owned(kib))
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                };
+            }
+            allowance.is_some() && held.hold(kib as usize, BUDGET_WAIT).await
+        } else {
+            true
+        };
+        let resp = match frame {
+            _ if !reserved => {
+                handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
+                Err(busy())
+            }
+            Err(protocol) => {
+                handler.refused_input(peer, "protocol version");
+                Err(RemoteError::new(
+                    wire::ErrorKind::BadRequest,
+                    format!(
+                        "protocol {protocol} not supported; this node speaks {PROTOCOL_VERSION}: run the same cfs release on every node and client"
+                    ),
+                ))
+            }
+            Ok(f) => handler.handle(peer, f.from, f.req).await,
+        };
+        // A block is written after its header, not copied into a frame first.
+        let (out, mut block) = match resp {
+            Ok(Response::Block(Some(b))) => (wire::block_response_prefix(id, b.len()), Some(b)),
+            resp => (wire::encode_frame(&ResponseFrame { id, resp }), None),
+        };
+        let mut out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "response does not fit a frame");
+                return false;
+            }
+        };
+        // The reply keeps its size in the budget until it is written, and in its
+        // bucket's allowance; its request slot is free once the reply exists, so a peer
+        // that reads slowly (or sits behind a partition) holds its own connection and
+        // its network's share of memory, not its network's turn.
+        drop(slot);
+        let kib = charged_kib(out.len() + block.as_ref().map_or(0, Vec::len));
+        let have = allowance.as_ref().map_or(0, |a| a.num_permits());
+        if kib < have {
+            // Give back what the reservation held beyond the reply.
+            drop(allowance.as_mut().and_then(|a| a.split(have - kib)));
+        } else if kib > have {
+            let more = unread
+                .clone()
+                .and_then(|u| u.try_acquire_many_owned((kib - have) as u32).ok());
+            match (allowance.as_mut(), more) {
+                (Some(a), Some(m)) => a.merge(m),
+                (None, m) => allowance = m,
+                (Some(_), None) => allowance = None,
+            }
+        }
+        let room = kib == 0 || allowance.as_ref().is_some_and(|a| a.num_permits() == kib);
+        if !room || !held.hold(kib, REPLY_WAIT).await {
+            handler.dropped_reply(peer, "no room in the in-flight budget for a reply");
+            let resp = Err(busy());
+            let Ok(o) = wire::encode_frame(&ResponseFrame { id, resp }) else {
+                return false;
+            };
+            (out, block) = (o, None);
+            allowance = None;
+            held.hold(0, REPLY_WAIT).await;
+        }
+        let size = out.len() + block.as_ref().map_or(0, Vec::len);
+        let mut stream = wr.lock().await;
+        let write = async {
+            stream.write_all(&out).await?;
+            match &block {
+                Some(b) => stream.write_all(b).await,
+                None => Ok(()),
+            }
+        };
+        // Taken at a minimum rate, or the connection closes and the reply is dropped.
+        let deadline = limits.reply_grace
+            + Duration::from_secs_f64(size as f64 / limits.min_body_rate.max(1) as f64);
+        match tokio::time::timeout(deadline, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                handler.slow_peer(peer, "reply not read at the minimum rate");
+                return false;
+            }
+        }
+        drop(stream);
+        drop(held);
+        drop(allowance);
+        self.registry.lock().unwrap().touch(self.id);
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers `Get` of key k after k * 20 ms with a 20 KiB block naming k; counts the
+    /// connections it saw.
+    struct Slow {
+        peers: Mutex<std::collections::HashSet<SocketAddr>>,
+    }
+
+    impl Handler for Slow {
+        async fn handle(
+            &self,
+            peer: SocketAddr,
+            _from: Option<SocketAddr>,
+            req: Request,
+        ) -> Result<Response, RemoteError> {
+            self.peers.lock().unwrap().insert(peer);
+            let Request::Get { key, .. } = req else {
+                return Ok(Response::Pong { vnodes: 1 });
+            };
+            let k = key.0[19];
+            tokio::time::sleep(Duration::from_millis(20 * u64::from(k))).await;
+            Ok(Response::Block(Some(vec![k; 20 << 10])))
+        }
+        fn refused_input(&self, _: SocketAddr, _: &str) {}
+    }
+
+    #[tokio::test]
+    async fn one_connection_carries_many_requests_and_replies_come_as_ready() {
+        use cfs_net::transport::{TcpTransport, Transport};
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = Arc::new(Slow {
+            peers: Mutex::default(),
+        });
+        let (_stop_tx, stop) = watch::channel(false);
+        tokio::spawn(serve(
+            listener,
+            handler.clone(),
+            ServerLimits::default(),
+            stop,
+        ));
+        let t = TcpTransport::new(None);
+        // Eight at once, the slowest asked first: each gets its own reply, and the fast
+        // ones do not wait behind the slow.
+        let t0 = Instant::now();
+        let calls = (1..=8u8).rev().map(|k| {
+            let t = t.clone();
+            async move {
+                let mut id = [0u8; 20];
+                id[19] = k;
+                let key = cfs_core::Id(id);
+                let r = t
+                    .call(
+                        addr,
+                        Request::Get {
+                            kind: cfs_core::BlockKind::Data,
+                            key,
+                        },
+                        Duration::from_secs(5),
+                    )
+                    .await;
+                (k, r, t0.elapsed())
+            }
+        });
+        for (k, r, took) in futures_util::future::join_all(calls).await {
+            match r {
+                Ok(Response::Block(Some(b))) => {
+                    assert!(b.len() == 20 << 10 && b.iter().all(|&x| x == k))
+                }
+                other => panic!("key {k}: {other:?}"),
+            }
+            // Served one after another, key 1 would wait for all eight (720 ms).
+            assert!(
+                took < Duration::from_millis(20 * u64::from(k) + 300),
+                "key {k} took {took:?}"
+            );
+        }
+        assert!(
+            handler.peers.lock().unwrap().len() <= 2,
+            "at most two connections to a peer"
+        );
+    }
 
     #[tokio::test]
     async fn a_full_budget_makes_frames_wait_then_gives_up() {

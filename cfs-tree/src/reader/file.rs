@@ -2,7 +2,7 @@
 //! ahead, checking a local copy, and `cfs get`.
 
 use super::{Cached, FsError, Reader, ReaderOpts};
-use crate::reader::window::Stream;
+use crate::reader::window::{Stream, WindowOpts};
 use crate::service::BlockService;
 use cfs_core::fs::{self, spans, tree_path, EntryKind, FileData, Inode, InodeBody, Meta};
 use cfs_core::{BlockKind, Id};
@@ -427,10 +427,16 @@ pub async fn get<R: BlockService, W: Write>(
     path: &str,
     out: &mut W,
 ) -> Result<u64, FsError> {
-    // One pass over one file: what was written out is not read again.
+    // One pass over one file: what was written out is not read again, and all of it is
+    // wanted, so the window starts at its widest instead of growing from one block.
+    let base = ReaderOpts::default();
     let opts = ReaderOpts {
         forget_streamed: true,
-        ..ReaderOpts::default()
+        window: WindowOpts {
+            initial: base.window.max,
+            ..base.window
+        },
+        ..base
     };
     let reader = Reader::new(ring, opts);
     let root = reader.root(fsid, version).await?;
