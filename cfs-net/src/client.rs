@@ -37,6 +37,8 @@ pub struct Client<T: Transport = TcpTransport> {
     /// it: a stale entry costs a failed attempt and a fresh lookup, never a wrong answer,
     /// since every block is verified.
     ranges: Arc<Mutex<Vec<Range>>>,
+    /// A lookup to learn a range is under way (one at a time, off the read path).
+    learning: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Rounds of a put before a block no replica took is an error, and the pause before the
@@ -101,6 +103,7 @@ impl<T: Transport> Client<T> {
             replicas: 3,
             lease: cfs_core::wire::DEFAULT_LEASE_SECS,
             ranges: Arc::default(),
+            learning: Arc::default(),
         }
     }
 
@@ -173,18 +176,7 @@ impl<T: Transport> Client<T> {
             }
             self.forget_range(key);
         }
-        // A lookup for the range (not for the block, which any node on the path may
-        // answer with, teaching nothing): its successor list serves the reads after this
-        // one in its ranges without lookups.
-        if let Ok(l) = self.lookup(key).await {
-            let mut order = crate::net::replica_set(&l.succs, self.replicas);
-            self.net.nearest_first(&mut order);
-            let deadline = tokio::time::Instant::now() + self.net.timeouts.op;
-            if let Ok(v) = self.net.get_hedged(&order, kind, key, deadline).await {
-                return Ok(v);
-            }
-            self.forget_range(key);
-        }
+        self.learn_range(key);
         let (v, l) = self
             .net
             .get(&self.start(), kind, key, self.replicas, true)
@@ -333,6 +325,23 @@ impl<T: Transport> Client<T> {
             .map(|x| x.succs.clone())
     }
 
+    /// Look `key` up for its range (not for the block, which any node on the path may
+    /// answer with, teaching nothing) in the background, one such lookup at a time: its
+    /// successor list then serves the later reads in its ranges without lookups. Off the
+    /// read path, since a lookup that must reach a cut-off node would stall the read.
+    fn learn_range(&self, key: Id) {
+        use std::sync::atomic::Ordering::AcqRel;
+        if self.learning.swap(true, AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _ = me.lookup(key).await;
+            me.learning
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
+
     fn forget_range(&self, key: Id) {
         self.ranges
             .lock()
@@ -402,23 +411,72 @@ impl<T: Transport> Client<T> {
     }
 
     /// Group keys by the successor range they fall in: one lookup per range, not per
-    /// key. Returns (replica set, indexes into `keys`) per group.
-    async fn by_range(&self, keys: &[Id]) -> Result<Vec<(Vec<NodeRef>, Vec<usize>)>, DhashError> {
-        let mut order: Vec<usize> = (0..keys.len()).collect();
-        order.sort_by_key(|&i| keys[i]);
-        let mut groups = Vec::new();
-        let mut i = 0;
-        while i < order.len() {
-            let l = self.lookup(keys[order[i]]).await?;
-            let run = cfs_core::ring::run_in_range(
-                order[i..].iter().map(|&j| keys[j]),
-                l.from,
-                l.succs[0].id,
-            );
-            // An answer that does not cover the key (the ring is moving): it goes alone.
-            let group = order[i..i + run.max(1)].to_vec();
-            i += group.len();
-            groups.push((self.net.replicas(&l.succs, self.replicas).await, group));
+    /// key, in waves of parallel lookups (each for a key spread across those still
+    /// unplaced); with `known`, a range learned lately (`known_range`) costs none (puts: a
+    /// stale one only puts a copy where maintenance moves it from, and the publish
+    /// confirms every block with fresh lookups). Returns (replica set, indexes into
+    /// `keys`) per group.
+    async fn by_range(
+        &self,
+        keys: &[Id],
+        known: bool,
+    ) -> Result<Vec<(Vec<NodeRef>, Vec<usize>)>, DhashError> {
+        let mut groups: Vec<(Vec<NodeRef>, Vec<usize>)> = Vec::new();
+        let mut left: Vec<usize> = (0..keys.len()).collect();
+        left.sort_by_key(|&i| keys[i]);
+        if known {
+            left.retain(|&i| {
+                let Some(succs) = self.known_range(keys[i]) else {
+                    return true;
+                };
+                let set = crate::net::replica_set(&succs, self.replicas);
+                if set.len() < self.replicas {
+                    return true;
+                }
+                match groups.iter_mut().find(|(s, _)| *s == set) {
+                    Some((_, g)) => g.push(i),
+                    None => groups.push((set, vec![i])),
+                }
+                false
+            });
+        }
+        while !left.is_empty() {
+            let n = left.len().min(PARALLEL_LOOKUPS);
+            let probes: Vec<Id> = (0..n).map(|j| keys[left[j * left.len() / n]]).collect();
+            let answers = crate::net::join_all(probes.iter().map(|&k| self.lookup(k))).await;
+            let mut placed = false;
+            let mut last = None;
+            for (probe, l) in probes.iter().zip(answers) {
+                let l = match l {
+                    Ok(l) if !l.succs.is_empty() => l,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
+                    }
+                };
+                let set = self.net.replicas(&l.succs, self.replicas).await;
+                let mut group = Vec::new();
+                left.retain(|&i| {
+                    let here = keys[i].in_half_open(l.from, l.succs[0].id) || keys[i] == *probe;
+                    if here {
+                        group.push(i);
+                    }
+                    !here
+                });
+                if !group.is_empty() {
+                    placed = true;
+                    groups.push((set, group));
+                }
+            }
+            if !placed {
+                return Err(last
+                    .unwrap_or_else(|| LookupError::NoRoute {
+                        key: probes[0],
+                        last: "no lookup placed a key".into(),
+                    })
+                    .into());
+            }
         }
         Ok(groups)
     }
@@ -463,7 +521,7 @@ impl<T: Transport> Client<T> {
     ) -> Result<Vec<LeaseState>, DhashError> {
         let keys: Vec<Id> = items.iter().map(|x| x.1).collect();
         let mut out = vec![LeaseState::default(); items.len()];
-        for (set, group) in self.by_range(&keys).await? {
+        for (set, group) in self.by_range(&keys, false).await? {
             let asks: Vec<(BlockKind, Id)> =
                 group.iter().map(|&g| (items[g].0, items[g].1)).collect();
             let calls = set.iter().map(|n| {
@@ -581,7 +639,7 @@ impl<T: Transport> Client<T> {
         out: &mut [PutReceipt],
     ) -> Result<(), DhashError> {
         let keys: Vec<Id> = todo.iter().map(|&g| blocks[g].key()).collect();
-        for (set, group) in self.by_range(&keys).await? {
+        for (set, group) in self.by_range(&keys, true).await? {
             let group: Vec<usize> = group.into_iter().map(|i| todo[i]).collect();
             for chunk in crate::net::chunk_by_bytes(&group, |g| blocks[g].bytes().len()) {
                 let wire: Vec<WireBlock> = chunk

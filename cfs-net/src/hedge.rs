@@ -35,14 +35,18 @@ impl<T: Transport> Net<T> {
     /// trips before it is given up for another holder (at least `floor`, at most the
     /// RPC timeout); `given_up` then marks it slow.
     /// A peer never measured gets the whole RPC timeout: its first exchange includes the
-    /// connection's own round trips, and nothing says yet what it costs.
+    /// connection's own round trips, and nothing says yet what it costs. A suspect one
+    /// gets what a peer in good standing needs: its penalty is no measurement.
     pub fn budget(&self, addr: SocketAddr, factor: u32, floor: Duration) -> Duration {
         if self.peers.rtt_us(addr).is_none() {
             return self.timeouts.rpc;
         }
-        (factor * self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP, false))
-            .max(floor)
-            .min(self.timeouts.rpc)
+        let delay = if self.peers.suspect(addr) {
+            self.peers.typical_delay(HEDGE_FLOOR, HEDGE_CAP)
+        } else {
+            self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP, false)
+        };
+        (factor * delay).max(floor).min(self.timeouts.rpc)
     }
 
     /// `addr` ran past the `budget` it was given.

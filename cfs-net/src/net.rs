@@ -558,8 +558,8 @@ impl<T: Transport> Net<T> {
 
     /// Ask each of `asked` for the root of `key`: every answer counts, but a hung or
     /// cut-off holder must not hold up the root (a mount's next version, a publisher's
-    /// check), so once r have answered (and one of `must`, if any), the rest get
-    /// `ROOT_GRACE` more. Returns the distinct verified roots and who answered the best.
+    /// check), so once r have answered with a root among them (and one of `must`, if
+    /// any), the rest get `ROOT_GRACE` more. Returns the distinct verified roots and who answered the best.
     pub async fn roots_from(
         &self,
         asked: &[SocketAddr],
@@ -611,7 +611,10 @@ impl<T: Transport> Net<T> {
                     }
                 }
             }
-            if answered >= r && must_done && grace.is_none() {
+            // Nodes that hold no root answer at once, a holder may take longer (one that
+            // just joined checks its root with the others first): the grace starts only
+            // once a root has come, unless every node asked has answered.
+            if answered >= r && must_done && !roots.is_empty() && grace.is_none() {
                 grace = Some(Instant::now() + ROOT_GRACE);
             }
         }

@@ -31,6 +31,35 @@ struct Peer {
     /// blocks, nor blocks make it look slow for lookups.
     bulk_us: Option<f64>,
     bulk_var_us: f64,
+    /// Suspect until then (it ran past a hedging delay or failed): asked after every
+    /// peer that is not, whatever its load. Each strike in a row doubles the time; an
+    /// answer clears both, and once the time is up it is asked in turn again, so a peer
+    /// that recovered gets its share back.
+    suspect_until: Option<tokio::time::Instant>,
+    strikes: u32,
+}
+
+/// How long one strike makes a peer suspect, and the most that strikes in a row make.
+const SUSPECT_FOR: Duration = Duration::from_millis(1000);
+const SUSPECT_MAX: Duration = Duration::from_secs(30);
+
+impl Peer {
+    fn strike(&mut self) {
+        self.strikes = (self.strikes + 1).min(16);
+        let d = SUSPECT_FOR
+            .saturating_mul(1 << (self.strikes - 1).min(5))
+            .min(SUSPECT_MAX);
+        self.suspect_until = Some(tokio::time::Instant::now() + d);
+    }
+
+    fn cleared(&mut self) {
+        self.strikes = 0;
+        self.suspect_until = None;
+    }
+
+    fn suspect(&self, now: tokio::time::Instant) -> bool {
+        self.suspect_until.is_some_and(|t| now < t)
+    }
 }
 
 /// A reply at least this large is a bulk exchange (`Peers::record_bulk`).
@@ -76,6 +105,11 @@ impl Peers {
         let p = m.entry(to).or_default();
         let penalty = penalty.as_secs_f64() * 1e6;
         p.failed = failed;
+        if failed {
+            p.strike();
+        } else {
+            p.cleared();
+        }
         let sample = took.as_secs_f64() * 1e6;
         if let (false, Some(r)) = (failed, p.rtt_us) {
             p.var_us = 0.75 * p.var_us + 0.25 * (r - sample).abs();
@@ -93,6 +127,7 @@ impl Peers {
         let mut m = self.map.lock().unwrap();
         let p = m.entry(to).or_default();
         p.failed = false;
+        p.cleared();
         let sample = took.as_secs_f64() * 1e6;
         p.bulk_us = Some(match p.bulk_us {
             None => sample,
@@ -123,13 +158,20 @@ impl Peers {
         let mut m = self.map.lock().unwrap();
         if let Some(p) = m.get_mut(&to) {
             p.rtt_us = Some(p.rtt_us.unwrap_or(floor).max(floor));
+            p.strike();
         }
     }
 
     /// How long a read from `to` may take before the next holder is asked too (a hedged
     /// request): its smoothed RTT plus four deviations, as TCP's retransmission timer,
     /// between `floor` and `cap`; twice the mean RTT for a peer never measured.
-    /// For a `bulk` exchange (a data block), the bulk times count too.
+    /// For a `bulk` exchange (a data block), the bulk time plus two deviations counts too
+    /// (about its 95th percentile: a hedge costs one more read, not a retransmission, and
+    /// block times vary with the queue at the peer's uplink, so four would often reach
+    /// the cap and let a hung holder stall a read that long).
+    /// A peer not yet measured in bulk is expected to take what others take for blocks
+    /// (else three of its small exchanges): a first block read that waits only for a
+    /// lookup's round trip would be hedged for nothing.
     pub fn hedge_delay(
         &self,
         to: SocketAddr,
@@ -138,7 +180,15 @@ impl Peers {
         bulk: bool,
     ) -> Duration {
         let mean = self.mean_rtt_us();
-        let us = match self.map.lock().unwrap().get(&to) {
+        let m = self.map.lock().unwrap();
+        let mean_bulk = || {
+            let (sum, n) = m
+                .values()
+                .filter_map(|p| p.bulk_us.map(|b| b + 2.0 * p.bulk_var_us))
+                .fold((0.0, 0usize), |(s, n), b| (s + b, n + 1));
+            (n > 0).then(|| sum / n as f64)
+        };
+        let us = match m.get(&to) {
             Some(
                 p @ Peer {
                     rtt_us: Some(r),
@@ -147,13 +197,15 @@ impl Peers {
                 },
             ) => {
                 let small = r + 4.0 * var_us;
-                match p.bulk_us.filter(|_| bulk) {
-                    Some(b) => small.max(b + 4.0 * p.bulk_var_us),
-                    None => small,
+                match (bulk, p.bulk_us) {
+                    (false, _) => small,
+                    (true, Some(b)) => small.max(b + 2.0 * p.bulk_var_us),
+                    (true, None) => small.max(mean_bulk().unwrap_or(3.0 * small)),
                 }
             }
             _ => 2.0 * mean,
         };
+        drop(m);
         Duration::from_secs_f64(us / 1e6).clamp(floor, cap)
     }
 
@@ -176,6 +228,32 @@ impl Peers {
         if let Some(k) = worst {
             m.remove(&k);
         }
+    }
+
+    /// Suspect now, or its last call failed: its RTT carries a penalty, not a
+    /// measurement.
+    pub fn suspect(&self, addr: SocketAddr) -> bool {
+        let now = tokio::time::Instant::now();
+        self.map
+            .lock()
+            .unwrap()
+            .get(&addr)
+            .is_some_and(|p| p.failed || p.suspect(now))
+    }
+
+    /// Twice the mean RTT of the peers in good standing (1 ms before any), between
+    /// `floor` and `cap`: what a suspect peer is given to answer, since its own RTT is a
+    /// penalty that would only make a caller wait longer for what will likely not come.
+    pub fn typical_delay(&self, floor: Duration, cap: Duration) -> Duration {
+        let now = tokio::time::Instant::now();
+        let m = self.map.lock().unwrap();
+        let (sum, n) = m
+            .values()
+            .filter(|p| !p.failed && !p.suspect(now))
+            .filter_map(|p| p.rtt_us)
+            .fold((0.0, 0usize), |(s, n), r| (s + r, n + 1));
+        let mean = if n == 0 { 1000.0 } else { sum / n as f64 };
+        Duration::from_secs_f64(2.0 * mean / 1e6).clamp(floor, cap)
     }
 
     /// The last call to `addr` failed.
@@ -213,13 +291,18 @@ impl Peers {
     /// in proportion to how fast it answers.
     pub fn least_loaded_first(&self, nodes: &mut [NodeRef]) {
         let mean = self.mean_rtt_us();
+        let now = tokio::time::Instant::now();
         let m = self.map.lock().unwrap();
         let cost = |n: &NodeRef| {
             let p = m.get(&n.addr).copied().unwrap_or_default();
             let rtt = p.rtt_us.unwrap_or(mean);
-            rtt.max(p.bulk_us.unwrap_or(0.0)) * (1.0 + p.in_flight as f64)
+            let c = rtt.max(p.bulk_us.unwrap_or(0.0)) * (1.0 + p.in_flight as f64);
+            (p.suspect(now), c)
         };
-        nodes.sort_by(|a, b| cost(a).total_cmp(&cost(b)));
+        nodes.sort_by(|a, b| {
+            let (a, b) = (cost(a), cost(b));
+            a.0.cmp(&b.0).then(a.1.total_cmp(&b.1))
+        });
     }
 }
 
