@@ -45,17 +45,47 @@ fn refs(addrs: &[SocketAddr]) -> Vec<NodeRef> {
     addrs.iter().map(|a| NodeRef::new(*a, 0)).collect()
 }
 
-#[test]
-fn a_node_back_with_an_old_root_serves_the_newer_one_its_holders_have() {
-    // Maintenance far off: only the join-time check can bring version 2 to the node.
-    let mut c = Cluster::start(4, &["--replicas", "2", "--maintain-ms", "600000"]);
+/// A ring of `n` nodes started with `flags`, a client of it, versions 1 and 2 of a root
+/// (not yet stored) and the processes in front of its FSID.
+struct Setup {
+    c: Cluster,
+    rt: tokio::runtime::Runtime,
+    cl: cfs_net::client::Client,
+    v1: Verified,
+    v2: Verified,
+    order: Vec<SocketAddr>,
+}
+
+fn setup(n: usize, flags: &[&str]) -> Setup {
+    let c = Cluster::start(n, flags);
     c.wait_ring(Duration::from_secs(30));
     let key = cfs_tree::load_key(&c.keygen()).unwrap();
     let (v1, v2) = (root(&key, 1), root(&key, 2));
-    let fsid = v1.key();
     let rt = rt();
     let cl = client(&rt, c.nodes[0].addr);
-    let order = holders_in_order(&rt, &cl, fsid);
+    let order = holders_in_order(&rt, &cl, v1.key());
+    Setup {
+        c,
+        rt,
+        cl,
+        v1,
+        v2,
+        order,
+    }
+}
+
+#[test]
+fn a_node_back_with_an_old_root_serves_the_newer_one_its_holders_have() {
+    // Maintenance far off: only the join-time check can bring version 2 to the node.
+    let Setup {
+        mut c,
+        rt,
+        cl,
+        v1,
+        v2,
+        order,
+    } = setup(4, &["--replicas", "2", "--maintain-ms", "600000"]);
+    let fsid = v1.key();
     let all = refs(&c.addrs());
     rt.block_on(cl.net.put_to(&all, &v1, 4, false, 3600))
         .unwrap();
@@ -100,7 +130,14 @@ fn a_node_back_with_an_old_root_serves_the_newer_one_its_holders_have() {
 fn a_reader_whose_replicas_are_all_new_asks_the_holders_it_saw() {
     // r = 1: a reader asks the first two processes in front of the FSID. No join-time
     // check (it would fetch version 2 for the front): the reader alone is tested.
-    let c = Cluster::start(
+    let Setup {
+        c: _c,
+        rt,
+        cl,
+        v1,
+        v2,
+        order,
+    } = setup(
         6,
         &[
             "--replicas",
@@ -111,13 +148,7 @@ fn a_reader_whose_replicas_are_all_new_asks_the_holders_it_saw() {
             "0",
         ],
     );
-    c.wait_ring(Duration::from_secs(30));
-    let key = cfs_tree::load_key(&c.keygen()).unwrap();
-    let (v1, v2) = (root(&key, 1), root(&key, 2));
     let fsid = v1.key();
-    let rt = rt();
-    let cl = client(&rt, c.nodes[0].addr);
-    let order = holders_in_order(&rt, &cl, fsid);
     assert!(order.len() >= 4, "ring view too small: {order:?}");
     // Nodes that joined in front of the FSID hold the old version; the holders the
     // reader saw last time (further along now) hold the new one.

@@ -25,7 +25,7 @@ impl Default for WindowOpts {
     fn default() -> Self {
         WindowOpts {
             initial: 1,
-            max: 64,
+            max: 128,
             forward_windows: 4,
         }
     }
@@ -143,7 +143,7 @@ mod tests {
             asked = r;
             windows.push(s.window());
         }
-        assert_eq!(windows, vec![1, 2, 4, 8, 16, 32, 64, 64, 64, 64]);
+        assert_eq!(windows, vec![1, 2, 4, 8, 16, 32, 64, 128, 128, 128]);
     }
 
     #[test]
