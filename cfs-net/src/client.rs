@@ -122,6 +122,19 @@ impl<T: Transport> Client<T> {
             }
         }
         self.learn(s.vnodes.iter().flat_map(|v| v.succs.iter().copied()));
+        // The ranges its tables imply, as a lookup's answer would: the first reads of
+        // keys in them (a root's directories, say) go straight to replicas, without a
+        // lookup each. Hints only: every block is verified, and a miss looks the key up.
+        for v in &s.vnodes {
+            if !v.succs.is_empty() {
+                self.remember_range(v.me.id, &v.succs);
+            }
+            if let Some(p) = v.pred {
+                let mut list = vec![v.me];
+                list.extend(v.succs.iter().copied());
+                self.remember_range(p.id, &list);
+            }
+        }
         Ok(s)
     }
 
