@@ -2,6 +2,7 @@
 //! the ring members it learns), blocks go straight to and from replicas.
 
 use crate::net::{DhashError, Lookup, LookupError, Net, PutReceipt, Timeouts};
+use crate::ranges::Ranges;
 use crate::transport::{CallError, TcpTransport, Transport};
 use cfs_core::block::{BlockKind, Verified};
 use cfs_core::id::MAX_VNODES;
@@ -36,7 +37,7 @@ pub struct Client<T: Transport = TcpTransport> {
     /// straight to its replicas (one RPC instead of a lookup and a get). Only reads use
     /// it: a stale entry costs a failed attempt and a fresh lookup, never a wrong answer,
     /// since every block is verified.
-    ranges: Arc<Mutex<Vec<Range>>>,
+    ranges: Arc<Ranges>,
     /// A lookup to learn a range is under way (one at a time, off the read path).
     learning: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -74,18 +75,6 @@ impl LeaseState {
         }
     }
 }
-
-#[derive(Clone)]
-struct Range {
-    from: Id,
-    to: Id,
-    succs: Vec<NodeRef>,
-    at: tokio::time::Instant,
-}
-
-/// How long a learned successor range is trusted for reads, and how many are kept.
-const RANGE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
-const MAX_RANGES: usize = 1024;
 
 impl Client<TcpTransport> {
     pub fn tcp(node: SocketAddr) -> Client<TcpTransport> {
@@ -127,12 +116,12 @@ impl<T: Transport> Client<T> {
         // lookup each. Hints only: every block is verified, and a miss looks the key up.
         for v in &s.vnodes {
             if !v.succs.is_empty() {
-                self.remember_range(v.me.id, &v.succs);
+                self.ranges.remember(v.me.id, &v.succs, self.replicas);
             }
             if let Some(p) = v.pred {
                 let mut list = vec![v.me];
                 list.extend(v.succs.iter().copied());
-                self.remember_range(p.id, &list);
+                self.ranges.remember(p.id, &list, self.replicas);
             }
         }
         Ok(s)
@@ -174,20 +163,20 @@ impl<T: Transport> Client<T> {
         let l = self.net.lookup(self.start(), key, None).await?;
         self.learn(l.succs.iter().copied());
         if !l.succs.is_empty() {
-            self.remember_range(l.from, &l.succs);
+            self.ranges.remember(l.from, &l.succs, self.replicas);
         }
         Ok(l)
     }
 
     pub async fn get(&self, kind: BlockKind, key: Id) -> Result<Verified, DhashError> {
-        if let Some(succs) = self.known_range(key) {
+        if let Some(succs) = self.ranges.known(key) {
             let mut order = crate::net::replica_set(&succs, self.replicas);
             self.net.nearest_first(&mut order);
             let deadline = tokio::time::Instant::now() + self.net.timeouts.op;
             if let Ok(v) = self.net.get_hedged(&order, kind, key, deadline).await {
                 return Ok(v);
             }
-            self.forget_range(key);
+            self.ranges.forget(key);
         }
         self.learn_range(key);
         let (v, l) = self
@@ -196,7 +185,7 @@ impl<T: Transport> Client<T> {
             .await?;
         self.learn(l.succs.iter().copied());
         if l.found.is_none() && !l.succs.is_empty() {
-            self.remember_range(l.from, &l.succs);
+            self.ranges.remember(l.from, &l.succs, self.replicas);
         }
         Ok(v)
     }
@@ -239,7 +228,7 @@ impl<T: Transport> Client<T> {
         let mut left: Vec<usize> = (0..items.len()).collect();
         left.sort_by_key(|&i| items[i].1);
         for _ in 0..MAX_LOOKUP_WAVES {
-            left.retain(|&i| match self.known_range(items[i].1) {
+            left.retain(|&i| match self.ranges.known(items[i].1) {
                 Some(succs) => {
                     let set = crate::net::replica_set(&succs, self.replicas);
                     match placed.iter_mut().find(|(s, _)| *s == set) {
@@ -254,18 +243,13 @@ impl<T: Transport> Client<T> {
                 break;
             }
             let n = left.len().min(PARALLEL_LOOKUPS);
-            let probes = (0..n).map(|j| {
-                self.net
-                    .lookup(self.start(), items[left[j * left.len() / n]].1, None)
-            });
-            let mut any = false;
-            for l in crate::net::join_all(probes).await.into_iter().flatten() {
-                self.learn(l.succs.iter().copied());
-                if !l.succs.is_empty() {
-                    self.remember_range(l.from, &l.succs);
-                    any = true;
-                }
-            }
+            // `lookup` remembers each answer's ranges.
+            let probes = (0..n).map(|j| self.lookup(items[left[j * left.len() / n]].1));
+            let any = crate::net::join_all(probes)
+                .await
+                .into_iter()
+                .flatten()
+                .any(|l| !l.succs.is_empty());
             if !any {
                 break;
             }
@@ -329,15 +313,6 @@ impl<T: Transport> Client<T> {
         got
     }
 
-    fn known_range(&self, key: Id) -> Option<Vec<NodeRef>> {
-        let now = tokio::time::Instant::now();
-        let mut r = self.ranges.lock().unwrap();
-        r.retain(|x| now.duration_since(x.at) < RANGE_TTL);
-        r.iter()
-            .find(|x| key.in_half_open(x.from, x.to))
-            .map(|x| x.succs.clone())
-    }
-
     /// Look `key` up for its range (not for the block, which any node on the path may
     /// answer with, teaching nothing) in the background, one such lookup at a time: its
     /// successor list then serves the later reads in its ranges without lookups. Off the
@@ -353,46 +328,6 @@ impl<T: Transport> Client<T> {
             me.learning
                 .store(false, std::sync::atomic::Ordering::Release);
         });
-    }
-
-    fn forget_range(&self, key: Id) {
-        self.ranges
-            .lock()
-            .unwrap()
-            .retain(|x| !key.in_half_open(x.from, x.to));
-    }
-
-    /// Remember the range a lookup answered, `(from, succs[0]]`, and the ones its
-    /// successor list implies, `(succs[i], succs[i + 1]]`, while what follows still holds
-    /// r processes: one lookup then serves reads across as many ranges as the list is
-    /// long (in a small ring, all of it). Only a hint: a read that finds nothing there
-    /// forgets the range and looks the key up.
-    fn remember_range(&self, from: Id, succs: &[NodeRef]) {
-        let mut r = self.ranges.lock().unwrap();
-        let now = tokio::time::Instant::now();
-        let mut add = |from: Id, succs: &[NodeRef]| {
-            let to = succs[0].id;
-            r.retain(|x| !(x.from == from && x.to == to));
-            if r.len() >= MAX_RANGES {
-                r.remove(0);
-            }
-            r.push(Range {
-                from,
-                to,
-                succs: succs.to_vec(),
-                at: now,
-            });
-        };
-        add(from, succs);
-        for i in 0..succs.len().saturating_sub(1) {
-            let tail = &succs[i + 1..];
-            if crate::net::replica_set(tail, self.replicas).len() < self.replicas {
-                break;
-            }
-            if succs[i].id != tail[0].id {
-                add(succs[i].id, tail);
-            }
-        }
     }
 
     pub async fn put(&self, block: &Verified) -> Result<PutReceipt, DhashError> {
@@ -439,7 +374,7 @@ impl<T: Transport> Client<T> {
         left.sort_by_key(|&i| keys[i]);
         if known {
             left.retain(|&i| {
-                let Some(succs) = self.known_range(keys[i]) else {
+                let Some(succs) = self.ranges.known(keys[i]) else {
                     return true;
                 };
                 let set = crate::net::replica_set(&succs, self.replicas);

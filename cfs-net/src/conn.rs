@@ -31,7 +31,7 @@ struct State {
 pub struct Conn {
     state: Mutex<State>,
     /// Frames to the writer task; None once closed (the task then drops the socket).
-    frames: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    frames: Mutex<Option<mpsc::UnboundedSender<Arc<Vec<u8>>>>>,
 }
 
 /// A call's place among the waiting; dropping it (answered, timed out, abandoned)
@@ -87,7 +87,7 @@ impl Conn {
 
     /// Send `frame` (request `id`) and wait for its reply. Cancel-safe: the frame is
     /// queued whole or not at all, and dropping the call forgets the id.
-    pub async fn call(&self, id: u64, frame: Vec<u8>) -> Reply {
+    pub async fn call(&self, id: u64, frame: Arc<Vec<u8>>) -> Reply {
         let (tx, rx) = oneshot::channel();
         {
             let mut s = self.state.lock().unwrap();
@@ -157,7 +157,7 @@ impl Conn {
 async fn write_loop(
     conn: Arc<Conn>,
     mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Arc<Vec<u8>>>,
 ) {
     while let Some(frame) = rx.recv().await {
         if let Err(e) = wr.write_all(&frame).await {

@@ -9,4 +9,6 @@ mod conn;
 pub mod hedge;
 pub mod net;
 mod peers;
+mod ranges;
+mod roots;
 pub mod transport;

@@ -190,12 +190,14 @@ impl TcpTransport {
 
     async fn call_inner(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Shared, not copied, with the retry below and the writer task.
         let frame = wire::encode_frame(&RequestFrame {
             protocol: PROTOCOL_VERSION,
             id,
             from: self.inner.local,
             req,
         })
+        .map(Arc::new)
         .map_err(|e| CallError::Protocol(e.to_string()))?;
         // A connection may have been closed by the peer meanwhile (its idle timeout, a
         // restart): on that failure, retry once on a fresh one. Every request is
