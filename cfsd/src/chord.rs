@@ -4,7 +4,6 @@
 
 use crate::metrics::Metrics;
 use crate::state::Node;
-use crate::vnode::{RECTIFY_FAILED_FOR, RECTIFY_FAILED_MAX};
 use cfs_core::block::BlockKind;
 use cfs_core::ring::clean_succ_list;
 use cfs_core::wire::{Request, Response, Step};
@@ -245,18 +244,11 @@ impl<T: Transport> Node<T> {
     pub(crate) fn offer_predecessor(&self, v: u16, cand: NodeRef) {
         let mut vn = self.inner.vnodes[v as usize].lock().unwrap();
         let me = vn.me;
-        let now = tokio::time::Instant::now();
-        while vn
-            .rectify_failed
-            .front()
-            .is_some_and(|(_, at)| now.duration_since(*at) > RECTIFY_FAILED_FOR)
-        {
-            vn.rectify_failed.pop_front();
-        }
+        let ignored = vn.rectify_failed.ignored(cand, tokio::time::Instant::now());
         if cand == me
             || Some(cand) == vn.pred
             || !cfs_core::ring::usable_ref(&cand, me.addr, self.inner.cfg.max_vnodes)
-            || vn.rectify_failed.iter().any(|(c, _)| *c == cand)
+            || ignored
         {
             Metrics::inc(&self.inner.metrics.rectify_dropped);
             return;
@@ -305,11 +297,7 @@ impl<T: Transport> Node<T> {
                 } else {
                     Metrics::inc(&n.inner.metrics.rectify_dropped);
                     let mut vn = n.inner.vnodes[v as usize].lock().unwrap();
-                    vn.rectify_failed
-                        .push_back((cand, tokio::time::Instant::now()));
-                    if vn.rectify_failed.len() > RECTIFY_FAILED_MAX {
-                        vn.rectify_failed.pop_front();
-                    }
+                    vn.rectify_failed.failed(cand, tokio::time::Instant::now());
                 }
             }
         });

@@ -21,19 +21,22 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Stop cleanly: accept no more connections, answer the requests being handled
-    /// (within `server::DRAIN`), stop the periodic tasks, and write the storage charges.
+    /// Stop cleanly: stop the periodic tasks, accept no more connections, answer the
+    /// requests being handled (within `server::DRAIN`), and write the storage charges.
     /// The store is closed (its writer finishes every commit) when the last handle to
     /// the node is dropped.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.server.await;
+        // Maintenance first: a node going down must not rectify or push to peers while
+        // it no longer accepts their pings (they would shut it out of its place for a
+        // while after it comes back).
         for t in &self.tasks {
             t.abort();
         }
         for t in self.tasks {
             let _ = t.await;
         }
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
         self.node.save_charges().await;
     }
 }

@@ -20,14 +20,56 @@ pub(crate) struct Vnode {
     /// checking candidates: at most one dial per vnode at a time, however many arrive.
     pub(crate) rectify_next: Option<NodeRef>,
     pub(crate) rectifying: bool,
-    /// Candidates that did not answer, and when: not dialled again for a while, so a
-    /// flood of dead candidates cannot keep the queue from the true predecessor.
-    pub(crate) rectify_failed: std::collections::VecDeque<(NodeRef, tokio::time::Instant)>,
+    /// Candidates that did not answer: not dialled again for a while, so a flood of
+    /// dead candidates cannot keep the queue from the true predecessor.
+    pub(crate) rectify_failed: Unanswered,
 }
 
-/// How long a rectify candidate that did not answer is ignored, and how many are kept.
+/// A rectify candidate that did not answer is ignored for this long, doubling with each
+/// failure in a row up to `RECTIFY_FAILED_FOR`; at most `RECTIFY_FAILED_MAX` are kept.
+/// Short at first: a node that stopped and started again on the same address (the same
+/// ids) may have sent a rectify while it was going down, and must not be shut out of
+/// its place for long when it comes back.
+pub(crate) const RECTIFY_FAILED_FIRST: Duration = Duration::from_secs(1);
 pub(crate) const RECTIFY_FAILED_FOR: Duration = Duration::from_secs(30);
 pub(crate) const RECTIFY_FAILED_MAX: usize = 256;
+
+/// Candidates that did not answer a ping: (who, when it last failed, how long it is
+/// ignored from then), oldest first.
+#[derive(Default)]
+pub(crate) struct Unanswered(std::collections::VecDeque<(NodeRef, tokio::time::Instant, Duration)>);
+
+impl Unanswered {
+    /// Whether `cand` is still being ignored at `now`. Entries are forgotten once
+    /// `RECTIFY_FAILED_FOR` has passed since their last failure (their doubling too).
+    pub(crate) fn ignored(&mut self, cand: NodeRef, now: tokio::time::Instant) -> bool {
+        while self
+            .0
+            .front()
+            .is_some_and(|(_, at, _)| now.duration_since(*at) > RECTIFY_FAILED_FOR)
+        {
+            self.0.pop_front();
+        }
+        self.0
+            .iter()
+            .any(|(c, at, ban)| *c == cand && now.duration_since(*at) < *ban)
+    }
+
+    /// `cand` did not answer at `now`.
+    pub(crate) fn failed(&mut self, cand: NodeRef, now: tokio::time::Instant) {
+        let ban = match self.0.iter().position(|(c, _, _)| *c == cand) {
+            Some(i) => {
+                let (_, _, ban) = self.0.remove(i).unwrap();
+                (ban * 2).min(RECTIFY_FAILED_FOR)
+            }
+            None => RECTIFY_FAILED_FIRST,
+        };
+        self.0.push_back((cand, now, ban));
+        if self.0.len() > RECTIFY_FAILED_MAX {
+            self.0.pop_front();
+        }
+    }
+}
 
 impl Vnode {
     pub(crate) fn new(me: NodeRef) -> Vnode {
@@ -74,9 +116,18 @@ impl Vnode {
     pub(crate) fn step(&self, key: Id) -> Step {
         if let Some(p) = self.pred {
             if key.in_half_open(p.id, self.me.id) {
+                // Walked from `p`, the list ends where it comes round to `p`: a node our
+                // list still holds between `p` and us (one that went down, or is joining
+                // back before it rectified us) would make the walk wrap, and the asker
+                // refuse the whole answer.
                 let mut succs = vec![self.me];
-                succs.extend(self.succs.iter().filter(|n| **n != self.me));
-                succs.truncate(MAX_REFS);
+                for n in self.succs.iter().filter(|n| **n != self.me) {
+                    let last = succs[succs.len() - 1];
+                    if last == p || !n.id.in_half_open(last.id, p.id) || succs.len() == MAX_REFS {
+                        break;
+                    }
+                    succs.push(*n);
+                }
                 return Step::Done { from: p, succs };
             }
         }
@@ -101,6 +152,35 @@ mod tests {
 
     fn node(port: u16) -> NodeRef {
         NodeRef::new(SocketAddr::from(([127, 0, 0, 1], port)), 0)
+    }
+
+    /// A candidate that failed once is ignored briefly (a node back on its address gets
+    /// its place again within seconds); one that keeps failing is ignored for longer,
+    /// up to the cap, and forgotten after the cap passes without a failure.
+    #[test]
+    fn unanswered_candidates_are_ignored_for_longer_each_time() {
+        let t0 = tokio::time::Instant::now();
+        let s = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        let (a, b) = (node(1), node(2));
+        let mut u = Unanswered::default();
+        assert!(!u.ignored(a, t0));
+        u.failed(a, t0);
+        assert!(u.ignored(a, s(0.5)) && !u.ignored(b, s(0.5)));
+        assert!(!u.ignored(a, s(1.1)), "the first failure costs a second");
+        u.failed(a, s(1.1));
+        assert!(u.ignored(a, s(2.5)) && !u.ignored(a, s(3.2)), "then two");
+        let mut at = 3.2;
+        for _ in 0..10 {
+            u.failed(a, s(at));
+            at += 0.01;
+        }
+        assert!(u.ignored(a, s(at + 29.0)), "capped at RECTIFY_FAILED_FOR");
+        assert!(!u.ignored(a, s(at + 31.0)));
+        u.failed(a, s(at + 40.0));
+        assert!(
+            !u.ignored(a, s(at + 41.1)),
+            "forgotten after the cap: a second again"
+        );
     }
 
     /// Ids of four nodes in ring order.
@@ -140,6 +220,20 @@ mod tests {
             Step::Done { from, succs } => assert_eq!((from, succs[0]), (r[1], r[2])),
             s => panic!("{s:?}"),
         }
+        // A list that still holds a node between pred and it (gone, or back and not yet
+        // its pred again): the answer stops where the walk comes round to pred, so a
+        // joiner accepts it.
+        v.succs = vec![r[2], r[3], r[0], r[1]];
+        v.pred = Some(r[3]);
+        match v.step(r[0].id) {
+            Step::Done { from, succs } => {
+                assert_eq!((from, &succs[..]), (r[3], &[r[1], r[2], r[3]][..]));
+                cfs_core::ring::check_done(r[1], r[0].id, from, &succs, None, 16).unwrap();
+            }
+            s => panic!("{s:?}"),
+        }
+        v.succs = vec![r[2], r[3], r[0]];
+        v.pred = Some(r[0]);
         // Further on: only nodes between it and the key, closest first.
         match v.step(r[0].id) {
             Step::Closer { nodes, .. } => {

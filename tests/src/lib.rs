@@ -397,24 +397,57 @@ impl Cluster {
             .enable_all()
             .build()
             .unwrap();
-        eventually(deadline, "every node to see the whole ring", || {
-            for a in self.addrs() {
-                let out = cfs(&["ring", "--node", &a.to_string()]);
-                if !out.status.success() {
-                    return None;
+        let end = Instant::now() + deadline;
+        eventually(
+            deadline + Duration::from_secs(1),
+            "every node to see the whole ring",
+            || {
+                if Instant::now() > end {
+                    panic!(
+                        "the ring did not form in {deadline:?}; what each node holds:\n{}",
+                        rt.block_on(self.neighbours_seen())
+                    );
                 }
-                let mut got: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .map(|l| l.split(' ').nth(1).unwrap_or("").to_string())
-                    .collect();
-                got.sort();
-                got.dedup();
-                if got != want {
-                    return None;
+                for a in self.addrs() {
+                    let out = cfs(&["ring", "--node", &a.to_string()]);
+                    if !out.status.success() {
+                        return None;
+                    }
+                    let mut got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .map(|l| l.split(' ').nth(1).unwrap_or("").to_string())
+                        .collect();
+                    got.sort();
+                    got.dedup();
+                    if got != want {
+                        return None;
+                    }
                 }
+                rt.block_on(self.neighbours_consistent())
+            },
+        );
+    }
+
+    /// Each vnode's predecessor and successors, for a failure message.
+    async fn neighbours_seen(&self) -> String {
+        let c = cfs_net::client::Client::tcp(self.addrs()[0]);
+        let mut seen = String::new();
+        for a in self.addrs() {
+            match c.status(a).await {
+                Ok(s) => {
+                    for v in &s.vnodes {
+                        seen += &format!(
+                            "{a} vnode {}: pred {:?}, succs {:?}\n",
+                            v.me.addr,
+                            v.pred.map(|p| p.addr),
+                            v.succs.iter().map(|s| s.addr).collect::<Vec<_>>()
+                        );
+                    }
+                }
+                Err(e) => seen += &format!("{a}: status failed: {e}\n"),
             }
-            rt.block_on(self.neighbours_consistent())
-        });
+        }
+        seen
     }
 
     async fn neighbours_consistent(&self) -> Option<()> {
