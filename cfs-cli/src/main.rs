@@ -76,6 +76,11 @@ enum Cmd {
         /// renew with `cfs keep` or by publishing again. Nodes cap it at their maximum.
         #[arg(long, default_value = "30d", value_parser = cfs_core::units::duration_arg)]
         lease: u64,
+        /// Read every file, even those whose size, times and inode number show them
+        /// unchanged since the last publish of DIR with this key (that check uses an
+        /// index in the state directory, $CFS_STATE_DIR/publish).
+        #[arg(long)]
+        rehash: bool,
     },
     /// Renew the leases of every block of the newest versions of FSID on all replicas
     /// (root chain, directories, inodes, indirect and data blocks; no data sent), or
@@ -343,13 +348,20 @@ async fn run(cli: Cli) -> Result<()> {
             node,
             quiet,
             lease,
+            rehash,
         } => {
             let sk = cfs_tree::load_key(&key)?;
             let mut c = client(&node).await?;
             c.lease = lease;
-            let ring = Arc::new(NetRing::new(c, default_state_dir()));
+            let state = default_state_dir();
+            let index = state
+                .as_deref()
+                .map(|d| cfs_tree::publish::index_path(d, cfs_tree::fsid_of(&sk), &dir));
+            let ring = Arc::new(NetRing::new(c, state));
             let opts = PublishOpts {
                 progress: !quiet && std::io::stderr().is_terminal(),
+                index,
+                rehash,
                 ..PublishOpts::default()
             };
             let receipt = cfs_tree::publish(ring, &dir, &sk, &opts)

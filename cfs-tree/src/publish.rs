@@ -2,6 +2,10 @@
 //! bounded parallelism, then sign and put the root last, so an interrupted publish
 //! leaves the previous version intact. Also the publisher's key file.
 
+mod index;
+
+pub use index::{index_path, IndexUnused, StatIndex};
+
 use crate::service::{BlockService, PutReceipt, RingError};
 use cfs_core::block::{root_key, verify, RootBlock, Totals, Verified};
 use cfs_core::fs::{
@@ -10,6 +14,7 @@ use cfs_core::fs::{
 };
 use cfs_core::{BlockKind, Id};
 use ed25519_dalek::SigningKey;
+use index::{DirRecord, FileRecord, FileStat, IndexWriter};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_bytes::ByteBuf;
 use std::collections::{HashMap, HashSet};
@@ -40,6 +45,11 @@ pub enum PublishError {
     },
     #[error("{0} is not a directory; publish takes a directory")]
     NotDir(PathBuf),
+    /// The file kept changing while it was read.
+    #[error(
+        "{0} changed while it was read, {READ_ATTEMPTS} times; publish again when it is written"
+    )]
+    Changed(PathBuf),
     #[error(transparent)]
     Ring(#[from] RingError),
     #[error("the ring holds version {have} of this filesystem, which does not decode: {msg}")]
@@ -48,6 +58,9 @@ pub enum PublishError {
     #[error("another publisher with this key published at the same time and won {attempts} versions in a row (the last {version}); publish again when it is done")]
     Raced { version: u64, attempts: u32 },
 }
+
+/// Reads of a file that changes while it is read, before the publish gives up on it.
+const READ_ATTEMPTS: u32 = 3;
 
 /// Versions a publish tries before it gives up to another publisher of the same key.
 const MAX_RACES: u32 = 4;
@@ -73,6 +86,17 @@ pub struct PublishOpts {
     pub progress: bool,
     /// Data block size (tests use small ones).
     pub block_size: usize,
+    /// The stat index of this tree and key (see [`index_path`]): files it shows
+    /// unchanged are not read again, and it is rewritten after the publish. None: every
+    /// file is read and no index is kept.
+    pub index: Option<PathBuf>,
+    /// Read every file even where the index shows it unchanged (the index is still
+    /// rewritten).
+    pub rehash: bool,
+    /// A file whose mtime or ctime is this close to the publish's start is read next
+    /// time whatever its stat says (a write in the same clock tick as our read keeps
+    /// size and times). Default [`index::RACY`]; tests use less.
+    pub settle: Duration,
 }
 
 impl Default for PublishOpts {
@@ -82,6 +106,9 @@ impl Default for PublishOpts {
             batch: 256,
             progress: true,
             block_size: BLOCK_SIZE,
+            index: None,
+            rehash: false,
+            settle: index::RACY,
         }
     }
 }
@@ -101,6 +128,10 @@ pub struct Receipt {
     pub replicas: usize,
     pub files: u64,
     pub bytes: u64,
+    /// Files the stat index showed unchanged, so not read, and the blocks under them
+    /// and under unchanged directories (counted in `blocks_total`, not asked about).
+    pub files_reused: u64,
+    pub blocks_reused: u64,
     /// Entries skipped (sockets, devices, fifos), with the reason.
     pub skipped: Vec<(PathBuf, String)>,
 }
@@ -120,6 +151,13 @@ impl fmt::Display for Receipt {
             self.blocks_on_all,
             r = self.replicas
         )?;
+        if self.files_reused > 0 || self.blocks_reused > 0 {
+            writeln!(
+                f,
+                "unchanged since the last publish: {} files not read, {} blocks reused (--rehash reads everything)",
+                self.files_reused, self.blocks_reused
+            )?;
+        }
         if !self.skipped.is_empty() {
             writeln!(
                 f,
@@ -135,9 +173,7 @@ impl fmt::Display for Receipt {
 enum Node {
     File {
         path: PathBuf,
-        devino: (u64, u64),
-        mode: u32,
-        mtime: (i64, u32),
+        stat: FileStat,
     },
     Symlink {
         path: PathBuf,
@@ -176,17 +212,14 @@ fn scan(path: &Path, md: &std::fs::Metadata, s: &mut Scan) -> Result<Option<Node
         }));
     }
     if ft.is_file() {
-        let devino = (md.dev(), md.ino());
-        let n = s.links.entry(devino).or_insert(0);
+        let n = s.links.entry((md.dev(), md.ino())).or_insert(0);
         if *n == 0 {
             s.bytes += md.len();
         }
         *n += 1;
         return Ok(Some(Node::File {
             path: path.to_path_buf(),
-            devino,
-            mode,
-            mtime: mtime(md),
+            stat: FileStat::of(md),
         }));
     }
     if ft.is_dir() {
@@ -356,9 +389,16 @@ impl<R: BlockService> Uploader<R> {
 struct Walk<'a, R: BlockService> {
     up: Uploader<R>,
     scan: &'a Scan,
+    /// The tree's top: index records are by path below it.
+    top: &'a Path,
     /// Hard links: one inode per (dev, ino).
     linked: HashMap<(u64, u64), Id>,
     files: u64,
+    /// The last publish's records (empty with none) and this one's.
+    index: StatIndex,
+    record: IndexWriter,
+    files_reused: u64,
+    blocks_reused: u64,
 }
 
 impl<R: BlockService> Walk<'_, R> {
@@ -368,6 +408,14 @@ impl<R: BlockService> Walk<'_, R> {
         self.up.add(b).await?;
         self.files += 1;
         Ok(k)
+    }
+
+    /// `path` below the top, as the index names it.
+    fn rel<'p>(&self, path: &'p Path) -> &'p [u8] {
+        path.strip_prefix(self.top)
+            .unwrap_or(path)
+            .as_os_str()
+            .as_bytes()
     }
 
     async fn node(&mut self, node: &Node) -> Result<(Id, EntryKind), PublishError> {
@@ -386,19 +434,37 @@ impl<R: BlockService> Walk<'_, R> {
                 })?;
                 Ok((self.inode(i).await?, EntryKind::Symlink))
             }
-            Node::File {
-                path,
-                devino,
-                mode,
-                mtime,
-            } => {
-                if let Some(k) = self.linked.get(devino) {
+            Node::File { path, stat } => {
+                let devino = (stat.dev, stat.ino);
+                if let Some(k) = self.linked.get(&devino) {
                     return Ok((*k, EntryKind::File));
                 }
-                let nlink = self.scan.links.get(devino).copied().unwrap_or(1);
-                let i = self.file(path, *mode, *mtime, nlink).await?;
-                let k = self.inode(i).await?;
-                self.linked.insert(*devino, k);
+                let nlink = self.scan.links.get(&devino).copied().unwrap_or(1);
+                let rel = self.rel(path);
+                let (k, rec) = match self.index.file(rel, stat, nlink) {
+                    Some(r) => {
+                        // Unchanged since the last publish: its inode and every block
+                        // under it are part of the version the ring holds now.
+                        self.files += 1;
+                        self.files_reused += 1;
+                        self.blocks_reused += r.blocks + 1;
+                        self.up.pb.inc(stat.size);
+                        (r.inode, r.clone())
+                    }
+                    None => {
+                        let (i, stat, blocks) = self.file(path, nlink).await?;
+                        let k = self.inode(i).await?;
+                        let rec = FileRecord {
+                            stat,
+                            nlink,
+                            inode: k,
+                            blocks,
+                        };
+                        (k, rec)
+                    }
+                };
+                self.record.file(rel, rec);
+                self.linked.insert(devino, k);
                 Ok((k, EntryKind::File))
             }
             Node::Dir {
@@ -421,31 +487,73 @@ impl<R: BlockService> Walk<'_, R> {
                         path: path.clone(),
                         source,
                     })?;
-                for p in pages {
-                    self.up.add(p).await?;
+                // Built again from its entries (cheap), so reuse needs no trust in the
+                // directory's stat: the same inode key means the same pages, which
+                // the version the ring holds now already has.
+                let rel = self.rel(path);
+                let b = NewBlock::meta(&Meta::Inode(inode));
+                let rec = DirRecord {
+                    inode: b.key,
+                    pages: pages.len() as u64,
+                };
+                if self.index.dirs.get(rel).is_some_and(|r| r.inode == b.key) {
+                    self.files += 1;
+                    self.blocks_reused += rec.pages + 1;
+                } else {
+                    for p in pages {
+                        self.up.add(p).await?;
+                    }
+                    self.up.add(b).await?;
+                    self.files += 1;
                 }
-                Ok((self.inode(inode).await?, EntryKind::Dir))
+                self.record.dir(rel, rec.clone());
+                Ok((rec.inode, EntryKind::Dir))
             }
         }
     }
 
-    /// Chunk one file, sending its data and indirect blocks; returns its inode. The size
-    /// is what was actually read, so a file changing under us stays self-consistent.
+    /// Chunk one file, sending its data and indirect blocks; returns its inode, the
+    /// stat its bytes match and the blocks it sent. A file whose stat moved while it was
+    /// read (size, times, inode) is read again, up to `READ_ATTEMPTS` times: the inode
+    /// never records a size or time its bytes do not have.
     async fn file(
         &mut self,
         path: &Path,
-        mode: u32,
-        mtime: (i64, u32),
         nlink: u32,
-    ) -> Result<Inode, PublishError> {
+    ) -> Result<(Inode, FileStat, u64), PublishError> {
+        for _ in 0..READ_ATTEMPTS {
+            let mut f = File::open(path).map_err(io_err(path))?;
+            let before = FileStat::of(&f.metadata().map_err(io_err(path))?);
+            let (inode, blocks) = self.read_file(&mut f, path, &before, nlink).await?;
+            let after = FileStat::of(&f.metadata().map_err(io_err(path))?);
+            if before == after && inode.size() == after.size {
+                return Ok((inode, after, blocks));
+            }
+            tracing::warn!(
+                "{} changed while it was read; reading it again",
+                path.display()
+            );
+        }
+        Err(PublishError::Changed(path.to_path_buf()))
+    }
+
+    async fn read_file(
+        &mut self,
+        f: &mut File,
+        path: &Path,
+        stat: &FileStat,
+        nlink: u32,
+    ) -> Result<(Inode, u64), PublishError> {
+        let mode = stat.mode & 0o7777;
+        let mtime = (stat.mtime.0, stat.mtime.1.clamp(0, 999_999_999) as u32);
         let bs = self.up.opts.block_size;
-        let mut f = File::open(path).map_err(io_err(path))?;
+        let mut blocks = 0u64;
         let mut buf = vec![0u8; bs];
         let mut ptrs = Vec::new();
         let mut size = 0u64;
         let mut inline = None;
         loop {
-            let n = read_full(&mut f, &mut buf).map_err(io_err(path))?;
+            let n = read_full(f, &mut buf).map_err(io_err(path))?;
             if ptrs.is_empty() && n <= INLINE_MAX && n < bs {
                 inline = Some(buf[..n].to_vec());
                 size = n as u64;
@@ -459,6 +567,7 @@ impl<R: BlockService> Walk<'_, R> {
             let b = chunk_block(&buf[..n]);
             ptrs.push(b.as_ref().map(|b| b.key));
             if let Some(b) = b {
+                blocks += 1;
                 self.up.add(b).await?;
             }
             self.up.pb.inc(n as u64);
@@ -471,18 +580,20 @@ impl<R: BlockService> Walk<'_, R> {
             None => {
                 let (d, ind) = build_file_tree(size, bs as u32, &ptrs);
                 for b in ind {
+                    blocks += 1;
                     self.up.add(b).await?;
                 }
                 d
             }
         };
-        Ok(Inode {
+        let inode = Inode {
             mode,
             mtime_sec: mtime.0,
             mtime_nsec: mtime.1,
             nlink,
             body: InodeBody::File { size, data },
-        })
+        };
+        Ok((inode, blocks))
     }
 }
 
@@ -521,6 +632,7 @@ pub async fn publish<R: BlockService>(
     key: &SigningKey,
     opts: &PublishOpts,
 ) -> Result<Receipt, PublishError> {
+    let started = SystemTime::now();
     let md = std::fs::metadata(dir).map_err(io_err(dir))?;
     if !md.is_dir() {
         return Err(PublishError::NotDir(dir.to_path_buf()));
@@ -534,6 +646,24 @@ pub async fn publish<R: BlockService>(
     let fsid = root_key(&key.verifying_key().to_bytes());
     // Ask for the current root first: a ring we cannot reach must not get a version 1.
     let prev = ring.get_root(fsid).await?;
+    let block_size = opts.block_size as u32;
+    let index = match (&opts.index, opts.rehash) {
+        (Some(p), false) => {
+            let now = prev.as_ref().map(|v| Id::hash(v.bytes()));
+            match StatIndex::load(p, fsid, dir, block_size, now) {
+                Ok(i) => i,
+                Err(IndexUnused::Missing) => StatIndex::default(),
+                Err(e) => {
+                    tracing::info!(
+                        "not using the publish index {}: {e}; reading every file",
+                        p.display()
+                    );
+                    StatIndex::default()
+                }
+            }
+        }
+        _ => StatIndex::default(),
+    };
 
     let pb = progress_bar(s.bytes, opts.progress);
     let up = Uploader {
@@ -552,11 +682,16 @@ pub async fn publish<R: BlockService>(
     let mut w = Walk {
         up,
         scan: &s,
+        top: dir,
         linked: HashMap::new(),
         files: 0,
+        index,
+        record: IndexWriter::new(started, opts.settle),
+        files_reused: 0,
+        blocks_reused: 0,
     };
     let (top, _) = w.node(&tree).await?;
-    let blocks_total = w.up.all.len() as u64;
+    let blocks_total = w.up.all.len() as u64 + w.blocks_reused;
 
     // The previous root, kept as an immutable block so old versions stay mountable.
     let (version, prev_key) = match &prev {
@@ -597,7 +732,7 @@ pub async fn publish<R: BlockService>(
     // it to every replica. Having lost, the tree is signed again as the next version.
     let (mut version, mut prev_key) = (version, prev_key);
     let mut lost = 0;
-    let rc = loop {
+    let (rc, won) = loop {
         let root = RootBlock::sign(key, version, top, totals, prev_key, now);
         let rv = verify(BlockKind::Root, fsid, root.encode(), false).expect("own root verifies");
         let put = ring.put(rv.clone()).await;
@@ -619,13 +754,17 @@ pub async fn publish<R: BlockService>(
         if winner.bytes() == rv.bytes() {
             // Ours won. Replicas that took the other side first refused our put; ring
             // maintenance brings them ours (it outranks), so their refusal is no error.
+            let won = Id::hash(rv.bytes());
             match put {
-                Ok(rc) => break rc,
+                Ok(rc) => break (rc, won),
                 Err(_) => {
-                    break PutReceipt {
-                        stored_on: 1,
-                        wanted: 0,
-                    }
+                    break (
+                        PutReceipt {
+                            stored_on: 1,
+                            wanted: 0,
+                        },
+                        won,
+                    )
                 }
             }
         }
@@ -649,6 +788,14 @@ pub async fn publish<R: BlockService>(
         prev_key = Some(Id::hash(winner.bytes()));
     };
     pb.finish_and_clear();
+    if let Some(p) = &opts.index {
+        // A publish that cannot write its index still published: the next one reads
+        // every file.
+        let record = std::mem::replace(&mut w.record, IndexWriter::new(started, opts.settle));
+        if let Err(e) = record.save(p, fsid, dir, block_size, won) {
+            tracing::warn!("could not write the publish index {}: {e}", p.display());
+        }
+    }
     Ok(Receipt {
         fsid,
         version,
@@ -658,6 +805,8 @@ pub async fn publish<R: BlockService>(
         replicas: w.up.replicas.max(rc.wanted),
         files: w.files,
         bytes: s.bytes,
+        files_reused: w.files_reused,
+        blocks_reused: w.blocks_reused,
         skipped: s.skipped,
     })
 }
