@@ -81,6 +81,11 @@ enum Cmd {
         /// index in the state directory, $CFS_STATE_DIR/publish).
         #[arg(long)]
         rehash: bool,
+        /// Cut files into fixed-size blocks (layout 1, which cfs before layout 2 reads)
+        /// instead of content-defined chunks (an edit re-sends only the chunks it
+        /// touches).
+        #[arg(long)]
+        fixed_blocks: bool,
     },
     /// Renew the leases of every block of the newest versions of FSID on all replicas
     /// (root chain, directories, inodes, indirect and data blocks; no data sent), or
@@ -349,6 +354,7 @@ async fn run(cli: Cli) -> Result<()> {
             quiet,
             lease,
             rehash,
+            fixed_blocks,
         } => {
             let sk = cfs_tree::load_key(&key)?;
             let mut c = client(&node).await?;
@@ -362,6 +368,7 @@ async fn run(cli: Cli) -> Result<()> {
                 progress: !quiet && std::io::stderr().is_terminal(),
                 index,
                 rehash,
+                content_defined: !fixed_blocks,
                 ..PublishOpts::default()
             };
             let receipt = cfs_tree::publish(ring, &dir, &sk, &opts)

@@ -21,6 +21,8 @@ use crate::id::Id;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+pub mod chunked;
+
 /// Size of a data block (a file chunk).
 ///
 /// About 256 KiB: every block costs a lookup, r puts, a store commit and a hash on each
@@ -64,15 +66,24 @@ pub const MAX_NAME: usize = 255;
 /// Longest symlink target (bytes), as in POSIX PATH_MAX.
 pub const MAX_SYMLINK: usize = 4096;
 
-/// First bytes of every Meta block: a format tag and version, so that other bytes (a
-/// root block stored as content, a data block) are never mistaken for metadata.
+/// First bytes of every Meta block: a format tag and layout version, so that other
+/// bytes (a root block stored as content, a data block) are never mistaken for metadata.
+/// Layout 1 is what every block without content-defined chunks still uses (so their
+/// keys, and old trees, are unchanged); layout 2 adds chunked files ([`FileData::Chunked`],
+/// [`Meta::Spans`]), and only blocks that hold them carry it: a cfs that knows only
+/// layout 1 refuses them by their tag instead of misreading them.
 pub const META_TAG: &[u8; 5] = b"cfsM\x01";
+pub const META_TAG_V2: &[u8; 5] = b"cfsM\x02";
+/// The newest layout this code reads and writes.
+pub const LAYOUT: u8 = 2;
 
 /// Errors decoding or building layout blocks.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LayoutError {
     #[error("metadata block does not start with the cfs format tag")]
     BadTag,
+    #[error("metadata block is in layout {0}, newer than this cfs reads ({LAYOUT}); upgrade cfs")]
+    NewerLayout(u8),
     #[error("metadata block does not decode: {0}")]
     Decode(String),
     #[error("metadata block is invalid: {0}")]
@@ -131,6 +142,17 @@ pub enum FileData {
         /// Bytes in non-hole blocks (for st_blocks).
         stored: u64,
     },
+    /// Layout 2: content-defined chunks of varying size (see [`chunked`]). `root` is a
+    /// [`Meta::Spans`] block `depth` levels above the chunks; every Spans block but the
+    /// last of its level holds FANOUT entries, so chunk i is found by its index as in a
+    /// tree, and an offset by the ends the entries record.
+    Chunked {
+        depth: u8,
+        root: Id,
+        chunks: u64,
+        /// Bytes in non-hole chunks (for st_blocks).
+        stored: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +180,16 @@ pub enum Meta {
     Inode(Inode),
     Indirect(Vec<Option<Id>>),
     DirPage(Vec<DirEntry>),
+    /// Layout 2: one level of a chunked file's tree.
+    Spans(Vec<Span>),
+}
+
+/// One entry of a [`Meta::Spans`] block: a chunk (`None`: all zeros, a hole) or, above
+/// the chunks, a Spans block; and the file offset where what it covers ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub key: Option<Id>,
+    pub end: u64,
 }
 
 impl Inode {
@@ -186,7 +218,7 @@ impl Inode {
                 ..
             } => b.len() as u64,
             InodeBody::File {
-                data: FileData::Tree { stored, .. },
+                data: FileData::Tree { stored, .. } | FileData::Chunked { stored, .. },
                 ..
             } => *stored,
             InodeBody::Dir { .. } => DIR_PAGE_BYTES as u64,
@@ -195,9 +227,24 @@ impl Inode {
     }
 }
 
-/// Encode a Meta block: tag, then postcard.
+/// Whether `m` needs layout 2.
+fn layout2(m: &Meta) -> bool {
+    matches!(
+        m,
+        Meta::Spans(_)
+            | Meta::Inode(Inode {
+                body: InodeBody::File {
+                    data: FileData::Chunked { .. },
+                    ..
+                },
+                ..
+            })
+    )
+}
+
+/// Encode a Meta block: tag (the oldest layout that holds it), then postcard.
 pub fn encode_meta(m: &Meta) -> Vec<u8> {
-    let mut out = META_TAG.to_vec();
+    let mut out = if layout2(m) { META_TAG_V2 } else { META_TAG }.to_vec();
     out.extend(postcard::to_stdvec(m).expect("encoding to memory"));
     out
 }
@@ -208,13 +255,28 @@ pub fn decode_meta(bytes: &[u8]) -> Result<Meta, LayoutError> {
     if bytes.len() > MAX_BLOCK_BYTES {
         return Err(LayoutError::Invalid("block over the size limit"));
     }
-    let body = bytes
-        .strip_prefix(META_TAG.as_slice())
-        .ok_or(LayoutError::BadTag)?;
+    if bytes.len() < META_TAG.len() || bytes[..4] != META_TAG[..4] {
+        return Err(LayoutError::BadTag);
+    }
+    let layout = bytes[4];
+    if layout > LAYOUT {
+        return Err(LayoutError::NewerLayout(layout));
+    }
+    if layout == 0 {
+        return Err(LayoutError::BadTag);
+    }
+    let body = &bytes[META_TAG.len()..];
     let (m, rest): (Meta, &[u8]) =
         postcard::take_from_bytes(body).map_err(|e| LayoutError::Decode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(LayoutError::Invalid("trailing bytes"));
+    }
+    // One encoding per block: a layout-1 tag on layout-2 content (or the reverse) would
+    // give the same metadata two keys.
+    if layout2(&m) != (layout == 2) {
+        return Err(LayoutError::Invalid(
+            "layout tag does not match the content",
+        ));
     }
     validate(&m)?;
     Ok(m)
@@ -243,6 +305,7 @@ fn validate(m: &Meta) -> Result<(), LayoutError> {
             }
             validate_entries(entries)
         }
+        Meta::Spans(spans) => chunked::validate_spans(spans),
     }
 }
 
@@ -277,6 +340,12 @@ fn validate_inode(i: &Inode) -> Result<(), LayoutError> {
                     return Err(LayoutError::Invalid("file larger than its tree"));
                 }
             }
+            FileData::Chunked {
+                depth,
+                chunks,
+                stored,
+                ..
+            } => chunked::validate_file(*size, *depth, *chunks, *stored)?,
         },
         InodeBody::Dir { entries, content } => match content {
             DirContent::Inline(e) => {
@@ -699,6 +768,7 @@ mod tests {
                 }
                 out
             }
+            FileData::Chunked { .. } => panic!("fixed-size builds only"),
         }
     }
 

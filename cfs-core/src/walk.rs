@@ -3,6 +3,7 @@
 //! length (from the file's size), so a walk never fetches them.
 
 use crate::block::{BlockKind, RootBlock, VerifyError};
+use crate::fs::chunked::span_start;
 use crate::fs::{DirContent, FileData, InodeBody, Meta, FANOUT};
 use crate::id::Id;
 
@@ -21,6 +22,9 @@ pub enum MetaRole {
         size: u64,
         block_size: u32,
     },
+    /// A Spans block of a chunked file: `depth` levels above the chunks, and the file
+    /// offset where what it covers begins.
+    Spans { depth: u8, base: u64 },
 }
 
 /// A block a walk reaches.
@@ -90,6 +94,16 @@ pub fn children(meta: &Meta, role: MetaRole) -> Vec<Reach> {
                     },
                 }
             }],
+            InodeBody::File {
+                data: FileData::Chunked { depth, root, .. },
+                ..
+            } => vec![Reach::Meta {
+                key: *root,
+                role: MetaRole::Spans {
+                    depth: *depth,
+                    base: 0,
+                },
+            }],
             _ => Vec::new(),
         },
         (Meta::DirPage(entries), _) => entries
@@ -133,8 +147,31 @@ pub fn children(meta: &Meta, role: MetaRole) -> Vec<Reach> {
                 })
                 .collect()
         }
-        // An indirect block reached as something else points nowhere we can size.
-        (Meta::Indirect(_), _) => Vec::new(),
+        (Meta::Spans(spans), MetaRole::Spans { depth, base }) => spans
+            .iter()
+            .enumerate()
+            .filter_map(|(j, s)| {
+                let key = s.key?;
+                let start = span_start(spans, base, j);
+                Some(if depth <= 1 {
+                    Reach::Data {
+                        key,
+                        len: s.end.saturating_sub(start),
+                    }
+                } else {
+                    Reach::Meta {
+                        key,
+                        role: MetaRole::Spans {
+                            depth: depth - 1,
+                            base: start,
+                        },
+                    }
+                })
+            })
+            .collect(),
+        // An indirect or spans block reached as something else points nowhere we can
+        // size.
+        (Meta::Indirect(_), _) | (Meta::Spans(_), _) => Vec::new(),
     }
 }
 

@@ -3,14 +3,14 @@
 //! leaves the previous version intact. Also the publisher's key file.
 
 mod index;
+mod read;
 
 pub use index::{index_path, IndexUnused, StatIndex};
 
 use crate::service::{BlockService, PutReceipt, RingError};
 use cfs_core::block::{root_key, verify, RootBlock, Totals, Verified};
 use cfs_core::fs::{
-    build_dir, build_file_tree, build_symlink, chunk_block, DirEntry, EntryKind, FileData, Inode,
-    InodeBody, LayoutError, Meta, NewBlock, BLOCK_SIZE, INLINE_MAX,
+    build_dir, build_symlink, DirEntry, EntryKind, Inode, LayoutError, Meta, NewBlock, BLOCK_SIZE,
 };
 use cfs_core::{BlockKind, Id};
 use ed25519_dalek::SigningKey;
@@ -84,7 +84,10 @@ pub struct PublishOpts {
     pub batch: usize,
     /// Show a progress bar (only drawn when stderr is a terminal).
     pub progress: bool,
-    /// Data block size (tests use small ones).
+    /// Cut file data at content-defined boundaries (layout 2: an insertion or a deletion
+    /// changes only the chunks it touches), or, when false, in blocks of `block_size`.
+    pub content_defined: bool,
+    /// Data block size of fixed-size blocks (when not `content_defined`).
     pub block_size: usize,
     /// The stat index of this tree and key (see [`index_path`]): files it shows
     /// unchanged are not read again, and it is rewritten after the publish. None: every
@@ -105,6 +108,7 @@ impl Default for PublishOpts {
             parallelism: 32,
             batch: 256,
             progress: true,
+            content_defined: true,
             block_size: BLOCK_SIZE,
             index: None,
             rehash: false,
@@ -511,104 +515,6 @@ impl<R: BlockService> Walk<'_, R> {
             }
         }
     }
-
-    /// Chunk one file, sending its data and indirect blocks; returns its inode, the
-    /// stat its bytes match and the blocks it sent. A file whose stat moved while it was
-    /// read (size, times, inode) is read again, up to `READ_ATTEMPTS` times: the inode
-    /// never records a size or time its bytes do not have.
-    async fn file(
-        &mut self,
-        path: &Path,
-        nlink: u32,
-    ) -> Result<(Inode, FileStat, u64), PublishError> {
-        for _ in 0..READ_ATTEMPTS {
-            let mut f = File::open(path).map_err(io_err(path))?;
-            let before = FileStat::of(&f.metadata().map_err(io_err(path))?);
-            let (inode, blocks) = self.read_file(&mut f, path, &before, nlink).await?;
-            let after = FileStat::of(&f.metadata().map_err(io_err(path))?);
-            if before == after && inode.size() == after.size {
-                return Ok((inode, after, blocks));
-            }
-            tracing::warn!(
-                "{} changed while it was read; reading it again",
-                path.display()
-            );
-        }
-        Err(PublishError::Changed(path.to_path_buf()))
-    }
-
-    async fn read_file(
-        &mut self,
-        f: &mut File,
-        path: &Path,
-        stat: &FileStat,
-        nlink: u32,
-    ) -> Result<(Inode, u64), PublishError> {
-        let mode = stat.mode & 0o7777;
-        let mtime = (stat.mtime.0, stat.mtime.1.clamp(0, 999_999_999) as u32);
-        let bs = self.up.opts.block_size;
-        let mut blocks = 0u64;
-        let mut buf = vec![0u8; bs];
-        let mut ptrs = Vec::new();
-        let mut size = 0u64;
-        let mut inline = None;
-        loop {
-            let n = read_full(f, &mut buf).map_err(io_err(path))?;
-            if ptrs.is_empty() && n <= INLINE_MAX && n < bs {
-                inline = Some(buf[..n].to_vec());
-                size = n as u64;
-                self.up.pb.inc(n as u64);
-                break;
-            }
-            if n == 0 {
-                break;
-            }
-            size += n as u64;
-            let b = chunk_block(&buf[..n]);
-            ptrs.push(b.as_ref().map(|b| b.key));
-            if let Some(b) = b {
-                blocks += 1;
-                self.up.add(b).await?;
-            }
-            self.up.pb.inc(n as u64);
-            if n < bs {
-                break;
-            }
-        }
-        let data = match inline {
-            Some(b) => FileData::Inline(ByteBuf::from(b)),
-            None => {
-                let (d, ind) = build_file_tree(size, bs as u32, &ptrs);
-                for b in ind {
-                    blocks += 1;
-                    self.up.add(b).await?;
-                }
-                d
-            }
-        };
-        let inode = Inode {
-            mode,
-            mtime_sec: mtime.0,
-            mtime_nsec: mtime.1,
-            nlink,
-            body: InodeBody::File { size, data },
-        };
-        Ok((inode, blocks))
-    }
-}
-
-/// Read until `buf` is full or end of file.
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 fn progress_bar(total: u64, show: bool) -> ProgressBar {
@@ -646,7 +552,12 @@ pub async fn publish<R: BlockService>(
     let fsid = root_key(&key.verifying_key().to_bytes());
     // Ask for the current root first: a ring we cannot reach must not get a version 1.
     let prev = ring.get_root(fsid).await?;
-    let block_size = opts.block_size as u32;
+    // What the index's inodes were cut with: 0 for content-defined chunks.
+    let block_size = if opts.content_defined {
+        0
+    } else {
+        opts.block_size as u32
+    };
     let index = match (&opts.index, opts.rehash) {
         (Some(p), false) => {
             let now = prev.as_ref().map(|v| Id::hash(v.bytes()));

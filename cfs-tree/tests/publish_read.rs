@@ -399,7 +399,12 @@ async fn what_a_stream_read_through_leaves_the_cache_and_partly_read_blocks_stay
     std::fs::write(src.path().join("f"), &data).unwrap();
     std::fs::write(src.path().join("small"), pattern(bs / 2, 5)).unwrap();
     let ring = Arc::new(MemRing::new());
-    let r = publish(ring.clone(), src.path(), &key(), &quiet())
+    // Fixed-size blocks (layout 1), whose boundaries the reads below are placed on.
+    let fixed = PublishOpts {
+        content_defined: false,
+        ..quiet()
+    };
+    let r = publish(ring.clone(), src.path(), &key(), &fixed)
         .await
         .unwrap();
     let opts = ReaderOpts {
@@ -458,6 +463,36 @@ async fn what_a_stream_read_through_leaves_the_cache_and_partly_read_blocks_stay
     let stream = reader.stream_for(&small);
     read(&small, &stream, 0, bs).await;
     assert_eq!(gets(), before, "a one-block file was fetched again");
+
+    // Content-defined chunks (layout 2) read through the same way: each chunk and the
+    // spans block once, nothing kept.
+    let r = publish(ring.clone(), src.path(), &key(), &quiet())
+        .await
+        .unwrap();
+    let root = reader.root(r.fsid, None).await.unwrap();
+    let (_, f) = reader.resolve(root.top, b"f").await.unwrap();
+    let InodeBody::File {
+        data: cfs_core::fs::FileData::Chunked { chunks, .. },
+        ..
+    } = f.body
+    else {
+        panic!("a chunked file: {f:?}")
+    };
+    let before = gets();
+    let kept = reader.memory_in_use();
+    let stream = reader.stream_for(&f);
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        got.extend(read(&f, &stream, got.len(), 128 << 10).await);
+    }
+    assert!(got == data);
+    assert!(
+        gets() - before <= chunks + 1,
+        "{} fetches for {chunks} chunks and their spans",
+        gets() - before
+    );
+    let more = reader.memory_in_use() - kept;
+    assert!(more < 4096, "{more} bytes kept");
 }
 
 /// With `forget_large_scans` (the gateway), a file larger than a quarter of the budget

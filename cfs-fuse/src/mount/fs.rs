@@ -163,6 +163,10 @@ impl<R: BlockService> Fs<R> {
                 data: cfs_core::fs::FileData::Tree { block_size, .. },
                 ..
             } => *block_size,
+            InodeBody::File {
+                data: cfs_core::fs::FileData::Chunked { .. },
+                ..
+            } => cfs_core::fs::chunked::CHUNK_MAX,
             _ => 4096,
         };
         FileAttr {

@@ -1,10 +1,11 @@
 //! Reading files: block pointers, ranges with read-ahead, fetching a listing's entries
 //! ahead, checking a local copy, and `cfs get`.
 
+use super::shape::Shape;
 use super::{Cached, FsError, Reader, ReaderOpts};
 use crate::reader::window::{Stream, WindowOpts};
 use crate::service::BlockService;
-use cfs_core::fs::{self, spans, tree_path, EntryKind, FileData, Inode, InodeBody, Meta};
+use cfs_core::fs::{self, tree_path, EntryKind, FileData, Inode, InodeBody, Meta};
 use cfs_core::{BlockKind, Id};
 use std::collections::HashMap;
 use std::io::Write;
@@ -79,7 +80,7 @@ impl Drop for FileStream {
 
 impl<R: BlockService> Reader<R> {
     /// The data block pointer for block `index` of a tree file (None = hole).
-    async fn block_ptr(
+    pub(crate) async fn block_ptr(
         &self,
         depth: u8,
         root: Option<Id>,
@@ -146,30 +147,20 @@ impl<R: BlockService> Reader<R> {
         let InodeBody::File { size, data } = &file.body else {
             return Err(FsError::IsDir(String::new()));
         };
-        let (block_size, depth, root) = match data {
-            FileData::Inline(b) => {
-                let start = offset.min(b.len() as u64) as usize;
-                let end = offset.saturating_add(len).min(b.len() as u64) as usize;
-                return Ok(vec![Piece::Owned(b[start..end].to_vec())]);
-            }
-            FileData::Tree {
-                block_size,
-                depth,
-                root,
-                ..
-            } => (*block_size, *depth, *root),
-        };
-        let sp = spans(*size, block_size, offset, len);
+        if let FileData::Inline(b) = data {
+            let start = offset.min(b.len() as u64) as usize;
+            let end = offset.saturating_add(len).min(b.len() as u64) as usize;
+            return Ok(vec![Piece::Owned(b[start..end].to_vec())]);
+        }
+        let shape = Shape::of(file).ok_or_else(|| FsError::IsDir(String::new()))?;
         // Resolve pointers, then start every data fetch before waiting on the first.
-        let mut ptrs = Vec::with_capacity(sp.len());
+        let (sp, voff, vlen) = self.block_reads(&shape, offset, len).await?;
         for s in &sp {
-            let p = self.block_ptr(depth, root, s.index).await?;
-            if let Some(k) = p {
+            if let Some(k) = s.key {
                 if self.cache_get(BlockKind::Data, k).is_none() {
                     drop(self.start(BlockKind::Data, k, s.block_len, true));
                 }
             }
-            ptrs.push(p);
         }
         // Where the stream's current sequential run began: only blocks it read whole
         // may leave the cache.
@@ -177,22 +168,17 @@ impl<R: BlockService> Reader<R> {
         if let (Some(stream), false) = (stream, sp.is_empty()) {
             let short = self.short_of_memory();
             let mut st = stream.window.lock().unwrap();
-            let ahead = st.on_read(
-                offset,
-                len.min(*size - offset),
-                fs::block_count(*size, block_size),
-                short,
-            );
+            let ahead = st.on_read(voff, vlen, shape.blocks(), short);
             let front = st.front();
             run_start = Some(st.run_start());
             drop(st);
             if !ahead.is_empty() {
-                self.read_ahead(*size, block_size, depth, root, ahead, front);
+                self.read_ahead(shape, ahead, front);
             }
         }
         let mut out = Vec::with_capacity(sp.len());
-        for (s, p) in sp.iter().zip(ptrs.iter().copied()) {
-            match p {
+        for s in &sp {
+            match s.key {
                 None => out.push(Piece::Owned(vec![0; s.end - s.start])),
                 Some(k) => {
                     let d = self.data(k).await?;
@@ -219,11 +205,12 @@ impl<R: BlockService> Reader<R> {
                 && *size > (opts.cache_bytes / 4) as u64
                 && stream.is_some_and(FileStream::alone));
         if let (Some(run), true) = (run_start, forget && !sp.is_empty()) {
-            let multi = *size > u64::from(block_size);
-            for (s, p) in sp.iter().zip(&ptrs) {
-                let whole = s.index * u64::from(block_size) >= run && s.end == s.block_len;
-                if let (Some(k), true) = (p, multi && whole) {
-                    self.cache_forget(BlockKind::Data, *k);
+            let multi = shape.blocks() > 1;
+            let unit = u64::from(shape.unit());
+            for s in &sp {
+                let whole = s.index * unit >= run && s.end == s.block_len;
+                if let (Some(k), true) = (s.key, multi && whole) {
+                    self.cache_forget(BlockKind::Data, k);
                 }
             }
         }
@@ -288,14 +275,9 @@ impl<R: BlockService> Reader<R> {
     /// A read-ahead stream for sequential reads of `file`, counted among the file's
     /// readers while it lives.
     pub fn stream_for(&self, file: &Inode) -> FileStream {
-        let (block_size, root) = match &file.body {
-            InodeBody::File {
-                data: FileData::Tree {
-                    block_size, root, ..
-                },
-                ..
-            } => (*block_size, *root),
-            _ => (fs::BLOCK_SIZE as u32, None),
+        let (block_size, root) = match Shape::of(file) {
+            Some(s) => (s.unit(), s.root()),
+            None => (fs::BLOCK_SIZE as u32, None),
         };
         let file = root.map(|r| {
             *self.inner.streams.lock().unwrap().entry(r).or_insert(0) += 1;
@@ -309,27 +291,18 @@ impl<R: BlockService> Reader<R> {
 
     /// Fetch blocks `range` in the background, at most `prefetch_parallel` at once,
     /// each holding its share of the memory budget; stops where the budget refuses.
-    fn read_ahead(
-        &self,
-        size: u64,
-        block_size: u32,
-        depth: u8,
-        root: Option<Id>,
-        range: Range<u64>,
-        front: Arc<AtomicU64>,
-    ) {
+    fn read_ahead(&self, shape: Shape, range: Range<u64>, front: Arc<AtomicU64>) {
         let me = self.clone();
+        let unit = u64::from(shape.unit());
         // Block `i` lies wholly behind what the stream has read (and perhaps forgotten):
         // not fetched again.
-        let read = move |i: u64| {
-            (i + 1).saturating_mul(u64::from(block_size)) <= front.load(Ordering::Relaxed)
-        };
+        let read = move |i: u64| (i + 1).saturating_mul(unit) <= front.load(Ordering::Relaxed);
         tokio::spawn(async move {
             for i in range {
                 if read(i) {
                     continue;
                 }
-                let Ok(Some(k)) = me.block_ptr(depth, root, i).await else {
+                let Ok(Some((Some(k), len))) = me.block_at(&shape, i).await else {
                     continue;
                 };
                 if me.cache_get(BlockKind::Data, k).is_some() {
@@ -342,7 +315,6 @@ impl<R: BlockService> Reader<R> {
                 if read(i) {
                     continue;
                 }
-                let len = (size - i * block_size as u64).min(block_size as u64) as usize;
                 let Some(mut rx) = me.start(BlockKind::Data, k, len, false) else {
                     return;
                 };
@@ -366,33 +338,32 @@ impl<R: BlockService> Reader<R> {
         if copy.metadata()?.len() != *size {
             return Ok(false);
         }
-        let (block_size, depth, root) = match data {
-            FileData::Inline(b) => {
-                let mut buf = vec![0u8; b.len()];
-                copy.read_exact_at(&mut buf, 0)?;
-                return Ok(buf[..] == b[..]);
-            }
-            FileData::Tree {
-                block_size,
-                depth,
-                root,
-                ..
-            } => (*block_size as u64, *depth, *root),
+        if let FileData::Inline(b) = data {
+            let mut buf = vec![0u8; b.len()];
+            copy.read_exact_at(&mut buf, 0)?;
+            return Ok(buf[..] == b[..]);
+        }
+        let Some(shape) = Shape::of(file) else {
+            return Ok(false);
         };
-        let mut buf = vec![0u8; block_size as usize];
-        for i in 0..fs::block_count(*size, block_size as u32) {
-            let start = i * block_size;
-            let b = &mut buf[..(*size - start).min(block_size) as usize];
-            copy.read_exact_at(b, start)?;
-            let ok = match self.block_ptr(depth, root, i).await? {
-                None => b.iter().all(|&x| x == 0),
-                Some(k) => Id::hash(b) == k,
+        let mut buf = Vec::new();
+        let mut start = 0u64;
+        for i in 0..shape.blocks() {
+            let Some((key, len)) = self.block_at(&shape, i).await? else {
+                return Ok(false);
+            };
+            buf.resize(len, 0);
+            copy.read_exact_at(&mut buf, start)?;
+            let ok = match key {
+                None => buf.iter().all(|&x| x == 0),
+                Some(k) => Id::hash(&buf) == k,
             };
             if !ok {
                 return Ok(false);
             }
+            start += len as u64;
         }
-        Ok(true)
+        Ok(start == *size)
     }
 
     /// Stream a whole file to `out`, a window of blocks in flight at a time; cached

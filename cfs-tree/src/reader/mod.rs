@@ -3,6 +3,7 @@
 //! cache. Shared by `cfs get` and the FUSE mount.
 
 mod file;
+mod shape;
 pub mod window;
 
 pub use file::{get, FileStream, Piece};
