@@ -86,6 +86,10 @@ enum Cmd {
         /// touches).
         #[arg(long)]
         fixed_blocks: bool,
+        /// Stay running: publish again each time DIR changes (after 200 ms without a
+        /// change), printing each version, until SIGINT or SIGTERM.
+        #[arg(long)]
+        watch: bool,
     },
     /// Renew the leases of every block of the newest versions of FSID on all replicas
     /// (root chain, directories, inodes, indirect and data blocks; no data sent), or
@@ -355,6 +359,7 @@ async fn run(cli: Cli) -> Result<()> {
             lease,
             rehash,
             fixed_blocks,
+            watch,
         } => {
             let sk = cfs_tree::load_key(&key)?;
             let mut c = client(&node).await?;
@@ -371,6 +376,36 @@ async fn run(cli: Cli) -> Result<()> {
                 content_defined: !fixed_blocks,
                 ..PublishOpts::default()
             };
+            if watch {
+                let each = |round: cfs_tree::publish::Round<'_>| match round {
+                    cfs_tree::publish::Round::Published(r) => {
+                        eprintln!("{r}");
+                        println!("{} {}", r.fsid, r.version);
+                    }
+                    cfs_tree::publish::Round::Failed(e) => {
+                        eprintln!(
+                            "cfs: publishing {} failed: {e}; trying again",
+                            dir.display()
+                        )
+                    }
+                };
+                let w = cfs_tree::publish::watch(
+                    ring,
+                    &dir,
+                    &sk,
+                    &opts,
+                    cfs_tree::publish::WatchOpts::default(),
+                    each,
+                );
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    r = w => r.with_context(|| format!("watching {}", dir.display()))?,
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return Ok(());
+            }
             let receipt = cfs_tree::publish(ring, &dir, &sk, &opts)
                 .await
                 .with_context(|| format!("publishing {}", dir.display()))?;

@@ -4,8 +4,10 @@
 
 mod index;
 mod read;
+mod watch;
 
 pub use index::{index_path, IndexUnused, StatIndex};
+pub use watch::{watch, Round, WatchOpts};
 
 use crate::service::{BlockService, PutReceipt, RingError};
 use cfs_core::block::{root_key, verify, RootBlock, Totals, Verified};
@@ -45,6 +47,8 @@ pub enum PublishError {
     },
     #[error("{0} is not a directory; publish takes a directory")]
     NotDir(PathBuf),
+    #[error("watching {0} for changes failed: {1} (on Linux, raising fs.inotify.max_user_watches may help)")]
+    Watch(PathBuf, #[source] notify::Error),
     /// The file kept changing while it was read.
     #[error(
         "{0} changed while it was read, {READ_ATTEMPTS} times; publish again when it is written"

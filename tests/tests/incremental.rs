@@ -3,9 +3,11 @@
 //! index in the state directory only costs a full read.
 
 use cfs_tests::tree::{pattern, TempDir};
-use cfs_tests::{cfs, eventually, state_dir, Cluster};
+use cfs_tests::{bin, cfs, eventually, state_dir, Cluster, Mount};
+use std::io::BufRead;
 use std::path::Path;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// `cfs publish`: (version, files it did not read).
 fn publish(c: &Cluster, src: &Path, key: &Path, extra: &[&str]) -> (u64, u64) {
@@ -101,4 +103,90 @@ fn a_republish_reads_only_changed_files_and_a_damaged_index_costs_a_full_read() 
         "the index is whole again"
     );
     eprintln!("INCREMENTAL: republish via cfs: unchanged files skipped, one change read, a damaged index read in full");
+}
+
+/// A `cfs publish --watch`, stopped (SIGTERM) when dropped, even if the test failed.
+struct Watching(Option<Child>);
+
+impl Watching {
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.0.take()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().ok()
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `cfs publish --watch`: each change to the tree becomes a version, seen through a
+/// mount elsewhere; SIGTERM ends it with status 0.
+#[test]
+fn a_watched_tree_is_published_on_each_change_and_a_mount_shows_it() {
+    let c = Cluster::start(3, &[]);
+    c.wait_ring(Duration::from_secs(30));
+    let src = TempDir::new("watch-src");
+    std::fs::write(src.path().join("index.html"), b"first").unwrap();
+    let key = c.keygen();
+    let mut child = Command::new(bin("cfs"))
+        .args(["publish", src.path().to_str().unwrap(), "--key"])
+        .arg(&key)
+        .args(["--node", &c.addr(0), "--watch", "-q"])
+        .env("CFS_STATE_DIR", state_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Versions as the watcher prints them ("FSID VERSION" per line).
+    let (tx, rx) = std::sync::mpsc::channel::<(String, u64)>();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut watching = Watching(Some(child));
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            let mut w = line.split_whitespace();
+            if let (Some(f), Some(v)) = (w.next(), w.next().and_then(|v| v.parse().ok())) {
+                let _ = tx.send((f.to_string(), v));
+            }
+        }
+    });
+    let (fsid, v1) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a first version");
+    let mnt = TempDir::new("watch-mnt");
+    let m = Mount::start(&fsid, mnt.path(), &c.addr(1), &[]);
+    assert_eq!(
+        std::fs::read(mnt.path().join("index.html")).unwrap(),
+        b"first"
+    );
+
+    // A file changed and one added, in a new directory: both through the mount.
+    let t0 = Instant::now();
+    std::fs::write(src.path().join("index.html"), b"second").unwrap();
+    std::fs::create_dir(src.path().join("news")).unwrap();
+    std::fs::write(src.path().join("news/today"), pattern(300_000, 3)).unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the mount to show the change",
+        || {
+            let a = std::fs::read(m.path.join("index.html")).ok()?;
+            let b = std::fs::read(m.path.join("news/today")).ok()?;
+            (a == b"second" && b == pattern(300_000, 3)).then_some(())
+        },
+    );
+    let seen = t0.elapsed();
+    let versions: Vec<u64> = rx.try_iter().map(|(_, v)| v).collect();
+    assert!(versions.iter().all(|v| *v > v1), "{versions:?}");
+    // Nothing changes: no more versions (its own reads start no round).
+    std::thread::sleep(Duration::from_millis(1500));
+    let idle: Vec<u64> = rx.try_iter().map(|(_, v)| v).collect();
+    assert!(idle.len() <= 1, "versions with no change: {idle:?}");
+    let st = watching.stop().unwrap();
+    assert!(st.success(), "SIGTERM ends the watch cleanly: {st}");
+    eprintln!(
+        "WATCH: a change published as {versions:?} after version {v1}, through the mount in {seen:?}"
+    );
 }
