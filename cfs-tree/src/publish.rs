@@ -199,6 +199,8 @@ enum Node {
 
 struct Scan {
     bytes: u64,
+    /// Files, directories and symlinks (a hard-linked file once per name).
+    entries: u64,
     links: HashMap<(u64, u64), u32>,
     skipped: Vec<(PathBuf, String)>,
 }
@@ -209,6 +211,9 @@ fn mtime(m: &std::fs::Metadata) -> (i64, u32) {
 
 fn scan(path: &Path, md: &std::fs::Metadata, s: &mut Scan) -> Result<Option<Node>, PublishError> {
     let ft = md.file_type();
+    if ft.is_symlink() || ft.is_file() || ft.is_dir() {
+        s.entries += 1;
+    }
     let mode = md.mode() & 0o7777;
     if ft.is_symlink() {
         let target = std::fs::read_link(path).map_err(io_err(path))?;
@@ -414,8 +419,18 @@ impl<R: BlockService> Walk<'_, R> {
         let b = NewBlock::meta(&Meta::Inode(inode));
         let k = b.key;
         self.up.add(b).await?;
-        self.files += 1;
+        self.counted();
         Ok(k)
+    }
+
+    /// One more inode of the tree done (sent or reused); the progress bar shows it.
+    fn counted(&mut self) {
+        self.files += 1;
+        if self.files % 64 == 0 || self.files == self.scan.entries {
+            self.up
+                .pb
+                .set_prefix(format!("{}/{} entries", self.files, self.scan.entries));
+        }
     }
 
     /// `path` below the top, as the index names it.
@@ -449,15 +464,15 @@ impl<R: BlockService> Walk<'_, R> {
                 }
                 let nlink = self.scan.links.get(&devino).copied().unwrap_or(1);
                 let rel = self.rel(path);
-                let (k, rec) = match self.index.file(rel, stat, nlink) {
+                let (k, rec) = match self.index.file(rel, stat, nlink).cloned() {
                     Some(r) => {
                         // Unchanged since the last publish: its inode and every block
                         // under it are part of the version the ring holds now.
-                        self.files += 1;
+                        self.counted();
                         self.files_reused += 1;
                         self.blocks_reused += r.blocks + 1;
                         self.up.pb.inc(stat.size);
-                        (r.inode, r.clone())
+                        (r.inode, r)
                     }
                     None => {
                         let (i, stat, blocks) = self.file(path, nlink).await?;
@@ -505,14 +520,14 @@ impl<R: BlockService> Walk<'_, R> {
                     pages: pages.len() as u64,
                 };
                 if self.index.dirs.get(rel).is_some_and(|r| r.inode == b.key) {
-                    self.files += 1;
+                    self.counted();
                     self.blocks_reused += rec.pages + 1;
                 } else {
                     for p in pages {
                         self.up.add(p).await?;
                     }
                     self.up.add(b).await?;
-                    self.files += 1;
+                    self.counted();
                 }
                 self.record.dir(rel, rec.clone());
                 Ok((rec.inode, EntryKind::Dir))
@@ -528,7 +543,7 @@ fn progress_bar(total: u64, show: bool) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     pb.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            "{spinner} [{elapsed_precise}] {wide_bar} {prefix} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
         )
         .expect("valid template"),
     );
@@ -549,6 +564,7 @@ pub async fn publish<R: BlockService>(
     }
     let mut s = Scan {
         bytes: 0,
+        entries: 0,
         links: HashMap::new(),
         skipped: Vec::new(),
     };
