@@ -4,6 +4,7 @@
 
 mod index;
 mod read;
+mod walk;
 mod watch;
 
 pub use index::{index_path, IndexUnused, StatIndex};
@@ -11,25 +12,22 @@ pub use watch::{watch, Round, WatchOpts};
 
 use crate::service::{BlockService, PutReceipt, RingError};
 use cfs_core::block::{root_key, verify, RootBlock, Totals, Verified};
-use cfs_core::fs::{
-    build_dir, build_symlink, DirEntry, EntryKind, Inode, LayoutError, Meta, NewBlock, BLOCK_SIZE,
-};
+use cfs_core::fs::{LayoutError, NewBlock, BLOCK_SIZE};
 use cfs_core::{BlockKind, Id};
 use ed25519_dalek::SigningKey;
-use index::{DirRecord, FileRecord, FileStat, IndexWriter};
+use index::{FileStat, IndexWriter};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_bytes::ByteBuf;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use walk::{Scan, Walk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -177,95 +175,6 @@ impl fmt::Display for Receipt {
     }
 }
 
-/// The tree as scanned before anything is sent.
-enum Node {
-    File {
-        path: PathBuf,
-        stat: FileStat,
-    },
-    Symlink {
-        path: PathBuf,
-        target: Vec<u8>,
-        mode: u32,
-        mtime: (i64, u32),
-    },
-    Dir {
-        path: PathBuf,
-        mode: u32,
-        mtime: (i64, u32),
-        children: Vec<(Vec<u8>, Node)>,
-    },
-}
-
-struct Scan {
-    bytes: u64,
-    /// Files, directories and symlinks (a hard-linked file once per name).
-    entries: u64,
-    links: HashMap<(u64, u64), u32>,
-    skipped: Vec<(PathBuf, String)>,
-}
-
-fn mtime(m: &std::fs::Metadata) -> (i64, u32) {
-    (m.mtime(), m.mtime_nsec().clamp(0, 999_999_999) as u32)
-}
-
-fn scan(path: &Path, md: &std::fs::Metadata, s: &mut Scan) -> Result<Option<Node>, PublishError> {
-    let ft = md.file_type();
-    if ft.is_symlink() || ft.is_file() || ft.is_dir() {
-        s.entries += 1;
-    }
-    let mode = md.mode() & 0o7777;
-    if ft.is_symlink() {
-        let target = std::fs::read_link(path).map_err(io_err(path))?;
-        return Ok(Some(Node::Symlink {
-            path: path.to_path_buf(),
-            target: target.as_os_str().as_bytes().to_vec(),
-            mode,
-            mtime: mtime(md),
-        }));
-    }
-    if ft.is_file() {
-        let n = s.links.entry((md.dev(), md.ino())).or_insert(0);
-        if *n == 0 {
-            s.bytes += md.len();
-        }
-        *n += 1;
-        return Ok(Some(Node::File {
-            path: path.to_path_buf(),
-            stat: FileStat::of(md),
-        }));
-    }
-    if ft.is_dir() {
-        let mut children = Vec::new();
-        for e in std::fs::read_dir(path).map_err(io_err(path))? {
-            let e = e.map_err(io_err(path))?;
-            let p = e.path();
-            let cmd = std::fs::symlink_metadata(&p).map_err(io_err(&p))?;
-            if let Some(n) = scan(&p, &cmd, s)? {
-                children.push((e.file_name().as_bytes().to_vec(), n));
-            }
-        }
-        children.sort_by(|a, b| a.0.cmp(&b.0));
-        return Ok(Some(Node::Dir {
-            path: path.to_path_buf(),
-            mode,
-            mtime: mtime(md),
-            children,
-        }));
-    }
-    let what = if ft.is_socket() {
-        "socket"
-    } else {
-        "device or fifo"
-    };
-    tracing::warn!(
-        "skipping {} ({what}): only files, directories and symlinks are published",
-        path.display()
-    );
-    s.skipped.push((path.to_path_buf(), what.to_string()));
-    Ok(None)
-}
-
 /// Blocks up to this size are sent in batches (`put_many`).
 const SMALL_BLOCK: usize = 64 * 1024;
 /// Most blocks and bytes in one batch.
@@ -399,143 +308,6 @@ impl<R: BlockService> Uploader<R> {
     }
 }
 
-struct Walk<'a, R: BlockService> {
-    up: Uploader<R>,
-    scan: &'a Scan,
-    /// The tree's top: index records are by path below it.
-    top: &'a Path,
-    /// Hard links: one inode per (dev, ino).
-    linked: HashMap<(u64, u64), Id>,
-    files: u64,
-    /// The last publish's records (empty with none) and this one's.
-    index: StatIndex,
-    record: IndexWriter,
-    files_reused: u64,
-    blocks_reused: u64,
-}
-
-impl<R: BlockService> Walk<'_, R> {
-    async fn inode(&mut self, inode: Inode) -> Result<Id, PublishError> {
-        let b = NewBlock::meta(&Meta::Inode(inode));
-        let k = b.key;
-        self.up.add(b).await?;
-        self.counted();
-        Ok(k)
-    }
-
-    /// One more inode of the tree done (sent or reused); the progress bar shows it.
-    fn counted(&mut self) {
-        self.files += 1;
-        if self.files % 64 == 0 || self.files == self.scan.entries {
-            self.up
-                .pb
-                .set_prefix(format!("{}/{} entries", self.files, self.scan.entries));
-        }
-    }
-
-    /// `path` below the top, as the index names it.
-    fn rel<'p>(&self, path: &'p Path) -> &'p [u8] {
-        path.strip_prefix(self.top)
-            .unwrap_or(path)
-            .as_os_str()
-            .as_bytes()
-    }
-
-    async fn node(&mut self, node: &Node) -> Result<(Id, EntryKind), PublishError> {
-        match node {
-            Node::Symlink {
-                path,
-                target,
-                mode,
-                mtime,
-            } => {
-                let i = build_symlink(target, *mode, *mtime).map_err(|source| {
-                    PublishError::Layout {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-                Ok((self.inode(i).await?, EntryKind::Symlink))
-            }
-            Node::File { path, stat } => {
-                let devino = (stat.dev, stat.ino);
-                if let Some(k) = self.linked.get(&devino) {
-                    return Ok((*k, EntryKind::File));
-                }
-                let nlink = self.scan.links.get(&devino).copied().unwrap_or(1);
-                let rel = self.rel(path);
-                let (k, rec) = match self.index.file(rel, stat, nlink).cloned() {
-                    Some(r) => {
-                        // Unchanged since the last publish: its inode and every block
-                        // under it are part of the version the ring holds now.
-                        self.counted();
-                        self.files_reused += 1;
-                        self.blocks_reused += r.blocks + 1;
-                        self.up.pb.inc(stat.size);
-                        (r.inode, r)
-                    }
-                    None => {
-                        let (i, stat, blocks) = self.file(path, nlink).await?;
-                        let k = self.inode(i).await?;
-                        let rec = FileRecord {
-                            stat,
-                            nlink,
-                            inode: k,
-                            blocks,
-                        };
-                        (k, rec)
-                    }
-                };
-                self.record.file(rel, rec);
-                self.linked.insert(devino, k);
-                Ok((k, EntryKind::File))
-            }
-            Node::Dir {
-                path,
-                mode,
-                mtime,
-                children,
-            } => {
-                let mut entries = Vec::with_capacity(children.len());
-                for (name, child) in children {
-                    let (key, kind) = Box::pin(self.node(child)).await?;
-                    entries.push(DirEntry {
-                        name: ByteBuf::from(name.clone()),
-                        key,
-                        kind,
-                    });
-                }
-                let (inode, pages) =
-                    build_dir(entries, *mode, *mtime).map_err(|source| PublishError::Layout {
-                        path: path.clone(),
-                        source,
-                    })?;
-                // Built again from its entries (cheap), so reuse needs no trust in the
-                // directory's stat: the same inode key means the same pages, which
-                // the version the ring holds now already has.
-                let rel = self.rel(path);
-                let b = NewBlock::meta(&Meta::Inode(inode));
-                let rec = DirRecord {
-                    inode: b.key,
-                    pages: pages.len() as u64,
-                };
-                if self.index.dirs.get(rel).is_some_and(|r| r.inode == b.key) {
-                    self.counted();
-                    self.blocks_reused += rec.pages + 1;
-                } else {
-                    for p in pages {
-                        self.up.add(p).await?;
-                    }
-                    self.up.add(b).await?;
-                    self.counted();
-                }
-                self.record.dir(rel, rec.clone());
-                Ok((rec.inode, EntryKind::Dir))
-            }
-        }
-    }
-}
-
 fn progress_bar(total: u64, show: bool) -> ProgressBar {
     if !show || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
@@ -562,13 +334,8 @@ pub async fn publish<R: BlockService>(
     if !md.is_dir() {
         return Err(PublishError::NotDir(dir.to_path_buf()));
     }
-    let mut s = Scan {
-        bytes: 0,
-        entries: 0,
-        links: HashMap::new(),
-        skipped: Vec::new(),
-    };
-    let tree = scan(dir, &md, &mut s)?.expect("a directory scans to a node");
+    let mut s = Scan::default();
+    walk::count(dir, &md, &mut s)?;
     let fsid = root_key(&key.verifying_key().to_bytes());
     // Ask for the current root first: a ring we cannot reach must not get a version 1.
     let prev = ring.get_root(fsid).await?;
@@ -617,11 +384,21 @@ pub async fn publish<R: BlockService>(
         linked: HashMap::new(),
         files: 0,
         index,
-        record: IndexWriter::new(started, opts.settle),
+        record: IndexWriter::new(
+            opts.index.as_deref(),
+            started,
+            opts.settle,
+            fsid,
+            dir,
+            block_size,
+        ),
         files_reused: 0,
         blocks_reused: 0,
     };
-    let (top, _) = w.node(&tree).await?;
+    let (top, _) = w
+        .node(dir, &md)
+        .await?
+        .ok_or_else(|| PublishError::NotDir(dir.to_path_buf()))?;
     let blocks_total = w.up.all.len() as u64 + w.blocks_reused;
 
     // The previous root, kept as an immutable block so old versions stay mountable.
@@ -722,8 +499,11 @@ pub async fn publish<R: BlockService>(
     if let Some(p) = &opts.index {
         // A publish that cannot write its index still published: the next one reads
         // every file.
-        let record = std::mem::replace(&mut w.record, IndexWriter::new(started, opts.settle));
-        if let Err(e) = record.save(p, fsid, dir, block_size, won) {
+        let record = std::mem::replace(
+            &mut w.record,
+            IndexWriter::new(None, started, opts.settle, fsid, dir, block_size),
+        );
+        if let Err(e) = record.save(p, won) {
             tracing::warn!("could not write the publish index {}: {e}", p.display());
         }
     }

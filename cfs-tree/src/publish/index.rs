@@ -13,19 +13,24 @@
 
 use cfs_core::Id;
 use serde::{Deserialize, Serialize};
+use sha1::{Digest, Sha1};
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 /// Format of the index file; another number is ignored (a full rehash).
-const FORMAT: u32 = 1;
-/// A file whose mtime or ctime is this close to the publish's start is not recorded.
+const FORMAT: u32 = 2;
+const MAGIC: &[u8; 4] = b"cfsI";
+/// A file is recorded only when its stat is at least this old (default of
+/// `PublishOpts::settle`).
 pub const RACY: Duration = Duration::from_secs(1);
 /// Larger index files are not read (a full rehash instead).
-const MAX_INDEX_BYTES: u64 = 1 << 30;
+const MAX_INDEX_BYTES: u64 = 1 << 34;
+/// Largest encoded header, record or trailer part read back.
+const MAX_PART: u32 = 1 << 30;
 
 /// What a file's stat says about its contents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,22 +87,41 @@ pub struct DirRecord {
     pub pages: u64,
 }
 
+// The file: MAGIC, then length-prefixed (u32 LE) parts: the header, one part per file in
+// walk order, an empty part, the trailer; then the trailer's length (u32 LE) and the
+// SHA-1 of everything before it. Files stream in and out in walk order (the walk visits
+// names sorted, so a file's place is the component-wise order of its path), so neither
+// publish holds every file's record; the trailer, read first, holds the root and the
+// directories (few beside the files).
+
 #[derive(Serialize, Deserialize)]
-struct Stored {
+struct Header {
     format: u32,
     fsid: Id,
     tree: Vec<u8>,
     block_size: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Trailer {
     /// SHA-1 of the root block this index was written with.
     root: Id,
-    files: Vec<(Vec<u8>, FileRecord)>,
     dirs: Vec<(Vec<u8>, DirRecord)>,
 }
 
-/// An index: records by path relative to the tree's top (bytes; "" is the top).
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    path: Vec<u8>,
+    rec: FileRecord,
+}
+
+/// The last publish's index, read as the walk goes: file records in walk order, the
+/// directories in memory.
 #[derive(Default)]
 pub struct StatIndex {
-    pub files: HashMap<Vec<u8>, FileRecord>,
+    files: Option<std::io::BufReader<std::fs::File>>,
+    /// The next file record, read ahead.
+    next: Option<Entry>,
     pub dirs: HashMap<Vec<u8>, DirRecord>,
 }
 
@@ -125,6 +149,26 @@ pub enum IndexUnused {
     Stale,
 }
 
+fn read_part<T: serde::de::DeserializeOwned>(r: &mut impl Read) -> Option<Option<T>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).ok()?;
+    let len = u32::from_le_bytes(len);
+    if len == 0 {
+        return Some(None);
+    }
+    if len > MAX_PART {
+        return None;
+    }
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf).ok()?;
+    postcard::from_bytes(&buf).ok().map(Some)
+}
+
+/// Component-wise order of relative paths: the order the walk visits them in.
+fn walk_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.split(|c| *c == b'/').cmp(b.split(|c| *c == b'/'))
+}
+
 impl StatIndex {
     /// The index at `path`, if it is whole, is about this `fsid`, `tree` and
     /// `block_size`, and was written with the root the ring holds now (`ring_root`: the
@@ -136,107 +180,207 @@ impl StatIndex {
         block_size: u32,
         ring_root: Option<Id>,
     ) -> Result<StatIndex, IndexUnused> {
-        let bytes = match std::fs::File::open(path) {
-            Ok(f) => {
-                let len = f.metadata().map_err(IndexUnused::Io)?.len();
-                if len > MAX_INDEX_BYTES {
-                    return Err(IndexUnused::Corrupt);
-                }
-                std::fs::read(path).map_err(IndexUnused::Io)?
-            }
+        let mut f = match std::fs::File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(IndexUnused::Missing),
             Err(e) => return Err(IndexUnused::Io(e)),
         };
-        if bytes.len() < 20 {
+        // One open file for the check and the reads: an index renamed over it meanwhile
+        // is not mixed in.
+        let len = f.metadata().map_err(IndexUnused::Io)?.len();
+        if !(4 + 4 + 4 + 20..=MAX_INDEX_BYTES).contains(&len) {
             return Err(IndexUnused::Corrupt);
         }
-        let (body, sum) = bytes.split_at(bytes.len() - 20);
-        if Id::hash(body).0[..] != sum[..] {
+        let mut h = Sha1::new();
+        let mut body = std::io::BufReader::new((&mut f).take(len - 20));
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = body.read(&mut buf).map_err(IndexUnused::Io)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        let mut sum = [0u8; 20];
+        f.read_exact(&mut sum).map_err(IndexUnused::Io)?;
+        if h.finalize()[..] != sum[..] {
             return Err(IndexUnused::Corrupt);
         }
-        let s: Stored = postcard::from_bytes(body).map_err(|_| IndexUnused::Corrupt)?;
-        if s.format != FORMAT {
+        let mut tlen = [0u8; 4];
+        f.seek(SeekFrom::Start(len - 24)).map_err(IndexUnused::Io)?;
+        f.read_exact(&mut tlen).map_err(IndexUnused::Io)?;
+        let tlen = u32::from_le_bytes(tlen) as u64;
+        if tlen + 24 + 12 > len {
             return Err(IndexUnused::Corrupt);
         }
-        if s.fsid != fsid || s.tree != tree_bytes(tree) || s.block_size != block_size {
+        f.seek(SeekFrom::Start(len - 24 - tlen - 4))
+            .map_err(IndexUnused::Io)?;
+        let trailer: Trailer = read_part(&mut f).flatten().ok_or(IndexUnused::Corrupt)?;
+        f.seek(SeekFrom::Start(0)).map_err(IndexUnused::Io)?;
+        let mut r = std::io::BufReader::new(f);
+        let mut magic = [0u8; 4];
+        r.read_exact(&mut magic).map_err(IndexUnused::Io)?;
+        let header: Header = read_part(&mut r).flatten().ok_or(IndexUnused::Corrupt)?;
+        if magic != *MAGIC || header.format != FORMAT {
+            return Err(IndexUnused::Corrupt);
+        }
+        if header.fsid != fsid || header.tree != tree_bytes(tree) || header.block_size != block_size
+        {
             return Err(IndexUnused::Other);
         }
-        if Some(s.root) != ring_root {
+        if Some(trailer.root) != ring_root {
             return Err(IndexUnused::Stale);
         }
-        Ok(StatIndex {
-            files: s.files.into_iter().collect(),
-            dirs: s.dirs.into_iter().collect(),
-        })
+        let mut i = StatIndex {
+            files: Some(r),
+            next: None,
+            dirs: trailer.dirs.into_iter().collect(),
+        };
+        i.advance();
+        Ok(i)
+    }
+
+    fn advance(&mut self) {
+        self.next = self.files.as_mut().and_then(|r| read_part(r).flatten());
+        if self.next.is_none() {
+            self.files = None;
+        }
     }
 
     /// The recorded inode of the file at `rel`, if its stat and link count match.
-    pub fn file(&self, rel: &[u8], stat: &FileStat, nlink: u32) -> Option<&FileRecord> {
-        self.files
-            .get(rel)
-            .filter(|r| r.stat == *stat && r.nlink == nlink)
+    /// Asked in walk order: records of paths before `rel` are passed over for good.
+    pub fn file(&mut self, rel: &[u8], stat: &FileStat, nlink: u32) -> Option<FileRecord> {
+        loop {
+            let e = self.next.as_ref()?;
+            match walk_order(&e.path, rel) {
+                std::cmp::Ordering::Less => self.advance(),
+                std::cmp::Ordering::Greater => return None,
+                std::cmp::Ordering::Equal => {
+                    let hit = (e.rec.stat == *stat && e.rec.nlink == nlink).then(|| e.rec.clone());
+                    self.advance();
+                    return hit;
+                }
+            }
+        }
     }
 }
 
-/// The records of the publish under way, written once its root has won.
+/// The records of the publish under way, written as the walk goes to a file of its own,
+/// and put in the index's place once its root has won.
 pub struct IndexWriter {
     start: SystemTime,
     settle: Duration,
-    files: Vec<(Vec<u8>, FileRecord)>,
+    /// The file being written and its SHA-1 so far; None without an index (or after an
+    /// error writing it: that publish then leaves no index).
+    out: Option<(std::io::BufWriter<std::fs::File>, Sha1)>,
+    tmp: PathBuf,
     dirs: Vec<(Vec<u8>, DirRecord)>,
 }
 
 impl IndexWriter {
-    pub fn new(start: SystemTime, settle: Duration) -> IndexWriter {
-        IndexWriter {
+    /// Records for `path` (None: keep no index), for `fsid`, `tree` and `block_size`.
+    pub fn new(
+        path: Option<&Path>,
+        start: SystemTime,
+        settle: Duration,
+        fsid: Id,
+        tree: &Path,
+        block_size: u32,
+    ) -> IndexWriter {
+        let tmp = path
+            .map(|p| p.with_extension(format!("idx.{}.tmp", std::process::id())))
+            .unwrap_or_default();
+        let mut w = IndexWriter {
             start,
             settle,
-            files: Vec::new(),
+            out: None,
+            tmp,
             dirs: Vec::new(),
+        };
+        if path.is_some() {
+            let opened = w
+                .tmp
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|_| std::fs::File::create(&w.tmp));
+            match opened {
+                Ok(f) => w.out = Some((std::io::BufWriter::new(f), Sha1::new())),
+                Err(e) => tracing::warn!(
+                    "cannot write the publish index {}: {e}; the next publish reads every file",
+                    w.tmp.display()
+                ),
+            }
+            w.put(MAGIC);
+            w.part(&Header {
+                format: FORMAT,
+                fsid,
+                tree: tree_bytes(tree),
+                block_size,
+            });
         }
+        w
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        if let Some((f, h)) = &mut self.out {
+            h.update(bytes);
+            if let Err(e) = f.write_all(bytes) {
+                tracing::warn!("writing the publish index {}: {e}", self.tmp.display());
+                self.out = None;
+            }
+        }
+    }
+
+    fn part<T: Serialize>(&mut self, v: &T) {
+        if self.out.is_none() {
+            return;
+        }
+        let bytes = postcard::to_allocvec(v).expect("encoding to memory");
+        self.put(&(bytes.len() as u32).to_le_bytes());
+        self.put(&bytes);
     }
 
     /// Record a file, unless it changed too recently to be trusted next time.
     pub fn file(&mut self, rel: &[u8], r: FileRecord) {
         if r.stat.settled(self.start, self.settle) {
-            self.files.push((rel.to_vec(), r));
+            self.part(&Entry {
+                path: rel.to_vec(),
+                rec: r,
+            });
         }
     }
 
     pub fn dir(&mut self, rel: &[u8], r: DirRecord) {
-        self.dirs.push((rel.to_vec(), r));
+        if self.out.is_some() {
+            self.dirs.push((rel.to_vec(), r));
+        }
     }
 
-    /// Write the index (atomically: a crash leaves the old one or the new one).
-    pub fn save(
-        self,
-        path: &Path,
-        fsid: Id,
-        tree: &Path,
-        block_size: u32,
-        root: Id,
-    ) -> std::io::Result<()> {
-        let s = Stored {
-            format: FORMAT,
-            fsid,
-            tree: tree_bytes(tree),
-            block_size,
-            root,
-            files: self.files,
-            dirs: self.dirs,
+    /// Finish the index for `root` and put it at `path` (atomically: a crash leaves the
+    /// old one or the new one).
+    pub fn save(mut self, path: &Path, root: Id) -> std::io::Result<()> {
+        self.put(&0u32.to_le_bytes());
+        let dirs = std::mem::take(&mut self.dirs);
+        let trailer = postcard::to_allocvec(&Trailer { root, dirs }).expect("encoding to memory");
+        self.put(&(trailer.len() as u32).to_le_bytes());
+        self.put(&trailer);
+        self.put(&(trailer.len() as u32).to_le_bytes());
+        let Some((mut f, h)) = self.out.take() else {
+            return Err(std::io::Error::other("the index was not written whole"));
         };
-        let mut bytes = postcard::to_allocvec(&s)
-            .map_err(|e| std::io::Error::other(format!("encoding the index: {e}")))?;
-        let sum = Id::hash(&bytes);
-        bytes.extend_from_slice(&sum.0);
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        let tmp = path.with_extension("idx.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(&h.finalize())?;
+        let f = f.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&self.tmp, path)
+    }
+}
+
+impl Drop for IndexWriter {
+    fn drop(&mut self) {
+        // Not saved (the publish failed, or it had no index): no file left behind.
+        if self.out.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -246,4 +390,17 @@ fn tree_bytes(tree: &Path) -> Vec<u8> {
         .as_os_str()
         .as_bytes()
         .to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::walk_order;
+
+    #[test]
+    fn paths_are_ordered_as_the_walk_visits_them() {
+        let mut v: Vec<&[u8]> = vec![b"a/c", b"a/b/z", b"a.txt", b"a/b", b"ab", b"a/bb/c", b"a"];
+        v.sort_by(|a, b| walk_order(a, b));
+        let want: Vec<&[u8]> = vec![b"a", b"a/b", b"a/b/z", b"a/bb/c", b"a/c", b"a.txt", b"ab"];
+        assert_eq!(v, want);
+    }
 }
