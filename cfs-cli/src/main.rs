@@ -389,14 +389,11 @@ async fn run(cli: Cli) -> Result<()> {
                         )
                     }
                 };
-                let w = cfs_tree::publish::watch(
-                    ring,
-                    &dir,
-                    &sk,
-                    &opts,
-                    cfs_tree::publish::WatchOpts::default(),
-                    each,
-                );
+                let wopts = cfs_tree::publish::WatchOpts {
+                    ignore: default_state_dir(),
+                    ..Default::default()
+                };
+                let w = cfs_tree::publish::watch(ring, &dir, &sk, &opts, wopts, each);
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 tokio::select! {

@@ -153,11 +153,12 @@ pub fn children(meta: &Meta, role: MetaRole) -> Vec<Reach> {
             .filter_map(|(j, s)| {
                 let key = s.key?;
                 let start = span_start(spans, base, j);
+                let len = s.end.saturating_sub(start);
+                if depth <= 1 && len > crate::block::MAX_BLOCK_BYTES as u64 {
+                    return None;
+                }
                 Some(if depth <= 1 {
-                    Reach::Data {
-                        key,
-                        len: s.end.saturating_sub(start),
-                    }
+                    Reach::Data { key, len }
                 } else {
                     Reach::Meta {
                         key,

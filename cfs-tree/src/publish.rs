@@ -503,7 +503,16 @@ pub async fn publish<R: BlockService>(
             &mut w.record,
             IndexWriter::new(None, started, opts.settle, fsid, dir, block_size),
         );
-        if let Err(e) = record.save(p, won) {
+        // What was reused keeps the renewal it had; a publish that read everything
+        // renewed every lease (`has_everywhere`) as of its start.
+        let fresh = started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let renewed_at = match (w.index.renewed_at, w.files_reused + w.blocks_reused) {
+            (Some(t), n) if n > 0 => t,
+            _ => fresh,
+        };
+        if let Err(e) = record.save(p, won, renewed_at) {
             tracing::warn!("could not write the publish index {}: {e}", p.display());
         }
     }

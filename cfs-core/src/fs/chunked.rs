@@ -51,6 +51,11 @@ pub(super) fn validate_file(
     if chunks > size || stored > size || size > chunks.saturating_mul(CHUNK_MAX as u64) {
         return Err(LayoutError::Invalid("chunked file size"));
     }
+    // Chunks of a few bytes would make a read walk and piece together one entry per
+    // byte: every chunk but the last is at least MIN_BLOCK_SIZE.
+    if (chunks - 1).saturating_mul(super::MIN_BLOCK_SIZE as u64) > size {
+        return Err(LayoutError::Invalid("chunked file with chunks too small"));
+    }
     Ok(())
 }
 
@@ -143,9 +148,14 @@ mod tests {
 
     #[test]
     fn a_chunked_tree_finds_every_offset_and_tags_its_blocks_layout_2() {
-        // 10,000 chunks of 1..=50 bytes: two levels of Spans.
+        // 10,000 chunks of 4,096..4,145 bytes: two levels of Spans.
         let chunks: Vec<(Option<Id>, u32)> = (0..10_000u32)
-            .map(|i| ((i % 7 != 0).then(|| Id::hash(&i.to_be_bytes())), i % 50 + 1))
+            .map(|i| {
+                (
+                    (i % 7 != 0).then(|| Id::hash(&i.to_be_bytes())),
+                    4096 + i % 50,
+                )
+            })
             .collect();
         let (data, blocks) = build_chunked_tree(&chunks);
         let FileData::Chunked {

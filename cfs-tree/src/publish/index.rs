@@ -106,8 +106,17 @@ struct Header {
 struct Trailer {
     /// SHA-1 of the root block this index was written with.
     root: Id,
+    /// When every block the index names last had its lease renewed (unix seconds): the
+    /// start of the last publish that read every file, carried over by those that
+    /// reused records.
+    renewed_at: u64,
     dirs: Vec<(Vec<u8>, DirRecord)>,
 }
+
+/// How long after a full renewal an index is trusted: a re-publish that reuses blocks
+/// does not renew their leases, so before the shortest lease a node grants by default
+/// (an hour) could run out, a publish reads everything again and renews them all.
+pub const TRUST_FOR: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -119,6 +128,8 @@ struct Entry {
 /// directories in memory.
 #[derive(Default)]
 pub struct StatIndex {
+    /// When what it names was last renewed (None: no index).
+    pub renewed_at: Option<u64>,
     files: Option<std::io::BufReader<std::fs::File>>,
     /// The next file record, read ahead.
     next: Option<Entry>,
@@ -147,6 +158,8 @@ pub enum IndexUnused {
     Other,
     #[error("it describes a version the ring no longer has as its newest")]
     Stale,
+    #[error("the leases of what it reuses were last renewed too long ago")]
+    Old,
 }
 
 fn read_part<T: serde::de::DeserializeOwned>(r: &mut impl Read) -> Option<Option<T>> {
@@ -231,7 +244,12 @@ impl StatIndex {
         if Some(trailer.root) != ring_root {
             return Err(IndexUnused::Stale);
         }
+        let age = unix_now().saturating_sub(trailer.renewed_at);
+        if age > TRUST_FOR.as_secs() {
+            return Err(IndexUnused::Old);
+        }
         let mut i = StatIndex {
+            renewed_at: Some(trailer.renewed_at),
             files: Some(r),
             next: None,
             dirs: trailer.dirs.into_iter().collect(),
@@ -274,6 +292,8 @@ pub struct IndexWriter {
     /// error writing it: that publish then leaves no index).
     out: Option<(std::io::BufWriter<std::fs::File>, Sha1)>,
     tmp: PathBuf,
+    /// The temporary file exists and was not renamed into place.
+    created: bool,
     dirs: Vec<(Vec<u8>, DirRecord)>,
 }
 
@@ -295,6 +315,7 @@ impl IndexWriter {
             settle,
             out: None,
             tmp,
+            created: false,
             dirs: Vec::new(),
         };
         if path.is_some() {
@@ -304,7 +325,10 @@ impl IndexWriter {
                 .map_or(Ok(()), std::fs::create_dir_all)
                 .and_then(|_| std::fs::File::create(&w.tmp));
             match opened {
-                Ok(f) => w.out = Some((std::io::BufWriter::new(f), Sha1::new())),
+                Ok(f) => {
+                    w.out = Some((std::io::BufWriter::new(f), Sha1::new()));
+                    w.created = true;
+                }
                 Err(e) => tracing::warn!(
                     "cannot write the publish index {}: {e}; the next publish reads every file",
                     w.tmp.display()
@@ -357,11 +381,16 @@ impl IndexWriter {
     }
 
     /// Finish the index for `root` and put it at `path` (atomically: a crash leaves the
-    /// old one or the new one).
-    pub fn save(mut self, path: &Path, root: Id) -> std::io::Result<()> {
+    /// old one or the new one). `renewed_at`: when what it names was last renewed.
+    pub fn save(mut self, path: &Path, root: Id, renewed_at: u64) -> std::io::Result<()> {
         self.put(&0u32.to_le_bytes());
         let dirs = std::mem::take(&mut self.dirs);
-        let trailer = postcard::to_allocvec(&Trailer { root, dirs }).expect("encoding to memory");
+        let trailer = postcard::to_allocvec(&Trailer {
+            root,
+            renewed_at,
+            dirs,
+        })
+        .expect("encoding to memory");
         self.put(&(trailer.len() as u32).to_le_bytes());
         self.put(&trailer);
         self.put(&(trailer.len() as u32).to_le_bytes());
@@ -371,17 +400,25 @@ impl IndexWriter {
         f.write_all(&h.finalize())?;
         let f = f.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
-        std::fs::rename(&self.tmp, path)
+        std::fs::rename(&self.tmp, path)?;
+        self.created = false;
+        Ok(())
     }
 }
 
 impl Drop for IndexWriter {
     fn drop(&mut self) {
-        // Not saved (the publish failed, or it had no index): no file left behind.
-        if self.out.take().is_some() {
+        // Not saved (the publish failed, or writing it did): no file left behind.
+        if self.created {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn tree_bytes(tree: &Path) -> Vec<u8> {
@@ -394,7 +431,36 @@ fn tree_bytes(tree: &Path) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::walk_order;
+    use super::*;
+
+    /// An index is trusted only within TRUST_FOR of the last full renewal of the leases
+    /// of what it names (a publish that reuses blocks does not renew them), and only for
+    /// the root it was written with.
+    #[test]
+    fn an_index_is_not_trusted_past_its_renewal_window_or_for_another_root() {
+        let dir = std::env::temp_dir().join(format!("cfs-index-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.idx");
+        let (fsid, root) = (Id::hash(b"fsid"), Id::hash(b"root"));
+        let write = |renewed_at: u64| {
+            let w = IndexWriter::new(Some(&path), SystemTime::now(), RACY, fsid, &dir, 0);
+            w.save(&path, root, renewed_at).unwrap();
+        };
+        write(unix_now() - 60);
+        assert!(StatIndex::load(&path, fsid, &dir, 0, Some(root)).is_ok());
+        assert!(matches!(
+            StatIndex::load(&path, fsid, &dir, 0, Some(Id::hash(b"other"))),
+            Err(IndexUnused::Stale)
+        ));
+        write(unix_now() - TRUST_FOR.as_secs() - 60);
+        assert!(matches!(
+            StatIndex::load(&path, fsid, &dir, 0, Some(root)),
+            Err(IndexUnused::Old)
+        ));
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn paths_are_ordered_as_the_walk_visits_them() {

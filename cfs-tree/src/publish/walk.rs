@@ -142,7 +142,12 @@ impl<R: BlockService> Walk<'_, R> {
         let mut entries = Vec::with_capacity(children.len());
         for name in children {
             let p = path.join(&name);
-            let cmd = std::fs::symlink_metadata(&p).map_err(io_err(&p))?;
+            let cmd = match std::fs::symlink_metadata(&p) {
+                Ok(m) => m,
+                // Gone since the listing (an editor's swap file): not part of the tree.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&p)(e)),
+            };
             if let Some((key, kind)) = Box::pin(self.node(&p, &cmd)).await? {
                 entries.push(DirEntry {
                     name: ByteBuf::from(name.as_bytes().to_vec()),

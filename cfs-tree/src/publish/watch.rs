@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Timing of [`watch`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct WatchOpts {
     /// Quiet time after a change before a round starts.
     pub debounce: Duration,
@@ -27,6 +27,9 @@ pub struct WatchOpts {
     pub max_wait: Duration,
     /// After a failed round, the first pause before the next (doubling to 60 s).
     pub retry: Duration,
+    /// Changes under this directory start no round: the state directory (index, roots),
+    /// which every round writes, when it lies inside the tree.
+    pub ignore: Option<std::path::PathBuf>,
 }
 
 impl Default for WatchOpts {
@@ -35,6 +38,7 @@ impl Default for WatchOpts {
             debounce: Duration::from_millis(200),
             max_wait: Duration::from_secs(2),
             retry: Duration::from_secs(1),
+            ignore: None,
         }
     }
 }
@@ -47,14 +51,19 @@ pub enum Round<'a> {
 
 /// Whether an event can mean the tree changed: our own reads open and close files, and
 /// those must not start another round.
-fn changes(ev: &notify::Result<notify::Event>) -> bool {
+fn changes(ev: &notify::Result<notify::Event>, ignore: Option<&Path>) -> bool {
     match ev {
         // A lost event (queue overflow) may hide any change.
         Err(_) => true,
-        Ok(e) => match e.kind {
-            EventKind::Access(a) => a == AccessKind::Close(AccessMode::Write),
-            _ => true,
-        },
+        Ok(e) => {
+            let ours = ignore
+                .is_some_and(|d| !e.paths.is_empty() && e.paths.iter().all(|p| p.starts_with(d)));
+            !ours
+                && match e.kind {
+                    EventKind::Access(a) => a == AccessKind::Close(AccessMode::Write),
+                    _ => true,
+                }
+        }
     }
 }
 
@@ -69,8 +78,13 @@ pub async fn watch<R: BlockService>(
     mut each: impl FnMut(Round<'_>),
 ) -> Result<(), PublishError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    // Events name canonical paths under the watched directory.
+    let ignore = w
+        .ignore
+        .as_ref()
+        .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()));
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if changes(&ev) {
+        if changes(&ev, ignore.as_deref()) {
             let _ = tx.send(());
         }
     })
@@ -88,20 +102,23 @@ pub async fn watch<R: BlockService>(
                 false
             }
             Err(e @ PublishError::NotDir(_)) => return Err(e),
+            // The tree itself is gone: nothing left to watch.
+            Err(e) if !dir.is_dir() => return Err(e),
             Err(e) => {
                 each(Round::Failed(&e));
                 true
             }
         };
-        // Wait for a change (or, after a failure, at most the pause).
-        let first = if failed {
-            let got = tokio::time::timeout(pause, rx.recv()).await;
+        if failed {
+            // The next round after the pause, changes or not (a file still being
+            // written, an unreachable ring); changes meanwhile do not hurry it.
+            tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(60));
-            got.unwrap_or(Some(()))
-        } else {
-            rx.recv().await
-        };
-        if first.is_none() {
+            while rx.try_recv().is_ok() {}
+            continue;
+        }
+        // Wait for a change.
+        if rx.recv().await.is_none() {
             return Ok(());
         }
         // Then for quiet, or the longest wait.

@@ -190,7 +190,10 @@ impl<R: BlockService> Reader<R> {
             let Meta::Spans(s) = &*m else { unreachable!() };
             let (slot, start, end) = span_at(s, base, offset)
                 .ok_or_else(|| corrupt(key, "an offset its spans do not cover"))?;
-            index = index * FANOUT as u64 + slot as u64;
+            index = index
+                .checked_mul(FANOUT as u64)
+                .and_then(|i| i.checked_add(slot as u64))
+                .ok_or_else(|| corrupt(key, "spans deeper than the file"))?;
             let e: &Span = &s[slot];
             if level + 1 == depth {
                 return Ok((index, e.key, start, end));
@@ -235,19 +238,36 @@ impl<R: BlockService> Reader<R> {
                 }
                 Ok((out, offset, end - offset))
             }
-            Shape::Chunked { depth, root, .. } => {
-                let unit = shape.unit() as u64;
+            Shape::Chunked {
+                depth,
+                root,
+                chunks,
+                ..
+            } => {
+                let unit = shape.unit() as u128;
                 // Within a chunk, its share of `unit` in proportion: sequential reads
-                // stay sequential in the window's offsets.
+                // stay sequential in the window's offsets. (u128: no product of
+                // hostile sizes overflows; the result is clamped.)
                 let virt = |index: u64, start: u64, cend: u64, at: u64| {
-                    index * unit + (at - start) * unit / (cend - start).max(1)
+                    let v = index as u128 * unit
+                        + (at - start) as u128 * unit / (cend - start).max(1) as u128;
+                    v.min(u64::MAX as u128) as u64
                 };
                 let (mut index, mut key, mut start, mut cend) =
                     self.chunk_at(depth, root, offset).await?;
+                if index >= chunks || cend <= start || offset < start {
+                    return Err(corrupt(root, "an offset outside its chunk"));
+                }
+                chunk_len(start, cend).map_err(|e| corrupt(root, e))?;
                 let voff = virt(index, start, cend, offset);
                 let mut out = Vec::new();
                 loop {
                     let block_len = chunk_len(start, cend).map_err(|e| corrupt(root, e))?;
+                    // As the inode's check says for the whole file: a read touches at
+                    // most one chunk per MIN_BLOCK_SIZE bytes it reads.
+                    if index + 1 < chunks && block_len < fs::MIN_BLOCK_SIZE as usize {
+                        return Err(corrupt(root, "a chunk smaller than the smallest block"));
+                    }
                     out.push(BlockRead {
                         index,
                         key,
@@ -260,6 +280,9 @@ impl<R: BlockService> Reader<R> {
                         return Ok((out, voff, vend.saturating_sub(voff).max(1)));
                     }
                     index += 1;
+                    if index >= chunks {
+                        return Err(corrupt(root, "fewer chunks than the file's size"));
+                    }
                     let prev_end = cend;
                     (key, start, cend) = self.chunk(depth, root, index).await?;
                     if start != prev_end || cend <= start {
