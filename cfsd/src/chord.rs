@@ -53,6 +53,15 @@ impl<T: Transport> Node<T> {
         }
     }
 
+    /// The next of this process's own vnodes clockwise from `me`, if it has others.
+    fn next_sibling(&self, me: NodeRef) -> Option<NodeRef> {
+        self.ids().into_iter().filter(|n| *n != me).min_by(|a, b| {
+            me.id
+                .distance_frac(a.id)
+                .total_cmp(&me.id.distance_frac(b.id))
+        })
+    }
+
     pub(crate) fn jitter(&self, max: Duration) -> Duration {
         let ms = max.as_millis().max(1) as u64;
         Duration::from_millis(self.inner.rng.lock().unwrap().random_range(0..ms))
@@ -164,6 +173,15 @@ impl<T: Transport> Node<T> {
                     if let Some((_, list)) = self.neighbors(p).await {
                         self.adopt_checked(v, p, &list).await;
                     }
+                }
+            }
+            // Else, or if that failed: this process's next vnode clockwise is alive and
+            // in the ring by definition (a vnode whose successors all fell away in a
+            // partition would otherwise wait for a remembered peer across it).
+            let alone = self.inner.vnodes[v as usize].lock().unwrap().succs[0] == me;
+            if let (true, Some(s)) = (alone, self.next_sibling(me)) {
+                if let Some((_, list)) = self.neighbors(s).await {
+                    self.adopt_checked(v, s, &list).await;
                 }
             }
         } else {
