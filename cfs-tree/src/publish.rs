@@ -24,7 +24,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use walk::{Scan, Walk};
@@ -428,10 +428,7 @@ pub async fn publish<R: BlockService>(
         bytes: s.bytes,
         blocks: blocks_total,
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = index::unix_now();
     // Compare-and-swap on the version: a replica keeps the first root of a version it
     // gets, so a second publisher of this key racing us for the version may hold some
     // replicas. Once every replica that answers holds this version or a newer one, the
@@ -499,20 +496,13 @@ pub async fn publish<R: BlockService>(
     if let Some(p) = &opts.index {
         // A publish that cannot write its index still published: the next one reads
         // every file.
-        let record = std::mem::replace(
-            &mut w.record,
-            IndexWriter::new(None, started, opts.settle, fsid, dir, block_size),
-        );
         // What was reused keeps the renewal it had; a publish that read everything
         // renewed every lease (`has_everywhere`) as of its start.
-        let fresh = started
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let renewed_at = match (w.index.renewed_at, w.files_reused + w.blocks_reused) {
             (Some(t), n) if n > 0 => t,
-            _ => fresh,
+            _ => index::unix_secs(started),
         };
-        if let Err(e) = record.save(p, won, renewed_at) {
+        if let Err(e) = w.record.save(p, won, renewed_at) {
             tracing::warn!("could not write the publish index {}: {e}", p.display());
         }
     }

@@ -382,7 +382,7 @@ impl IndexWriter {
 
     /// Finish the index for `root` and put it at `path` (atomically: a crash leaves the
     /// old one or the new one). `renewed_at`: when what it names was last renewed.
-    pub fn save(mut self, path: &Path, root: Id, renewed_at: u64) -> std::io::Result<()> {
+    pub fn save(&mut self, path: &Path, root: Id, renewed_at: u64) -> std::io::Result<()> {
         self.put(&0u32.to_le_bytes());
         let dirs = std::mem::take(&mut self.dirs);
         let trailer = postcard::to_allocvec(&Trailer {
@@ -415,10 +415,14 @@ impl Drop for IndexWriter {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
+/// Seconds since the epoch (0 before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+pub fn unix_now() -> u64 {
+    unix_secs(SystemTime::now())
 }
 
 fn tree_bytes(tree: &Path) -> Vec<u8> {
@@ -443,7 +447,7 @@ mod tests {
         let path = dir.join("t.idx");
         let (fsid, root) = (Id::hash(b"fsid"), Id::hash(b"root"));
         let write = |renewed_at: u64| {
-            let w = IndexWriter::new(Some(&path), SystemTime::now(), RACY, fsid, &dir, 0);
+            let mut w = IndexWriter::new(Some(&path), SystemTime::now(), RACY, fsid, &dir, 0);
             w.save(&path, root, renewed_at).unwrap();
         };
         write(unix_now() - 60);

@@ -258,18 +258,11 @@ impl<R: BlockService> Reader<R> {
 
     /// The single data block of a small file, and its size.
     async fn small_file_block(&self, i: &Inode) -> Option<(Id, usize)> {
-        let InodeBody::File {
-            size,
-            data: FileData::Tree { depth, root, .. },
-        } = &i.body
-        else {
-            return None;
-        };
-        if *size > SMALL_FILE_PREFETCH {
-            return None;
+        let shape = Shape::of(i).filter(|s| s.size() <= SMALL_FILE_PREFETCH)?;
+        match self.block_at(&shape, 0).await {
+            Ok(Some((Some(k), len))) => Some((k, len)),
+            _ => None,
         }
-        let k = self.block_ptr(*depth, *root, 0).await.ok().flatten()?;
-        Some((k, *size as usize))
     }
 
     /// A read-ahead stream for sequential reads of `file`, counted among the file's
