@@ -11,11 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 /// local ring of many processes shares an IP and node ids include the port), one IP
 /// elsewhere (where ids do not include the port, so several ports are one principal).
 pub fn same_host(a: SocketAddr, b: SocketAddr) -> bool {
-    if a.ip().is_loopback() && b.ip().is_loopback() {
-        a == b
-    } else {
-        canonical_ip(a.ip()) == canonical_ip(b.ip())
-    }
+    group(a, Level::Host) == group(b, Level::Host)
 }
 
 fn canonical_ip(ip: IpAddr) -> IpAddr {
@@ -25,19 +21,87 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The first `r` successors that are distinct hosts: the replicas of a key whose
-/// successor list is `succs`.
-pub fn replica_set(succs: &[NodeRef], r: usize) -> Vec<NodeRef> {
-    let mut out: Vec<NodeRef> = Vec::with_capacity(r);
-    for n in succs {
-        if out.len() == r {
-            break;
-        }
-        if !out.iter().any(|o| same_host(o.addr, n.addr)) {
-            out.push(*n);
+/// How coarsely addresses are grouped when replicas are spread. One party easily holds a
+/// whole prefix, and with it every address's ids to grind into the positions in front of
+/// a key; a network is what a larger party (an ISP's customer, a cloud tenant) holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// A /16 (IPv4) or /32 (IPv6).
+    Network,
+    /// A /24 (IPv4) or /48 (IPv6).
+    Prefix,
+    /// One IP; one process on loopback.
+    Host,
+}
+
+/// The levels in the order a replica set prefers them: distinct networks first.
+pub const LEVELS: [Level; 3] = [Level::Network, Level::Prefix, Level::Host];
+
+/// The group of `addr` at `level`: the address masked to the level's prefix (IPv4 as
+/// v4-mapped IPv6), and the port for a loopback host. On loopback the prefixes are those
+/// of the 127.0.0.0/8 address, so a local ring on 127.0.0.1 is one prefix of processes
+/// and a test can place processes in different prefixes.
+pub fn group(addr: SocketAddr, level: Level) -> (u128, u16) {
+    let (bits, v4) = match canonical_ip(addr.ip()) {
+        IpAddr::V4(v4) => (u128::from(v4.to_ipv6_mapped()), true),
+        IpAddr::V6(v6) => (u128::from(v6), false),
+    };
+    let keep = match (level, v4) {
+        (Level::Network, true) => 96 + 16,
+        (Level::Network, false) => 32,
+        (Level::Prefix, true) => 96 + 24,
+        (Level::Prefix, false) => 48,
+        (Level::Host, _) => 128,
+    };
+    let masked = bits & (u128::MAX << (128 - keep));
+    let port = if level == Level::Host && canonical_ip(addr.ip()).is_loopback() {
+        addr.port()
+    } else {
+        0
+    };
+    (masked, port)
+}
+
+/// How many distinct groups at `level` the nodes of `list` fall in.
+pub fn distinct_groups(list: &[NodeRef], level: Level) -> usize {
+    let mut seen: Vec<(u128, u16)> = Vec::new();
+    for n in list {
+        let g = group(n.addr, level);
+        if !seen.contains(&g) {
+            seen.push(g);
         }
     }
-    out
+    seen.len()
+}
+
+/// The coarsest level at which `list` holds `r` distinct groups: the level its replica
+/// set is spread at. None when it holds fewer than `r` hosts.
+pub fn spread_level(list: &[NodeRef], r: usize) -> Option<Level> {
+    LEVELS.into_iter().find(|&l| distinct_groups(list, l) >= r)
+}
+
+/// The replicas of a key whose successor list is `succs`: `r` distinct hosts, spread as
+/// widely as the list allows. Taken in list order from distinct networks first, then
+/// from distinct prefixes, then from distinct hosts, and returned in list order. So a
+/// party holding one /24 (or /48) holds at most one replica of any key when the list
+/// reaches r prefixes, and one holding a /16 (or /32) at most one when it reaches r
+/// networks. A small ring (a lab, a local ring in one prefix) falls back to distinct
+/// hosts, which is the whole rule there.
+pub fn replica_set(succs: &[NodeRef], r: usize) -> Vec<NodeRef> {
+    let mut picked: Vec<usize> = Vec::with_capacity(r);
+    for level in LEVELS {
+        for (i, n) in succs.iter().enumerate() {
+            if picked.len() == r {
+                break;
+            }
+            let g = group(n.addr, level);
+            if !picked.contains(&i) && picked.iter().all(|&j| group(succs[j].addr, level) != g) {
+                picked.push(i);
+            }
+        }
+    }
+    picked.sort_unstable();
+    picked.into_iter().map(|i| succs[i]).collect()
 }
 
 /// Append to `order` the members of `succs` whose process is not in it yet, in list
@@ -273,6 +337,59 @@ mod tests {
             .collect();
         let set = replica_set(&succs, 3);
         assert_eq!(set.len(), 2, "two ports of one IP are one replica");
+    }
+
+    #[test]
+    fn replicas_spread_over_networks_then_prefixes_then_hosts() {
+        let n = |s: &str| NodeRef::new(s.parse().unwrap(), 0);
+        let addrs = |v: &[NodeRef]| v.iter().map(|x| x.addr.to_string()).collect::<Vec<_>>();
+        // One /24 in front of the key, other prefixes further on: one replica from it.
+        let list = [
+            n("203.0.113.1:1"),
+            n("203.0.113.2:1"),
+            n("203.0.113.3:1"),
+            n("203.0.114.1:1"),
+            n("198.51.100.1:1"),
+        ];
+        assert_eq!(
+            addrs(&replica_set(&list, 3)),
+            ["203.0.113.1:1", "203.0.114.1:1", "198.51.100.1:1"]
+        );
+        // Two networks only: the third replica is the next distinct prefix.
+        assert_eq!(
+            addrs(&replica_set(&list[..4], 3)),
+            ["203.0.113.1:1", "203.0.113.2:1", "203.0.114.1:1"]
+        );
+        // A small ring in one prefix: distinct hosts, in list order, as before.
+        assert_eq!(
+            addrs(&replica_set(&list[..3], 3)),
+            ["203.0.113.1:1", "203.0.113.2:1", "203.0.113.3:1"]
+        );
+        assert_eq!(spread_level(&list, 3), Some(Level::Prefix));
+        assert_eq!(spread_level(&list[..3], 3), Some(Level::Host));
+        assert_eq!(spread_level(&list[..2], 3), None);
+        // IPv6 by /32 and /48; a local ring on loopback by process, prefixes of 127/8.
+        let v6 = [
+            n("[2001:db8:1::1]:1"),
+            n("[2001:db8:1::2]:1"),
+            n("[2001:db8:2::1]:1"),
+            n("[2001:db9::1]:1"),
+        ];
+        assert_eq!(
+            addrs(&replica_set(&v6, 3)),
+            ["[2001:db8:1::1]:1", "[2001:db8:2::1]:1", "[2001:db9::1]:1"]
+        );
+        assert_eq!(spread_level(&v6, 3), Some(Level::Prefix));
+        let local = [
+            n("127.0.0.1:1"),
+            n("127.0.0.1:2"),
+            n("127.0.1.1:1"),
+            n("127.0.0.1:3"),
+        ];
+        assert_eq!(
+            addrs(&replica_set(&local, 3)),
+            ["127.0.0.1:1", "127.0.0.1:2", "127.0.1.1:1"]
+        );
     }
 
     #[test]

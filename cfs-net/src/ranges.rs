@@ -42,8 +42,8 @@ impl Ranges {
 
     /// Remember the range a lookup answered, `(from, succs[0]]`, and the ones its
     /// successor list implies, `(succs[i], succs[i + 1]]`, while what follows still holds
-    /// `r` processes: one lookup then serves reads across as many ranges as the list is
-    /// long (in a small ring, all of it).
+    /// `r` replicas as widely spread as the whole list does: one lookup then serves reads
+    /// across as many ranges as the list is long (in a small ring, all of it).
     pub(crate) fn remember(&self, from: Id, succs: &[NodeRef], r: usize) {
         let mut entries = self.entries.lock().unwrap();
         let now = tokio::time::Instant::now();
@@ -61,9 +61,13 @@ impl Ranges {
             });
         };
         add(from, succs);
+        // Past that point a node further on could take a place in the tail's set.
+        let Some(level) = cfs_core::ring::spread_level(succs, r) else {
+            return;
+        };
         for i in 0..succs.len().saturating_sub(1) {
             let tail = &succs[i + 1..];
-            if crate::net::replica_set(tail, r).len() < r {
+            if cfs_core::ring::distinct_groups(tail, level) < r {
                 break;
             }
             if succs[i].id != tail[0].id {

@@ -4,6 +4,7 @@
 
 pub mod experiments;
 pub mod gc;
+pub mod grind;
 pub mod plot;
 pub mod report;
 pub mod sim;

@@ -138,6 +138,27 @@ enum Cmd {
         #[command(flatten)]
         o: Opts,
     },
+    /// An attacker holding a whole prefix grinds ids into the replica positions of keys:
+    /// how many keys it captures under the old and the current replica rule.
+    Grind {
+        #[arg(long, default_value_t = 10_000)]
+        honest: usize,
+        /// The attacker's prefix length: 16 or 24.
+        #[arg(long, default_value_t = 16)]
+        attacker_bits: u8,
+        #[arg(long, default_value_t = 16)]
+        vnodes: u16,
+        #[arg(long, default_value_t = 10_000)]
+        targets: usize,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        #[arg(long, default_value_t = 16)]
+        successors: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Lookup latency with and without server selection.
     Selection {
         #[arg(long, default_value_t = 1000)]
@@ -342,6 +363,35 @@ fn main() -> Result<()> {
                 report::load_svg(&r),
                 "load.svg",
             )?;
+        }
+        Cmd::Grind {
+            honest,
+            attacker_bits,
+            vnodes,
+            targets,
+            replicas,
+            successors,
+            seed,
+            json,
+        } => {
+            anyhow::ensure!(
+                (8..=24).contains(&attacker_bits),
+                "--attacker-bits must be 8 to 24"
+            );
+            let g = cfs_sim::grind::grind(cfs_sim::grind::GrindArgs {
+                honest,
+                attacker_bits,
+                vnodes,
+                targets,
+                r: replicas,
+                succ_list: successors,
+                seed,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g)?);
+            } else {
+                print!("{}", cfs_sim::grind::table(&g));
+            }
         }
         Cmd::Cache { nodes, fetches, o } => {
             let r = experiments::cache(&o.common(), nodes, fetches)?;

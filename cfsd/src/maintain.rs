@@ -6,7 +6,7 @@ use crate::metrics::Metrics;
 use crate::state::Node;
 use crate::store::StoreKey;
 use cfs_core::block::{verify, BlockKind};
-use cfs_core::ring::{run_in_range, same_host};
+use cfs_core::ring::{replica_set, run_in_range, same_host};
 use cfs_core::wire::{leased_enough, Request, Response, WireBlock};
 use cfs_core::{Id, NodeRef};
 use cfs_net::net::Batcher;
@@ -323,10 +323,11 @@ impl<T: Transport> Node<T> {
     }
 
     /// Does this node's own view of the ring put it outside the replicas of `key`? Every
-    /// member of `set` must be a host other than this one, lie between the key and the
-    /// vnode of ours that follows it, and not beyond that vnode's own predecessor: a set
-    /// that claims nodes between our checked predecessor and us contradicts what we know,
-    /// so nothing is dropped on it.
+    /// member of `set` must be a host other than this one; those between the key and the
+    /// vnode of ours that follows it must not lie beyond that vnode's own predecessor (a
+    /// set that claims nodes between our checked predecessor and us contradicts what we
+    /// know, so nothing is dropped on it); those beyond us are there only if the spread
+    /// over networks and prefixes passes us over.
     fn outside_by_own_view(&self, key: Id, set: &[NodeRef]) -> bool {
         let me = self.inner.cfg.addr;
         let Some((mine, pred)) = self
@@ -347,11 +348,23 @@ impl<T: Transport> Node<T> {
         let Some(pred) = pred else { return false };
         let to_me = key.distance_frac(mine.id);
         let to_pred = key.distance_frac(pred.id);
-        to_pred < to_me
-            && set.iter().all(|n| {
-                let d = key.distance_frac(n.id);
-                !same_host(n.addr, me) && d < to_me && d <= to_pred
-            })
+        if to_pred >= to_me || set.iter().any(|n| same_host(n.addr, me)) {
+            return false;
+        }
+        // Members before us must lie before our checked predecessor. One beyond us is
+        // possible only because the set spreads over networks and prefixes: then the set
+        // with us in our place must still leave us out.
+        let (before, after): (Vec<NodeRef>, Vec<NodeRef>) =
+            set.iter().partition(|n| key.distance_frac(n.id) < to_me);
+        if before.iter().any(|n| key.distance_frac(n.id) > to_pred) {
+            return false;
+        }
+        after.is_empty() || {
+            let mut with_me = before;
+            with_me.push(mine);
+            with_me.extend(after);
+            !replica_set(&with_me, self.inner.cfg.replicas).contains(&mine)
+        }
     }
 
     /// Before a holder outside the replica set drops its copy, every replica must hand the

@@ -299,10 +299,15 @@ impl Cluster {
 
     /// Start one more node joining through the first live one.
     pub fn add(&mut self) -> usize {
+        self.add_at("127.0.0.1")
+    }
+
+    /// `add` listening on another loopback address (`127.0.2.1`: another prefix).
+    pub fn add_at(&mut self, ip: &str) -> usize {
         let i = self.nodes.len();
         let data = self.dir.path().join(format!("node{i}"));
         let join = self.nodes.iter().find(|n| n.alive()).map(|n| n.addr);
-        let child = spawn(&data, "127.0.0.1:0", join, &self.extra);
+        let child = spawn(&data, &format!("{ip}:0"), join, &self.extra);
         let addr = read_addr(&data);
         // Keep the same port on restart: the node id is bound to it.
         let args = vec!["--listen".into(), addr.to_string()];

@@ -555,3 +555,79 @@ fn get_many_answers_in_order_within_a_frame_and_the_client_asks_again_for_the_re
         }
     });
 }
+
+/// Issue 23, many addresses: replicas spread over prefixes (/24) before hosts, so one
+/// party holding a prefix holds at most one replica of a key; with fewer prefixes than r
+/// in reach the ring falls back to distinct hosts. Loopback addresses stand in for
+/// prefixes: 127.0.1.0/24 holds four hosts, 127.0.2.1 and 127.0.3.1 one each.
+#[test]
+fn replicas_spread_over_prefixes_before_hosts() {
+    let mut cluster = Cluster::start(0, &[]);
+    for ip in [
+        "127.0.1.1",
+        "127.0.1.2",
+        "127.0.2.1",
+        "127.0.1.3",
+        "127.0.3.1",
+        "127.0.1.4",
+    ] {
+        cluster.add_at(ip);
+    }
+    cluster.wait_ring(Duration::from_secs(30));
+    let prefix = |a: &SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.octets()[2],
+        _ => unreachable!(),
+    };
+    let rt = rt();
+    let c = client(&rt, cluster.nodes[0].addr);
+    let keys = put_blocks(&rt, &c, 40);
+    let addrs = cluster.addrs();
+    let mut ring: Vec<NodeRef> = addrs.iter().map(|a| NodeRef::new(*a, 0)).collect();
+    ring.sort_by_key(|n| n.id);
+    let mut by_ip_would_share = 0;
+    for key in &keys {
+        let mut holders: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| cfs_tests::hostile::held(*a, BlockKind::Data, *key))
+            .collect();
+        holders.sort();
+        // The key's successors as its predecessor lists them (itself left out).
+        let i = ring.iter().position(|n| n.id >= *key).unwrap_or(0);
+        let list: Vec<NodeRef> = (0..ring.len() - 1)
+            .map(|j| ring[(i + j) % ring.len()])
+            .collect();
+        let mut want: Vec<SocketAddr> = replica_set(&list, R).iter().map(|n| n.addr).collect();
+        want.sort();
+        assert_eq!(holders, want, "block {key:?}");
+        let mut prefixes: Vec<u8> = holders.iter().map(prefix).collect();
+        prefixes.sort();
+        prefixes.dedup();
+        let mut reach: Vec<u8> = list.iter().map(|n| prefix(&n.addr)).collect();
+        reach.sort();
+        reach.dedup();
+        assert_eq!(
+            prefixes.len(),
+            reach.len().min(R),
+            "block {key:?} on {holders:?}: two in one prefix"
+        );
+        // The first three hosts (the rule before) would put two in 127.0.1 here.
+        by_ip_would_share +=
+            usize::from(list[..R].iter().filter(|n| prefix(&n.addr) == 1).count() > 1);
+    }
+    assert!(by_ip_would_share > 0, "the set-up should test something");
+    // With 127.0.2.1 gone only two prefixes are left: a put goes to three hosts again.
+    let gone = cluster
+        .nodes
+        .iter()
+        .position(|n| prefix(&n.addr) == 2)
+        .unwrap();
+    cluster.kill(gone);
+    cluster.wait_ring(Duration::from_secs(30));
+    let more = rt.block_on(async {
+        let b = b"after a prefix left".to_vec();
+        let v = verify(BlockKind::Data, Id::hash(&b), b, true).unwrap();
+        c.put(&v).await.unwrap().stored_on
+    });
+    assert_eq!(more, R);
+}
