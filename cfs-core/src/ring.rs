@@ -304,6 +304,16 @@ pub fn source_bucket(ip: IpAddr) -> Vec<u8> {
     }
 }
 
+/// The network a source address belongs to: its /16 (IPv4, loopback too) or /32 (IPv6).
+/// Tables keyed by source bucket also bound what one network holds, so a party with many
+/// prefixes gains a bounded share, not one per prefix.
+pub fn source_network(ip: IpAddr) -> Vec<u8> {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) => v4.octets()[..2].to_vec(),
+        IpAddr::V6(v6) => v6.octets()[..4].to_vec(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,5 +530,10 @@ mod tests {
         assert_ne!(b("127.0.0.1"), b("127.0.0.2"));
         assert_eq!(b("2001:db8:1::1"), b("2001:db8:1:ffff::2"));
         assert_eq!(b("::ffff:198.18.0.1"), b("198.18.0.9"));
+        let n = |s: &str| source_network(s.parse().unwrap());
+        assert_eq!(n("198.18.0.1"), n("198.18.200.1"));
+        assert_ne!(n("198.18.0.1"), n("198.19.0.1"));
+        assert_eq!(n("2001:db8:1::1"), n("2001:db8:ffff::2"));
+        assert_ne!(n("2001:db8::1"), n("2001:db9::1"));
     }
 }

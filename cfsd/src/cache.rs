@@ -5,6 +5,7 @@
 //! more often than the one it would evict (TinyLFU: Einziger et al., 2017), so a flood of
 //! one-off blocks cannot push out a popular one.
 
+use cfs_core::ring::{source_bucket, source_network};
 use cfs_core::{BlockKind, Id};
 use lru::LruCache;
 use std::net::IpAddr;
@@ -145,6 +146,10 @@ impl Default for CacheLimits {
     }
 }
 
+/// What a network (/16, /32) may do in tables keyed by source, in multiples of one
+/// source bucket's (/24, /48) limit.
+pub const NETWORK_SHARE: usize = 8;
+
 /// Why an offer was not cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -192,36 +197,43 @@ impl PathCache {
     }
 
     /// Whether an offer of `key` from `from` may be verified and cached (checked before
-    /// the cost of verifying it).
-    pub fn may_offer(
-        &mut self,
-        key: Id,
-        from: IpAddr,
-        bucket: Vec<u8>,
-        now: Instant,
-    ) -> Result<(), Refusal> {
+    /// the cost of verifying it). Offers are rate-limited per source bucket and, at
+    /// `NETWORK_SHARE` times that, per network: a party with many prefixes gains a few
+    /// buckets' worth, and cannot cycle the table by its prefixes alone.
+    pub fn may_offer(&mut self, key: Id, from: IpAddr, now: Instant) -> Result<(), Refusal> {
         match self.routed.peek(&key) {
             Some((who, at))
                 if *who == from && now.duration_since(*at) <= self.limits.offer_window => {}
             _ => return Err(Refusal::NotRouted),
         }
         let l = self.limits;
-        let (tokens, last) = self
-            .tokens
-            .get(&bucket)
-            .copied()
-            .unwrap_or((l.offer_burst, now));
-        let tokens =
-            (tokens + now.duration_since(last).as_secs_f64() * l.offers_per_sec).min(l.offer_burst);
-        if tokens < 1.0 {
-            self.tokens.put(bucket, (tokens, now));
-            return Err(Refusal::RateLimited);
+        let share = NETWORK_SHARE as f64;
+        let levels = [
+            ([b"b".as_slice(), &source_bucket(from)].concat(), 1.0),
+            ([b"n".as_slice(), &source_network(from)].concat(), share),
+        ];
+        let mut left = Vec::with_capacity(2);
+        for (k, scale) in &levels {
+            let (tokens, last) = self
+                .tokens
+                .get(k)
+                .copied()
+                .unwrap_or((l.offer_burst * scale, now));
+            let refill = now.duration_since(last).as_secs_f64() * l.offers_per_sec * scale;
+            left.push((tokens + refill).min(l.offer_burst * scale));
         }
-        self.tokens.put(bucket, (tokens - 1.0, now));
+        let ok = left.iter().all(|t| *t >= 1.0);
+        for ((k, _), t) in levels.into_iter().zip(left) {
+            self.tokens.put(k, (if ok { t - 1.0 } else { t }, now));
+        }
         while self.tokens.len() > l.buckets {
             self.tokens.pop_lru();
         }
-        Ok(())
+        if ok {
+            Ok(())
+        } else {
+            Err(Refusal::RateLimited)
+        }
     }
 
     /// Insert a verified block if it is more popular than what it would evict.
@@ -270,7 +282,7 @@ mod tests {
             c.record_request(popular, &[src]);
         }
         c.note_routed(popular, me, now);
-        c.may_offer(popular, me, vec![1], now).unwrap();
+        c.may_offer(popular, me, now).unwrap();
         c.admit(BlockKind::Data, popular, vec![0; 1000]).unwrap();
         let mut admitted = 0;
         for i in 1..5000 {
@@ -282,8 +294,7 @@ mod tests {
             c.note_routed(k, me, now);
             // Unlimited rate here: only admission is under test.
             c.tokens.clear();
-            if c.may_offer(k, me, vec![1], now).is_ok()
-                && c.admit(BlockKind::Data, k, vec![0; 1000]).is_ok()
+            if c.may_offer(k, me, now).is_ok() && c.admit(BlockKind::Data, k, vec![0; 1000]).is_ok()
             {
                 admitted += 1;
             }
@@ -298,27 +309,29 @@ mod tests {
         let a: IpAddr = "198.18.0.1".parse().unwrap();
         let b: IpAddr = "198.18.0.2".parse().unwrap();
         let mut c = PathCache::new(1 << 20, 1, CacheLimits::default());
-        assert_eq!(
-            c.may_offer(key(1), a, vec![1], now),
-            Err(Refusal::NotRouted)
-        );
+        assert_eq!(c.may_offer(key(1), a, now), Err(Refusal::NotRouted));
         c.note_routed(key(1), a, now);
-        assert_eq!(
-            c.may_offer(key(1), b, vec![2], now),
-            Err(Refusal::NotRouted)
-        );
+        assert_eq!(c.may_offer(key(1), b, now), Err(Refusal::NotRouted));
         let late = now + Duration::from_secs(60);
-        assert_eq!(
-            c.may_offer(key(1), a, vec![1], late),
-            Err(Refusal::NotRouted)
-        );
+        assert_eq!(c.may_offer(key(1), a, late), Err(Refusal::NotRouted));
         let mut ok = 0;
         for i in 0..1000 {
             c.note_routed(key(i), a, now);
-            if c.may_offer(key(i), a, vec![1], now).is_ok() {
+            if c.may_offer(key(i), a, now).is_ok() {
                 ok += 1;
             }
         }
         assert_eq!(ok, 200, "the burst, then the rate");
+        // 40 prefixes of one network offer together: the network's share, not 40 bursts.
+        let mut ok = 0;
+        for p in 0..40u8 {
+            let ip: IpAddr = format!("203.0.{p}.1").parse().unwrap();
+            for i in 0..400 {
+                let k = key(10_000 + p as u32 * 1000 + i);
+                c.note_routed(k, ip, now);
+                ok += usize::from(c.may_offer(k, ip, now).is_ok());
+            }
+        }
+        assert_eq!(ok, 200 * NETWORK_SHARE, "one network's share");
     }
 }

@@ -574,12 +574,7 @@ impl<T: Transport> Handler for Node<T> {
                         .cache
                         .lock()
                         .unwrap()
-                        .may_offer(
-                            key,
-                            peer.ip(),
-                            source_bucket(peer.ip()),
-                            tokio::time::Instant::now(),
-                        )
+                        .may_offer(key, peer.ip(), tokio::time::Instant::now())
                         .is_ok();
                 if !admitted {
                     Metrics::inc(&m.cache_refused);

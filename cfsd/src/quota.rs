@@ -29,7 +29,12 @@ pub const BLOCK_OVERHEAD: u64 = 512;
 /// limit) rather than old charges being forgotten (that would let a party reset its own
 /// charge) or new storers being refused for good.
 pub const MAX_BUCKETS: usize = 1 << 16;
-/// The bucket new storers share once `MAX_BUCKETS` are tracked (no address has this form).
+/// Buckets of one network (a /16 or /32) tracked at most; past it the network's new
+/// storers share one overflow bucket of its own. A /16 has exactly this many /24s; a /32
+/// has 65,536 /48s, which would otherwise fill the table alone.
+pub const MAX_BUCKETS_PER_NETWORK: usize = 256;
+/// The bucket new storers share once `MAX_BUCKETS` are tracked (no address has this form;
+/// a network's own overflow bucket is this followed by the network's bytes).
 pub const OVERFLOW_BUCKET: &[u8] = b"overflow";
 /// Time bins per maximum lease: a charge's end is rounded up to its bin's end, so a
 /// bucket's ledger has at most this many entries (+1) and charges are at most 1/BINS of
@@ -211,11 +216,34 @@ impl Quota {
         self.limit_bytes as u128 * self.max_lease as u128
     }
 
-    /// The bucket a source's charges go to: its own, or the shared overflow bucket when
-    /// the table is full and the source has none yet.
+    /// The bucket a source's charges go to: its own; its network's overflow bucket when
+    /// the network (/16, /32) already has `MAX_BUCKETS_PER_NETWORK` (so one party with
+    /// many prefixes holds a bounded part of the table, and shares one quota past it);
+    /// the shared overflow bucket when the table is full and the source has none yet.
     pub fn bucket_for(&self, source: &[u8]) -> Vec<u8> {
         let m = self.used.lock().unwrap();
-        if m.contains_key(source) || m.len() < MAX_BUCKETS {
+        if m.contains_key(source) {
+            return source.to_vec();
+        }
+        // A /24 bucket's network is its first 2 bytes, a /48's its first 4; loopback
+        // buckets (whole addresses) are not grouped.
+        let net = match source.len() {
+            3 => Some(&source[..2]),
+            6 => Some(&source[..4]),
+            _ => None,
+        };
+        if let Some(net) = net {
+            let same_net = m
+                .range(net.to_vec()..)
+                .take_while(|(k, _)| k.starts_with(net))
+                .filter(|(k, _)| k.len() == source.len())
+                .take(MAX_BUCKETS_PER_NETWORK)
+                .count();
+            if same_net >= MAX_BUCKETS_PER_NETWORK {
+                return [OVERFLOW_BUCKET, net].concat();
+            }
+        }
+        if m.len() < MAX_BUCKETS {
             source.to_vec()
         } else {
             OVERFLOW_BUCKET.to_vec()
@@ -345,6 +373,7 @@ impl Quota {
 mod tests {
     use super::*;
     use crate::store::MemStore;
+    use cfs_core::ring::source_bucket;
 
     const DAY: u64 = 86_400;
 
@@ -437,6 +466,35 @@ mod tests {
         assert!(matches!(e, QuotaError::HeldTooMuch { .. }), "{e:?}");
         assert!(q.reserve(b"y", 1 << 20, now, now + DAY).is_ok());
         assert!(q.reserve(b"y", 1, now, now + DAY).is_err());
+    }
+
+    #[test]
+    fn one_network_holds_a_bounded_part_of_the_table() {
+        let store = MemStore::default();
+        let q = Quota::load(1 << 20, DAY, &store);
+        let now = 1_000;
+        // 300 /48s of one /32: 256 get buckets of their own, the rest share one.
+        let mut overflowed = 0;
+        for i in 0..300u16 {
+            let ip: IpAddr = format!("2001:db8:{i:x}::1").parse().unwrap();
+            let b = q.bucket_for(&source_bucket(ip));
+            overflowed += usize::from(b.starts_with(OVERFLOW_BUCKET));
+            q.reserve(&b, 100, now, now + DAY).unwrap();
+        }
+        assert_eq!(overflowed, 300 - MAX_BUCKETS_PER_NETWORK);
+        let shared = q.bucket_for(&source_bucket("2001:db8:ffff::1".parse().unwrap()));
+        assert_eq!(
+            shared,
+            [OVERFLOW_BUCKET, &[0x20, 0x01, 0x0d, 0xb8]].concat()
+        );
+        // Another network, and one of the first 256, keep their own.
+        let other = source_bucket("2001:db9::1".parse().unwrap());
+        assert_eq!(q.bucket_for(&other), other);
+        let first = source_bucket("2001:db8:0::9".parse().unwrap());
+        assert_eq!(q.bucket_for(&first), first);
+        // IPv4: a /24 elsewhere is never grouped with a /48 whose bytes start alike.
+        let v4 = source_bucket("32.1.13.5".parse().unwrap());
+        assert_eq!(q.bucket_for(&v4), v4);
     }
 
     #[test]

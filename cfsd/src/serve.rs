@@ -6,7 +6,7 @@
 use crate::metrics::Metrics;
 use crate::state::Node;
 use cfs_core::block::{verify, BlockKind, Verified};
-use cfs_core::ring::source_bucket;
+use cfs_core::ring::source_network;
 use cfs_core::wire::GET_MANY_BYTES;
 use cfs_core::Id;
 use cfs_net::transport::Transport;
@@ -68,7 +68,7 @@ impl<T: Transport> Node<T> {
                 .cache
                 .lock()
                 .unwrap()
-                .record_request(key, &source_bucket(requester));
+                .record_request(key, &source_network(requester));
         }
         // An expired block is gone even before the sweep removes it.
         if let Ok(Some((b, expires))) = self.inner.store.get(kind, key) {

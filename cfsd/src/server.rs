@@ -1,7 +1,8 @@
 //! The TCP server side of a node, with resources bounded per scope (after libp2p's
 //! resource manager: the system, each source bucket, each connection):
 //! - connection slots: a total and a share per source bucket (/24, /48; one address on
-//!   loopback). A new connection is always admitted; when its bucket or the node is
+//!   loopback) and per network (/16, /32: eight buckets' share; `sources.rs`, as for
+//!   request slots and unread replies). A new connection is always admitted; when its bucket or the node is
 //!   full, the least recently active connection of the busiest bucket (its own bucket if
 //!   that one is at its share) is closed. Idle floods are churned out instead of locking
 //!   honest clients out, and the total stays under the process's file-descriptor limit.
@@ -20,21 +21,21 @@
 //!   and unread replies free their connection.
 
 mod budget;
+mod sources;
 
 use budget::{charged_kib, Budget, Held};
 use cfs_core::wire::{
     self, RemoteError, Request, RequestFrame, Response, ResponseFrame, PROTOCOL_VERSION,
 };
 use cfs_net::transport::{read_body, read_prefix, Handler};
-use std::collections::HashMap;
+use sources::{Permits, Registry, Source};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use tokio::sync::{mpsc, watch};
 
 /// Limits of the server; every one is a `cfsd` flag.
 #[derive(Clone, Copy, Debug)]
@@ -133,103 +134,6 @@ pub fn raise_fd_limit() -> u64 {
     1024
 }
 
-struct Conn {
-    bucket: Vec<u8>,
-    last_active: Instant,
-    close: Arc<Notify>,
-}
-
-/// Open connections by id, and how many each bucket holds.
-#[derive(Default)]
-struct Registry {
-    next: u64,
-    conns: HashMap<u64, Conn>,
-    per_bucket: HashMap<Vec<u8>, usize>,
-    /// Request slots per bucket, while it has connections.
-    slots: HashMap<Vec<u8>, Arc<Semaphore>>,
-    /// KiB of replies per bucket written but not yet taken by their peer.
-    unread: HashMap<Vec<u8>, Arc<Semaphore>>,
-}
-
-impl Registry {
-    /// Admit a connection from `bucket`, closing another if a limit is reached. Returns
-    /// its id, its close signal, and whether one was evicted.
-    fn admit(&mut self, bucket: Vec<u8>, limits: &ServerLimits) -> (u64, Arc<Notify>, bool) {
-        let mine = self.per_bucket.get(&bucket).copied().unwrap_or(0);
-        let mut evicted = false;
-        if mine >= limits.max_conns_per_bucket || self.conns.len() >= limits.max_conns {
-            let from = if mine >= limits.max_conns_per_bucket {
-                bucket.clone()
-            } else {
-                self.per_bucket
-                    .iter()
-                    .max_by_key(|(_, n)| **n)
-                    .map(|(b, _)| b.clone())
-                    .unwrap_or_else(|| bucket.clone())
-            };
-            let victim = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.bucket == from)
-                .min_by_key(|(_, c)| c.last_active)
-                .map(|(id, _)| *id);
-            if let Some(v) = victim {
-                if let Some(c) = self.remove(v) {
-                    c.close.notify_one();
-                    evicted = true;
-                }
-            }
-        }
-        self.next += 1;
-        let close = Arc::new(Notify::new());
-        *self.per_bucket.entry(bucket.clone()).or_default() += 1;
-        let n = limits.max_requests_per_bucket.max(1);
-        self.slots
-            .entry(bucket.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(n)));
-        // As many largest replies as the bucket has request slots.
-        self.unread
-            .entry(bucket.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(n * charged_kib(REPLY_RESERVE))));
-        self.conns.insert(
-            self.next,
-            Conn {
-                bucket,
-                last_active: Instant::now(),
-                close: close.clone(),
-            },
-        );
-        (self.next, close, evicted)
-    }
-
-    fn remove(&mut self, id: u64) -> Option<Conn> {
-        let c = self.conns.remove(&id)?;
-        if let Some(n) = self.per_bucket.get_mut(&c.bucket) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_bucket.remove(&c.bucket);
-                self.slots.remove(&c.bucket);
-                self.unread.remove(&c.bucket);
-            }
-        }
-        Some(c)
-    }
-
-    fn slots(&self, bucket: &[u8]) -> Option<Arc<Semaphore>> {
-        self.slots.get(bucket).cloned()
-    }
-
-    fn unread(&self, bucket: &[u8]) -> Option<Arc<Semaphore>> {
-        self.unread.get(bucket).cloned()
-    }
-
-    fn touch(&mut self, id: u64) {
-        if let Some(c) = self.conns.get_mut(&id) {
-            c.last_active = Instant::now();
-        }
-    }
-}
-
 /// How long a stopping server waits for requests being handled to be answered.
 pub const DRAIN: Duration = Duration::from_secs(5);
 
@@ -266,8 +170,8 @@ pub async fn serve<H: Handler>(
                 continue;
             }
         };
-        let bucket = cfs_core::ring::source_bucket(peer.ip());
-        let (id, close, evicted) = registry.lock().unwrap().admit(bucket.clone(), &limits);
+        let source = Source::of(peer.ip());
+        let (id, close, evicted) = registry.lock().unwrap().admit(source.clone(), &limits);
         if evicted {
             handler.evicted_connection();
         }
@@ -278,7 +182,7 @@ pub async fn serve<H: Handler>(
             let conn = ConnCtx {
                 id,
                 peer,
-                bucket,
+                source,
                 limits,
                 registry: &registry,
                 budget: &budget,
@@ -328,7 +232,7 @@ fn busy() -> RemoteError {
 struct ConnCtx<'a> {
     id: u64,
     peer: SocketAddr,
-    bucket: Vec<u8>,
+    source: Source,
     limits: ServerLimits,
     registry: &'a Mutex<Registry>,
     budget: &'a Budget,
@@ -342,7 +246,7 @@ struct Incoming<'a> {
     /// Err: the protocol version the peer spoke instead of ours.
     frame: Result<RequestFrame, u16>,
     held: Held<'a>,
-    slot: Option<OwnedSemaphorePermit>,
+    slot: Option<Permits>,
 }
 
 /// Requests of one connection handled at once (protocol 6 lets a client send many before
@@ -396,9 +300,9 @@ impl<'a> ConnCtx<'a> {
             // a source gets no more of the node than its share of requests, however many
             // connections it opens or requests it sends at once, and frames waiting for
             // a slot stay in the kernel's buffers, not in ours.
-            let slots = self.registry.lock().unwrap().slots(&self.bucket);
+            let slots = self.registry.lock().unwrap().slots(&self.source);
             let slot = match &slots {
-                Some(s) => s.clone().acquire_owned().await.ok(),
+                Some(s) => s.acquire(1).await,
                 None => None,
             };
             // Memory is taken from the shared budget as the body arrives, in KiB, and
@@ -501,17 +405,17 @@ impl<'a> ConnCtx<'a> {
         // allowance for replies (the same one its unread replies use) and out of the
         // node's budget; the allowance is waited for a moment, as replies ahead of it on
         // the connection are written.
-        let unread = self.registry.lock().unwrap().unread(&self.bucket);
-        let mut allowance: Option<OwnedSemaphorePermit> = None;
+        let unread = self.registry.lock().unwrap().unread(&self.source);
+        let mut allowance: Option<Permits> = None;
         let reserved = if frame.as_ref().is_ok_and(|f| may_answer_blocks(&f.req)) {
             let kib = charged_kib(REPLY_RESERVE) as u32;
             if let Some(u) = unread.clone() {
-                allowance = match u.clone().try_acquire_many_owned(kib) {
-                    Ok(p) => Some(p),
-                    Err(_) => tokio::time::timeout(REPLY_WAIT, u.acquire_many_owned(kib))
+                allowance = match u.try_acquire(kib) {
+                    Some(p) => Some(p),
+                    None => tokio::time::timeout(REPLY_WAIT, u.acquire(kib))
                         .await
                         .ok()
-                        .and_then(Result::ok),
+                        .flatten(),
                 };
             }
             allowance.is_some() && held.hold(kib as usize, BUDGET_WAIT).await
@@ -559,7 +463,7 @@ impl<'a> ConnCtx<'a> {
         } else if kib > have {
             let more = unread
                 .clone()
-                .and_then(|u| u.try_acquire_many_owned((kib - have) as u32).ok());
+                .and_then(|u| u.try_acquire((kib - have) as u32));
             match (allowance.as_mut(), more) {
                 (Some(a), Some(m)) => a.merge(m),
                 (None, m) => allowance = m,
@@ -608,6 +512,7 @@ impl<'a> ConnCtx<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::Instant;
 
     /// Answers `Get` of key k after k * 20 ms with a 20 KiB block naming k; counts the
     /// connections it saw.
@@ -688,33 +593,5 @@ mod tests {
             handler.peers.lock().unwrap().len() <= 2,
             "at most two connections to a peer"
         );
-    }
-
-    #[tokio::test]
-    async fn a_full_bucket_evicts_its_least_recent_connection_not_others() {
-        let limits = ServerLimits {
-            max_conns: 6,
-            max_conns_per_bucket: 3,
-            ..ServerLimits::default()
-        };
-        let mut r = Registry::default();
-        let a = || vec![1u8];
-        let b = || vec![2u8];
-        let (first_a, _, _) = r.admit(a(), &limits);
-        for _ in 0..2 {
-            r.admit(a(), &limits);
-        }
-        let (honest, _, _) = r.admit(b(), &limits);
-        // A's bucket is at its share: its own oldest goes.
-        let (_, _, evicted) = r.admit(a(), &limits);
-        assert!(evicted);
-        assert!(!r.conns.contains_key(&first_a));
-        assert_eq!(r.per_bucket[&a()], 3);
-        // The node is full (6): a new bucket evicts from the busiest, not from B.
-        r.admit(b(), &limits);
-        r.admit(vec![3], &limits);
-        assert!(r.conns.len() <= 6);
-        assert!(r.conns.contains_key(&honest));
-        assert_eq!(r.per_bucket[&b()], 2);
     }
 }

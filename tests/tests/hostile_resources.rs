@@ -494,12 +494,13 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
     };
     let found = |r: &Result<Response, RemoteError>| matches!(r, Ok(Response::Step(Step::Found(_))));
     let (hits, first_evicted, evictions, final_found) = rt.block_on(async {
-        // B is popular: clients at 20 addresses look it up through X; one offers it after
+        // B is popular: clients in 20 networks look it up through X; one offers it after
         // a miss.
         let mut fan = RawPeer::connect_from(lo(2), x.addr).await.unwrap();
         let mut hits = 0;
-        for ip in 10..30u8 {
-            let mut p = RawPeer::connect_from(lo(ip), x.addr).await.unwrap();
+        for net in 10..30u8 {
+            let ip = std::net::IpAddr::from([127, net, 0, 1]);
+            let mut p = RawPeer::connect_from(ip, x.addr).await.unwrap();
             let _ = p.call(want_b.clone()).await.unwrap();
         }
         for _ in 0..20 {
