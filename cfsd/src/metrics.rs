@@ -32,6 +32,8 @@ counters! {
     refused_invalid: "blocks refused for a bad hash, signature or collision",
     refused_stale: "root puts refused as older or conflicting",
     refused_quota: "puts refused over quota (space-time, or what the source holds at once)",
+    transfers_free: "blocks a checked neighbour pushed that another holder confirmed, taken free of quota within the neighbour network's hourly allowance",
+    transfers_unconfirmed: "blocks a checked neighbour pushed as free that no other holder confirmed (or past its allowance), so charged like a put",
     transfers_charged_to_source: "blocks pushed by a checked neighbour and charged to the source it named (who paid for its copy), not to the neighbour",
     refused_input: "connections closed for bad frames or limits",
     refused_requests: "requests refused as malformed",

@@ -6,14 +6,14 @@ use crate::cache::Refusal;
 pub use crate::config::Config;
 use crate::lease::Room;
 use crate::metrics::Metrics;
-use crate::quota::Charge;
+use crate::quota::{Charge, Quota};
 use crate::state::remote;
 pub use crate::state::Node;
 use crate::store::{PutOutcome, StoreError};
 use crate::vnode::Vnode;
 use cfs_core::block::BlockKind;
 use cfs_core::block::{verify, Verified};
-use cfs_core::ring::{in_replica_reach, same_host, source_bucket};
+use cfs_core::ring::{group, in_replica_reach, same_host, source_bucket, source_network, Level};
 use cfs_core::wire::{
     ErrorKind, RemoteError, Request, Response, StatusInfo, Step, VnodeStatus, WireBlock, MAX_BATCH,
     MAX_REFS,
@@ -262,6 +262,55 @@ impl<T: Transport> Node<T> {
         })
     }
 
+    /// Which of `items` another holder has: asked of up to two of this node's ring
+    /// neighbours (predecessors and first successors) other than the pusher, outside its
+    /// prefix where there are such, so a party cannot vouch for the junk it pushes from
+    /// another of its addresses.
+    async fn held_elsewhere(
+        &self,
+        pusher: SocketAddr,
+        items: &[(BlockKind, Id)],
+    ) -> BTreeSet<(BlockKind, Id)> {
+        let mut out = BTreeSet::new();
+        if items.is_empty() {
+            return out;
+        }
+        let me = self.inner.cfg.addr;
+        let mut asked: Vec<SocketAddr> = Vec::new();
+        for v in &self.inner.vnodes {
+            let v = v.lock().unwrap();
+            for n in v.pred.iter().chain(v.succs.iter().take(2)) {
+                if !same_host(n.addr, me)
+                    && !same_host(n.addr, pusher)
+                    && !asked.iter().any(|a| same_host(*a, n.addr))
+                {
+                    asked.push(n.addr);
+                }
+            }
+        }
+        // Outside the pusher's prefix where the neighbourhood has such nodes; a small
+        // ring in one prefix (a lab) asks other hosts, as its replicas are spread.
+        let theirs = group(pusher, Level::Prefix);
+        asked.sort_by_key(|a| group(*a, Level::Prefix) == theirs);
+        if asked
+            .first()
+            .is_some_and(|a| group(*a, Level::Prefix) != theirs)
+        {
+            asked.retain(|a| group(*a, Level::Prefix) != theirs);
+        }
+        for addr in asked.into_iter().take(2) {
+            let Ok(have) = self.inner.net.has(addr, items).await else {
+                continue;
+            };
+            for (item, h) in items.iter().zip(have) {
+                if h.is_some() {
+                    out.insert(*item);
+                }
+            }
+        }
+        out
+    }
+
     /// Store a batch of blocks from `peer`: capacity, quota, verification with collision
     /// detection, one store commit. One answer per block (true: new to this node).
     async fn put_many(
@@ -286,6 +335,21 @@ impl<T: Transport> Node<T> {
         };
         let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
         let ids: Vec<(BlockKind, Id)> = blocks.iter().map(|b| (b.kind, b.key)).collect();
+        // A neighbour's transfer is free (or, past its source's room, still taken) only
+        // for blocks another holder confirms: junk ground into our range exists on the
+        // pusher alone, so it is paid for like any put.
+        let elsewhere = if transfer {
+            let maybe_free: Vec<(BlockKind, Id)> = blocks
+                .iter()
+                .filter(|b| self.ring_pusher(peer.ip(), b.key))
+                .filter(|b| !matches!(self.inner.store.held(b.kind, b.key), Ok(Some(_))))
+                .map(|b| (b.kind, b.key))
+                .collect();
+            self.held_elsewhere(peer, &maybe_free).await
+        } else {
+            BTreeSet::new()
+        };
+        let pusher_net = source_network(peer.ip());
         let mut todo = Vec::with_capacity(blocks.len());
         let mut room = Room::new(&self.inner.incoming);
         let space = self.inner.store.space();
@@ -301,24 +365,51 @@ impl<T: Transport> Node<T> {
                 Some(s) if transfer && self.ring_pusher(peer.ip(), b.key) => Some(s),
                 _ => None,
             };
-            let payer = named.unwrap_or(peer.ip());
-            // A transfer is free only for a block new to this node: extending a held
-            // block's lease is paid for by whoever asks, neighbour or not.
-            let free =
+            let mut payer = named.unwrap_or(peer.ip());
+            let cost = b.bytes.len() as u64;
+            // Free only for a block new to this node that another holder confirms, and
+            // within the pushing network's free allowance: extending a held block's
+            // lease is paid for by whoever asks, neighbour or not.
+            let confirmed = elsewhere.contains(&(b.kind, b.key));
+            let take_free = || {
+                confirmed
+                    && self
+                        .inner
+                        .quota
+                        .take_free(&pusher_net, Quota::cost(b.bytes.len()), now)
+            };
+            let candidate =
                 transfer && b.source.is_none() && self.free_transfer(peer.ip(), b.key) && !held();
-            let bucket = bucket_of(payer);
+            let free = candidate && take_free();
+            if candidate && !free {
+                Metrics::inc(&m.transfers_unconfirmed);
+            }
             let charge = if free {
+                Metrics::inc(&m.transfers_free);
                 Charge::FREE
             } else {
-                match self.charge(&bucket, b.bytes.len() as u64, now, until) {
+                match self.charge(&bucket_of(payer), cost, now, until) {
                     Ok(c) => c,
-                    // A replica copy that a neighbour's maintenance pushes is never
-                    // refused for its source's quota (the block would stay below r):
-                    // past the source's room it is taken free, as ring transfers were.
-                    Err(_) if named.is_some() => Charge::FREE,
+                    // A confirmed replica copy that a neighbour's maintenance pushes is
+                    // not refused for its source's quota (the block would stay below r):
+                    // past the source's room it is taken free, within the allowance,
+                    // else charged to the neighbour that pushed it.
+                    Err(_) if named.is_some() && take_free() => {
+                        Metrics::inc(&m.transfers_free);
+                        Charge::FREE
+                    }
                     Err(e) => {
-                        answers[i] = Some(Err(e));
-                        continue;
+                        let pusher = peer.ip();
+                        match named.map(|_| self.charge(&bucket_of(pusher), cost, now, until)) {
+                            Some(Ok(c)) => {
+                                payer = pusher;
+                                c
+                            }
+                            _ => {
+                                answers[i] = Some(Err(e));
+                                continue;
+                            }
+                        }
                     }
                 }
             };
