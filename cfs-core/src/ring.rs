@@ -304,11 +304,16 @@ pub fn source_bucket(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-/// The network a source address belongs to: its /16 (IPv4, loopback too) or /32 (IPv6).
-/// Tables keyed by source bucket also bound what one network holds, so a party with many
-/// prefixes gains a bounded share, not one per prefix.
+/// The network a source address belongs to: its /16 (IPv4) or /32 (IPv6). Tables keyed
+/// by source bucket also bound what one network holds, so a party with many prefixes
+/// gains a bounded share, not one per prefix. On loopback, where a local ring and its
+/// clients share 127.0.0.1, an address of 127.0.0.0/16 (or ::1) is a network of its own,
+/// as it is a bucket; the rest of 127.0.0.0/8 groups by /16, so a test can stand in for a
+/// party with many prefixes.
 pub fn source_network(ip: IpAddr) -> Vec<u8> {
     match canonical_ip(ip) {
+        IpAddr::V4(v4) if v4.is_loopback() && v4.octets()[1] == 0 => v4.octets().to_vec(),
+        IpAddr::V6(v6) if v6.is_loopback() => v6.octets().to_vec(),
         IpAddr::V4(v4) => v4.octets()[..2].to_vec(),
         IpAddr::V6(v6) => v6.octets()[..4].to_vec(),
     }
@@ -535,5 +540,7 @@ mod tests {
         assert_ne!(n("198.18.0.1"), n("198.19.0.1"));
         assert_eq!(n("2001:db8:1::1"), n("2001:db8:ffff::2"));
         assert_ne!(n("2001:db8::1"), n("2001:db9::1"));
+        assert_ne!(n("127.0.0.1"), n("127.0.0.2"));
+        assert_eq!(n("127.77.0.1"), n("127.77.15.1"));
     }
 }

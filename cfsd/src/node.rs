@@ -325,7 +325,8 @@ impl<T: Transport> Node<T> {
         // the lease) and by what it holds at once, reserved before the work so parallel
         // requests cannot all pass one check, settled for what was not new. A checked
         // neighbour's transfer is charged to the source it names (who paid for its copy);
-        // without one, it is free off loopback, else charged to the sender.
+        // without one, off loopback, to the pushing network's allowance for confirmed
+        // copies; else to the sender.
         let mut buckets: BTreeMap<IpAddr, Vec<u8>> = BTreeMap::new();
         let mut bucket_of = |ip: IpAddr| {
             buckets
@@ -349,7 +350,7 @@ impl<T: Transport> Node<T> {
         } else {
             BTreeSet::new()
         };
-        let pusher_net = source_network(peer.ip());
+        let free_bucket = Quota::free_bucket(&source_network(peer.ip()));
         let mut todo = Vec::with_capacity(blocks.len());
         let mut room = Room::new(&self.inner.incoming);
         let space = self.inner.store.space();
@@ -365,69 +366,82 @@ impl<T: Transport> Node<T> {
                 Some(s) if transfer && self.ring_pusher(peer.ip(), b.key) => Some(s),
                 _ => None,
             };
-            let mut payer = named.unwrap_or(peer.ip());
             let cost = b.bytes.len() as u64;
-            // Free only for a block new to this node that another holder confirms, and
-            // within the pushing network's free allowance: extending a held block's
-            // lease is paid for by whoever asks, neighbour or not.
+            // Free of the sender's quota only for a block new to this node that another
+            // holder confirms, and then charged to the pushing network's allowance for
+            // such copies (one quota, like a source): extending a held block's lease is
+            // paid for by whoever asks, neighbour or not.
             let confirmed = elsewhere.contains(&(b.kind, b.key));
-            let take_free = || {
+            let allowance = || {
+                let cost = Quota::cost(b.bytes.len());
                 confirmed
-                    && self
-                        .inner
-                        .quota
-                        .take_free(&pusher_net, Quota::cost(b.bytes.len()), now)
+                    .then(|| {
+                        self.inner
+                            .quota
+                            .reserve(&free_bucket, cost, now, until)
+                            .ok()
+                    })
+                    .flatten()
+                    .map(|c| Paid {
+                        charge: c,
+                        bucket: free_bucket.clone(),
+                        source: None,
+                    })
             };
             let candidate =
                 transfer && b.source.is_none() && self.free_transfer(peer.ip(), b.key) && !held();
-            let free = candidate && take_free();
-            if candidate && !free {
-                Metrics::inc(&m.transfers_unconfirmed);
+            let free = candidate.then(allowance).flatten();
+            if candidate {
+                Metrics::inc(if free.is_some() {
+                    &m.transfers_free
+                } else {
+                    &m.transfers_unconfirmed
+                });
             }
-            let charge = if free {
-                Metrics::inc(&m.transfers_free);
-                Charge::FREE
-            } else {
-                match self.charge(&bucket_of(payer), cost, now, until) {
-                    Ok(c) => c,
-                    // A confirmed replica copy that a neighbour's maintenance pushes is
-                    // not refused for its source's quota (the block would stay below r):
-                    // past the source's room it is taken free, within the allowance,
-                    // else charged to the neighbour that pushed it.
-                    Err(_) if named.is_some() && take_free() => {
-                        Metrics::inc(&m.transfers_free);
-                        Charge::FREE
-                    }
-                    Err(e) => {
-                        let pusher = peer.ip();
-                        match named.map(|_| self.charge(&bucket_of(pusher), cost, now, until)) {
-                            Some(Ok(c)) => {
-                                payer = pusher;
-                                c
+            let paid = match free {
+                Some(p) => p,
+                None => {
+                    let payer = named.unwrap_or(peer.ip());
+                    let (payer_bucket, pusher_bucket) = (bucket_of(payer), bucket_of(peer.ip()));
+                    let paid_by = |ip: IpAddr, bucket: Vec<u8>, charge: Charge| Paid {
+                        charge,
+                        bucket,
+                        source: Some(ip),
+                    };
+                    match self.charge(&payer_bucket, cost, now, until) {
+                        Ok(c) => paid_by(payer, payer_bucket, c),
+                        // A confirmed replica copy that a neighbour's maintenance pushes
+                        // is not refused for its source's quota (the block would stay
+                        // below r): past the source's room it goes to the allowance,
+                        // else to the neighbour that pushed it.
+                        Err(e) if named.is_some() => match allowance() {
+                            Some(p) => {
+                                Metrics::inc(&m.transfers_free);
+                                p
                             }
-                            _ => {
-                                answers[i] = Some(Err(e));
-                                continue;
-                            }
+                            None => match self.charge(&pusher_bucket, cost, now, until) {
+                                Ok(c) => paid_by(peer.ip(), pusher_bucket, c),
+                                Err(_) => {
+                                    answers[i] = Some(Err(e));
+                                    continue;
+                                }
+                            },
+                        },
+                        Err(e) => {
+                            answers[i] = Some(Err(e));
+                            continue;
                         }
                     }
                 }
             };
-            todo.push((i, (charge, payer), until, b));
+            todo.push((i, paid, until, b));
         }
-        let charged = |todo: &[(usize, (Charge, IpAddr), u64, WireBlock)]| {
-            todo.iter()
-                .filter(|t| !t.1 .0.is_free())
-                .map(|t| t.1 .1)
-                .collect::<BTreeSet<IpAddr>>()
-        };
-        for ip in charged(&todo) {
+        for bucket in todo.iter().map(|t| &t.1.bucket).collect::<BTreeSet<_>>() {
             // Durable in the same commit as the blocks: a crash cannot keep one without
             // the other (a refund below is saved with a later commit).
-            let bucket = bucket_of(ip);
             self.inner
                 .store
-                .stage_charge(&bucket, self.inner.quota.encoded(&bucket));
+                .stage_charge(bucket, self.inner.quota.encoded(bucket));
         }
         // The other side of a fork of a held root is taken only from ring maintenance,
         // and only when it outranks the held one (`Verified::rank`): replicas converge on
@@ -459,7 +473,7 @@ impl<T: Transport> Node<T> {
                     }
                 }
                 // The verified blocks move into the store: no copy of their bytes.
-                type Slot = (usize, (Charge, IpAddr));
+                type Slot = (usize, Paid);
                 let (slots, vs): (Vec<Slot>, Vec<(Verified, u64)>) =
                     ok.into_iter().map(|(i, c, v)| ((i, c), v)).unzip();
                 for ((i, charge), r) in slots.into_iter().zip(store.put_many(vs)) {
@@ -479,13 +493,17 @@ impl<T: Transport> Node<T> {
             }
         };
         let mut settled = BTreeSet::new();
-        for (i, (charge, payer), r) in done {
-            let bucket = bucket_of(payer);
+        for (i, paid, r) in done {
+            let Paid {
+                charge,
+                bucket,
+                source,
+            } = paid;
             match &r {
                 Ok(Ok(d)) => {
                     let stored = d.outcome == PutOutcome::Stored;
                     self.inner.quota.settle(&bucket, charge, d.before, stored);
-                    if stored && !charge.is_free() {
+                    if let Some(payer) = source.filter(|_| stored && !charge.is_free()) {
                         // Copies our maintenance pushes are charged to the same source.
                         let (kind, key) = ids[i];
                         self.inner.quota.note_payer(kind, key, payer);
@@ -497,7 +515,7 @@ impl<T: Transport> Node<T> {
                 _ => self.inner.quota.refund(&bucket, charge),
             }
             if !charge.is_free() {
-                settled.insert(payer);
+                settled.insert(bucket);
             }
             answers[i] = Some(match r {
                 Err(why) => {
@@ -520,8 +538,7 @@ impl<T: Transport> Node<T> {
                 Ok(Err(e)) => Err(remote(ErrorKind::Storage, e.to_string())),
             });
         }
-        for ip in settled {
-            let bucket = bucket_of(ip);
+        for bucket in settled {
             self.inner
                 .store
                 .stage_charge(&bucket, self.inner.quota.encoded(&bucket));
@@ -546,6 +563,14 @@ fn replace_losing_fork(store: &dyn crate::store::BlockStore, v: &Verified) {
         tracing::info!(fsid = %v.key(), version = v.version(), "a fork of a root: taking the winning side");
         let _ = store.remove_if(BlockKind::Root, v.key(), held.version());
     }
+}
+
+/// Who a stored block's charge went to: the bucket, and the source address to name when
+/// maintenance pushes the block on (None for a neighbour's free-transfer allowance).
+struct Paid {
+    charge: Charge,
+    bucket: Vec<u8>,
+    source: Option<IpAddr>,
 }
 
 impl<T: Transport> Handler for Node<T> {

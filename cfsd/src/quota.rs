@@ -48,11 +48,8 @@ const MAX_SAVED_BINS: usize = 4 * BINS as usize;
 /// must be able to put a new version of everything while the old version's leases run
 /// out, and a renewal ahead of a lease's end holds the block twice for a while.
 pub const HOLD_FACTOR: u64 = 2;
-/// Quotas' worth of bytes one network's neighbours may push free of quota per hour.
-pub const FREE_PER_HOUR: u64 = 1;
-/// Pushing networks whose free transfers this hour are counted (least recent forgotten:
-/// only ring neighbours push free, and a node has few).
-pub const MAX_FREE_NETWORKS: usize = 1024;
+/// The prefix of a network's bucket for confirmed replica copies (`Quota::free_bucket`).
+pub const FREE_TRANSFERS_BUCKET: &[u8] = b"free-transfers/";
 /// Blocks whose payer a node remembers (the most recently stored; about 100 bytes
 /// each): enough for maintenance to push a put's copies to the other replicas within a
 /// few rounds, at any sane put rate.
@@ -169,8 +166,6 @@ pub struct Quota {
     /// Whose bucket paid for recently stored blocks (not saved: after a restart, pushes
     /// of older blocks are charged to the pushing node, as before).
     payers: Mutex<lru::LruCache<(BlockKind, Id), IpAddr>>,
-    /// Free ring transfers taken per pushing network in the current hour: (hour, bytes).
-    free: Mutex<lru::LruCache<Vec<u8>, (u64, u64)>>,
 }
 
 impl Quota {
@@ -200,29 +195,16 @@ impl Quota {
             payers: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(MAX_PAYERS).expect("nonzero"),
             )),
-            free: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(MAX_FREE_NETWORKS).expect("nonzero"),
-            )),
         }
     }
 
-    /// May a neighbour in `network` push `cost` more bytes free of quota this hour? At
-    /// most `FREE_PER_HOUR` quotas' worth per pushing network: a neighbour re-creating
-    /// replicas a failure lost, or handing a joiner its range, needs the room; one that
-    /// pushes junk it ground into our range gets no more than that, then pays.
-    pub fn take_free(&self, network: &[u8], cost: u64, now: u64) -> bool {
-        let hour = now / 3600;
-        let cap = self.limit_bytes.saturating_mul(FREE_PER_HOUR);
-        let mut m = self.free.lock().unwrap();
-        let e = m.get_or_insert_mut(network.to_vec(), || (hour, 0));
-        if e.0 != hour {
-            *e = (hour, 0);
-        }
-        if e.1.saturating_add(cost) > cap {
-            return false;
-        }
-        e.1 += cost;
-        true
+    /// The bucket that confirmed replica copies pushed by a ring neighbour in `network`
+    /// are charged to instead of the neighbour itself: re-creating replicas a failure
+    /// lost, or handing a joiner its range, costs its own quota nothing, yet what one
+    /// network's neighbours store here that way is bounded like any source's, by one
+    /// quota. No address bucket has this form.
+    pub fn free_bucket(network: &[u8]) -> Vec<u8> {
+        [FREE_TRANSFERS_BUCKET, network].concat()
     }
 
     /// Remember that `source`'s bucket paid for this node's copy of a block.
@@ -527,16 +509,27 @@ mod tests {
     }
 
     #[test]
-    fn free_transfers_are_capped_per_network_and_hour() {
+    fn free_transfers_are_charged_to_their_networks_allowance() {
         let store = MemStore::default();
         let q = Quota::load(1 << 20, DAY, &store);
-        let (a, b) = (vec![198, 18], vec![203, 0]);
+        let now = 1_000;
+        let a = Quota::free_bucket(&[198, 18]);
+        let b = Quota::free_bucket(&[203, 0]);
+        assert_ne!(a, b);
+        assert_eq!(q.bucket_for(&a), a, "never grouped with address buckets");
         let cost = Quota::cost(64 << 10);
-        let n = (1u64 << 20) * FREE_PER_HOUR / cost;
-        assert!((0..n).all(|_| q.take_free(&a, cost, 3600)));
-        assert!(!q.take_free(&a, cost, 3601), "past the allowance: charged");
-        assert!(q.take_free(&b, cost, 3601), "another network has its own");
-        assert!(q.take_free(&a, cost, 7200), "a new hour");
+        let n = (1u64 << 20) * HOLD_FACTOR / cost;
+        for _ in 0..n {
+            q.reserve(&a, cost, now, now + 3600).unwrap();
+        }
+        assert!(
+            q.reserve(&a, cost, now, now + 3600).is_err(),
+            "one network's share"
+        );
+        assert!(
+            q.reserve(&b, cost, now, now + 3600).is_ok(),
+            "another's is its own"
+        );
     }
 
     #[test]

@@ -493,7 +493,7 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
         bytes: bbytes.clone(),
     };
     let found = |r: &Result<Response, RemoteError>| matches!(r, Ok(Response::Step(Step::Found(_))));
-    let (hits, first_evicted, evictions, final_found) = rt.block_on(async {
+    let (hits, first_evicted, evictions, final_found, pumped) = rt.block_on(async {
         // B is popular: clients in 20 networks look it up through X; one offers it after
         // a miss.
         let mut fan = RawPeer::connect_from(lo(2), x.addr).await.unwrap();
@@ -551,7 +551,34 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
             }
         }
         let final_found = found(&fan.call(want_b.clone()).await.unwrap());
-        (hits, first_evicted, evictions, final_found)
+        // Many prefixes of one network pump one junk block: it counts once, so it is
+        // no more popular than the junk it would evict and is not cached (16 separate
+        // sources once made it the most popular block there).
+        let (jkey, jbytes) = data_block(62, 0, 64 << 10);
+        let want_j = Request::FindStep {
+            vnode: x.vnode,
+            key: jkey,
+            want: Some(BlockKind::Data),
+        };
+        for p in 0..16u8 {
+            let ip = std::net::IpAddr::from([127, 77, p, 1]);
+            let mut q = RawPeer::connect_from(ip, x.addr).await.unwrap();
+            let _ = q.call(want_j.clone()).await.unwrap();
+        }
+        let mut last = RawPeer::connect_from(std::net::IpAddr::from([127, 77, 15, 1]), x.addr)
+            .await
+            .unwrap();
+        let _ = last.call(want_j.clone()).await.unwrap();
+        let _ = last
+            .call(Request::Cache {
+                kind: BlockKind::Data,
+                key: jkey,
+                bytes: jbytes,
+            })
+            .await
+            .unwrap();
+        let pumped = found(&fan.call(want_j).await.unwrap());
+        (hits, first_evicted, evictions, final_found, pumped)
     });
     let s = status_json(x.addr).unwrap_or_default();
     eprintln!(
@@ -568,6 +595,10 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
     assert!(
         final_found,
         "the popular block was evicted from X's cache by the flood"
+    );
+    assert!(
+        !pumped,
+        "a block asked for from 16 prefixes of one network was cached as popular"
     );
 }
 
