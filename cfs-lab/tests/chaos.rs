@@ -3,6 +3,8 @@
 //! exit; and on a 5-host testnet (root) with every fault kind, where the test checks the
 //! report against what it observes itself.
 
+mod common;
+
 use cfs_lab::testnet::{self, Spec, Testnet};
 use cfs_tests::bin;
 use cfs_tests::tree::TempDir;
@@ -222,27 +224,16 @@ fn chaos_on_a_testnet_runs_every_fault_kind_and_reports_what_happened() {
         eprintln!("SKIPPED: {why}");
         return;
     }
-    let tmp = TempDir::new("chaos-net");
-    let name = format!("c{}", std::process::id());
-    let dir = tmp.path().join("net");
-    let _guard = testnet::DownGuard {
-        name: name.clone(),
-        dir: dir.clone(),
-    };
+    let (tmp, _guard, spec) = common::spec(
+        "chaos-net",
+        5,
+        9,
+        &["--stabilize-ms", "200", "--maintain-ms", "1000"],
+    );
+    let (name, dir) = (spec.name.clone(), spec.dir.clone());
     let mut net = Testnet::up(&Spec {
-        name: name.clone(),
-        hosts: 5,
-        subnet: 9,
-        port: 4000,
-        dir: dir.clone(),
-        cfsd: bin("cfsd"),
-        cfsd_args: ["--stabilize-ms", "200", "--maintain-ms", "1000"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        rate: None,
         disk_mb: Some(64),
-        wan: None,
+        ..spec
     })
     .expect("testnet up");
     let pids_before: Vec<Option<u32>> = net.hosts.iter().map(|h| h.pid).collect();

@@ -2,7 +2,9 @@
 //! (free transfers exist only off loopback, where an address names a host). Needs root
 //! and iproute2; skipped, with a message, where they are missing.
 
-use cfs_lab::testnet::{self, Spec, Testnet};
+mod common;
+
+use cfs_lab::testnet::{self, Testnet};
 use cfs_tests::bin;
 use cfs_tests::hostile::counter_in;
 use std::collections::BTreeSet;
@@ -40,29 +42,23 @@ fn a_neighbours_push_is_free_only_when_another_holder_confirms_it() {
         eprintln!("SKIPPED: {why}");
         return;
     }
-    let tmp = cfs_tests::tree::TempDir::new("strangers");
-    let name = format!("s{}", std::process::id());
-    let dir = tmp.path().join("net");
-    let _guard = testnet::DownGuard {
-        name: name.clone(),
-        dir: dir.clone(),
-    };
-    let spec = Spec {
-        name: name.clone(),
-        hosts: 4,
-        subnet: 13,
-        port: 4000,
-        dir: dir.clone(),
-        cfsd: bin("cfsd"),
-        // Maintenance out of the way: only our pushes move blocks.
-        cfsd_args: ["--stabilize-ms", "200", "--maintain-ms", "3600000"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        rate: None,
-        disk_mb: None,
-        wan: None,
-    };
+    // Maintenance out of the way (only our pushes move blocks), and a quota of 1 MiB for
+    // an hour per source: the four hosts share one /24, so one bucket.
+    let (tmp, _guard, spec) = common::spec(
+        "strangers",
+        4,
+        13,
+        &[
+            "--stabilize-ms",
+            "200",
+            "--maintain-ms",
+            "3600000",
+            "--quota-mb",
+            "1",
+            "--max-lease",
+            "1h",
+        ],
+    );
     let net = Testnet::up(&spec).expect("testnet up");
     let all: BTreeSet<SocketAddr> = (0..4).map(|i| net.addr(i)).collect();
     cfs_tests::eventually(Duration::from_secs(40), "the 4-host ring", || {
@@ -80,20 +76,7 @@ fn a_neighbours_push_is_free_only_when_another_holder_confirms_it() {
     });
     let names = ["transfers_free", "transfers_unconfirmed"];
 
-    // Junk that only the pusher has: charged to it like any put, none free.
-    let (to, from) = (net.addr(1).to_string(), 0);
-    let before = counters(&net, 1, &names);
-    let out = ok_in(&net, from, "push-transfer", &[&to, "junk", "8", "65536"]);
-    assert_eq!(out.lines().filter(|l| *l == "stored").count(), 8, "{out}");
-    let after = counters(&net, 1, &names);
-    assert_eq!(
-        after[0], before[0],
-        "junk taken free: {before:?} -> {after:?}"
-    );
-    assert_eq!(after[1], before[1] + 8, "{before:?} -> {after:?}");
-
-    // A replica copy the ring holds elsewhere: free. A block put through host 2 sits on
-    // three of the four hosts; one of its holders pushes it to the fourth.
+    // A block put through host 2 sits on three of the four hosts.
     let files = tmp.path().join("blocks");
     std::fs::create_dir_all(&files).unwrap();
     let f = files.join("b");
@@ -115,10 +98,30 @@ fn a_neighbours_push_is_free_only_when_another_holder_confirms_it() {
     assert_eq!(holders.len(), 3, "{holders:?}");
     let lacking = (0..4).find(|h| !holders.contains(&net.addr(*h))).unwrap();
     let pusher = (0..4).find(|h| holders.contains(&net.addr(*h))).unwrap();
-    let before = counters(&net, lacking, &names);
     let (to, src) = (net.addr(lacking).to_string(), net.addr(pusher).to_string());
+
+    // Junk only the pusher has: charged to it like any put while it has room, then
+    // refused, never taken free.
+    let before = counters(&net, lacking, &names);
+    let out = ok_in(&net, pusher, "push-transfer", &[&to, "junk", "40", "65536"]);
+    let stored = out.lines().filter(|l| *l == "stored").count();
+    assert!(stored > 0 && stored < 40, "{out}");
+    assert!(out.lines().any(|l| l.contains("quota")), "{out}");
+    let after = counters(&net, lacking, &names);
+    assert_eq!(
+        after[0], before[0],
+        "junk taken free: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after[1],
+        before[1] + (40 - stored) as u64,
+        "{before:?} -> {after:?}"
+    );
+
+    // A replica copy the ring holds elsewhere, past the pusher's room: taken on its
+    // network's allowance.
     let out = ok_in(&net, pusher, "push-transfer", &[&to, "copy", &src, &key]);
     assert_eq!(out.trim(), "stored");
-    let after = counters(&net, lacking, &names);
-    assert_eq!(after, [before[0] + 1, before[1]], "{before:?} -> {after:?}");
+    let last = counters(&net, lacking, &names);
+    assert_eq!(last, [after[0] + 1, after[1]], "{after:?} -> {last:?}");
 }

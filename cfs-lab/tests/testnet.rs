@@ -4,7 +4,9 @@
 //! (kill, pause, restart, replace, partition and heal, link cap), then `down` removing
 //! everything, also when the test fails.
 
-use cfs_lab::testnet::{self, Spec, Testnet};
+mod common;
+
+use cfs_lab::testnet::{self, Testnet};
 use cfs_tests::{bin, eventually};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -85,35 +87,20 @@ fn a_testnet_of_real_hosts_places_replicas_on_distinct_hosts_and_survives_every_
     if !can_run() {
         return;
     }
-    let tmp = cfs_tests::tree::TempDir::new("testnet");
-    let name = format!("t{}", std::process::id());
-    let dir = tmp.path().join("net");
-    let _guard = testnet::DownGuard {
-        name: name.clone(),
-        dir: dir.clone(),
-    };
-    let spec = Spec {
-        name: name.clone(),
-        hosts: 5,
-        subnet: 7,
-        port: 4000,
-        dir: dir.clone(),
-        cfsd: bin("cfsd"),
-        cfsd_args: [
+    let (tmp, _guard, spec) = common::spec(
+        "testnet",
+        5,
+        7,
+        &[
             "--vnodes",
             "2",
             "--stabilize-ms",
             "200",
             "--maintain-ms",
             "500",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        rate: None,
-        disk_mb: None,
-        wan: None,
-    };
+        ],
+    );
+    let (name, dir) = (spec.name.clone(), spec.dir.clone());
     let mut net = Testnet::up(&spec).expect("testnet up");
     let all: BTreeSet<IpAddr> = (0..5).map(|i| net.addr(i).ip()).collect();
     eventually(

@@ -3,9 +3,11 @@
 //! and a short chaos run over it. Needs root, iproute2, nftables and /dev/net/tun;
 //! skipped, with the missing tool named, where they are missing.
 
+mod common;
+
 use cfs_lab::testnet::{self, Spec, Testnet, WanSpec};
 use cfs_lab::wan::{RttModel, WanConfig};
-use cfs_tests::tree::{compare_trees, sample_tree, TempDir};
+use cfs_tests::tree::{compare_trees, sample_tree};
 use cfs_tests::{bin, eventually, is_mounted};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -40,26 +42,14 @@ fn a_testnet_with_latency_keeps_its_round_trips_and_serves_a_mount_and_a_chaos_r
         eprintln!("SKIPPED: /dev/net/tun is missing (the link emulator needs TUN)");
         return;
     }
-    let tmp = TempDir::new("wan");
-    let name = format!("w{}", std::process::id());
-    let dir = tmp.path().join("net");
-    let _guard = testnet::DownGuard {
-        name: name.clone(),
-        dir: dir.clone(),
-    };
+    let (tmp, _guard, spec) = common::spec(
+        "wan",
+        4,
+        11,
+        &["--stabilize-ms", "300", "--maintain-ms", "1000"],
+    );
+    let (name, dir) = (spec.name.clone(), spec.dir.clone());
     let mut net = Testnet::up(&Spec {
-        name: name.clone(),
-        hosts: 4,
-        subnet: 11,
-        port: 4000,
-        dir: dir.clone(),
-        cfsd: bin("cfsd"),
-        cfsd_args: ["--stabilize-ms", "300", "--maintain-ms", "1000"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        rate: None,
-        disk_mb: None,
         wan: Some(WanSpec {
             rtt: RttModel::Range {
                 min: Duration::from_millis(20),
@@ -70,6 +60,7 @@ fn a_testnet_with_latency_keeps_its_round_trips_and_serves_a_mount_and_a_chaos_r
             seed: 3,
             emulator: bin("cfs"),
         }),
+        ..spec
     })
     .expect("testnet up");
 

@@ -28,6 +28,8 @@ use std::time::Duration;
 
 /// How often changed storage charges are written to the store.
 const CHARGES_SAVE_EVERY: Duration = Duration::from_secs(2);
+/// How long a pushed copy waits for another holder to confirm it.
+const HELD_ELSEWHERE_WAIT: Duration = Duration::from_millis(500);
 
 impl<T: Transport> Node<T> {
     /// Join the ring through `bootstrap` (any member), or start a new ring if None.
@@ -234,8 +236,9 @@ impl<T: Transport> Node<T> {
         Ok(())
     }
 
-    /// Is `key` a ring transfer this node takes free of quota from `peer`? Only from a
-    /// checked neighbour (`ring_pusher`) off loopback, where an address names a host.
+    /// May `peer` push `key` naming no source, to be taken past its own room when
+    /// another holder confirms it? Only a checked neighbour (`ring_pusher`) off loopback,
+    /// where an address names a host.
     pub(crate) fn free_transfer(&self, peer: IpAddr, key: Id) -> bool {
         !peer.is_loopback() && self.ring_pusher(peer, key)
     }
@@ -298,10 +301,20 @@ impl<T: Transport> Node<T> {
         {
             asked.retain(|a| group(*a, Level::Prefix) != theirs);
         }
-        for addr in asked.into_iter().take(2) {
-            let Ok(have) = self.inner.net.has(addr, items).await else {
-                continue;
-            };
+        // Asked at once, each for a moment only: the push waits on this, holding one
+        // of its source's request slots, and a neighbour across a partition or hung
+        // must not hold up ring maintenance (unconfirmed only means charged).
+        let calls = asked.into_iter().take(2).map(|addr| {
+            let net = self.inner.net.clone();
+            let items = items.to_vec();
+            async move {
+                tokio::time::timeout(HELD_ELSEWHERE_WAIT, net.has(addr, &items))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+        });
+        for have in cfs_net::net::join_all(calls).await.into_iter().flatten() {
             for (item, h) in items.iter().zip(have) {
                 if h.is_some() {
                     out.insert(*item);
@@ -324,9 +337,8 @@ impl<T: Transport> Node<T> {
         // Charged per source bucket by space-time (bytes plus a per-block overhead, times
         // the lease) and by what it holds at once, reserved before the work so parallel
         // requests cannot all pass one check, settled for what was not new. A checked
-        // neighbour's transfer is charged to the source it names (who paid for its copy);
-        // without one, off loopback, to the pushing network's allowance for confirmed
-        // copies; else to the sender.
+        // neighbour's transfer is charged to the source it names (who paid for its copy),
+        // else to the sender; past their room, see `short` below.
         let mut buckets: BTreeMap<IpAddr, Vec<u8>> = BTreeMap::new();
         let mut bucket_of = |ip: IpAddr| {
             buckets
@@ -336,22 +348,10 @@ impl<T: Transport> Node<T> {
         };
         let mut answers: Vec<Option<Result<bool, RemoteError>>> = vec![None; blocks.len()];
         let ids: Vec<(BlockKind, Id)> = blocks.iter().map(|b| (b.kind, b.key)).collect();
-        // A neighbour's transfer is free (or, past its source's room, still taken) only
-        // for blocks another holder confirms: junk ground into our range exists on the
-        // pusher alone, so it is paid for like any put.
-        let elsewhere = if transfer {
-            let maybe_free: Vec<(BlockKind, Id)> = blocks
-                .iter()
-                .filter(|b| self.ring_pusher(peer.ip(), b.key))
-                .filter(|b| !matches!(self.inner.store.held(b.kind, b.key), Ok(Some(_))))
-                .map(|b| (b.kind, b.key))
-                .collect();
-            self.held_elsewhere(peer, &maybe_free).await
-        } else {
-            BTreeSet::new()
-        };
         let free_bucket = Quota::free_bucket(&source_network(peer.ip()));
         let mut todo = Vec::with_capacity(blocks.len());
+        // Blocks past their payer's room, settled once other holders were asked.
+        let mut short = Vec::new();
         let mut room = Room::new(&self.inner.incoming);
         let space = self.inner.store.space();
         for (i, b) in blocks.into_iter().enumerate() {
@@ -366,75 +366,83 @@ impl<T: Transport> Node<T> {
                 Some(s) if transfer && self.ring_pusher(peer.ip(), b.key) => Some(s),
                 _ => None,
             };
-            let cost = b.bytes.len() as u64;
-            // Free of the sender's quota only for a block new to this node that another
-            // holder confirms, and then charged to the pushing network's allowance for
-            // such copies (one quota, like a source): extending a held block's lease is
-            // paid for by whoever asks, neighbour or not.
-            let confirmed = elsewhere.contains(&(b.kind, b.key));
-            let allowance = || {
+            let payer = named.unwrap_or(peer.ip());
+            let bucket = bucket_of(payer);
+            match self.charge(&bucket, b.bytes.len() as u64, now, until) {
+                Ok(charge) => todo.push((
+                    i,
+                    Paid {
+                        charge,
+                        bucket,
+                        source: Some(payer),
+                    },
+                    until,
+                    b,
+                )),
+                Err(e) => {
+                    // A copy a checked neighbour's maintenance pushes, new to this node,
+                    // may still be taken (a block must not stay below r): see below.
+                    let copy = transfer
+                        && !held()
+                        && (named.is_some()
+                            || (b.source.is_none() && self.free_transfer(peer.ip(), b.key)));
+                    if copy {
+                        short.push((i, until, b, named.is_some(), e));
+                    } else {
+                        answers[i] = Some(Err(e));
+                    }
+                }
+            }
+        }
+        // Past its payer's room, a neighbour's copy that another holder confirms is
+        // charged to the pushing network's allowance (one quota, like a source's): junk
+        // ground into our range exists on the pusher alone. Otherwise a named source's
+        // copy is charged to the neighbour that pushed it, and anything else refused.
+        // Other holders are asked only here, off the common path, so a push never waits
+        // on a third node while its payer has room.
+        if !short.is_empty() {
+            let items: Vec<(BlockKind, Id)> = short.iter().map(|t| (t.2.kind, t.2.key)).collect();
+            let elsewhere = self.held_elsewhere(peer, &items).await;
+            let pusher_bucket = bucket_of(peer.ip());
+            for (i, until, b, named, e) in short {
                 let cost = Quota::cost(b.bytes.len());
-                confirmed
+                let allowance = elsewhere
+                    .contains(&(b.kind, b.key))
                     .then(|| {
                         self.inner
                             .quota
                             .reserve(&free_bucket, cost, now, until)
                             .ok()
                     })
-                    .flatten()
-                    .map(|c| Paid {
-                        charge: c,
-                        bucket: free_bucket.clone(),
-                        source: None,
-                    })
-            };
-            let candidate =
-                transfer && b.source.is_none() && self.free_transfer(peer.ip(), b.key) && !held();
-            let free = candidate.then(allowance).flatten();
-            if candidate {
-                Metrics::inc(if free.is_some() {
-                    &m.transfers_free
-                } else {
-                    &m.transfers_unconfirmed
-                });
-            }
-            let paid = match free {
-                Some(p) => p,
-                None => {
-                    let payer = named.unwrap_or(peer.ip());
-                    let (payer_bucket, pusher_bucket) = (bucket_of(payer), bucket_of(peer.ip()));
-                    let paid_by = |ip: IpAddr, bucket: Vec<u8>, charge: Charge| Paid {
-                        charge,
-                        bucket,
-                        source: Some(ip),
-                    };
-                    match self.charge(&payer_bucket, cost, now, until) {
-                        Ok(c) => paid_by(payer, payer_bucket, c),
-                        // A confirmed replica copy that a neighbour's maintenance pushes
-                        // is not refused for its source's quota (the block would stay
-                        // below r): past the source's room it goes to the allowance,
-                        // else to the neighbour that pushed it.
-                        Err(e) if named.is_some() => match allowance() {
-                            Some(p) => {
-                                Metrics::inc(&m.transfers_free);
-                                p
-                            }
-                            None => match self.charge(&pusher_bucket, cost, now, until) {
-                                Ok(c) => paid_by(peer.ip(), pusher_bucket, c),
-                                Err(_) => {
-                                    answers[i] = Some(Err(e));
-                                    continue;
-                                }
-                            },
-                        },
-                        Err(e) => {
-                            answers[i] = Some(Err(e));
-                            continue;
+                    .flatten();
+                let paid = match allowance {
+                    Some(charge) => {
+                        Metrics::inc(&m.transfers_free);
+                        Paid {
+                            charge,
+                            bucket: free_bucket.clone(),
+                            source: None,
                         }
                     }
-                }
-            };
-            todo.push((i, paid, until, b));
+                    None => {
+                        Metrics::inc(&m.transfers_unconfirmed);
+                        match named
+                            .then(|| self.charge(&pusher_bucket, b.bytes.len() as u64, now, until))
+                        {
+                            Some(Ok(charge)) => Paid {
+                                charge,
+                                bucket: pusher_bucket.clone(),
+                                source: Some(peer.ip()),
+                            },
+                            _ => {
+                                answers[i] = Some(Err(e));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                todo.push((i, paid, until, b));
+            }
         }
         for bucket in todo.iter().map(|t| &t.1.bucket).collect::<BTreeSet<_>>() {
             // Durable in the same commit as the blocks: a crash cannot keep one without

@@ -57,26 +57,39 @@ fn main() {
         }
         _ => panic!("{usage}"),
     };
-    let resp = call_once(
-        to,
-        Request::PutMany {
-            blocks,
-            transfer: true,
-        },
-        t,
-    )
-    .expect("the node answers");
-    match resp {
-        Ok(Response::StoredMany(answers)) => {
-            for a in answers {
-                match a {
-                    Ok(true) => println!("stored"),
-                    Ok(false) => println!("held"),
-                    Err(e) => println!("{e}"),
+    // In requests that fit a frame.
+    let mut batches: Vec<Vec<WireBlock>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for b in blocks {
+        if bytes + b.bytes.len() > 768 << 10 && !batches.last().unwrap().is_empty() {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += b.bytes.len();
+        batches.last_mut().unwrap().push(b);
+    }
+    for blocks in batches {
+        let resp = call_once(
+            to,
+            Request::PutMany {
+                blocks,
+                transfer: true,
+            },
+            t,
+        )
+        .expect("the node answers");
+        match resp {
+            Ok(Response::StoredMany(answers)) => {
+                for a in answers {
+                    match a {
+                        Ok(true) => println!("stored"),
+                        Ok(false) => println!("held"),
+                        Err(e) => println!("{e}"),
+                    }
                 }
             }
+            other => panic!("unexpected answer: {other:?}"),
         }
-        other => panic!("unexpected answer: {other:?}"),
     }
 }
 
