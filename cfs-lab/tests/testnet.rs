@@ -62,12 +62,17 @@ fn poll(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
 fn dump_rings(net: &Testnet) {
     for h in 0..net.hosts.len() {
         let out = cfs_in(net, h, &["status", "--node", &net.addr(h).to_string()]);
+        // The end of its log (warnings and up) too.
+        let log = std::fs::read_to_string(net.dir.join(format!("{}.log", net.hosts[h].name)))
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
         eprintln!(
-            "--- host {} ({}):\n{}{}",
+            "--- host {} ({}):\n{}{}--- its log, last lines first:\n{}",
             h,
             net.addr(h),
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            tail.join("\n")
         );
     }
 }

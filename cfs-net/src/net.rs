@@ -257,8 +257,16 @@ impl<T: Transport> Net<T> {
             attempts += 1;
             // A hop that has not answered within twice its hedging delay is given up on
             // (and counted slow), and the lookup goes on with the next candidate: a hung
-            // or cut-off node costs a lookup that, not the RPC timeout.
-            let budget = self.budget(node.addr, 2, HOP_FLOOR);
+            // or cut-off node costs a lookup that, not the RPC timeout. With no other
+            // candidate left (a node joining through its one bootstrap peer) giving up
+            // gains nothing, so the hop gets the whole timeout: a busy peer slower than
+            // the hop's budget would otherwise fail every attempt to join through it.
+            let others = stack.iter().any(|t| !t.is_empty());
+            let budget = if others {
+                self.budget(node.addr, 2, HOP_FLOOR)
+            } else {
+                self.timeouts.rpc
+            };
             let reply = match tokio::time::timeout(budget, self.call(node.addr, req)).await {
                 Ok(r) => r,
                 Err(_) => {

@@ -63,7 +63,7 @@ pub async fn start_node(
         None => rejoin_target(&node, peers_file.as_deref()).await,
     };
     let mut tasks = Vec::new();
-    if let Some(p) = peers_file {
+    if let Some(p) = peers_file.clone() {
         let n = node.clone();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -73,13 +73,21 @@ pub async fn start_node(
         }));
     }
     let mut delay = Duration::from_millis(200);
+    let (mut target, mut attempt) = (join, 0);
     loop {
-        match node.join(join).await {
+        match node.join(target).await {
             Ok(()) => break,
             Err(e) => {
-                tracing::warn!(error = %e, "joining the ring failed; retrying");
+                tracing::warn!(error = %e, through = ?target, "joining the ring failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
+                // Next time through another peer this node knows, where one answers: the
+                // one it was given (or remembered) may be busy, cut off from us, or gone.
+                if target.is_some() {
+                    attempt += 1;
+                    let cands = join_candidates(&node, join, peers_file.as_deref());
+                    target = first_answering(&node, &cands, attempt).await.or(target);
+                }
             }
         }
     }
@@ -157,17 +165,47 @@ fn save_peers(path: &Path, peers: &[SocketAddr]) {
 
 /// The first remembered peer that answers, if any.
 async fn rejoin_target(node: &Node<TcpTransport>, path: Option<&Path>) -> Option<SocketAddr> {
-    let text = std::fs::read_to_string(path?).ok()?;
-    for line in text.lines().take(MAX_SAVED_PEERS) {
-        let Ok(a) = line.trim().parse::<SocketAddr>() else {
-            continue;
-        };
-        if a == node.addr() {
-            continue;
-        }
-        let ping = node.net().call(a, cfs_core::wire::Request::Ping).await;
-        if ping.is_ok() {
-            tracing::info!(peer = %a, "rejoining through a remembered peer");
+    let a = first_answering(node, &remembered_peers(node, path), 0).await?;
+    tracing::info!(peer = %a, "rejoining through a remembered peer");
+    Some(a)
+}
+
+/// The peers saved in `path` by an earlier run, other than this node.
+fn remembered_peers(node: &Node<TcpTransport>, path: Option<&Path>) -> Vec<SocketAddr> {
+    let Some(text) = path.and_then(|p| std::fs::read_to_string(p).ok()) else {
+        return Vec::new();
+    };
+    text.lines()
+        .take(MAX_SAVED_PEERS)
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|a| *a != node.addr())
+        .collect()
+}
+
+/// Peers to join through: the one given, those remembered, those seen since we started.
+fn join_candidates(
+    node: &Node<TcpTransport>,
+    join: Option<SocketAddr>,
+    path: Option<&Path>,
+) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = join.into_iter().collect();
+    out.extend(remembered_peers(node, path));
+    out.extend(node.known_peers());
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|a| *a != node.addr() && seen.insert(*a));
+    out
+}
+
+/// The first of `cands` that answers a ping, starting at index `from` (round the list),
+/// asking at most 8.
+async fn first_answering(
+    node: &Node<TcpTransport>,
+    cands: &[SocketAddr],
+    from: usize,
+) -> Option<SocketAddr> {
+    for i in 0..cands.len().min(8) {
+        let a = cands[(from + i) % cands.len()];
+        if node.net().call(a, cfs_core::wire::Request::Ping).await.is_ok() {
             return Some(a);
         }
     }
