@@ -205,7 +205,12 @@ async fn first_answering(
 ) -> Option<SocketAddr> {
     for i in 0..cands.len().min(8) {
         let a = cands[(from + i) % cands.len()];
-        if node.net().call(a, cfs_core::wire::Request::Ping).await.is_ok() {
+        if node
+            .net()
+            .call(a, cfs_core::wire::Request::Ping)
+            .await
+            .is_ok()
+        {
             return Some(a);
         }
     }

@@ -5,7 +5,7 @@
 
 use cfs_core::block::BlockKind;
 use cfs_core::wire::{ErrorKind, RemoteError, Request, Response, Step, WireBlock, MAX_FRAME_BYTES};
-use cfs_core::NodeRef;
+use cfs_core::{Id, NodeRef};
 use cfs_tests::hostile::*;
 use cfs_tests::{client, eventually, rt, Cluster};
 use std::net::SocketAddr;
@@ -487,11 +487,12 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
         key: bkey,
         want: Some(BlockKind::Data),
     };
-    let offer_b = Request::Cache {
+    let offer = |key: Id, bytes: Vec<u8>| Request::Cache {
         kind: BlockKind::Data,
-        key: bkey,
-        bytes: bbytes.clone(),
+        key,
+        bytes,
     };
+    let offer_b = offer(bkey, bbytes.clone());
     let found = |r: &Result<Response, RemoteError>| matches!(r, Ok(Response::Step(Step::Found(_))));
     let (hits, first_evicted, evictions, final_found, pumped) = rt.block_on(async {
         // B is popular: clients in 20 networks look it up through X; one offers it after
@@ -532,14 +533,7 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
                     .await
                     .unwrap();
             }
-            let _ = atk
-                .call(Request::Cache {
-                    kind: BlockKind::Data,
-                    key: k,
-                    bytes: b,
-                })
-                .await
-                .unwrap();
+            let _ = atk.call(offer(k, b)).await.unwrap();
             if j % 32 == 0 && j < 1152 {
                 if found(&fan.call(want_b.clone()).await.unwrap()) {
                     hits += 1;
@@ -569,14 +563,7 @@ fn path_cache_flood_does_not_evict_a_popular_block() {
             .await
             .unwrap();
         let _ = last.call(want_j.clone()).await.unwrap();
-        let _ = last
-            .call(Request::Cache {
-                kind: BlockKind::Data,
-                key: jkey,
-                bytes: jbytes,
-            })
-            .await
-            .unwrap();
+        let _ = last.call(offer(jkey, jbytes)).await.unwrap();
         let pumped = found(&fan.call(want_j).await.unwrap());
         (hits, first_evicted, evictions, final_found, pumped)
     });
