@@ -88,14 +88,17 @@ pub fn spread_level(list: &[NodeRef], r: usize) -> Option<Level> {
 /// networks. A small ring (a lab, a local ring in one prefix) falls back to distinct
 /// hosts, which is the whole rule there.
 pub fn replica_set(succs: &[NodeRef], r: usize) -> Vec<NodeRef> {
+    let groups: Vec<[(u128, u16); 3]> = succs
+        .iter()
+        .map(|n| LEVELS.map(|l| group(n.addr, l)))
+        .collect();
     let mut picked: Vec<usize> = Vec::with_capacity(r);
-    for level in LEVELS {
-        for (i, n) in succs.iter().enumerate() {
+    for l in 0..LEVELS.len() {
+        for i in 0..succs.len() {
             if picked.len() == r {
                 break;
             }
-            let g = group(n.addr, level);
-            if !picked.contains(&i) && picked.iter().all(|&j| group(succs[j].addr, level) != g) {
+            if !picked.contains(&i) && picked.iter().all(|&j| groups[j][l] != groups[i][l]) {
                 picked.push(i);
             }
         }

@@ -294,11 +294,7 @@ impl<T: Transport> Node<T> {
         // Outside the pusher's prefix where the neighbourhood has such nodes; a small
         // ring in one prefix (a lab) asks other hosts, as its replicas are spread.
         let theirs = group(pusher, Level::Prefix);
-        asked.sort_by_key(|a| group(*a, Level::Prefix) == theirs);
-        if asked
-            .first()
-            .is_some_and(|a| group(*a, Level::Prefix) != theirs)
-        {
+        if asked.iter().any(|a| group(*a, Level::Prefix) != theirs) {
             asked.retain(|a| group(*a, Level::Prefix) != theirs);
         }
         // Asked at once, each for a moment only: the push waits on this, holding one
@@ -511,7 +507,7 @@ impl<T: Transport> Node<T> {
                 Ok(Ok(d)) => {
                     let stored = d.outcome == PutOutcome::Stored;
                     self.inner.quota.settle(&bucket, charge, d.before, stored);
-                    if let Some(payer) = source.filter(|_| stored && !charge.is_free()) {
+                    if let Some(payer) = source.filter(|_| stored) {
                         // Copies our maintenance pushes are charged to the same source.
                         let (kind, key) = ids[i];
                         self.inner.quota.note_payer(kind, key, payer);
@@ -522,9 +518,7 @@ impl<T: Transport> Node<T> {
                 }
                 _ => self.inner.quota.refund(&bucket, charge),
             }
-            if !charge.is_free() {
-                settled.insert(bucket);
-            }
+            settled.insert(bucket);
             answers[i] = Some(match r {
                 Err(why) => {
                     Metrics::inc(&m.refused_invalid);

@@ -146,17 +146,6 @@ pub struct Charge {
     until: u64,
 }
 
-impl Charge {
-    pub const FREE: Charge = Charge {
-        cost: 0,
-        now: 0,
-        until: 0,
-    };
-    pub fn is_free(&self) -> bool {
-        self.cost == 0
-    }
-}
-
 pub struct Quota {
     limit_bytes: u64,
     max_lease: u64,
@@ -303,9 +292,6 @@ impl Quota {
     /// until `before` (None: not held) and holds it until `after` now. A block already
     /// leased past the charge costs nothing.
     pub fn settle(&self, bucket: &[u8], charge: Charge, before: Option<u64>, stored_new: bool) {
-        if charge.is_free() {
-            return;
-        }
         let Some(b) = before.filter(|_| !stored_new) else {
             return;
         };
