@@ -224,11 +224,19 @@ fn parse_key(s: &str) -> Result<Id> {
 }
 
 async fn client(node: &NodeArg) -> Result<Client> {
+    client_toward(node, None).await
+}
+
+/// A client connected to `node`; with `root`, the root's range is looked up at the same
+/// time (a mount or a get reads it first).
+async fn client_toward(node: &NodeArg, root: Option<Id>) -> Result<Client> {
     let addr = resolve(&node.node)?;
     let mut c = Client::tcp(addr);
-    c.connect()
-        .await
-        .with_context(|| format!("cannot reach cfs node {addr}: is cfsd running there?"))?;
+    match root {
+        Some(fsid) => c.connect_toward(fsid).await,
+        None => c.connect().await,
+    }
+    .with_context(|| format!("cannot reach cfs node {addr}: is cfsd running there?"))?;
     Ok(c)
 }
 
@@ -428,7 +436,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let fsid = parse_key(&fsid)?;
             let deadline = Duration::from_secs_f64(timeout.max(0.5));
-            let mut c = client(&node).await?;
+            let mut c = client_toward(&node, Some(fsid)).await?;
             c.net.timeouts.op = deadline;
             c.net.timeouts.rpc = c.net.timeouts.rpc.min(deadline / 2);
             let ring = Arc::new(NetRing::new(c, default_state_dir()));
@@ -491,7 +499,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Get { spec, node } => {
             let (fsid, version, path) = parse_get_spec(&spec)
                 .ok_or_else(|| anyhow!("{spec:?} is not FSID[@VERSION]:/PATH"))?;
-            let c = client(&node).await?;
+            let c = client_toward(&node, Some(fsid)).await?;
             let reads = c.net.reads.clone();
             let ring = Arc::new(NetRing::new(c, default_state_dir()));
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -111,6 +111,26 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's kind, for logs and counters.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Ping => "Ping",
+            Request::FindStep { .. } => "FindStep",
+            Request::Neighbors { .. } => "Neighbors",
+            Request::Rectify { .. } => "Rectify",
+            Request::Put { .. } => "Put",
+            Request::PutMany { .. } => "PutMany",
+            Request::Get { .. } => "Get",
+            Request::Has { .. } => "Has",
+            Request::Renew { .. } => "Renew",
+            Request::Cache { .. } => "Cache",
+            Request::Status => "Status",
+            Request::GetMany { .. } => "GetMany",
+        }
+    }
+}
+
 /// A block as carried in a batch, with the lease asked for it in seconds (a transfer's
 /// is the sender's remaining lease).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -100,6 +100,48 @@ impl<T: Transport> Client<T> {
     pub async fn connect(&mut self) -> Result<StatusInfo, CallError> {
         let first = self.known.lock().unwrap()[0].addr;
         let s = self.status(first).await?;
+        self.connected(&s);
+        Ok(s)
+    }
+
+    /// [`Client::connect`], looking `key` (the root a mount or a get reads first) up from
+    /// the trusted node at the same time: over the wide area its range then costs no
+    /// round trips of its own.
+    pub async fn connect_toward(&mut self, key: Id) -> Result<StatusInfo, CallError> {
+        let first = self.known.lock().unwrap()[0].addr;
+        let net = self.net.clone();
+        let lookup =
+            tokio::spawn(async move { net.lookup(vec![NodeRef::new(first, 0)], key, None).await });
+        let s = match self.status(first).await {
+            Ok(s) => s,
+            Err(e) => {
+                lookup.abort();
+                return Err(e);
+            }
+        };
+        self.connected(&s);
+        // The trusted node's own tables may cover the key already.
+        if self.ranges.known(key).is_some() {
+            lookup.abort();
+            return Ok(s);
+        }
+        // A failed lookup only means the first read looks again. It ran before the ring
+        // size was known, so its range is checked for width now, as answers are.
+        if let Ok(Ok(l)) = lookup.await {
+            if let Some(first) = l.succs.first() {
+                if self.net.plausible_range(l.from, first.id) {
+                    self.learn(l.succs.iter().copied());
+                    self.ranges.remember(l.from, &l.succs, self.replicas);
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Learn from the trusted node's status, and measure the round trip to every member
+    /// it named in the background: the first reads then pick near holders over warm
+    /// connections instead of paying a handshake each.
+    fn connected(&mut self, s: &StatusInfo) {
         self.replicas = s.replicas.max(1) as usize;
         // The client's own ring-size estimate, from the node it was told to trust: with it,
         // lookup answers claiming implausibly wide ranges are refused.
@@ -111,6 +153,11 @@ impl<T: Transport> Client<T> {
             }
         }
         self.learn(s.vnodes.iter().flat_map(|v| v.succs.iter().copied()));
+        self.ranges.note_positions(
+            s.vnodes
+                .iter()
+                .flat_map(|v| std::iter::once(v.me).chain(v.fingers.iter().copied())),
+        );
         // The ranges its tables imply, as a lookup's answer would: the first reads of
         // keys in them (a root's directories, say) go straight to replicas, without a
         // lookup each. Hints only: every block is verified, and a miss looks the key up.
@@ -124,7 +171,13 @@ impl<T: Transport> Client<T> {
                 self.ranges.remember(p.id, &list, self.replicas);
             }
         }
-        Ok(s)
+        let me = self.known.lock().unwrap()[0].addr;
+        for n in self.start().into_iter().filter(|n| n.addr != me) {
+            let net = self.net.clone();
+            tokio::spawn(async move {
+                let _ = net.call(n.addr, Request::Ping).await;
+            });
+        }
     }
 
     fn learn(&self, nodes: impl IntoIterator<Item = NodeRef>) {
@@ -159,8 +212,16 @@ impl<T: Transport> Client<T> {
         self.known.lock().unwrap().clone()
     }
 
+    /// Where a lookup of `key` starts: the known members and the known vnodes nearest
+    /// before it, which the lookup's choice by progress and round trip then prefers.
+    fn start_for(&self, key: Id) -> Vec<NodeRef> {
+        let mut s = self.start();
+        s.extend(self.ranges.before(key, 2));
+        s
+    }
+
     pub async fn lookup(&self, key: Id) -> Result<Lookup, LookupError> {
-        let l = self.net.lookup(self.start(), key, None).await?;
+        let l = self.net.lookup(self.start_for(key), key, None).await?;
         self.learn(l.succs.iter().copied());
         if !l.succs.is_empty() {
             self.ranges.remember(l.from, &l.succs, self.replicas);
@@ -181,7 +242,7 @@ impl<T: Transport> Client<T> {
         self.learn_range(key);
         let (v, l) = self
             .net
-            .get(&self.start(), kind, key, self.replicas, true)
+            .get(&self.start_for(key), kind, key, self.replicas, true)
             .await?;
         self.learn(l.succs.iter().copied());
         if l.found.is_none() && !l.succs.is_empty() {
@@ -337,13 +398,17 @@ impl<T: Transport> Client<T> {
     }
 
     pub async fn get_root(&self, fsid: Id) -> Result<Option<Verified>, DhashError> {
-        self.net.get_root(&self.start(), fsid, self.replicas).await
+        Ok(self
+            .get_roots(fsid)
+            .await?
+            .into_iter()
+            .max_by_key(Verified::rank))
     }
 
     /// Every distinct root the replicas of `fsid` hold (more than one: a fork, or a
     /// replica behind).
     pub async fn get_roots(&self, fsid: Id) -> Result<Vec<Verified>, DhashError> {
-        self.net.get_roots(&self.start(), fsid, self.replicas).await
+        Ok(self.get_roots_also(fsid, &[]).await?.0)
     }
 
     /// [`Client::get_roots`], also asking `seen` (the holders that gave the best root
@@ -353,9 +418,18 @@ impl<T: Transport> Client<T> {
         fsid: Id,
         seen: &[SocketAddr],
     ) -> Result<(Vec<Verified>, Vec<SocketAddr>), DhashError> {
-        self.net
-            .get_roots_also(&self.start(), fsid, self.replicas, seen)
-            .await
+        // A range learned lately (at connect, or by a lookup) spares the lookup: the
+        // replicas and as many more successors are asked all the same.
+        if let Some(succs) = self.ranges.known(fsid) {
+            let got = self.net.roots_in(&succs, fsid, self.replicas, seen).await;
+            // None found there: the range may be stale, so a lookup decides.
+            if got.as_ref().is_ok_and(|(roots, _)| !roots.is_empty()) {
+                return got;
+            }
+            self.ranges.forget(fsid);
+        }
+        let l = self.lookup(fsid).await?;
+        self.net.roots_in(&l.succs, fsid, self.replicas, seen).await
     }
 
     /// Group keys by the successor range they fall in: one lookup per range, not per

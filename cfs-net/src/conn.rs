@@ -51,9 +51,11 @@ impl Drop for Waiting<'_> {
 
 impl Conn {
     pub async fn open(to: SocketAddr) -> Result<Arc<Conn>, CallError> {
+        let t0 = Instant::now();
         let s = TcpStream::connect(to)
             .await
             .map_err(|e| CallError::Unreachable(format!("{to}: {e}")))?;
+        tracing::trace!(target: "cfs::calls", %to, ms = t0.elapsed().as_secs_f64() * 1e3, "connected");
         let _ = s.set_nodelay(true);
         let (rd, wr) = s.into_split();
         let (tx, rx) = mpsc::unbounded_channel();

@@ -126,7 +126,19 @@ impl<T: Transport> Net<T> {
     pub async fn call(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
         let t0 = Instant::now();
         let _in_flight = self.peers.begin(to);
+        let kind = req.name();
+        let block = match &req {
+            Request::Get { kind, .. }
+            | Request::FindStep {
+                want: Some(kind), ..
+            } => Some(*kind),
+            Request::GetMany { items } => items.first().map(|i| i.0),
+            _ => None,
+        };
         let r = self.transport.call(to, req, self.timeouts.rpc).await;
+        // Where a client's round trips go (`RUST_LOG=cfs::calls=trace`): the wide-area
+        // benchmark's first-byte breakdown reads these.
+        tracing::trace!(target: "cfs::calls", %to, kind, ?block, ms = t0.elapsed().as_secs_f64() * 1e3, ok = r.is_ok(), "call");
         let failed = matches!(r, Err(ref e) if e.is_failure());
         let bulk = match &r {
             Ok(Response::Block(Some(b))) => b.len() >= BULK_BYTES,
@@ -158,6 +170,18 @@ impl<T: Transport> Net<T> {
         self.own_n_est
             .load(Relaxed)
             .then(|| self.n_est.load(Relaxed))
+    }
+
+    /// Whether a successor range `(from, to]` is no wider than this process's own
+    /// ring-size estimate allows (`ring::check_done`'s rule); true without an estimate.
+    pub fn plausible_range(&self, from: Id, to: Id) -> bool {
+        match self.own_ring_size() {
+            Some(n) if n > 1 && from != to => {
+                from.distance_frac(to) <= cfs_core::ring::max_plausible_width(n)
+            }
+            Some(n) => n <= 1,
+            None => true,
+        }
     }
 
     /// Smoothed RTT in microseconds, if measured.

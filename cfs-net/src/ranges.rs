@@ -4,11 +4,14 @@
 //! block is verified.
 
 use cfs_core::{Id, NodeRef};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// How long a learned successor range is trusted, and how many are kept.
 const RANGE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 const MAX_RANGES: usize = 1024;
+/// Ring positions (vnodes) kept to start lookups from.
+const MAX_POSITIONS: usize = 4096;
 
 struct Range {
     from: Id,
@@ -20,6 +23,10 @@ struct Range {
 #[derive(Default)]
 pub(crate) struct Ranges {
     entries: Mutex<Vec<Range>>,
+    /// Vnodes seen in the trusted node's tables and in lookup answers, by id. A lookup
+    /// that starts at the one just before its key most often ends in one hop, where a
+    /// start from a host's first vnode alone may take two or three.
+    positions: Mutex<BTreeMap<Id, NodeRef>>,
 }
 
 impl Ranges {
@@ -31,6 +38,32 @@ impl Ranges {
         r.iter()
             .find(|x| key.in_half_open(x.from, x.to))
             .map(|x| x.succs.clone())
+    }
+
+    /// Note vnodes to start lookups from (hints: a lookup checks every answer).
+    pub(crate) fn note_positions(&self, nodes: impl IntoIterator<Item = NodeRef>) {
+        let mut p = self.positions.lock().unwrap();
+        for n in nodes {
+            if p.len() >= MAX_POSITIONS && !p.contains_key(&n.id) {
+                // Full: an arbitrary one makes room (the table is a cache of hints).
+                let Some(k) = p.keys().next().copied() else {
+                    break;
+                };
+                p.remove(&k);
+            }
+            p.insert(n.id, n);
+        }
+    }
+
+    /// The known vnodes nearest before `key` (closest first), at most `n`.
+    pub(crate) fn before(&self, key: Id, n: usize) -> Vec<NodeRef> {
+        let p = self.positions.lock().unwrap();
+        p.range(..key)
+            .rev()
+            .chain(p.range(key..).rev())
+            .take(n)
+            .map(|(_, v)| *v)
+            .collect()
     }
 
     pub(crate) fn forget(&self, key: Id) {
@@ -45,6 +78,7 @@ impl Ranges {
     /// `r` replicas as widely spread as the whole list does: one lookup then serves reads
     /// across as many ranges as the list is long (in a small ring, all of it).
     pub(crate) fn remember(&self, from: Id, succs: &[NodeRef], r: usize) {
+        self.note_positions(succs.iter().copied());
         let mut entries = self.entries.lock().unwrap();
         let now = tokio::time::Instant::now();
         let mut add = |from: Id, succs: &[NodeRef]| {
@@ -74,5 +108,32 @@ impl Ranges {
                 add(succs[i].id, tail);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_start_at_the_known_vnodes_nearest_before_the_key_wrapping_round() {
+        let r = Ranges::default();
+        let mut nodes: Vec<NodeRef> = (1..=4)
+            .map(|i| NodeRef::new(format!("198.18.0.{i}:4000").parse().unwrap(), 0))
+            .collect();
+        nodes.sort_by_key(|n| n.id);
+        r.note_positions(nodes.iter().copied());
+        // A key just past the third: the third, then the second.
+        let mut k = nodes[2].id.0;
+        k[19] = k[19].wrapping_add(1);
+        assert_eq!(r.before(Id(k), 2), vec![nodes[2], nodes[1]]);
+        // A key before the first: the ring wraps to the last.
+        assert_eq!(r.before(Id::ZERO, 2), vec![nodes[3], nodes[2]]);
+        // A range remembered notes its nodes too.
+        let other = NodeRef::new("198.18.0.9:4000".parse().unwrap(), 3);
+        r.remember(nodes[0].id, &[other], 1);
+        let all = r.before(Id::ZERO, 8);
+        assert_eq!(all.len(), 5);
+        assert!(all.contains(&other));
     }
 }

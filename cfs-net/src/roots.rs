@@ -47,8 +47,20 @@ impl<T: Transport> Net<T> {
         also: &[SocketAddr],
     ) -> Result<(Vec<Verified>, Vec<SocketAddr>), DhashError> {
         let l = self.lookup(start.to_vec(), key, None).await?;
-        let mut targets = self.replicas(&l.succs, r).await;
-        append_others(&mut targets, &l.succs);
+        self.roots_in(&l.succs, key, r, also).await
+    }
+
+    /// [`Net::get_roots_also`] with the key's successors known (a lookup's answer, or a
+    /// range learned lately).
+    pub async fn roots_in(
+        &self,
+        succs: &[NodeRef],
+        key: Id,
+        r: usize,
+        also: &[SocketAddr],
+    ) -> Result<(Vec<Verified>, Vec<SocketAddr>), DhashError> {
+        let mut targets = self.replicas(succs, r).await;
+        append_others(&mut targets, succs);
         targets.truncate(2 * r);
         let mut asked: Vec<SocketAddr> = Vec::new();
         for a in targets.iter().map(|n| n.addr) {
