@@ -20,6 +20,8 @@ const GET_MANY_FLOOR: std::time::Duration = std::time::Duration::from_millis(250
 const PARALLEL_BATCHES: usize = 16;
 /// Lookups in flight at once while `get_many` places its keys, and rounds of them.
 const PARALLEL_LOOKUPS: usize = 16;
+/// Successor ranges a batch puts to, or asks about, at once.
+const RANGES_IN_FLIGHT: usize = 16;
 const MAX_LOOKUP_WAVES: usize = 8;
 /// An honest replica stops short only past 1 MiB of blocks: a few asks cover a batch of
 /// small blocks, and a replica answering one block per ask cannot keep a batch waiting.
@@ -40,6 +42,8 @@ pub struct Client<T: Transport = TcpTransport> {
     ranges: Arc<Ranges>,
     /// A lookup to learn a range is under way (one at a time, off the read path).
     learning: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes of puts in flight to each replica.
+    windows: Arc<crate::put_window::PutWindows>,
 }
 
 /// Rounds of a put before a block no replica took is an error, and the pause before the
@@ -93,6 +97,7 @@ impl<T: Transport> Client<T> {
             lease: cfs_core::wire::DEFAULT_LEASE_SECS,
             ranges: Arc::default(),
             learning: Arc::default(),
+            windows: Arc::default(),
         }
     }
 
@@ -543,72 +548,92 @@ impl<T: Transport> Client<T> {
     ) -> Result<Vec<LeaseState>, DhashError> {
         let keys: Vec<Id> = items.iter().map(|x| x.1).collect();
         let mut out = vec![LeaseState::default(); items.len()];
-        for (set, group) in self.by_range(&keys, false).await? {
-            let asks: Vec<(BlockKind, Id)> =
-                group.iter().map(|&g| (items[g].0, items[g].1)).collect();
-            let calls = set.iter().map(|n| {
-                let asks = asks.clone();
-                let a = n.addr;
-                let group = &group;
-                async move {
-                    let mut states = vec![LeaseState::default(); group.len()];
-                    let Ok(have) = self.net.has(a, &asks).await else {
-                        return states;
-                    };
-                    let mut short = Vec::new();
-                    for (j, h) in have.iter().enumerate() {
-                        match h {
-                            Some(h) if h.version >= items[group[j]].2 => {
-                                if leased_enough(h.lease, lease, u64::MAX) {
-                                    states[j].leased += 1;
-                                } else {
-                                    short.push(j);
-                                }
-                            }
-                            _ => states[j].missing += 1,
-                        }
-                    }
-                    let renew: Vec<(BlockKind, Id)> = short.iter().map(|&j| asks[j]).collect();
-                    if renew.is_empty() {
-                        return states;
-                    }
-                    match self.net.renew(a, &renew, lease, false).await {
-                        // A node's maximum is all it gives: capped counts as leased.
-                        Ok((max, answers)) => {
-                            for (&j, ans) in short.iter().zip(answers) {
-                                match ans {
-                                    Ok(Some(l)) if leased_enough(l, lease, max) => {
-                                        states[j].leased += 1;
-                                        states[j].renewed += 1;
-                                    }
-                                    Ok(None) => states[j].missing += 1,
-                                    Ok(Some(_)) => states[j].short += 1,
-                                    Err(e) => {
-                                        states[j].short += 1;
-                                        states[j].refused = Some(e.to_string());
-                                    }
-                                }
-                            }
-                        }
-                        Err(_) => {
-                            for &j in &short {
-                                states[j].short += 1;
-                            }
-                        }
-                    }
-                    states
-                }
-            });
-            for states in crate::net::join_all(calls).await {
+        use futures_util::stream::{self, StreamExt};
+        let groups = self.by_range(&keys, false).await?;
+        // Ranges at once, as puts go (`RANGES_IN_FLIGHT`).
+        let mut done = stream::iter(groups)
+            .map(|(set, group)| async move {
+                let states = self.lease_group(items, lease, &set, &group).await;
+                (set.len(), group, states)
+            })
+            .buffer_unordered(RANGES_IN_FLIGHT);
+        while let Some((replicas, group, per_replica)) = done.next().await {
+            for states in per_replica {
                 for (j, s) in states.into_iter().enumerate() {
                     out[group[j]].add(&s);
                 }
             }
             for &g in &group {
-                out[g].replicas = set.len();
+                out[g].replicas = replicas;
             }
         }
         Ok(out)
+    }
+
+    /// What each replica in `set` holds of the items at `group`, renewing what is leased
+    /// shorter than `lease`: one state list per replica.
+    async fn lease_group(
+        &self,
+        items: &[(BlockKind, Id, u64)],
+        lease: u64,
+        set: &[NodeRef],
+        group: &[usize],
+    ) -> Vec<Vec<LeaseState>> {
+        let asks: Vec<(BlockKind, Id)> = group.iter().map(|&g| (items[g].0, items[g].1)).collect();
+        let calls = set.iter().map(|n| {
+            let asks = asks.clone();
+            let a = n.addr;
+            let group = &group;
+            async move {
+                let mut states = vec![LeaseState::default(); group.len()];
+                let Ok(have) = self.net.has(a, &asks).await else {
+                    return states;
+                };
+                let mut short = Vec::new();
+                for (j, h) in have.iter().enumerate() {
+                    match h {
+                        Some(h) if h.version >= items[group[j]].2 => {
+                            if leased_enough(h.lease, lease, u64::MAX) {
+                                states[j].leased += 1;
+                            } else {
+                                short.push(j);
+                            }
+                        }
+                        _ => states[j].missing += 1,
+                    }
+                }
+                let renew: Vec<(BlockKind, Id)> = short.iter().map(|&j| asks[j]).collect();
+                if renew.is_empty() {
+                    return states;
+                }
+                match self.net.renew(a, &renew, lease, false).await {
+                    // A node's maximum is all it gives: capped counts as leased.
+                    Ok((max, answers)) => {
+                        for (&j, ans) in short.iter().zip(answers) {
+                            match ans {
+                                Ok(Some(l)) if leased_enough(l, lease, max) => {
+                                    states[j].leased += 1;
+                                    states[j].renewed += 1;
+                                }
+                                Ok(None) => states[j].missing += 1,
+                                Ok(Some(_)) => states[j].short += 1,
+                                Err(e) => {
+                                    states[j].short += 1;
+                                    states[j].refused = Some(e.to_string());
+                                }
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        for &j in &short {
+                            states[j].short += 1;
+                        }
+                    }
+                }
+                states
+            }
+        });
+        crate::net::join_all(calls).await
     }
 
     /// Store many blocks: one PutMany per replica and range (split to fit a frame), all
@@ -654,67 +679,94 @@ impl<T: Transport> Client<T> {
     }
 
     /// One round of [`Client::put_many`] for the blocks at `todo`, counted into `out`.
+    /// Ranges go out at once (up to `RANGES_IN_FLIGHT`): over the wide area one after
+    /// another would cost a round trip to the slowest replica of each.
     async fn put_round(
         &self,
         blocks: &[Verified],
         todo: &[usize],
         out: &mut [PutReceipt],
     ) -> Result<(), DhashError> {
+        use futures_util::stream::{self, StreamExt};
         let keys: Vec<Id> = todo.iter().map(|&g| blocks[g].key()).collect();
+        let mut jobs = Vec::new();
         for (set, group) in self.by_range(&keys, true).await? {
             let group: Vec<usize> = group.into_iter().map(|i| todo[i]).collect();
             for chunk in crate::net::chunk_by_bytes(&group, |g| blocks[g].bytes().len()) {
-                let wire: Vec<WireBlock> = chunk
-                    .iter()
-                    .map(|&g| WireBlock {
-                        kind: blocks[g].kind(),
-                        key: blocks[g].key(),
-                        bytes: blocks[g].bytes().to_vec(),
-                        lease: self.lease,
-                        source: None,
-                    })
-                    .collect();
-                let calls = set.iter().map(|n| {
-                    let net = self.net.clone();
-                    let req = Request::PutMany {
-                        blocks: wire.clone(),
-                        transfer: false,
-                    };
-                    let a = n.addr;
-                    async move { net.call(a, req).await }
-                });
-                for res in crate::net::join_all(calls).await {
-                    match res {
-                        Ok(Response::StoredMany(answers)) if answers.len() == chunk.len() => {
-                            for (&g, a) in chunk.iter().zip(answers) {
-                                match a {
-                                    Ok(fresh) => {
-                                        out[g].stored_on += 1;
-                                        out[g].fresh += fresh as usize;
-                                    }
-                                    Err(e) => {
-                                        return Err(DhashError::Refused {
-                                            key: blocks[g].key(),
-                                            why: e.to_string(),
-                                        })
-                                    }
-                                }
-                            }
-                        }
-                        Err(CallError::Remote(e)) => {
-                            return Err(DhashError::Refused {
-                                key: blocks[chunk[0]].key(),
-                                why: e.to_string(),
-                            })
-                        }
-                        // A replica that did not answer leaves its blocks short of r:
-                        // the receipt says so.
-                        _ => {}
-                    }
-                }
+                jobs.push((set.clone(), chunk));
+            }
+        }
+        let mut done = stream::iter(jobs)
+            .map(|(set, chunk)| self.put_chunk(blocks, set, chunk))
+            .buffer_unordered(RANGES_IN_FLIGHT);
+        while let Some(stored) = done.next().await {
+            for (g, fresh) in stored? {
+                out[g].stored_on += 1;
+                out[g].fresh += fresh;
             }
         }
         Ok(())
+    }
+
+    /// One `PutMany` of the blocks at `chunk` to every replica in `set`, in parallel:
+    /// (block, whether the copy is new) for each copy stored.
+    async fn put_chunk(
+        &self,
+        blocks: &[Verified],
+        set: Vec<NodeRef>,
+        chunk: Vec<usize>,
+    ) -> Result<Vec<(usize, usize)>, DhashError> {
+        let wire: Vec<WireBlock> = chunk
+            .iter()
+            .map(|&g| WireBlock {
+                kind: blocks[g].kind(),
+                key: blocks[g].key(),
+                bytes: blocks[g].bytes().to_vec(),
+                lease: self.lease,
+                source: None,
+            })
+            .collect();
+        let bytes: usize = wire.iter().map(|b| b.bytes.len()).sum();
+        let calls = set.iter().map(|n| {
+            let net = self.net.clone();
+            let req = Request::PutMany {
+                blocks: wire.clone(),
+                transfer: false,
+            };
+            let a = n.addr;
+            async move {
+                let _room = self.windows.room(a, bytes).await;
+                net.call(a, req).await
+            }
+        });
+        let mut stored = Vec::new();
+        for res in crate::net::join_all(calls).await {
+            match res {
+                Ok(Response::StoredMany(answers)) if answers.len() == chunk.len() => {
+                    for (&g, a) in chunk.iter().zip(answers) {
+                        match a {
+                            Ok(fresh) => stored.push((g, fresh as usize)),
+                            Err(e) => {
+                                return Err(DhashError::Refused {
+                                    key: blocks[g].key(),
+                                    why: e.to_string(),
+                                })
+                            }
+                        }
+                    }
+                }
+                Err(CallError::Remote(e)) => {
+                    return Err(DhashError::Refused {
+                        key: blocks[chunk[0]].key(),
+                        why: e.to_string(),
+                    })
+                }
+                // A replica that did not answer leaves its blocks short of r: the
+                // receipt says so.
+                _ => {}
+            }
+        }
+        Ok(stored)
     }
 
     /// The replicas of `key` that hold it in their permanent store, and (for --json)

@@ -9,6 +9,7 @@ mod conn;
 pub mod hedge;
 pub mod net;
 mod peers;
+mod put_window;
 mod ranges;
 mod roots;
 pub mod transport;

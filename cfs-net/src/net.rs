@@ -195,8 +195,12 @@ impl<T: Transport> Net<T> {
     }
 
     /// Order replicas to ask: by expected wait (RTT and calls already in flight).
+    /// Without server selection the order is left as given (successor order: blind to
+    /// round trips, as the comparison in the wide-area benchmark wants).
     pub fn nearest_first(&self, nodes: &mut [NodeRef]) {
-        self.peers.least_loaded_first(nodes);
+        if self.server_selection {
+            self.peers.least_loaded_first(nodes);
+        }
     }
 
     /// `addr` answered a read without the block (or with bad bytes): asked later.

@@ -21,15 +21,21 @@ use tokio::time::Instant;
 pub struct Common {
     pub seed: u64,
     pub loss: f64,
+    /// The latency model's range of round trips (`NetParams`).
+    pub min_rtt: Duration,
+    pub max_rtt: Duration,
     pub plan: GrowPlan,
     pub node: NodeParams,
 }
 
 impl Common {
     pub fn new(seed: u64) -> Common {
+        let net = NetParams::default();
         Common {
             seed,
             loss: 0.0,
+            min_rtt: net.min_rtt,
+            max_rtt: net.max_rtt,
             plan: GrowPlan::default(),
             node: NodeParams::default(),
         }
@@ -38,7 +44,8 @@ impl Common {
         NetParams {
             seed: self.seed,
             loss: self.loss,
-            ..NetParams::default()
+            min_rtt: self.min_rtt,
+            max_rtt: self.max_rtt,
         }
     }
 }

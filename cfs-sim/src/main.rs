@@ -40,6 +40,15 @@ struct Opts {
     /// Pick next hops by id progress alone.
     #[arg(long)]
     no_server_selection: bool,
+    /// The latency model's shortest and longest round trip (nodes placed from --seed as
+    /// `cfs testnet up --rtt MIN-MAX --seed` places hosts).
+    #[arg(long, default_value_t = 10)]
+    min_rtt_ms: u64,
+    #[arg(long, default_value_t = 200)]
+    max_rtt_ms: u64,
+    /// Ring positions per node.
+    #[arg(long, default_value_t = 1)]
+    vnodes: u16,
 }
 
 impl Opts {
@@ -49,6 +58,9 @@ impl Opts {
         c.plan.rounds_between_waves = self.wave_rounds;
         c.plan.rounds_after = self.settle_rounds;
         c.node.server_selection = !self.no_server_selection;
+        c.min_rtt = std::time::Duration::from_millis(self.min_rtt_ms);
+        c.max_rtt = std::time::Duration::from_millis(self.max_rtt_ms.max(self.min_rtt_ms));
+        c.node.vnodes = self.vnodes.max(1);
         c
     }
 }
@@ -530,6 +542,9 @@ fn all(out: &Path, quick: bool, seed: u64) -> Result<()> {
         wave_rounds: 6,
         settle_rounds: 25,
         no_server_selection: false,
+        min_rtt_ms: 10,
+        max_rtt_ms: 200,
+        vnodes: 1,
     };
     let (top, n, lookups) = if quick {
         (8, 256, 500)
