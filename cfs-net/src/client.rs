@@ -6,7 +6,7 @@ use crate::ranges::Ranges;
 use crate::transport::{CallError, TcpTransport, Transport};
 use cfs_core::block::{BlockKind, Verified};
 use cfs_core::id::MAX_VNODES;
-use cfs_core::ring::{clean_succ_list, estimate_size, MIN_ENTRIES_FOR_ESTIMATE};
+use cfs_core::ring::{clean_succ_list, estimate_size, same_host, MIN_ENTRIES_FOR_ESTIMATE};
 use cfs_core::wire::{
     leased_enough, Request, Response, StatusInfo, WireBlock, MAX_BATCH, MAX_REFS,
 };
@@ -22,6 +22,36 @@ const PARALLEL_BATCHES: usize = 16;
 const PARALLEL_LOOKUPS: usize = 16;
 /// Successor ranges a batch puts to, or asks about, at once.
 const RANGES_IN_FLIGHT: usize = 16;
+/// A replica whose put window has had no room this long is slow: the copy goes to a
+/// stand-in (`Client::put_chunk`). A 4 MiB window drains in 0.7 s at 50 Mbit/s.
+const STANDIN_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Least time a replica gets to answer a `Has` of a batch (`Client::lease_group`).
+const HAS_FLOOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keys of one successor range: its replica set, the successor list it came from, and
+/// the keys' indexes.
+struct RangeGroup {
+    set: Vec<NodeRef>,
+    succs: Vec<NodeRef>,
+    keys: Vec<usize>,
+}
+
+/// Who may stand in for a slow replica of `set`: the rest of the successor list, on
+/// hosts none of the set is on, in list order, at most two.
+fn standins(set: &[NodeRef], succs: &[NodeRef]) -> Vec<NodeRef> {
+    let mut out: Vec<NodeRef> = Vec::new();
+    for n in succs {
+        let taken = set.iter().chain(&out).any(|m| same_host(m.addr, n.addr));
+        if !taken {
+            out.push(*n);
+        }
+        if out.len() == 2 {
+            break;
+        }
+    }
+    out
+}
 const MAX_LOOKUP_WAVES: usize = 8;
 /// An honest replica stops short only past 1 MiB of blocks: a few asks cover a batch of
 /// small blocks, and a replica answering one block per ask cannot keep a batch waiting.
@@ -443,12 +473,8 @@ impl<T: Transport> Client<T> {
     /// stale one only puts a copy where maintenance moves it from, and the publish
     /// confirms every block with fresh lookups). Returns (replica set, indexes into
     /// `keys`) per group.
-    async fn by_range(
-        &self,
-        keys: &[Id],
-        known: bool,
-    ) -> Result<Vec<(Vec<NodeRef>, Vec<usize>)>, DhashError> {
-        let mut groups: Vec<(Vec<NodeRef>, Vec<usize>)> = Vec::new();
+    async fn by_range(&self, keys: &[Id], known: bool) -> Result<Vec<RangeGroup>, DhashError> {
+        let mut groups: Vec<RangeGroup> = Vec::new();
         let mut left: Vec<usize> = (0..keys.len()).collect();
         left.sort_by_key(|&i| keys[i]);
         if known {
@@ -460,9 +486,13 @@ impl<T: Transport> Client<T> {
                 if set.len() < self.replicas {
                     return true;
                 }
-                match groups.iter_mut().find(|(s, _)| *s == set) {
-                    Some((_, g)) => g.push(i),
-                    None => groups.push((set, vec![i])),
+                match groups.iter_mut().find(|g| g.set == set) {
+                    Some(g) => g.keys.push(i),
+                    None => groups.push(RangeGroup {
+                        set,
+                        succs,
+                        keys: vec![i],
+                    }),
                 }
                 false
             });
@@ -493,7 +523,11 @@ impl<T: Transport> Client<T> {
                 });
                 if !group.is_empty() {
                     placed = true;
-                    groups.push((set, group));
+                    groups.push(RangeGroup {
+                        set,
+                        succs: l.succs,
+                        keys: group,
+                    });
                 }
             }
             if !placed {
@@ -552,9 +586,9 @@ impl<T: Transport> Client<T> {
         let groups = self.by_range(&keys, false).await?;
         // Ranges at once, as puts go (`RANGES_IN_FLIGHT`).
         let mut done = stream::iter(groups)
-            .map(|(set, group)| async move {
-                let states = self.lease_group(items, lease, &set, &group).await;
-                (set.len(), group, states)
+            .map(|g| async move {
+                let states = self.lease_group(items, lease, &g.set, &g.keys).await;
+                (g.set.len(), g.keys, states)
             })
             .buffer_unordered(RANGES_IN_FLIGHT);
         while let Some((replicas, group, per_replica)) = done.next().await {
@@ -586,8 +620,18 @@ impl<T: Transport> Client<T> {
             let group = &group;
             async move {
                 let mut states = vec![LeaseState::default(); group.len()];
-                let Ok(have) = self.net.has(a, &asks).await else {
-                    return states;
+                // A replica slow to answer (its link full, it hung) counts as not
+                // holding: a publish puts those blocks again (routed around it if it
+                // stays slow), a check reports them short. The RPC timeout would hold up
+                // every batch behind it.
+                let budget = self.net.budget(a, 4, HAS_FLOOR);
+                let have = match tokio::time::timeout(budget, self.net.has(a, &asks)).await {
+                    Ok(Ok(have)) => have,
+                    Ok(Err(_)) => return states,
+                    Err(_) => {
+                        self.net.given_up(a, budget);
+                        return states;
+                    }
                 };
                 let mut short = Vec::new();
                 for (j, h) in have.iter().enumerate() {
@@ -690,14 +734,15 @@ impl<T: Transport> Client<T> {
         use futures_util::stream::{self, StreamExt};
         let keys: Vec<Id> = todo.iter().map(|&g| blocks[g].key()).collect();
         let mut jobs = Vec::new();
-        for (set, group) in self.by_range(&keys, true).await? {
-            let group: Vec<usize> = group.into_iter().map(|i| todo[i]).collect();
+        for g in self.by_range(&keys, true).await? {
+            let group: Vec<usize> = g.keys.into_iter().map(|i| todo[i]).collect();
+            let standins = standins(&g.set, &g.succs);
             for chunk in crate::net::chunk_by_bytes(&group, |g| blocks[g].bytes().len()) {
-                jobs.push((set.clone(), chunk));
+                jobs.push((g.set.clone(), standins.clone(), chunk));
             }
         }
         let mut done = stream::iter(jobs)
-            .map(|(set, chunk)| self.put_chunk(blocks, set, chunk))
+            .map(|(set, standins, chunk)| self.put_chunk(blocks, set, standins, chunk))
             .buffer_unordered(RANGES_IN_FLIGHT);
         while let Some(stored) = done.next().await {
             for (g, fresh) in stored? {
@@ -709,11 +754,16 @@ impl<T: Transport> Client<T> {
     }
 
     /// One `PutMany` of the blocks at `chunk` to every replica in `set`, in parallel:
-    /// (block, whether the copy is new) for each copy stored.
+    /// (block, whether the copy is new) for each copy stored. A replica that is slow
+    /// (its window still full after `STANDIN_AFTER`) or does not answer is routed
+    /// around: the copy goes to a stand-in with room, the next host of the successor
+    /// list, whose maintenance hands it on to the replica later and then drops it
+    /// (Dynamo's hinted handoff, with DHash's own repair doing the handing).
     async fn put_chunk(
         &self,
         blocks: &[Verified],
         set: Vec<NodeRef>,
+        standins: Vec<NodeRef>,
         chunk: Vec<usize>,
     ) -> Result<Vec<(usize, usize)>, DhashError> {
         let wire: Vec<WireBlock> = chunk
@@ -727,16 +777,77 @@ impl<T: Transport> Client<T> {
             })
             .collect();
         let bytes: usize = wire.iter().map(|b| b.bytes.len()).sum();
+        let taken = Mutex::new(Vec::<SocketAddr>::new());
         let calls = set.iter().map(|n| {
-            let net = self.net.clone();
             let req = Request::PutMany {
                 blocks: wire.clone(),
                 transfer: false,
             };
-            let a = n.addr;
+            let (a, standins, taken) = (n.addr, &standins, &taken);
             async move {
-                let _room = self.windows.room(a, bytes).await;
-                net.call(a, req).await
+                // The replica's window first, for up to STANDIN_AFTER.
+                let mut last = Err(CallError::Timeout(STANDIN_AFTER));
+                let mut cands: Vec<SocketAddr> = standins.iter().map(|s| s.addr).collect();
+                // Its last call failed: routed around at once, and not waited for.
+                let failed_last = self.net.failed_last(a);
+                let tried = if failed_last {
+                    None
+                } else {
+                    tokio::time::timeout(STANDIN_AFTER, self.windows.room(a, bytes))
+                        .await
+                        .ok()
+                };
+                match tried {
+                    Some(room) => match self.net.call(a, req.clone()).await {
+                        Err(e) if e.is_failure() => {
+                            room.failed();
+                            last = Err(e);
+                        }
+                        answered => {
+                            room.answered();
+                            return answered;
+                        }
+                    },
+                    // Slow: it may still take the copy if it has room first.
+                    None if !failed_last => cands.push(a),
+                    None => {}
+                }
+                // Routed around: the first of the stand-ins (one per replica of this
+                // chunk) and the slow replica to have room takes the copy.
+                while !cands.is_empty() {
+                    let waits = cands
+                        .iter()
+                        .map(|&c| Box::pin(async move { (c, self.windows.room(c, bytes).await) }));
+                    let ((to, room), _, _) = futures_util::future::select_all(waits).await;
+                    cands.retain(|&c| c != to);
+                    if to != a {
+                        let mut t = taken.lock().unwrap();
+                        if t.contains(&to) {
+                            continue;
+                        }
+                        t.push(to);
+                    }
+                    tracing::debug!(replica = %a, to = %to, "put routed around a slow replica");
+                    let r = self.net.call(to, req.clone()).await;
+                    match &r {
+                        Err(e) if e.is_failure() => room.failed(),
+                        Ok(Response::StoredMany(answers))
+                            if to == a || answers.iter().all(|x| x.is_ok()) =>
+                        {
+                            room.answered();
+                            return r;
+                        }
+                        // A refusal from the replica is its answer; from a stand-in, the
+                        // next one is tried.
+                        _ if to == a => {
+                            room.answered();
+                            return r;
+                        }
+                        _ => room.answered(),
+                    }
+                    last = r;
+                }
+                last
             }
         });
         let mut stored = Vec::new();
@@ -884,3 +995,33 @@ impl<T: Transport> Client<T> {
 
 /// Most Neighbors calls one ring walk makes.
 const MAX_RING_WALK: usize = 1 << 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(ip: &str, vnode: u16) -> NodeRef {
+        NodeRef::new(format!("{ip}:4000").parse().unwrap(), vnode)
+    }
+
+    #[test]
+    fn stand_ins_are_the_next_hosts_the_replica_set_is_not_on() {
+        let set = vec![n("198.18.0.2", 0), n("198.18.0.3", 0), n("198.18.0.4", 0)];
+        let succs = vec![
+            n("198.18.0.2", 0),
+            n("198.18.0.3", 1),
+            n("198.18.0.3", 0),
+            n("198.18.0.4", 0),
+            n("198.18.0.5", 2),
+            n("198.18.0.5", 0),
+            n("198.18.0.6", 0),
+            n("198.18.0.7", 0),
+        ];
+        // Other vnodes of the set's hosts are passed over, and one host stands in once.
+        assert_eq!(
+            standins(&set, &succs),
+            vec![n("198.18.0.5", 2), n("198.18.0.6", 0)]
+        );
+        assert!(standins(&set, &set).is_empty());
+    }
+}

@@ -180,6 +180,10 @@ impl fmt::Display for Receipt {
 /// smaller chunks do not cost more commits.
 const BATCH_BLOCKS: usize = 256;
 const BATCH_BYTES: usize = 960 * 1024;
+/// Pending batches (each up to `PublishOpts::batch` blocks or 16 MiB) asked about at
+/// once, and MiB of blocks read but not yet put, while the walk reads on.
+const CHECKS_IN_FLIGHT: usize = 3;
+const BUFFERED_MIB: usize = 64;
 
 /// Sends blocks: dedups within the publish, asks the ring in batches which it lacks,
 /// and keeps at most `parallelism` puts in flight.
@@ -191,7 +195,10 @@ struct Uploader<R: BlockService> {
     pending_bytes: usize,
     seen: HashSet<(BlockKind, Id)>,
     all: Vec<(BlockKind, Id)>,
-    tasks: JoinSet<Result<Vec<PutReceipt>, RingError>>,
+    tasks: JoinSet<Result<(u64, Vec<PutReceipt>), RingError>>,
+    /// Batches being asked about at once, and MiB of blocks not yet put (`flush`).
+    checks: Arc<Semaphore>,
+    buffered: Arc<Semaphore>,
     new: u64,
     replicas: usize,
     pb: ProgressBar,
@@ -211,60 +218,27 @@ impl<R: BlockService> Uploader<R> {
         Ok(())
     }
 
+    /// Hand the pending blocks to a task that asks the ring which it lacks and puts
+    /// those, while the walk reads on (up to `BUFFERED_MIB` of blocks not yet put): over
+    /// the wide area the question costs round trips of its own, which earlier batches'
+    /// puts now fill.
     async fn flush(&mut self) -> Result<(), PublishError> {
         if self.pending.is_empty() {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.pending);
+        let mib = (self.pending_bytes >> 20).clamp(1, BUFFERED_MIB) as u32;
         self.pending_bytes = 0;
-        let have = self
-            .ring
-            .has_everywhere(batch.iter().map(|b| (b.kind, b.key)).collect())
-            .await?;
-        // Blocks travel in batches: one request and one commit per replica instead of
-        // one per block.
-        let mut out: Vec<Verified> = Vec::new();
-        let mut out_bytes = 0;
-        for (b, h) in batch
-            .into_iter()
-            .zip(have.into_iter().chain(std::iter::repeat(false)))
-        {
-            if h {
-                continue;
-            }
-            self.new += 1;
-            let v = b.into_verified();
-            if !out.is_empty() && out_bytes + v.bytes().len() > BATCH_BYTES {
-                self.spawn_many(std::mem::take(&mut out)).await?;
-                out_bytes = 0;
-            }
-            out_bytes += v.bytes().len();
-            out.push(v);
-            if out.len() >= BATCH_BLOCKS {
-                self.spawn_many(std::mem::take(&mut out)).await?;
-                out_bytes = 0;
-            }
-        }
-        if !out.is_empty() {
-            self.spawn_many(out).await?;
-        }
-        self.pb
-            .set_message(format!("{} blocks, {} new", self.all.len(), self.new));
-        Ok(())
-    }
-
-    /// Put `blocks` in a task of its own, at most `parallelism` tasks in flight.
-    async fn spawn_many(&mut self, blocks: Vec<Verified>) -> Result<(), PublishError> {
-        let permit = self
-            .sem
+        let buffered = self
+            .buffered
             .clone()
-            .acquire_owned()
+            .acquire_many_owned(mib)
             .await
             .expect("semaphore open");
-        let ring = self.ring.clone();
+        let (ring, sem, checks) = (self.ring.clone(), self.sem.clone(), self.checks.clone());
         self.tasks.spawn(async move {
-            let r = ring.put_many(blocks).await;
-            drop(permit);
+            let r = put_missing(ring, sem, checks, batch).await;
+            drop(buffered);
             r
         });
         while let Some(r) = self.tasks.try_join_next() {
@@ -275,12 +249,16 @@ impl<R: BlockService> Uploader<R> {
 
     fn reap(
         &mut self,
-        r: Result<Result<Vec<PutReceipt>, RingError>, tokio::task::JoinError>,
+        r: Result<Result<(u64, Vec<PutReceipt>), RingError>, tokio::task::JoinError>,
     ) -> Result<(), PublishError> {
-        let rcs = r.map_err(|e| RingError::Unreachable(format!("put task failed: {e}")))??;
+        let (new, rcs) =
+            r.map_err(|e| RingError::Unreachable(format!("put task failed: {e}")))??;
+        self.new += new;
         for rc in rcs {
             self.replicas = self.replicas.max(rc.wanted);
         }
+        self.pb
+            .set_message(format!("{} blocks, {} new", self.all.len(), self.new));
         Ok(())
     }
 
@@ -306,6 +284,55 @@ impl<R: BlockService> Uploader<R> {
         }
         Ok(n)
     }
+}
+
+/// Ask the ring which of `batch` it lacks on some replica and put those, in batches of
+/// up to `BATCH_BYTES` (one request and one commit per replica each), at most `sem`'s
+/// permits of them in flight across the whole publish. Returns how many were new.
+async fn put_missing<R: BlockService>(
+    ring: Arc<R>,
+    sem: Arc<Semaphore>,
+    checks: Arc<Semaphore>,
+    batch: Vec<NewBlock>,
+) -> Result<(u64, Vec<PutReceipt>), RingError> {
+    let check = checks.acquire_owned().await.expect("semaphore open");
+    let have = ring
+        .has_everywhere(batch.iter().map(|b| (b.kind, b.key)).collect())
+        .await?;
+    drop(check);
+    let mut batches: Vec<Vec<Verified>> = vec![Vec::new()];
+    let mut bytes = 0;
+    let mut new = 0;
+    for (b, h) in batch
+        .into_iter()
+        .zip(have.into_iter().chain(std::iter::repeat(false)))
+    {
+        if h {
+            continue;
+        }
+        new += 1;
+        let v = b.into_verified();
+        let last = batches.last_mut().expect("never empty");
+        if !last.is_empty() && (bytes + v.bytes().len() > BATCH_BYTES || last.len() >= BATCH_BLOCKS)
+        {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += v.bytes().len();
+        batches.last_mut().expect("never empty").push(v);
+    }
+    let puts = batches.into_iter().filter(|b| !b.is_empty()).map(|blocks| {
+        let (ring, sem) = (ring.clone(), sem.clone());
+        async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore open");
+            ring.put_many(blocks).await
+        }
+    });
+    let mut receipts = Vec::new();
+    for r in futures_util::future::join_all(puts).await {
+        receipts.extend(r?);
+    }
+    Ok((new, receipts))
 }
 
 fn progress_bar(total: u64, show: bool) -> ProgressBar {
@@ -373,6 +400,8 @@ pub async fn publish<R: BlockService>(
         seen: HashSet::new(),
         all: Vec::new(),
         tasks: JoinSet::new(),
+        checks: Arc::new(Semaphore::new(CHECKS_IN_FLIGHT)),
+        buffered: Arc::new(Semaphore::new(BUFFERED_MIB)),
         new: 0,
         replicas: 0,
         pb: pb.clone(),
@@ -421,7 +450,6 @@ pub async fn publish<R: BlockService>(
     };
     w.up.finish().await?;
     pb.set_message("confirming replicas");
-    let blocks_on_all = w.up.confirm().await?;
 
     let totals = Totals {
         files: w.files,
@@ -435,63 +463,72 @@ pub async fn publish<R: BlockService>(
     // root of the highest rank (`Verified::rank`) among them is the version's winner:
     // both publishers see the same roots and agree on it, and ring maintenance carries
     // it to every replica. Having lost, the tree is signed again as the next version.
-    let (mut version, mut prev_key) = (version, prev_key);
-    let mut lost = 0;
-    let (rc, won) = loop {
-        let root = RootBlock::sign(key, version, top, totals, prev_key, now);
-        let rv = verify(BlockKind::Root, fsid, root.encode(), false).expect("own root verifies");
-        let put = ring.put(rv.clone()).await;
-        let settled_by = Instant::now() + RACE_SETTLE;
-        let roots = loop {
-            let roots = ring.get_roots(fsid).await?;
-            if roots.iter().all(|r| r.version() >= version) || Instant::now() > settled_by {
-                break roots;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let Some(winner) = roots.iter().max_by_key(|r| r.rank()) else {
-            // No replica holds any root: the put's own error says why.
-            put?;
-            return Err(PublishError::Ring(RingError::Unreachable(
-                "no replica holds the root just stored".into(),
-            )));
-        };
-        if winner.bytes() == rv.bytes() {
-            // Ours won. Replicas that took the other side first refused our put; ring
-            // maintenance brings them ours (it outranks), so their refusal is no error.
-            let won = Id::hash(rv.bytes());
-            match put {
-                Ok(rc) => break (rc, won),
-                Err(_) => {
-                    break (
-                        PutReceipt {
-                            stored_on: 1,
-                            wanted: 0,
-                        },
-                        won,
-                    )
+    let root_put = async {
+        let (mut version, mut prev_key) = (version, prev_key);
+        let mut lost = 0;
+        let (rc, won) = loop {
+            let root = RootBlock::sign(key, version, top, totals, prev_key, now);
+            let rv =
+                verify(BlockKind::Root, fsid, root.encode(), false).expect("own root verifies");
+            let put = ring.put(rv.clone()).await;
+            let settled_by = Instant::now() + RACE_SETTLE;
+            let roots = loop {
+                let roots = ring.get_roots(fsid).await?;
+                if roots.iter().all(|r| r.version() >= version) || Instant::now() > settled_by {
+                    break roots;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let Some(winner) = roots.iter().max_by_key(|r| r.rank()) else {
+                // No replica holds any root: the put's own error says why.
+                put?;
+                return Err(PublishError::Ring(RingError::Unreachable(
+                    "no replica holds the root just stored".into(),
+                )));
+            };
+            if winner.bytes() == rv.bytes() {
+                // Ours won. Replicas that took the other side first refused our put; ring
+                // maintenance brings them ours (it outranks), so their refusal is no error.
+                let won = Id::hash(rv.bytes());
+                match put {
+                    Ok(rc) => break (rc, won),
+                    Err(_) => {
+                        break (
+                            PutReceipt {
+                                stored_on: 1,
+                                wanted: 0,
+                            },
+                            won,
+                        )
+                    }
                 }
             }
-        }
-        lost += 1;
-        tracing::warn!(%fsid, version, winner = winner.version(), "another publisher of this key won the version; publishing the next one");
-        if lost >= MAX_RACES {
-            return Err(PublishError::Raced {
-                version: winner.version(),
-                attempts: lost,
-            });
-        }
-        // The winner becomes the previous version, kept as an immutable block.
-        let prev = NewBlock {
-            kind: BlockKind::Meta,
-            key: Id::hash(winner.bytes()),
-            bytes: winner.bytes().to_vec(),
+            lost += 1;
+            tracing::warn!(%fsid, version, winner = winner.version(), "another publisher of this key won the version; publishing the next one");
+            if lost >= MAX_RACES {
+                return Err(PublishError::Raced {
+                    version: winner.version(),
+                    attempts: lost,
+                });
+            }
+            // The winner becomes the previous version, kept as an immutable block.
+            let prev = NewBlock {
+                kind: BlockKind::Meta,
+                key: Id::hash(winner.bytes()),
+                bytes: winner.bytes().to_vec(),
+            };
+            ring.put(verify(prev.kind, prev.key, prev.bytes, false).expect("hashes to its key"))
+                .await?;
+            version = winner.version() + 1;
+            prev_key = Some(Id::hash(winner.bytes()));
         };
-        ring.put(verify(prev.kind, prev.key, prev.bytes, false).expect("hashes to its key"))
-            .await?;
-        version = winner.version() + 1;
-        prev_key = Some(Id::hash(winner.bytes()));
+        Ok::<_, PublishError>((rc, won, version))
     };
+    // Every block's put was acknowledged by its replicas' commits, so the root need not
+    // wait for the second asking, which only counts (over the wide area, a second or
+    // more of lookups and `Has`): both run at once.
+    let (blocks_on_all, root) = tokio::join!(w.up.confirm(), root_put);
+    let (blocks_on_all, (rc, won, version)) = (blocks_on_all?, root?);
     pb.finish_and_clear();
     if let Some(p) = &opts.index {
         // A publish that cannot write its index still published: the next one reads
