@@ -26,6 +26,9 @@ const RANGES_IN_FLIGHT: usize = 16;
 /// stand-in (`Client::put_chunk`). A 4 MiB window drains in 0.7 s at 50 Mbit/s.
 const STANDIN_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Known vnodes looked at past a range's successor list for stand-ins.
+const STANDIN_LOOKAHEAD: usize = 8;
+
 /// Least time a replica gets to answer a `Has` of a batch (`Client::lease_group`).
 const HAS_FLOOR: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -736,7 +739,12 @@ impl<T: Transport> Client<T> {
         let mut jobs = Vec::new();
         for g in self.by_range(&keys, true).await? {
             let group: Vec<usize> = g.keys.into_iter().map(|i| todo[i]).collect();
-            let standins = standins(&g.set, &g.succs);
+            // The range's successor list, and past its end the vnodes this client knows:
+            // a range learned from the tail of a list may hold no host beyond its set.
+            let last = g.succs.last().map_or(keys[0], |n| n.id);
+            let mut around = g.succs.clone();
+            around.extend(self.ranges.after(last, 2 * STANDIN_LOOKAHEAD));
+            let standins = standins(&g.set, &around);
             for chunk in crate::net::chunk_by_bytes(&group, |g| blocks[g].bytes().len()) {
                 jobs.push((g.set.clone(), standins.clone(), chunk));
             }

@@ -66,6 +66,16 @@ impl Ranges {
             .collect()
     }
 
+    /// The known vnodes from `key` on, clockwise (closest first), at most `n`.
+    pub(crate) fn after(&self, key: Id, n: usize) -> Vec<NodeRef> {
+        let p = self.positions.lock().unwrap();
+        p.range(key..)
+            .chain(p.range(..key))
+            .take(n)
+            .map(|(_, v)| *v)
+            .collect()
+    }
+
     pub(crate) fn forget(&self, key: Id) {
         self.entries
             .lock()
@@ -129,6 +139,8 @@ mod tests {
         assert_eq!(r.before(Id(k), 2), vec![nodes[2], nodes[1]]);
         // A key before the first: the ring wraps to the last.
         assert_eq!(r.before(Id::ZERO, 2), vec![nodes[3], nodes[2]]);
+        // After a key: clockwise from it, wrapping too.
+        assert_eq!(r.after(Id(k), 2), vec![nodes[3], nodes[0]]);
         // A range remembered notes its nodes too.
         let other = NodeRef::new("198.18.0.9:4000".parse().unwrap(), 3);
         r.remember(nodes[0].id, &[other], 1);

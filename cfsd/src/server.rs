@@ -327,6 +327,7 @@ impl<'a> ConnCtx<'a> {
                 }
                 Err(_) => {
                     handler.slow_peer(peer, "frame body arrived too slowly");
+                    abort(rd.as_ref());
                     return;
                 }
             };
@@ -498,6 +499,7 @@ impl<'a> ConnCtx<'a> {
             Ok(Err(_)) => return false,
             Err(_) => {
                 handler.slow_peer(peer, "reply not read at the minimum rate");
+                abort(stream.as_ref());
                 return false;
             }
         }
@@ -507,6 +509,13 @@ impl<'a> ConnCtx<'a> {
         self.registry.lock().unwrap().touch(self.id);
         true
     }
+}
+
+/// Close a slow peer's connection with a reset: what its socket still holds unsent (up
+/// to megabytes of replies it never read) is dropped at once, instead of waiting in the
+/// kernel behind a window the peer never opens, and the peer sees the end at once.
+fn abort(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_zero_linger();
 }
 
 #[cfg(test)]
