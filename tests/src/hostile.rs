@@ -93,24 +93,6 @@ fn request_frame(id: u64, from: Option<SocketAddr>, req: Request) -> Vec<u8> {
     .expect("request fits a frame")
 }
 
-/// A short name of a request, for logs and counters.
-pub fn req_name(r: &Request) -> &'static str {
-    match r {
-        Request::Ping => "Ping",
-        Request::FindStep { .. } => "FindStep",
-        Request::Neighbors { .. } => "Neighbors",
-        Request::Rectify { .. } => "Rectify",
-        Request::Put { .. } => "Put",
-        Request::PutMany { .. } => "PutMany",
-        Request::Get { .. } => "Get",
-        Request::Has { .. } => "Has",
-        Request::Renew { .. } => "Renew",
-        Request::Cache { .. } => "Cache",
-        Request::Status => "Status",
-        Request::GetMany { .. } => "GetMany",
-    }
-}
-
 fn bad_data(msg: impl Into<String>) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
 }
@@ -394,7 +376,7 @@ async fn fake_conn(mut s: TcpStream, peer: SocketAddr, h: Arc<FakeHandler>, log:
         *log.counts
             .lock()
             .unwrap()
-            .entry(req_name(&frame.req))
+            .entry(frame.req.name())
             .or_default() += 1;
         let Some(resp) = h(peer, frame.req) else {
             continue;

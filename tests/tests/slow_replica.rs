@@ -5,8 +5,7 @@
 
 use cfs_core::block::{verify, BlockKind, Verified};
 use cfs_core::{Id, NodeRef};
-use cfs_net::net::replica_set;
-use cfs_tests::hostile::held;
+use cfs_tests::hostile::{held, true_replicas};
 use cfs_tests::{client, eventually, rt, Cluster};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,22 +29,12 @@ impl Drop for Paused {
     }
 }
 
-/// The replicas of `key` from the membership alone (as `ring.rs` computes them).
-fn replicas_of(addrs: &[SocketAddr], key: Id) -> Vec<SocketAddr> {
-    let mut ring: Vec<NodeRef> = addrs.iter().map(|a| NodeRef::new(*a, 0)).collect();
-    ring.sort_by_key(|n| n.id);
-    let first = ring.iter().position(|n| n.id >= key).unwrap_or(0);
-    let succs: Vec<NodeRef> = (0..ring.len())
-        .map(|i| ring[(first + i) % ring.len()])
-        .collect();
-    replica_set(&succs, R).iter().map(|n| n.addr).collect()
-}
-
 #[test]
 fn a_hung_replica_is_routed_around_and_gets_its_copies_later() {
     let cluster = Cluster::start(6, &["--stabilize-ms", "300", "--maintain-ms", "1000"]);
     cluster.wait_ring(Duration::from_secs(30));
     let addrs = cluster.addrs();
+    let members: Vec<NodeRef> = addrs.iter().map(|a| NodeRef::new(*a, 0)).collect();
     let rt = rt();
     let c = client(&rt, addrs[0]);
     // Blocks of 64 KiB, the ones the hung node would replicate among them.
@@ -59,7 +48,11 @@ fn a_hung_replica_is_routed_around_and_gets_its_copies_later() {
     let theirs: Vec<Id> = blocks
         .iter()
         .map(Verified::key)
-        .filter(|k| replicas_of(&addrs, *k).contains(&addrs[hung]))
+        .filter(|k| {
+            true_replicas(&members, *k, R)
+                .iter()
+                .any(|n| n.addr == addrs[hung])
+        })
         .collect();
     assert!(!theirs.is_empty(), "the set-up should test something");
 
