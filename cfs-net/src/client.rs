@@ -816,8 +816,9 @@ impl<T: Transport> Client<T> {
                             return answered;
                         }
                     },
-                    // Slow: it may still take the copy if it has room first.
-                    None if !failed_last => cands.push(a),
+                    // Slow: it may still take the copy if it has room first (and a
+                    // failed one too, when no stand-in is known).
+                    None if !failed_last || cands.is_empty() => cands.push(a),
                     None => {}
                 }
                 // Routed around: the first of the stand-ins (one per replica of this
@@ -846,12 +847,16 @@ impl<T: Transport> Client<T> {
                             return r;
                         }
                         // A refusal from the replica is its answer; from a stand-in, the
-                        // next one is tried.
+                        // next one is tried, and it is not the put's answer (a stand-in
+                        // out of room must not fail a publish).
                         _ if to == a => {
                             room.answered();
                             return r;
                         }
-                        _ => room.answered(),
+                        _ => {
+                            room.answered();
+                            continue;
+                        }
                     }
                     last = r;
                 }
