@@ -439,6 +439,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mut c = client_toward(&node, Some(fsid)).await?;
             c.net.timeouts.op = deadline;
             c.net.timeouts.rpc = c.net.timeouts.rpc.min(deadline / 2);
+            let reads = c.net.reads.clone();
             let ring = Arc::new(NetRing::new(c, default_state_dir()));
             let mut opts = MountOpts {
                 version,
@@ -456,9 +457,10 @@ async fn run(cli: Cli) -> Result<()> {
             // The reader's own limit sits just above the ring's, so the ring's error (which
             // names the block) is the one reported.
             opts.reader.deadline = deadline + Duration::from_secs(1);
-            cfs_fuse::mount(ring, fsid, &mountpoint, opts)
-                .await
-                .with_context(|| format!("mounting {fsid} at {}", mountpoint.display()))?;
+            let mounted = cfs_fuse::mount(ring, fsid, &mountpoint, opts).await;
+            // What hedging cost (RUST_LOG=cfs::reads=info; `cfs chaos` reads it).
+            reads.log("cfs mount done");
+            mounted.with_context(|| format!("mounting {fsid} at {}", mountpoint.display()))?;
         }
         Cmd::Gateway {
             listen,
@@ -507,13 +509,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .with_context(|| format!("reading {spec}"))?;
             out.flush()?;
-            // What hedging cost: RUST_LOG=info shows it.
-            use std::sync::atomic::Ordering::Relaxed;
-            tracing::info!(
-                replica_reads = reads.asked.load(Relaxed),
-                hedged = reads.hedged.load(Relaxed),
-                "cfs get done"
-            );
+            // What hedging cost: RUST_LOG=cfs::reads=info shows it.
+            reads.log("cfs get done");
         }
         Cmd::Demo {
             dir,

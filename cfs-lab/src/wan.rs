@@ -291,6 +291,9 @@ struct Item {
     seq: u64,
     to: usize,
     bytes: Vec<u8>,
+    /// Still to pass the receiver's capped downlink, from `due` (its arrival) on; its
+    /// bits on the wire.
+    downlink: Option<u64>,
 }
 
 impl PartialEq for Item {
@@ -417,30 +420,50 @@ impl Links {
         // A directed link keeps its order, jitter or not.
         let arrives = (sent + one_way).max(self.last[from][to]);
         self.last[from][to] = arrives;
-        // The receiver's downlink.
-        let rx_start = self.down_free[to].max(arrives);
-        if rx_start.duration_since(arrives) > BUFFER && self.cfg.hosts[to].rate_bps.is_some() {
-            self.dropped += 1;
-            return false;
-        }
-        let due = rx_start + ser(self.cfg.hosts[to].rate_bps);
-        self.down_free[to] = due;
+        // A capped receiver's downlink takes packets in the order they arrive (`next`),
+        // not the order they were sent: one from a far host must not hold up one from a
+        // near host that arrives first.
+        let downlink = self.cfg.hosts[to].rate_bps.map(|_| bits);
+        self.push(arrives, to, packet, downlink);
+        true
+    }
+
+    fn push(&mut self, due: Instant, to: usize, bytes: Vec<u8>, downlink: Option<u64>) {
         self.seq += 1;
         self.queue.push(Item {
             due,
             seq: self.seq,
             to,
-            bytes: packet,
+            bytes,
+            downlink,
         });
-        true
     }
 
-    /// The next packet due at or before `now`, or how long until the next one.
+    /// The next packet due at or before `now`, or how long until the next one. Packets
+    /// that arrive at a capped downlink queue there (or are dropped over its buffer).
     fn next(&mut self, now: Instant) -> Result<Item, Option<Duration>> {
-        match self.queue.peek() {
-            None => Err(None),
-            Some(i) if i.due > now => Err(Some(i.due - now)),
-            Some(_) => Ok(self.queue.pop().expect("peeked")),
+        loop {
+            match self.queue.peek() {
+                None => return Err(None),
+                Some(i) if i.due > now => return Err(Some(i.due - now)),
+                Some(_) => {}
+            }
+            let item = self.queue.pop().expect("peeked");
+            let Some(bits) = item.downlink else {
+                return Ok(item);
+            };
+            let arrived = item.due;
+            let start = self.down_free[item.to].max(arrived);
+            if start.duration_since(arrived) > BUFFER {
+                self.dropped += 1;
+                continue;
+            }
+            let rate = self.cfg.hosts[item.to].rate_bps;
+            let ser = rate.map_or(Duration::ZERO, |r| {
+                Duration::from_secs_f64(bits as f64 / r as f64)
+            });
+            self.down_free[item.to] = start + ser;
+            self.push(start + ser, item.to, item.bytes, None);
         }
     }
 
@@ -609,6 +632,31 @@ mod tests {
             took > Duration::from_micros(11_300) && took < Duration::from_micros(11_500),
             "{took:?}"
         );
+    }
+
+    #[test]
+    fn a_packet_from_a_near_host_is_not_held_behind_one_from_a_far_host() {
+        // Host 1 is 200 ms from host 3, host 2 20 ms; 1 sends first, 2 just after.
+        for rate in [None, Some(100_000_000)] {
+            let mut c = cfg(0.0, rate);
+            c.rtt_ms[0][2] = 200.0;
+            c.rtt_ms[1][2] = 20.0;
+            let t0 = Instant::now();
+            let mut l = Links::new(c, t0);
+            assert!(l.send(0, packet(3, 1000), t0));
+            assert!(l.send(1, packet(3, 1000), t0 + Duration::from_millis(1)));
+            let mut got = Vec::new();
+            let mut now = t0;
+            while got.len() < 2 {
+                match l.next(now) {
+                    Ok(i) => got.push(i.due - t0),
+                    Err(Some(w)) => now += w,
+                    Err(None) => panic!("lost"),
+                }
+            }
+            assert!(got[0] < Duration::from_millis(12), "{rate:?}: {got:?}");
+            assert!(got[1] >= Duration::from_millis(100), "{rate:?}: {got:?}");
+        }
     }
 
     #[test]

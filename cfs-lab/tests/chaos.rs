@@ -208,6 +208,12 @@ fn a_pause_a_kill_and_a_slow_node_stall_reads_at_most_half_a_second() {
     assert_eq!(r["verdict"], "ok");
     assert_eq!(n(&r["wrong_reads"]), 0);
     assert_eq!(n(&r["lost_blocks"]), 0);
+    // The mount's own count of its requests and of those hedging added, as it exited.
+    if r["readers"] == "mount" {
+        let (calls, hedged) = (n(&r["requests"]), n(&r["hedged"]));
+        eprintln!("HEDGED {hedged} of {calls} requests");
+        assert!(calls > 0 && hedged < calls, "{calls} {hedged}");
+    }
     let kinds: Vec<&str> = r["faults"]
         .as_array()
         .unwrap()

@@ -322,11 +322,11 @@ impl<T: Transport> Client<T> {
                 // A batch (up to a frame) gets a few hedging delays: a holder that is
                 // hung, cut off or trickling is left for the next one, not waited on.
                 let budget = self.net.budget(n.addr, 4, GET_MANY_FLOOR);
-                let answer = tokio::time::timeout(budget, self.net.call(n.addr, req)).await;
-                let Ok(Ok(Response::Blocks(answers))) = answer else {
-                    if answer.is_err() {
-                        self.net.given_up(n.addr, budget);
-                    }
+                let answer = self
+                    .net
+                    .call_within(n.addr, req, budget, GET_MANY_FLOOR)
+                    .await;
+                let Ok(Response::Blocks(answers)) = answer else {
                     break;
                 };
                 if answers.is_empty() || answers.len() > want.len() {

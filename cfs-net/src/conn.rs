@@ -8,9 +8,12 @@ use crate::transport::{read_prefix, CallError};
 use cfs_core::wire::{self, Response, ResponseFrame};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -30,6 +33,10 @@ struct State {
 
 pub struct Conn {
     state: Mutex<State>,
+    /// When bytes last came in (ns after `opened`): a reply in progress, or any other,
+    /// shows the peer is alive even while a large answer is still on its way.
+    heard_ns: AtomicU64,
+    opened: Instant,
     /// Frames to the writer task; None once closed (the task then drops the socket).
     frames: Mutex<Option<mpsc::UnboundedSender<Arc<Vec<u8>>>>>,
 }
@@ -66,10 +73,23 @@ impl Conn {
                 last_used: Instant::now(),
             }),
             frames: Mutex::new(Some(tx)),
+            heard_ns: AtomicU64::new(0),
+            opened: Instant::now(),
         });
         tokio::spawn(write_loop(conn.clone(), wr, rx));
-        tokio::spawn(read_loop(conn.clone(), rd));
+        tokio::spawn(read_loop(
+            conn.clone(),
+            Heard {
+                rd,
+                conn: conn.clone(),
+            },
+        ));
         Ok(conn)
+    }
+
+    /// When bytes from the peer last arrived on it.
+    pub fn heard(&self) -> Instant {
+        self.opened + Duration::from_nanos(self.heard_ns.load(Relaxed))
     }
 
     /// Calls in flight on it.
@@ -170,12 +190,34 @@ async fn write_loop(
     let _ = wr.shutdown().await;
 }
 
-async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
+/// The read half, noting when bytes arrive (`Conn::heard`).
+struct Heard {
+    rd: OwnedReadHalf,
+    conn: Arc<Conn>,
+}
+
+impl AsyncRead for Heard {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.rd).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ns = self.conn.opened.elapsed().as_nanos() as u64;
+            self.conn.heard_ns.store(ns, Relaxed);
+        }
+        r
+    }
+}
+
+async fn read_loop(conn: Arc<Conn>, mut rd: Heard) {
     let why = loop {
         // Waiting for the next reply: `readable` consumes nothing, so the idle check
         // never cuts a frame in half.
         tokio::select! {
-            r = rd.readable() => {
+            r = rd.rd.readable() => {
                 if let Err(e) = r {
                     break e.to_string();
                 }
@@ -197,7 +239,7 @@ async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
 }
 
 /// One reply frame: Ok(None) at a clean end of stream.
-async fn read_reply(rd: &mut OwnedReadHalf) -> Result<Option<(u64, Reply)>, String> {
+async fn read_reply(rd: &mut Heard) -> Result<Option<(u64, Reply)>, String> {
     let io = |e: std::io::Error| e.to_string();
     let Some(len) = read_prefix(rd).await.map_err(io)? else {
         return Ok(None);

@@ -5,6 +5,7 @@
 //! short, adaptive delay, and after one stall that holder is asked last.
 
 use crate::net::Net;
+use crate::transport::CallError;
 use crate::transport::Transport;
 use cfs_core::block::{verify, BlockKind, Verified};
 use cfs_core::wire::{Request, Response};
@@ -13,11 +14,31 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Counts of replica reads (`Net::get_hedged`): what hedging costs in extra requests.
+/// What hedging costs in extra requests: every call this process made, the replica
+/// reads among them (`Net::get_hedged`), and the exchanges given up past their delay or
+/// budget for another holder (a hedged read, a lookup hop, a `GetMany` or `Has` batch),
+/// each of which sent one request more than a fault-free ring needs.
 #[derive(Default, Debug)]
 pub struct ReadCounts {
+    pub calls: std::sync::atomic::AtomicU64,
     pub asked: std::sync::atomic::AtomicU64,
     pub hedged: std::sync::atomic::AtomicU64,
+}
+
+impl ReadCounts {
+    /// (calls, hedged): the share of requests hedging added is hedged / calls.
+    pub fn totals(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.calls.load(Relaxed), self.hedged.load(Relaxed))
+    }
+
+    /// Log the totals (target `cfs::reads`, info): `cfs get` and `cfs mount` do at the
+    /// end, and `cfs chaos` reads the mount's line for its report.
+    pub fn log(&self, what: &str) {
+        let (calls, hedged) = self.totals();
+        let share = hedged as f64 / calls.max(1) as f64;
+        tracing::info!(target: "cfs::reads", calls, hedged, share, "{what}");
+    }
 }
 
 /// A replica that has not answered a read within its hedging delay is joined by the next
@@ -49,9 +70,71 @@ impl<T: Transport> Net<T> {
         (factor * delay).max(floor).min(self.timeouts.rpc)
     }
 
-    /// `addr` ran past the `budget` it was given.
+    /// How long `addr` may stay silent while asked (no byte of any reply) before it
+    /// counts as hung or cut off, at least `floor`: its small exchanges' round trip plus
+    /// four deviations (a suspect's is the typical peer's). None for a peer never
+    /// measured, or where the transport cannot tell (the simulator).
+    fn quiet_limit(&self, addr: SocketAddr, floor: Duration) -> Option<Duration> {
+        self.peers.rtt_us(addr)?;
+        let q = if self.peers.suspect(addr) {
+            self.peers.typical_delay(HEDGE_FLOOR, HEDGE_CAP)
+        } else {
+            self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP, false)
+        };
+        Some(q.max(floor))
+    }
+
+    /// When `addr`, asked at `sent`, will have been silent for `quiet`: a large answer
+    /// still arriving keeps pushing this back, a peer that sends nothing does not.
+    fn silent_at(
+        &self,
+        addr: SocketAddr,
+        sent: Instant,
+        quiet: Option<Duration>,
+    ) -> Option<Instant> {
+        let q = quiet.filter(|_| self.transport.hears())?;
+        // No connection yet (or any more): silent since it was asked.
+        let heard = self.transport.heard(addr).unwrap_or(sent).max(sent);
+        Some(heard + q)
+    }
+
+    /// `req` to `to`, given up (and `to` counted slow) when it has not answered within
+    /// `budget`, or sooner when `to` has sent nothing at all for its quiet limit (at
+    /// least `floor`): a hung or cut-off peer is left after about one of its round trips,
+    /// while one streaming a large answer gets the whole budget.
+    pub async fn call_within(
+        &self,
+        to: SocketAddr,
+        req: Request,
+        budget: Duration,
+        floor: Duration,
+    ) -> Result<Response, CallError> {
+        let sent = Instant::now();
+        let quiet = self.quiet_limit(to, floor);
+        let call = self.call(to, req);
+        tokio::pin!(call);
+        loop {
+            let end = sent + budget;
+            let wake = self.silent_at(to, sent, quiet).map_or(end, |s| s.min(end));
+            tokio::select! {
+                r = &mut call => return r,
+                _ = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    if now >= end || self.silent_at(to, sent, quiet).is_some_and(|s| now >= s) {
+                        self.given_up(to, now - sent);
+                        return Err(CallError::Timeout(now - sent));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `addr` ran past the `budget` it was given, and another holder is asked instead.
     pub fn given_up(&self, addr: SocketAddr, budget: Duration) {
         self.peers.ran_past(addr, budget);
+        self.reads
+            .hedged
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Read a block from `order` (replicas, best first): ask one, and the next as soon as
@@ -72,16 +155,21 @@ impl<T: Transport> Net<T> {
         let mut out = FuturesUnordered::new();
         let mut next = 0;
         let mut last = String::from("no replica answered");
-        // When the newest call will have been out for its hedging delay, to whom, and
-        // that delay.
-        let mut hedge_at: Option<(Instant, SocketAddr, Duration)> = None;
+        // The newest call, while another holder is left to ask: when it will have been
+        // out for its hedging delay, to whom, when it was sent and how long its holder may
+        // stay silent (`silent_at`): a holder that sends nothing is left sooner than one
+        // still streaming a block.
+        let mut hedge_at: Option<(Instant, SocketAddr, Instant, Option<Duration>)> = None;
         let mut failed = false;
         loop {
-            let hedge_due = hedge_at.is_some_and(|(t, _, _)| Instant::now() >= t);
+            let due = |h: &(Instant, SocketAddr, Instant, Option<Duration>)| {
+                let silent = self.silent_at(h.1, h.2, h.3);
+                silent.map_or(h.0, |s| s.min(h.0))
+            };
+            let hedge_due = hedge_at.as_ref().is_some_and(|h| Instant::now() >= due(h));
             if out.is_empty() || failed || hedge_due {
-                if let Some((_, slow, waited)) = hedge_at.take().filter(|_| hedge_due && !failed) {
-                    self.peers.ran_past(slow, waited);
-                    self.reads.hedged.fetch_add(1, Relaxed);
+                if let Some((_, slow, sent, _)) = hedge_at.take().filter(|_| hedge_due && !failed) {
+                    self.given_up(slow, sent.elapsed());
                 }
                 failed = false;
                 match order.get(next) {
@@ -96,13 +184,15 @@ impl<T: Transport> Net<T> {
                             HEDGE_CAP,
                             kind == BlockKind::Data,
                         );
-                        hedge_at = (next < order.len()).then(|| (Instant::now() + d, a, d));
+                        let now = Instant::now();
+                        let quiet = self.quiet_limit(a, HEDGE_FLOOR);
+                        hedge_at = (next < order.len()).then_some((now + d, a, now, quiet));
                     }
                     None if out.is_empty() => return Err(last),
                     None => {}
                 }
             }
-            let wake = hedge_at.map_or(deadline, |(t, _, _)| t.min(deadline));
+            let wake = hedge_at.as_ref().map_or(deadline, |h| due(h).min(deadline));
             tokio::select! {
                 Some((a, r)) = out.next() => {
                     match r {
@@ -147,6 +237,9 @@ mod tests {
     struct Scripted {
         answers: Arc<HashMap<SocketAddr, (Option<Duration>, bool)>>,
         block: Vec<u8>,
+        /// Peers heard from all the time (streaming a large answer); the rest are
+        /// silent until they answer. Empty: the transport cannot tell (`hears`).
+        streaming: Vec<SocketAddr>,
     }
 
     impl Transport for Scripted {
@@ -167,6 +260,14 @@ mod tests {
                 }
             }
         }
+
+        fn heard(&self, to: SocketAddr) -> Option<Instant> {
+            self.streaming.contains(&to).then(Instant::now)
+        }
+
+        fn hears(&self) -> bool {
+            !self.streaming.is_empty()
+        }
     }
 
     fn node(port: u16) -> NodeRef {
@@ -183,6 +284,7 @@ mod tests {
         let t = Scripted {
             answers: Arc::new(answers),
             block,
+            streaming: Vec::new(),
         };
         (Net::new(t, Timeouts::default(), None), key)
     }
@@ -242,5 +344,47 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.contains("not found"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_left_after_its_quiet_limit_a_streaming_one_gets_its_budget() {
+        use std::sync::atomic::Ordering::Relaxed;
+        // 1 streams an answer that takes 400 ms; 2 never sends a byte.
+        let (net, key) = scripted(&[(1, Some(400), true), (2, None, true)]);
+        let mut t = net.transport.clone();
+        t.streaming = vec![node(1).addr];
+        let net = Net::new(t, Timeouts::default(), None);
+        for n in [1, 2] {
+            net.peers.record(
+                node(n).addr,
+                Duration::from_millis(10),
+                false,
+                Duration::ZERO,
+            );
+        }
+        let get = || Request::Get {
+            kind: BlockKind::Data,
+            key,
+        };
+        let budget = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let r = net
+            .call_within(node(1).addr, get(), budget, HEDGE_FLOOR)
+            .await;
+        assert!(matches!(r, Ok(Response::Block(Some(_)))), "{r:?}");
+        assert_eq!(t0.elapsed(), Duration::from_millis(400));
+        let t0 = Instant::now();
+        let r = net
+            .call_within(node(2).addr, get(), budget, HEDGE_FLOOR)
+            .await;
+        assert!(matches!(r, Err(CallError::Timeout(_))), "{r:?}");
+        // Its quiet limit is its round trip and deviations (tens of ms), not the budget.
+        assert!(
+            t0.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(net.reads.hedged.load(Relaxed), 1);
+        assert!(net.peers.suspect(node(2).addr));
     }
 }

@@ -105,7 +105,7 @@ pub struct Net<T: Transport> {
     n_est: Arc<std::sync::atomic::AtomicU32>,
     /// Whether `n_est` is this process's own measurement: then peers' hints are ignored.
     own_n_est: Arc<std::sync::atomic::AtomicBool>,
-    /// Block reads asked of a replica, and of those the ones sent as hedges.
+    /// Calls made, block reads asked of a replica, and exchanges hedged.
     pub reads: Arc<ReadCounts>,
 }
 
@@ -125,6 +125,9 @@ impl<T: Transport> Net<T> {
 
     pub async fn call(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
         let t0 = Instant::now();
+        self.reads
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _in_flight = self.peers.begin(to);
         let kind = req.name();
         let block = match &req {
@@ -135,7 +138,10 @@ impl<T: Transport> Net<T> {
             Request::GetMany { items } => items.first().map(|i| i.0),
             _ => None,
         };
+        // A call dropped unanswered (a hedge won, a budget ran out) is traced as it goes.
+        let mut dropped = Dropped(Some((to, kind, block, t0)));
         let r = self.transport.call(to, req, self.timeouts.rpc).await;
+        dropped.0 = None;
         // Where a client's round trips go (`RUST_LOG=cfs::calls=trace`): the wide-area
         // benchmark's first-byte breakdown reads these.
         tracing::trace!(target: "cfs::calls", %to, kind, ?block, ms = t0.elapsed().as_secs_f64() * 1e3, ok = r.is_ok(), "call");
@@ -155,7 +161,20 @@ impl<T: Transport> Net<T> {
         }
         r
     }
+}
 
+/// Traces a call that is dropped before its answer (`RUST_LOG=cfs::calls=trace`).
+struct Dropped(Option<(SocketAddr, &'static str, Option<BlockKind>, Instant)>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        if let Some((to, kind, block, t0)) = self.0.take() {
+            tracing::trace!(target: "cfs::calls", %to, kind, ?block, ms = t0.elapsed().as_secs_f64() * 1e3, "call dropped");
+        }
+    }
+}
+
+impl<T: Transport> Net<T> {
     /// Record this process's own ring-size estimate (a node knows one from its successor
     /// list): from then on peers' hints are ignored.
     pub fn note_ring_size(&self, n: u32) {
@@ -290,17 +309,11 @@ impl<T: Transport> Net<T> {
             // gains nothing, so the hop gets the whole timeout: a busy peer slower than
             // the hop's budget would otherwise fail every attempt to join through it.
             let others = stack.iter().any(|t| !t.is_empty());
-            let budget = if others {
-                self.budget(node.addr, 2, HOP_FLOOR)
+            let reply = if others {
+                let budget = self.budget(node.addr, 2, HOP_FLOOR);
+                self.call_within(node.addr, req, budget, HOP_FLOOR).await
             } else {
-                self.timeouts.rpc
-            };
-            let reply = match tokio::time::timeout(budget, self.call(node.addr, req)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    self.peers.ran_past(node.addr, budget);
-                    Err(CallError::Timeout(budget))
-                }
+                self.call(node.addr, req).await
             };
             if reply.is_ok() && Some(node.addr) != self.me {
                 hops += 1;
@@ -442,14 +455,18 @@ impl<T: Transport> Net<T> {
                 .unwrap();
         }
         let mean = self.mean_rtt_us();
+        // A suspect (it ran past a budget or failed lately) is asked only when no other
+        // candidate is left: however close to the key, it likely costs a budget first.
         let cost = |n: &NodeRef| {
             let rtt = self.rtt_us(n.addr).unwrap_or(mean);
             let remaining = (progress(n) * n_est as f64).max(1.0).log2() / 2.0;
-            rtt + remaining * mean
+            (self.peers.suspect(n.addr), rtt + remaining * mean)
         };
         (0..cands.len())
-            .min_by(|&a, &b| cost(&cands[a]).total_cmp(&cost(&cands[b])))
+            .map(|i| (i, cost(&cands[i])))
+            .min_by(|a, b| a.1 .0.cmp(&b.1 .0).then(a.1 .1.total_cmp(&b.1 .1)))
             .unwrap()
+            .0
     }
 
     /// A verified block, from the replica with the lowest RTT, falling back to the others,

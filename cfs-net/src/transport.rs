@@ -41,6 +41,17 @@ pub trait Transport: Clone + Send + Sync + 'static {
         req: Request,
         timeout: Duration,
     ) -> impl Future<Output = Result<Response, CallError>> + Send;
+
+    /// When bytes from `to` last arrived (any reply, or part of one), if this transport
+    /// can tell: a peer sending is alive, one silent while asked is hung or cut off.
+    fn heard(&self, _to: SocketAddr) -> Option<Instant> {
+        None
+    }
+
+    /// Whether `heard` tells anything (else silence means nothing).
+    fn hears(&self) -> bool {
+        false
+    }
 }
 
 /// The server side: what a process does with one request.
@@ -231,6 +242,15 @@ impl Transport for TcpTransport {
         timeout: Duration,
     ) -> Result<Response, CallError> {
         bounded(timeout, self.call_inner(to, req)).await
+    }
+
+    fn heard(&self, to: SocketAddr) -> Option<Instant> {
+        let peers = self.inner.peers.lock().unwrap();
+        peers.get(&to)?.conns.iter().map(|c| c.heard()).max()
+    }
+
+    fn hears(&self) -> bool {
+        true
     }
 }
 

@@ -76,6 +76,8 @@ struct Log {
     census: Vec<Census>,
     versions: u64,
     regressions: u64,
+    /// The readers' (requests, hedged), once they stopped.
+    hedges: Option<(u64, u64)>,
 }
 
 struct Shared {
@@ -185,6 +187,7 @@ pub fn run(hosts: &mut dyn Hosts, opts: &ChaosOpts, mode: &str) -> Result<Report
         },
     );
     report.readers = opts.read_via.name().into();
+    (report.requests, report.hedged) = log.hedges.unzip();
     Ok(report)
 }
 
@@ -471,6 +474,17 @@ impl Workload {
             None,
         ));
         while tasks.join_next().await.is_some() {}
+        // The readers are done: what hedging cost them (a mount says so as it exits).
+        let hedges = match _mounted {
+            Some(m) => tokio::task::spawn_blocking(move || m.stop())
+                .await
+                .ok()
+                .flatten(),
+            // Library readers share their client with the publisher: no count of
+            // their own.
+            None => None,
+        };
+        self.shared.log.lock().unwrap().hedges = hedges;
         // After the end: keep counting until every block is on r replicas again.
         let settle = Duration::from_secs_f64(self.opts.settle.max(0.0));
         census(

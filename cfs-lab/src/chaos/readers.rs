@@ -53,6 +53,7 @@ impl ReadVia {
 pub struct Mounted {
     child: Child,
     pub dir: PathBuf,
+    log: PathBuf,
 }
 
 impl Mounted {
@@ -84,12 +85,21 @@ impl Mounted {
                 "1",
             ])
             .env("CFS_STATE_DIR", out.join("mount-state"))
+            // Its requests and hedges, logged as it exits (`stop`).
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,cfs::reads=info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting {} mount: {e}", cfs.display()))?;
-        let mut m = Mounted { child, dir };
+        let mut m = Mounted {
+            child,
+            dir,
+            log: out.join("mount.log"),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !m.dir.join("version.txt").exists() {
             if let Ok(Some(status)) = m.child.try_wait() {
@@ -104,6 +114,25 @@ impl Mounted {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(m)
+    }
+}
+
+impl Mounted {
+    /// Unmount and stop; the mount's (requests, hedged) from the line it logs at exit.
+    pub fn stop(self) -> Option<(u64, u64)> {
+        let log = self.log.clone();
+        drop(self);
+        let text = std::fs::read_to_string(log).ok()?;
+        let line = text.lines().rev().find(|l| l.contains("cfs mount done"))?;
+        let field = |name: &str| -> Option<u64> {
+            let at = line.find(&format!(" {name}="))? + name.len() + 2;
+            let digits: String = line[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
+            digits.parse().ok()
+        };
+        Some((field("calls")?, field("hedged")?))
     }
 }
 

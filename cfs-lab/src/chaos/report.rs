@@ -95,6 +95,13 @@ pub struct Report {
     pub faults: Vec<FaultStats>,
     /// p99 latency of the reads begun while no fault held, in ms.
     pub p99_outside_ms: f64,
+    /// The longest time between two successful reads while no fault held: what a stall
+    /// is to be compared with where reads themselves take long (the wide area).
+    pub stall_outside_s: f64,
+    /// The readers' requests to the ring and, of those, the ones hedging added (a holder
+    /// given up past its delay for another), when the readers could tell.
+    pub requests: Option<u64>,
+    pub hedged: Option<u64>,
     pub seconds: Vec<Second>,
     /// "ok", or why not.
     pub verdict: String,
@@ -194,6 +201,24 @@ pub fn build(
             }
         })
         .collect();
+    // Between faults: the gaps between reads completing, not the run's edges.
+    let mut spans: Vec<(f64, f64)> = o.faults.iter().map(held).collect();
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut free = Vec::new();
+    let mut from = 0.0f64;
+    for (a, b) in spans.iter().copied().chain([(duration, duration)]) {
+        if a > from {
+            free.push((from, a));
+        }
+        from = from.max(b);
+    }
+    let stall_outside_s = free
+        .iter()
+        .map(|&(a, b)| {
+            let inside: Vec<f64> = done.iter().copied().filter(|&d| d >= a && d < b).collect();
+            inside.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
+        })
+        .fold(0.0, f64::max);
     let faults: Vec<FaultStats> = o
         .faults
         .iter()
@@ -273,6 +298,9 @@ pub fn build(
         lost_bytes,
         faults,
         p99_outside_ms,
+        stall_outside_s,
+        requests: None,
+        hedged: None,
         seconds,
         verdict: if why.is_empty() {
             "ok".into()
@@ -374,6 +402,18 @@ impl Report {
             if let Some(e) = &f.fault.error {
                 let _ = writeln!(s, "         error: {e}");
             }
+        }
+        let _ = writeln!(
+            s,
+            "outside faults: p99 {:.0} ms, longest stall {:.2} s",
+            self.p99_outside_ms, self.stall_outside_s
+        );
+        if let (Some(calls), Some(hedged)) = (self.requests, self.hedged) {
+            let _ = writeln!(
+                s,
+                "readers' requests: {calls}, hedged: {hedged} ({:.2}%)",
+                100.0 * hedged as f64 / calls.max(1) as f64
+            );
         }
         let _ = writeln!(
             s,
