@@ -321,7 +321,7 @@ impl<T: Transport> Client<T> {
                 };
                 // A batch (up to a frame) gets a few hedging delays: a holder that is
                 // hung, cut off or trickling is left for the next one, not waited on.
-                let budget = self.net.budget(n.addr, 4, GET_MANY_FLOOR);
+                let budget = self.net.budget(n.addr, 4, GET_MANY_FLOOR, false);
                 let answer = self
                     .net
                     .call_within(n.addr, req, budget, GET_MANY_FLOOR)

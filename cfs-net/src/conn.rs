@@ -36,6 +36,9 @@ pub struct Conn {
     /// When bytes last came in (ns after `opened`): a reply in progress, or any other,
     /// shows the peer is alive even while a large answer is still on its way.
     heard_ns: AtomicU64,
+    /// When a request was first sent after the last bytes came in (ns after `opened`,
+    /// plus one; 0: none): a peer asked and silent since is down, or cut off.
+    asked_ns: AtomicU64,
     opened: Instant,
     /// Frames to the writer task; None once closed (the task then drops the socket).
     frames: Mutex<Option<mpsc::UnboundedSender<Arc<Vec<u8>>>>>,
@@ -74,6 +77,7 @@ impl Conn {
             }),
             frames: Mutex::new(Some(tx)),
             heard_ns: AtomicU64::new(0),
+            asked_ns: AtomicU64::new(0),
             opened: Instant::now(),
         });
         tokio::spawn(write_loop(conn.clone(), wr, rx));
@@ -89,7 +93,20 @@ impl Conn {
 
     /// When bytes from the peer last arrived on it.
     pub fn heard(&self) -> Instant {
-        self.opened + Duration::from_nanos(self.heard_ns.load(Relaxed))
+        self.opened + Duration::from_nanos(self.heard_ns.load(Relaxed).saturating_sub(1))
+    }
+
+    /// When it was first asked something after the peer last sent bytes, if it was.
+    pub fn asked_since_heard(&self) -> Option<Instant> {
+        let (asked, heard) = (self.asked_ns.load(Relaxed), self.heard_ns.load(Relaxed));
+        (asked > heard).then(|| self.opened + Duration::from_nanos(asked - 1))
+    }
+
+    fn note_asked(&self) {
+        let now = self.opened.elapsed().as_nanos() as u64 + 1;
+        if self.asked_ns.load(Relaxed) <= self.heard_ns.load(Relaxed) {
+            self.asked_ns.store(now, Relaxed);
+        }
     }
 
     /// Calls in flight on it.
@@ -129,6 +146,7 @@ impl Conn {
         if !sent {
             return Err(CallError::Unreachable("connection closed".into()));
         }
+        self.note_asked();
         rx.await
             .unwrap_or_else(|_| Err(CallError::Unreachable("connection closed".into())))
     }
@@ -205,7 +223,7 @@ impl AsyncRead for Heard {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.rd).poll_read(cx, buf);
         if buf.filled().len() > before {
-            let ns = self.conn.opened.elapsed().as_nanos() as u64;
+            let ns = self.conn.opened.elapsed().as_nanos() as u64 + 1;
             self.conn.heard_ns.store(ns, Relaxed);
         }
         r

@@ -18,14 +18,55 @@ use tokio::time::Instant;
 /// reads among them (`Net::get_hedged`), and the exchanges given up past their delay or
 /// budget for another holder (a hedged read, a lookup hop, a `GetMany` or `Has` batch),
 /// each of which sent one request more than a fault-free ring needs.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct ReadCounts {
     pub calls: std::sync::atomic::AtomicU64,
     pub asked: std::sync::atomic::AtomicU64,
     pub hedged: std::sync::atomic::AtomicU64,
+    /// Of the hedged, those whose holder had sent nothing for its quiet limit.
+    pub silent: std::sync::atomic::AtomicU64,
+    /// The hedging budget, in thousandths of a hedge (`HEDGE_SHARE`, `HEDGE_BURST`).
+    tokens: std::sync::atomic::AtomicU64,
 }
 
+impl Default for ReadCounts {
+    fn default() -> Self {
+        ReadCounts {
+            calls: Default::default(),
+            asked: Default::default(),
+            hedged: Default::default(),
+            silent: Default::default(),
+            tokens: std::sync::atomic::AtomicU64::new(HEDGE_BURST * 1000),
+        }
+    }
+}
+
+/// Speculative hedges (a holder still sending, but slower than its delay) may add at
+/// most this share of the calls made, in thousandths, plus `HEDGE_BURST` at once: in a
+/// fault-free ring, where waits are queues at busy uplinks, hedging must not become
+/// load (issue: <= 5%). A holder that fails, or sends nothing at all for its quiet
+/// limit, is left whatever the budget: that is a fault, not a queue.
+const HEDGE_SHARE: u64 = 30;
+const HEDGE_BURST: u64 = 4;
+
 impl ReadCounts {
+    /// A call was made: it counts, and earns its share of a hedge.
+    pub(crate) fn called(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.calls.fetch_add(1, Relaxed);
+        let _ = self.tokens.fetch_update(Relaxed, Relaxed, |t| {
+            Some((t + HEDGE_SHARE).min(HEDGE_BURST * 1000))
+        });
+    }
+
+    /// Spend one speculative hedge, if the budget has one.
+    fn spend(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.tokens
+            .fetch_update(Relaxed, Relaxed, |t| t.checked_sub(1000))
+            .is_ok()
+    }
+
     /// (calls, hedged): the share of requests hedging added is hedged / calls.
     pub fn totals(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -37,7 +78,8 @@ impl ReadCounts {
     pub fn log(&self, what: &str) {
         let (calls, hedged) = self.totals();
         let share = hedged as f64 / calls.max(1) as f64;
-        tracing::info!(target: "cfs::reads", calls, hedged, share, "{what}");
+        let silent = self.silent.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(target: "cfs::reads", calls, hedged, share, silent, "{what}");
     }
 }
 
@@ -48,6 +90,11 @@ pub const HEDGE_FLOOR: Duration = Duration::from_millis(20);
 pub const HEDGE_CAP: Duration = Duration::from_millis(1000);
 /// The least a lookup hop is given before the next candidate is asked instead.
 pub const HOP_FLOOR: Duration = Duration::from_millis(50);
+/// How often a silent peer is pinged to see whether it is back.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Linux's least retransmission timeout: a peer silent for less may only be resending a
+/// segment lost at a congested link, which is a queue, not a fault.
+pub const RTO_MIN: Duration = Duration::from_millis(200);
 /// How long a root read waits for the rest of the holders once r of them answered.
 pub const ROOT_GRACE: Duration = Duration::from_millis(100);
 
@@ -58,14 +105,15 @@ impl<T: Transport> Net<T> {
     /// A peer never measured gets the whole RPC timeout: its first exchange includes the
     /// connection's own round trips, and nothing says yet what it costs. A suspect one
     /// gets what a peer in good standing needs: its penalty is no measurement.
-    pub fn budget(&self, addr: SocketAddr, factor: u32, floor: Duration) -> Duration {
+    /// `bulk`: the answer may carry a data block (its delay then counts bulk times).
+    pub fn budget(&self, addr: SocketAddr, factor: u32, floor: Duration, bulk: bool) -> Duration {
         if self.peers.rtt_us(addr).is_none() {
             return self.timeouts.rpc;
         }
         let delay = if self.peers.suspect(addr) {
             self.peers.typical_delay(HEDGE_FLOOR, HEDGE_CAP)
         } else {
-            self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP, false)
+            self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP, bulk)
         };
         (factor * delay).max(floor).min(self.timeouts.rpc)
     }
@@ -81,7 +129,8 @@ impl<T: Transport> Net<T> {
         } else {
             self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP, false)
         };
-        Some(q.max(floor))
+        // A shorter silence may be TCP resending a lost segment at a busy uplink.
+        Some(q.max(floor) + RTO_MIN)
     }
 
     /// When `addr`, asked at `sent`, will have been silent for `quiet`: a large answer
@@ -96,6 +145,36 @@ impl<T: Transport> Net<T> {
         // No connection yet (or any more): silent since it was asked.
         let heard = self.transport.heard(addr).unwrap_or(sent).max(sent);
         Some(heard + q)
+    }
+
+    /// `addr` was asked and has sent nothing since for longer than its quiet limit:
+    /// down or cut off, whatever its record says (a failure detector that needs no
+    /// traffic of its own: the calls are the heartbeats).
+    /// A silent peer, asked last, would stay silent forever: it is pinged (once a
+    /// second at most), and its answer ends the silence.
+    pub fn silent(&self, addr: SocketAddr) -> bool {
+        let (Some(q), Some(t)) = (
+            self.quiet_limit(addr, HEDGE_FLOOR),
+            self.transport.silent_since(addr),
+        ) else {
+            return false;
+        };
+        if t.elapsed() < q {
+            return false;
+        }
+        let now = Instant::now();
+        let mut probed = self.probed.lock().unwrap();
+        if probed.get(&addr).is_none_or(|p| now - *p >= PROBE_EVERY) {
+            if probed.len() >= 4096 {
+                probed.clear();
+            }
+            probed.insert(addr, now);
+            let net = self.clone();
+            tokio::spawn(async move {
+                let _ = net.call(addr, Request::Ping).await;
+            });
+        }
+        true
     }
 
     /// `req` to `to`, given up (and `to` counted slow) when it has not answered within
@@ -113,14 +192,25 @@ impl<T: Transport> Net<T> {
         let quiet = self.quiet_limit(to, floor);
         let call = self.call(to, req);
         tokio::pin!(call);
+        // Past the budget with no hedge left to spend, a peer still sending is waited
+        // for up to the RPC timeout.
+        let mut end = sent + budget;
         loop {
-            let end = sent + budget;
             let wake = self.silent_at(to, sent, quiet).map_or(end, |s| s.min(end));
             tokio::select! {
                 r = &mut call => return r,
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
-                    if now >= end || self.silent_at(to, sent, quiet).is_some_and(|s| now >= s) {
+                    let silent = self.silent_at(to, sent, quiet).is_some_and(|s| now >= s);
+                    let hard_end = sent + self.timeouts.rpc.max(budget);
+                    if now >= end && !silent && now < hard_end && !self.reads.spend() {
+                        end = hard_end;
+                        continue;
+                    }
+                    if now >= end || silent {
+                        if silent {
+                            self.reads.silent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         self.given_up(to, now - sent);
                         return Err(CallError::Timeout(now - sent));
                     }
@@ -166,7 +256,21 @@ impl<T: Transport> Net<T> {
                 let silent = self.silent_at(h.1, h.2, h.3);
                 silent.map_or(h.0, |s| s.min(h.0))
             };
-            let hedge_due = hedge_at.as_ref().is_some_and(|h| Instant::now() >= due(h));
+            let mut hedge_due = hedge_at.as_ref().is_some_and(|h| Instant::now() >= due(h));
+            if hedge_due {
+                // Past its delay but still sending: a hedge only within the budget; else
+                // wait on, for the holder to answer or go silent.
+                let h = hedge_at.as_mut().expect("due");
+                let silent = self
+                    .silent_at(h.1, h.2, h.3)
+                    .is_some_and(|s| Instant::now() >= s);
+                if silent {
+                    self.reads.silent.fetch_add(1, Relaxed);
+                } else if !self.reads.spend() {
+                    h.0 = deadline;
+                    hedge_due = false;
+                }
+            }
             if out.is_empty() || failed || hedge_due {
                 if let Some((_, slow, sent, _)) = hedge_at.take().filter(|_| hedge_due && !failed) {
                     self.given_up(slow, sent.elapsed());
@@ -378,9 +482,10 @@ mod tests {
             .call_within(node(2).addr, get(), budget, HEDGE_FLOOR)
             .await;
         assert!(matches!(r, Err(CallError::Timeout(_))), "{r:?}");
-        // Its quiet limit is its round trip and deviations (tens of ms), not the budget.
+        // Its quiet limit is its round trip and deviations (tens of ms) past TCP's least
+        // retransmission timeout, not the budget.
         assert!(
-            t0.elapsed() < Duration::from_millis(100),
+            t0.elapsed() < RTO_MIN + Duration::from_millis(100),
             "{:?}",
             t0.elapsed()
         );

@@ -107,6 +107,8 @@ pub struct Net<T: Transport> {
     own_n_est: Arc<std::sync::atomic::AtomicBool>,
     /// Calls made, block reads asked of a replica, and exchanges hedged.
     pub reads: Arc<ReadCounts>,
+    /// When each silent peer was last pinged (`Net::silent`).
+    pub(crate) probed: Arc<std::sync::Mutex<std::collections::HashMap<SocketAddr, Instant>>>,
 }
 
 impl<T: Transport> Net<T> {
@@ -120,14 +122,13 @@ impl<T: Transport> Net<T> {
             n_est: Arc::new(std::sync::atomic::AtomicU32::new(1)),
             own_n_est: Arc::default(),
             reads: Arc::default(),
+            probed: Arc::default(),
         }
     }
 
     pub async fn call(&self, to: SocketAddr, req: Request) -> Result<Response, CallError> {
         let t0 = Instant::now();
-        self.reads
-            .calls
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reads.called();
         let _in_flight = self.peers.begin(to);
         let kind = req.name();
         let block = match &req {
@@ -216,10 +217,12 @@ impl<T: Transport> Net<T> {
     /// Order replicas to ask: by expected wait (RTT and calls already in flight).
     /// Without server selection the order is left as given (successor order: blind to
     /// round trips, as the comparison in the wide-area benchmark wants).
+    /// Peers asked and silent past their quiet limit (`silent`) go last either way.
     pub fn nearest_first(&self, nodes: &mut [NodeRef]) {
         if self.server_selection {
             self.peers.least_loaded_first(nodes);
         }
+        nodes.sort_by_key(|n| self.silent(n.addr));
     }
 
     /// `addr` answered a read without the block (or with bad bytes): asked later.
@@ -292,6 +295,25 @@ impl<T: Transport> Net<T> {
                 stack.pop();
                 continue;
             }
+            // Only suspects on top, and a candidate in good standing further down: try
+            // that first (the suspects stay, last).
+            let shaky = |n: &NodeRef| self.peers.suspect(n.addr) || self.silent(n.addr);
+            if top.iter().all(shaky) {
+                let sound = stack.iter().rev().skip(1).position(|l| {
+                    l.iter().any(|n| {
+                        !shaky(n)
+                            && !failed.contains(&(n.addr, n.vnode))
+                            && !asked.contains(&(n.addr, n.vnode))
+                            && !avoid.contains(&n.addr)
+                    })
+                });
+                if sound.is_some() {
+                    let t = stack.pop().expect("top");
+                    stack.insert(0, t);
+                    continue;
+                }
+            }
+            let top = stack.last_mut().expect("top");
             let i = self.pick(top, key, n_est);
             let node = top.remove(i);
             asked.insert((node.addr, node.vnode));
@@ -310,7 +332,9 @@ impl<T: Transport> Net<T> {
             // the hop's budget would otherwise fail every attempt to join through it.
             let others = stack.iter().any(|t| !t.is_empty());
             let reply = if others {
-                let budget = self.budget(node.addr, 2, HOP_FLOOR);
+                // A hop may answer with the block itself (a path cache, or the holder).
+                let bulk = want == Some(BlockKind::Data);
+                let budget = self.budget(node.addr, 2, HOP_FLOOR, bulk);
                 self.call_within(node.addr, req, budget, HOP_FLOOR).await
             } else {
                 self.call(node.addr, req).await
@@ -376,10 +400,14 @@ impl<T: Transport> Net<T> {
                             n.valid(MAX_VNODES) && (n.id.in_open(node.id, key) || n.id == key)
                         })
                         .collect();
+                    // Suspects do not count: closer nodes that are all down (a partition
+                    // before the key) send the lookup to this node's own list instead.
                     let fresh = next.iter().any(|n| {
                         !failed.contains(&(n.addr, n.vnode))
                             && !asked.contains(&(n.addr, n.vnode))
                             && !avoid.contains(&n.addr)
+                            && !self.peers.suspect(n.addr)
+                            && !self.silent(n.addr)
                     });
                     if next.is_empty() {
                         last = format!("{} offered no closer node", node.addr);
@@ -460,7 +488,8 @@ impl<T: Transport> Net<T> {
         let cost = |n: &NodeRef| {
             let rtt = self.rtt_us(n.addr).unwrap_or(mean);
             let remaining = (progress(n) * n_est as f64).max(1.0).log2() / 2.0;
-            (self.peers.suspect(n.addr), rtt + remaining * mean)
+            let suspect = self.peers.suspect(n.addr) || self.silent(n.addr);
+            (suspect, rtt + remaining * mean)
         };
         (0..cands.len())
             .map(|i| (i, cost(&cands[i])))

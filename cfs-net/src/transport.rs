@@ -52,6 +52,11 @@ pub trait Transport: Clone + Send + Sync + 'static {
     fn hears(&self) -> bool {
         false
     }
+
+    /// Since when `to` has been asked without sending a byte back, if it has.
+    fn silent_since(&self, _to: SocketAddr) -> Option<Instant> {
+        None
+    }
 }
 
 /// The server side: what a process does with one request.
@@ -251,6 +256,14 @@ impl Transport for TcpTransport {
 
     fn hears(&self) -> bool {
         true
+    }
+
+    fn silent_since(&self, to: SocketAddr) -> Option<Instant> {
+        let peers = self.inner.peers.lock().unwrap();
+        let conns = &peers.get(&to)?.conns;
+        let heard = conns.iter().map(|c| c.heard()).max()?;
+        let asked = conns.iter().filter_map(|c| c.asked_since_heard()).min()?;
+        (asked > heard).then_some(asked)
     }
 }
 

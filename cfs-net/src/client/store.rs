@@ -148,7 +148,7 @@ impl<T: Transport> Client<T> {
                 // holding: a publish puts those blocks again (routed around it if it
                 // stays slow), a check reports them short. The RPC timeout would hold up
                 // every batch behind it.
-                let budget = self.net.budget(a, 4, HAS_FLOOR);
+                let budget = self.net.budget(a, 4, HAS_FLOOR, false);
                 let have = match tokio::time::timeout(budget, self.net.has(a, &asks)).await {
                     Ok(Ok(have)) => have,
                     Ok(Err(_)) => return states,
