@@ -18,6 +18,10 @@ const MAX_KIB: u32 = 4096;
 const MIN_KIB: u32 = 256;
 /// What each answered put widens a window by.
 const STEP_KIB: u32 = 64;
+/// A put answered only after this long was queued at a slow link (a delay signal, as
+/// TCP Vegas or LEDBAT use): the window is halved as for a timeout, so a peer behind
+/// 2 Mbit/s is not sent seconds of puts before the first one times out.
+const SLOW_PUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Peers remembered; past this, ones with nothing in flight are forgotten.
 const MAX_PEERS: usize = 1024;
 
@@ -69,11 +73,17 @@ impl Window {
 pub(crate) struct Room {
     window: Arc<Window>,
     kib: u32,
+    /// When the room was given (the put went out).
+    since: tokio::time::Instant,
 }
 
 impl Room {
-    /// The peer answered: widen its window a step.
+    /// The peer answered: widen its window a step, or halve it if the answer came only
+    /// after `SLOW_PUT`.
     pub(crate) fn answered(self) {
+        if self.since.elapsed() >= SLOW_PUT {
+            return self.failed();
+        }
         let w = self.window.clone();
         drop(self);
         let mut s = w.state.lock().unwrap();
@@ -127,7 +137,11 @@ impl PutWindows {
         let window = self.window(to);
         let kib = window.share(bytes);
         window.sem.try_acquire_many(kib).ok()?.forget();
-        Some(Room { window, kib })
+        Some(Room {
+            window,
+            kib,
+            since: tokio::time::Instant::now(),
+        })
     }
 
     /// Wait for room for `bytes` more to `to`.
@@ -140,7 +154,17 @@ impl PutWindows {
             .await
             .expect("put windows are never closed")
             .forget();
-        Room { window, kib }
+        Room {
+            window,
+            kib,
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Whether `to`'s window has shrunk below a quarter of its most (timeouts, or
+    /// answers that came late): its puts are not waited for before stand-ins are asked.
+    pub(crate) fn slow(&self, to: SocketAddr) -> bool {
+        self.window(to).state.lock().unwrap().kib < MAX_KIB / 4
     }
 
     #[cfg(test)]
@@ -202,5 +226,22 @@ mod tests {
             w.room(a, 1 << 20).await.answered();
         }
         assert_eq!(w.kib(a), MAX_KIB);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_answers_halve_a_window_like_timeouts_and_mark_the_peer_slow() {
+        let w = PutWindows::default();
+        let a: SocketAddr = "198.18.0.2:4000".parse().unwrap();
+        assert!(!w.slow(a));
+        for want in [MAX_KIB / 2, MAX_KIB / 4, MAX_KIB / 8] {
+            let r = w.room(a, 1 << 20).await;
+            tokio::time::advance(SLOW_PUT).await;
+            r.answered();
+            assert_eq!(w.kib(a), want);
+        }
+        assert!(w.slow(a));
+        // Prompt answers widen it again.
+        w.room(a, 1 << 20).await.answered();
+        assert_eq!(w.kib(a), MAX_KIB / 8 + STEP_KIB);
     }
 }

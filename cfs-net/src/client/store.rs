@@ -320,7 +320,9 @@ impl<T: Transport> Client<T> {
                 let mut cands: Vec<SocketAddr> = standins.iter().map(|s| s.addr).collect();
                 // Its last call failed: routed around at once, and not waited for.
                 let failed_last = self.net.failed_last(a);
-                let tried = if failed_last {
+                // Slow lately (its window shrank): not waited for either, but it may
+                // still take the copy if it has room before a stand-in does.
+                let tried = if failed_last || self.windows.slow(a) {
                     None
                 } else {
                     tokio::time::timeout(STANDIN_AFTER, self.windows.room(a, bytes))
