@@ -47,6 +47,9 @@ impl Default for ReadCounts {
 /// load (issue: <= 5%). A holder that fails, or sends nothing at all for its quiet
 /// limit, is left whatever the budget: that is a fault, not a queue.
 const HEDGE_SHARE: u64 = 30;
+/// Past the budget, a holder still sending is left once it has taken this many times its
+/// delay: far slower than a queue makes it (a link capped far below the others).
+const OVER_BUDGET: u32 = 3;
 const HEDGE_BURST: u64 = 4;
 
 impl ReadCounts {
@@ -193,7 +196,7 @@ impl<T: Transport> Net<T> {
         let call = self.call(to, req);
         tokio::pin!(call);
         // Past the budget with no hedge left to spend, a peer still sending is waited
-        // for up to the RPC timeout.
+        // for up to `OVER_BUDGET` budgets (at most the RPC timeout).
         let mut end = sent + budget;
         loop {
             let wake = self.silent_at(to, sent, quiet).map_or(end, |s| s.min(end));
@@ -202,9 +205,9 @@ impl<T: Transport> Net<T> {
                 _ = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
                     let silent = self.silent_at(to, sent, quiet).is_some_and(|s| now >= s);
-                    let hard_end = sent + self.timeouts.rpc.max(budget);
-                    if now >= end && !silent && now < hard_end && !self.reads.spend() {
-                        end = hard_end;
+                    let over = (sent + OVER_BUDGET * budget).min(sent + self.timeouts.rpc);
+                    if now >= end && !silent && end < over && !self.reads.spend() {
+                        end = over;
                         continue;
                     }
                     if now >= end || silent {
@@ -249,30 +252,34 @@ impl<T: Transport> Net<T> {
         // out for its hedging delay, to whom, when it was sent and how long its holder may
         // stay silent (`silent_at`): a holder that sends nothing is left sooner than one
         // still streaming a block.
-        let mut hedge_at: Option<(Instant, SocketAddr, Instant, Option<Duration>)> = None;
+        // Past the budget the hedge waits `OVER_BUDGET` times as long (`deferred`).
+        let mut hedge_at: Option<(Instant, SocketAddr, Instant, Option<Duration>, bool)> = None;
         let mut failed = false;
         loop {
-            let due = |h: &(Instant, SocketAddr, Instant, Option<Duration>)| {
+            let due = |h: &(Instant, SocketAddr, Instant, Option<Duration>, bool)| {
                 let silent = self.silent_at(h.1, h.2, h.3);
                 silent.map_or(h.0, |s| s.min(h.0))
             };
             let mut hedge_due = hedge_at.as_ref().is_some_and(|h| Instant::now() >= due(h));
             if hedge_due {
-                // Past its delay but still sending: a hedge only within the budget; else
-                // wait on, for the holder to answer or go silent.
+                // Past its delay but still sending: a hedge within the budget; else only
+                // once it is far slower than its delay (a trickling holder), or silent.
                 let h = hedge_at.as_mut().expect("due");
                 let silent = self
                     .silent_at(h.1, h.2, h.3)
                     .is_some_and(|s| Instant::now() >= s);
                 if silent {
                     self.reads.silent.fetch_add(1, Relaxed);
-                } else if !self.reads.spend() {
-                    h.0 = deadline;
+                } else if !h.4 && !self.reads.spend() {
+                    h.0 = h.2 + OVER_BUDGET * (h.0 - h.2);
+                    h.4 = true;
                     hedge_due = false;
                 }
             }
             if out.is_empty() || failed || hedge_due {
-                if let Some((_, slow, sent, _)) = hedge_at.take().filter(|_| hedge_due && !failed) {
+                if let Some((_, slow, sent, _, _)) =
+                    hedge_at.take().filter(|_| hedge_due && !failed)
+                {
                     self.given_up(slow, sent.elapsed());
                 }
                 failed = false;
@@ -290,7 +297,7 @@ impl<T: Transport> Net<T> {
                         );
                         let now = Instant::now();
                         let quiet = self.quiet_limit(a, HEDGE_FLOOR);
-                        hedge_at = (next < order.len()).then_some((now + d, a, now, quiet));
+                        hedge_at = (next < order.len()).then_some((now + d, a, now, quiet, false));
                     }
                     None if out.is_empty() => return Err(last),
                     None => {}
