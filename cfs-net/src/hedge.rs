@@ -110,15 +110,21 @@ impl<T: Transport> Net<T> {
     /// gets what a peer in good standing needs: its penalty is no measurement.
     /// `bulk`: the answer may carry a data block (its delay then counts bulk times).
     pub fn budget(&self, addr: SocketAddr, factor: u32, floor: Duration, bulk: bool) -> Duration {
-        if self.peers.rtt_us(addr).is_none() {
-            return self.timeouts.rpc;
+        match self.delay(addr, bulk) {
+            Some(delay) => (factor * delay).max(floor).min(self.timeouts.rpc),
+            None => self.timeouts.rpc,
         }
-        let delay = if self.peers.suspect(addr) {
+    }
+
+    /// The hedging delay of a peer measured before (a suspect's is the typical peer's:
+    /// its own RTT is a penalty, not a measurement); None for one never measured.
+    fn delay(&self, addr: SocketAddr, bulk: bool) -> Option<Duration> {
+        self.peers.rtt_us(addr)?;
+        Some(if self.peers.suspect(addr) {
             self.peers.typical_delay(HEDGE_FLOOR, HEDGE_CAP)
         } else {
             self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP, bulk)
-        };
-        (factor * delay).max(floor).min(self.timeouts.rpc)
+        })
     }
 
     /// How long `addr` may stay silent while asked (no byte of any reply) before it
@@ -126,14 +132,8 @@ impl<T: Transport> Net<T> {
     /// four deviations (a suspect's is the typical peer's). None for a peer never
     /// measured, or where the transport cannot tell (the simulator).
     fn quiet_limit(&self, addr: SocketAddr, floor: Duration) -> Option<Duration> {
-        self.peers.rtt_us(addr)?;
-        let q = if self.peers.suspect(addr) {
-            self.peers.typical_delay(HEDGE_FLOOR, HEDGE_CAP)
-        } else {
-            self.peers.hedge_delay(addr, HEDGE_FLOOR, HEDGE_CAP, false)
-        };
         // A shorter silence may be TCP resending a lost segment at a busy uplink.
-        Some(q.max(floor) + RTO_MIN)
+        Some(self.delay(addr, false)?.max(floor) + RTO_MIN)
     }
 
     /// When `addr`, asked at `sent`, will have been silent for `quiet`: a large answer
@@ -156,13 +156,14 @@ impl<T: Transport> Net<T> {
     /// A silent peer, asked last, would stay silent forever: it is pinged (once a
     /// second at most), and its answer ends the silence.
     pub fn silent(&self, addr: SocketAddr) -> bool {
-        let (Some(q), Some(t)) = (
-            self.quiet_limit(addr, HEDGE_FLOOR),
-            self.transport.silent_since(addr),
-        ) else {
+        // The transport's answer first: None for nearly every peer, and it costs one lock.
+        let Some(t) = self.transport.silent_since(addr) else {
             return false;
         };
-        if t.elapsed() < q {
+        if self
+            .quiet_limit(addr, HEDGE_FLOOR)
+            .is_none_or(|q| t.elapsed() < q)
+        {
             return false;
         }
         let now = Instant::now();
@@ -191,31 +192,15 @@ impl<T: Transport> Net<T> {
         budget: Duration,
         floor: Duration,
     ) -> Result<Response, CallError> {
-        let sent = Instant::now();
-        let quiet = self.quiet_limit(to, floor);
+        let mut watch = Watch::new(self, to, budget, floor, self.timeouts.rpc);
         let call = self.call(to, req);
         tokio::pin!(call);
-        // Past the budget with no hedge left to spend, a peer still sending is waited
-        // for up to `OVER_BUDGET` budgets (at most the RPC timeout).
-        let mut end = sent + budget;
         loop {
-            let wake = self.silent_at(to, sent, quiet).map_or(end, |s| s.min(end));
             tokio::select! {
                 r = &mut call => return r,
-                _ = tokio::time::sleep_until(wake) => {
-                    let now = Instant::now();
-                    let silent = self.silent_at(to, sent, quiet).is_some_and(|s| now >= s);
-                    let over = (sent + OVER_BUDGET * budget).min(sent + self.timeouts.rpc);
-                    if now >= end && !silent && end < over && !self.reads.spend() {
-                        end = over;
-                        continue;
-                    }
-                    if now >= end || silent {
-                        if silent {
-                            self.reads.silent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        self.given_up(to, now - sent);
-                        return Err(CallError::Timeout(now - sent));
+                _ = tokio::time::sleep_until(watch.wake(self)) => {
+                    if watch.give_up(self) {
+                        return Err(CallError::Timeout(watch.sent.elapsed()));
                     }
                 }
             }
@@ -248,40 +233,17 @@ impl<T: Transport> Net<T> {
         let mut out = FuturesUnordered::new();
         let mut next = 0;
         let mut last = String::from("no replica answered");
-        // The newest call, while another holder is left to ask: when it will have been
-        // out for its hedging delay, to whom, when it was sent and how long its holder may
-        // stay silent (`silent_at`): a holder that sends nothing is left sooner than one
-        // still streaming a block.
-        // Past the budget the hedge waits `OVER_BUDGET` times as long (`deferred`).
-        let mut hedge_at: Option<(Instant, SocketAddr, Instant, Option<Duration>, bool)> = None;
+        // The newest call, while another holder is left to ask (`Watch`: its hedging
+        // delay, its silence, the budget).
+        let mut watch: Option<Watch> = None;
         let mut failed = false;
         loop {
-            let due = |h: &(Instant, SocketAddr, Instant, Option<Duration>, bool)| {
-                let silent = self.silent_at(h.1, h.2, h.3);
-                silent.map_or(h.0, |s| s.min(h.0))
-            };
-            let mut hedge_due = hedge_at.as_ref().is_some_and(|h| Instant::now() >= due(h));
-            if hedge_due {
-                // Past its delay but still sending: a hedge within the budget; else only
-                // once it is far slower than its delay (a trickling holder), or silent.
-                let h = hedge_at.as_mut().expect("due");
-                let silent = self
-                    .silent_at(h.1, h.2, h.3)
-                    .is_some_and(|s| Instant::now() >= s);
-                if silent {
-                    self.reads.silent.fetch_add(1, Relaxed);
-                } else if !h.4 && !self.reads.spend() {
-                    h.0 = h.2 + OVER_BUDGET * (h.0 - h.2);
-                    h.4 = true;
-                    hedge_due = false;
-                }
-            }
+            let hedge_due = !failed
+                && watch
+                    .as_mut()
+                    .is_some_and(|w| Instant::now() >= w.wake(self) && w.give_up(self));
             if out.is_empty() || failed || hedge_due {
-                if let Some((_, slow, sent, _, _)) =
-                    hedge_at.take().filter(|_| hedge_due && !failed)
-                {
-                    self.given_up(slow, sent.elapsed());
-                }
+                watch = None;
                 failed = false;
                 match order.get(next) {
                     Some(n) => {
@@ -295,15 +257,23 @@ impl<T: Transport> Net<T> {
                             HEDGE_CAP,
                             kind == BlockKind::Data,
                         );
-                        let now = Instant::now();
-                        let quiet = self.quiet_limit(a, HEDGE_FLOOR);
-                        hedge_at = (next < order.len()).then_some((now + d, a, now, quiet, false));
+                        watch = (next < order.len()).then(|| {
+                            Watch::new(
+                                self,
+                                a,
+                                d,
+                                HEDGE_FLOOR,
+                                deadline.saturating_duration_since(Instant::now()),
+                            )
+                        });
                     }
                     None if out.is_empty() => return Err(last),
                     None => {}
                 }
             }
-            let wake = hedge_at.as_ref().map_or(deadline, |h| due(h).min(deadline));
+            let wake = watch
+                .as_ref()
+                .map_or(deadline, |w| w.wake(self).min(deadline));
             tokio::select! {
                 Some((a, r)) = out.next() => {
                     match r {
@@ -331,6 +301,70 @@ impl<T: Transport> Net<T> {
                 }
             }
         }
+    }
+}
+
+/// One call watched for being given up: past its delay (within the hedging budget;
+/// beyond it only at `OVER_BUDGET` delays, at most `limit` after it was sent), or as
+/// soon as its peer has sent nothing for its quiet limit.
+struct Watch {
+    to: SocketAddr,
+    sent: Instant,
+    /// When its delay runs out (pushed back once when the budget is spent).
+    at: Instant,
+    /// Past the budget, the furthest `at` may be pushed; None once it was.
+    over: Option<Instant>,
+    quiet: Option<Duration>,
+}
+
+impl Watch {
+    fn new<T: Transport>(
+        net: &Net<T>,
+        to: SocketAddr,
+        delay: Duration,
+        floor: Duration,
+        limit: Duration,
+    ) -> Watch {
+        let sent = Instant::now();
+        Watch {
+            to,
+            sent,
+            at: sent + delay,
+            over: Some(sent + (OVER_BUDGET * delay).min(limit)),
+            quiet: net.quiet_limit(to, floor),
+        }
+    }
+
+    /// When to look again.
+    fn wake<T: Transport>(&self, net: &Net<T>) -> Instant {
+        let silent = net.silent_at(self.to, self.sent, self.quiet);
+        silent.map_or(self.at, |s| s.min(self.at))
+    }
+
+    /// Whether to give the call up now (then counted: `given_up`).
+    fn give_up<T: Transport>(&mut self, net: &Net<T>) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Instant::now();
+        let silent = net
+            .silent_at(self.to, self.sent, self.quiet)
+            .is_some_and(|s| now >= s);
+        if !silent {
+            if now < self.at {
+                return false;
+            }
+            // Still sending: a hedge within the budget; else only once it is far slower
+            // than its delay (a trickling holder).
+            if let Some(over) = self.over.take().filter(|&o| o > self.at) {
+                if !net.reads.spend() {
+                    self.at = over;
+                    return false;
+                }
+            }
+        } else {
+            net.reads.silent.fetch_add(1, Relaxed);
+        }
+        net.given_up(self.to, now - self.sent);
+        true
     }
 }
 
